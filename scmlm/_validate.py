@@ -1,0 +1,91 @@
+"""Input checks shared by the public functions. Every error names the key, column, layer or value and the fix."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ._errors import InputError, _fmt_list
+
+
+def check_obs_keys(adata: ad.AnnData, keys: Sequence[str | None], *, what: str = "obs key") -> None:
+    """Every non-None key must be an obs column without missing values."""
+    for key in keys:
+        if key is None:
+            continue
+        if key not in adata.obs.columns:
+            raise InputError(
+                f"{what} {key!r} is not a column of adata.obs; available columns: {_fmt_list(adata.obs.columns)}."
+            )
+        col = adata.obs[key]
+        n_na = int(col.isna().sum())
+        if n_na:
+            raise InputError(
+                f"obs column {key!r} has {n_na} missing value(s) (NaN) in {adata.n_obs} cells; fill them or subset "
+                f"the cells first, e.g. adata = adata[adata.obs[{key!r}].notna()].copy()."
+            )
+
+
+def check_unique_names(adata: ad.AnnData) -> None:
+    for axis, names in (("obs", adata.obs_names), ("var", adata.var_names)):
+        if not names.is_unique:
+            dup = names[names.duplicated()].unique()
+            raise InputError(
+                f"{axis}_names are not unique ({len(dup)} duplicated, e.g. {_fmt_list(dup[:5])}); call "
+                f"adata.{axis}_names_make_unique() first."
+            )
+
+
+def get_matrix(adata: ad.AnnData, layer: str | None):
+    """``adata.X`` or ``adata.layers[layer]``, with a clear error for an unknown layer."""
+    if layer is None:
+        if adata.X is None:
+            raise InputError("adata.X is empty; pass layer=... naming the layer that holds the counts.")
+        return adata.X
+    if layer not in adata.layers:
+        raise InputError(f"layer {layer!r} is not in adata.layers; available layers: {_fmt_list(adata.layers.keys())}.")
+    return adata.layers[layer]
+
+
+def _where(layer: str | None) -> str:
+    return "adata.X" if layer is None else f"layer {layer!r}"
+
+
+def check_counts_values(values: np.ndarray, layer: str | None) -> None:
+    """Raise if ``values`` (the stored entries of a count matrix) hold negative or non-integer numbers."""
+    values = np.asarray(values)
+    if values.size == 0:
+        return
+    hint = ' Pass layer="counts" (or the layer with raw counts).' if layer is None else ""
+    if np.issubdtype(values.dtype, np.integer):
+        bad = values < 0
+    else:
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(values) | (values < 0) | (values != np.floor(values))
+    if bad.any():
+        v = values[np.flatnonzero(bad)[0]]
+        raise InputError(
+            f"{_where(layer)} must hold raw non-negative integer counts, but it contains the value {v!r} "
+            f"({int(bad.sum())} such entries); it looks normalised or log-transformed.{hint}"
+        )
+
+
+def check_counts(matrix, layer: str | None) -> None:
+    """Check an in-memory matrix (dense or sparse) for non-negative integer counts."""
+    if sp.issparse(matrix):
+        check_counts_values(matrix.data, layer)
+    else:
+        check_counts_values(np.asarray(matrix), layer)
+
+
+def category_codes(col: pd.Series) -> tuple[np.ndarray, pd.Index]:
+    """Integer codes and the levels actually present, in category order (or sorted order)."""
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        col = col.cat.remove_unused_categories()
+        return col.cat.codes.to_numpy().astype(np.int64), pd.Index(col.cat.categories)
+    cat = pd.Categorical(col)
+    return cat.codes.astype(np.int64), pd.Index(cat.categories)

@@ -1,0 +1,272 @@
+"""The ``scmlm`` command line: what the Snakemake rules and cluster batch jobs call.
+
+Every command writes its outputs atomically and exits with status 2 and a one-line message on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from ._errors import ScmlmError
+from ._version import __version__
+
+log = logging.getLogger("scmlm")
+
+
+def _contrast(text: str):
+    parts = text.split(":")
+    if len(parts) == 3:
+        return tuple(parts)
+    return text
+
+
+def _add_common_de(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="cell-level or pseudobulk .h5ad")
+    p.add_argument("--design", required=True, help='model formula, e.g. "~ condition + (1|donor)"')
+    p.add_argument(
+        "--contrast",
+        required=True,
+        type=_contrast,
+        help="factor:test:reference (e.g. condition:case:ctrl) or a coefficient name",
+    )
+    p.add_argument("--groups-key", default=None, help="obs column: one fit per group (e.g. cell_type)")
+    p.add_argument("--layer", default=None, help="layer with raw counts (default .X)")
+    p.add_argument("--out", required=True, help="result table (.csv, .tsv or .parquet)")
+    p.add_argument("--out-h5ad", default=None, help="also write the AnnData with the result in .uns")
+    p.add_argument("--key-added", default=None, help="uns key of the result")
+    p.add_argument("--n-jobs", type=int, default=None, help="worker processes (default 1; -1 = all cores)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scmlm",
+        description="Multilevel models for multi-donor single-cell data: pseudobulk DE, cell-level GLMMs, workflow.",
+    )
+    parser.add_argument("--version", action="version", version=f"scmlm {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more messages (-vv: progress bars)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("simulate", help="simulate multi-donor NB counts with known truth → .h5ad")
+    p.add_argument("out", help="output .h5ad")
+    p.add_argument("--n-donors", type=int, default=10)
+    p.add_argument("--n-cells", type=int, default=400, help="cells per donor")
+    p.add_argument("--n-genes", type=int, default=2000)
+    p.add_argument("--n-batches", type=int, default=3)
+    p.add_argument("--design", choices=["between", "within"], default="between")
+    p.add_argument("--frac-de", type=float, default=0.1)
+    p.add_argument("--n-cell-types", type=int, default=1)
+    p.add_argument("--null", action="store_true", help="no differential expression")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("dataset", help="write a bundled real dataset to .h5ad")
+    p.add_argument("name", choices=["pig_airway", "glioblastoma", "kang2018", "kang2018_100genes"])
+    p.add_argument("out", help="output .h5ad")
+
+    p = sub.add_parser("pseudobulk", help="sum counts per sample (× group) → pseudobulk .h5ad")
+    p.add_argument("input", help="cell-level .h5ad (read backed, streamed in row chunks)")
+    p.add_argument("out", help="output .h5ad")
+    p.add_argument("--sample-key", required=True)
+    p.add_argument("--groups-key", default=None)
+    p.add_argument("--layer", default=None)
+    p.add_argument("--min-cells", type=int, default=1)
+
+    p = sub.add_parser("de", help="differential expression: pseudobulk (edgeR-QL / voom) or cell-level GLMM")
+    _add_common_de(p)
+    p.add_argument("--method", choices=["pseudobulk", "glmm"], required=True)
+    p.add_argument("--pb-method", choices=["nb_ql", "voom", "pydeseq2"], default="nb_ql")
+    p.add_argument("--family", choices=["nb", "poisson", "binomial", "gaussian"], default="nb")
+    p.add_argument("--sample-key", default=None, help="aggregate a cell-level input by this key first (pseudobulk)")
+    p.add_argument("--min-cells", type=int, default=10, help="pseudobulk: drop samples with fewer cells")
+    p.add_argument("--no-filter", action="store_true", help="pseudobulk: keep all genes (no filterByExpr)")
+    p.add_argument("--offset", default="log_total", help="glmm: log_total, an obs column, or none")
+    p.add_argument("--reml", choices=["REML", "ML"], default="REML", help="glmm: variance-component estimation")
+    p.add_argument("--shard", default=None, help="fit only gene shard i of n ('i/n', 1-based)")
+
+    p = sub.add_parser("merge", help="merge gene-shard tables; recompute BH per group and contrast")
+    p.add_argument("shards", nargs="+", help="shard tables written by 'scmlm de --shard i/n'")
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("plot", help="plots of a result table → PNG files")
+    p.add_argument("table", help="result table (.csv)")
+    p.add_argument("--outdir", required=True)
+    p.add_argument(
+        "--kind",
+        action="append",
+        choices=["volcano", "ma", "pvalue_hist", "qq"],
+        help="plot kind (repeatable; default volcano and pvalue_hist)",
+    )
+    return parser
+
+
+def _read_table(path: str):
+    import pandas as pd
+
+    p = Path(path)
+    if not p.exists():
+        raise ScmlmError(f"result table {path!r} does not exist.")
+    if p.suffix == ".parquet":
+        return pd.read_parquet(p)
+    sep = "\t" if p.suffix in (".tsv", ".txt") else ","
+    return pd.read_csv(p, sep=sep, keep_default_na=True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import io
+
+    if args.command == "simulate":
+        from .datasets import simulate
+
+        adata = simulate(
+            n_donors=args.n_donors,
+            n_cells=args.n_cells,
+            n_genes=args.n_genes,
+            n_batches=args.n_batches,
+            design=args.design,
+            frac_de=args.frac_de,
+            n_cell_types=args.n_cell_types,
+            null=args.null,
+            seed=args.seed,
+        )
+        io.write_h5ad(adata, args.out, compression="gzip")
+        log.info("wrote %s (%d cells × %d genes)", args.out, adata.n_obs, adata.n_vars)
+        return 0
+
+    if args.command == "dataset":
+        from . import datasets
+
+        adata = getattr(datasets, args.name)()
+        io.write_h5ad(adata, args.out, compression="gzip")
+        log.info("wrote %s (%d cells × %d genes)", args.out, adata.n_obs, adata.n_vars)
+        return 0
+
+    if args.command == "pseudobulk":
+        from .pp import pseudobulk
+
+        adata = io.read(args.input, backed=True)
+        try:
+            pb = pseudobulk(
+                adata, args.sample_key, groups_key=args.groups_key, layer=args.layer, min_cells=args.min_cells
+            )
+        finally:
+            if adata.isbacked:
+                adata.file.close()
+        io.write_h5ad(pb, args.out)
+        log.info("wrote %s (%d pseudobulk samples × %d genes)", args.out, pb.n_obs, pb.n_vars)
+        return 0
+
+    if args.command == "de":
+        return _run_de(args)
+
+    if args.command == "merge":
+        from .results import merge_shards
+
+        tables = [_read_table(p) for p in args.shards]
+        merged = merge_shards(tables, sources=args.shards)
+        io.write_csv(merged, args.out)
+        log.info("merged %d shards → %s (%d rows)", len(tables), args.out, len(merged))
+        return 0
+
+    if args.command == "plot":
+        from .pl._de import save_result_plots
+
+        table = _read_table(args.table)
+        kinds = args.kind or ["volcano", "pvalue_hist"]
+        paths = save_result_plots(table, args.outdir, kinds=kinds)
+        for path in paths:
+            log.info("wrote %s", path)
+        return 0
+
+    raise ScmlmError(f"unknown command {args.command!r}")
+
+
+def _run_de(args: argparse.Namespace) -> int:
+    from . import io, tl
+
+    shard = args.shard
+    if args.method == "pseudobulk":
+        adata = io.read(args.input)
+        if args.sample_key is not None:
+            from .pp import pseudobulk
+
+            adata = pseudobulk(
+                adata, args.sample_key, groups_key=args.groups_key, layer=args.layer, min_cells=args.min_cells
+            )
+            layer = "counts"
+        else:
+            layer = args.layer
+        if shard is not None:
+            raise ScmlmError("--shard applies to --method glmm; pseudobulk fits all genes of a group together.")
+        key = args.key_added or "pseudobulk_de"
+        res = tl.pseudobulk_de(
+            adata,
+            args.design,
+            args.contrast,
+            method=args.pb_method,
+            groups_key=args.groups_key,
+            layer=layer,
+            filter_genes=not args.no_filter,
+            key_added=key,
+            inplace=False,
+        )
+    else:
+        adata = io.read(args.input)
+        key = args.key_added or "glmm_de"
+        offset = None if str(args.offset).lower() == "none" else args.offset
+        res = tl.glmm_de(
+            adata,
+            args.design,
+            args.contrast,
+            family=args.family,
+            layer=args.layer,
+            offset=offset,
+            groups_key=args.groups_key,
+            n_jobs=args.n_jobs,
+            shard=shard,
+            method=args.reml,
+            key_added=key,
+            inplace=False,
+        )
+    table = res.table
+    if shard is not None:
+        from .results import parse_shard
+
+        i, n = parse_shard(shard)
+        table = table.copy()
+        table["padj"] = float("nan")
+        table["shard"] = f"{i}/{n}"
+    io.write_csv(table, args.out)
+    if args.out_h5ad:
+        res.to_uns(adata, key)
+        io.write_h5ad(adata, args.out_h5ad)
+    counts = table["status"].value_counts().to_dict()
+    log.info("wrote %s: %d rows; status %s", args.out, len(table), counts)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    level = logging.WARNING if args.verbose == 0 else logging.INFO
+    logging.basicConfig(level=level, format="scmlm: %(message)s", stream=sys.stderr)
+    log.setLevel(logging.INFO)
+    from ._settings import settings
+
+    if args.verbose >= 2:
+        settings.verbosity = 2
+    warnings.simplefilter("default")
+    try:
+        return _run(args)
+    except ScmlmError as err:
+        print(f"scmlm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

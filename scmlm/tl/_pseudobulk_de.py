@@ -1,0 +1,256 @@
+"""Pseudobulk DE: edgeR-style NB quasi-likelihood, limma-voom (dream with random terms), PyDESeq2."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from .._errors import DesignError, InputError, _fmt_list
+from .._validate import category_codes, check_counts, check_obs_keys, check_unique_names, get_matrix
+from .._version import __version__
+from ..design import build_design, contrast_label
+from ..results import DEResult, finalize_table
+
+_METHODS = ("nb_ql", "voom", "pydeseq2")
+
+
+def pseudobulk_de(
+    pb: ad.AnnData,
+    design: str,
+    contrast,
+    *,
+    method: Literal["nb_ql", "voom", "pydeseq2"] = "nb_ql",
+    groups_key: str | None = None,
+    layer: str | None = None,
+    filter_genes: bool = True,
+    key_added: str = "pseudobulk_de",
+    inplace: bool = True,
+    copy: bool = False,
+) -> DEResult | ad.AnnData | None:
+    """Differential expression between samples of a pseudobulk AnnData.
+
+    Parameters
+    ----------
+    pb
+        Pseudobulk AnnData (samples × genes) with summed raw counts, e.g. from :func:`scmlm.pp.pseudobulk`.
+    design
+        Model formula over ``pb.obs`` columns, e.g. ``"~ batch + condition"``, ``"~ donor + condition"`` (paired),
+        ``"~ condition * sex"``. With ``method="voom"`` random terms such as ``"~ condition + (1|donor)"`` fit a
+        precision-weighted linear mixed model per gene (variancePartition's dream).
+    contrast
+        ``(factor, test_level, reference_level)``, a coefficient name, or a numeric vector over the design's columns.
+    method
+        ``"nb_ql"``: negative-binomial GLM with TMM normalisation, empirical-Bayes dispersions and quasi-likelihood
+        F-tests with robust empirical-Bayes QL dispersions (edgeR's ``glmQLFit(robust=TRUE)`` + ``glmQLFTest``).
+        ``"voom"``: voom precision weights + limma moderated t (dream when the design has random terms).
+        ``"pydeseq2"``: PyDESeq2's Wald test (``pip install scmlm[deseq2]``).
+    groups_key
+        obs column (e.g. cell type): each group gets its own fit, gene filter and multiple-testing correction.
+    layer
+        Layer with the summed counts; ``None`` uses ``.X``.
+    filter_genes
+        Apply edgeR's ``filterByExpr`` rule per group; removed genes keep a row with ``status="filtered"``.
+    key_added
+        Key in ``pb.uns`` for ``{"params": …, "results": DataFrame}``.
+    inplace
+        Write into ``pb`` (and return ``None``); ``False`` returns the :class:`~scmlm.results.DEResult` and leaves
+        ``pb`` untouched.
+    copy
+        Write into a copy of ``pb`` and return it.
+
+    Returns
+    -------
+    ``None``, the copy, or the result (see ``inplace``/``copy``). The table has one row per gene × group with columns
+    ``gene, group, contrast, coef`` (natural log), ``log2fc, se, stat, df, pvalue, padj, base_mean, method,
+    converged, status`` and ``dispersion``.
+
+    Examples
+    --------
+    >>> import scmlm
+    >>> pb = scmlm.pp.pseudobulk(scmlm.datasets.pig_airway(), "donor", groups_key="cell_type", min_cells=10)
+    >>> scmlm.tl.pseudobulk_de(pb, "~ condition", ("condition", "CFTRKO", "WT"), groups_key="cell_type")
+    >>> scmlm.get.de_df(pb, key="pseudobulk_de").columns[:4].tolist()
+    ['gene', 'group', 'contrast', 'coef']
+    """
+    if method not in _METHODS:
+        raise InputError(f"method={method!r} is not known; use one of {_fmt_list(_METHODS)}.")
+    check_unique_names(pb)
+    check_obs_keys(pb, [groups_key], what="groups_key")
+    counts_all = get_matrix(pb, layer)
+    counts_all = counts_all.toarray() if hasattr(counts_all, "toarray") else np.asarray(counts_all)
+    counts_all = counts_all.astype(float, copy=False)
+    check_counts(counts_all, layer)
+    # validate formula and contrast on all samples first: clear errors before any fitting
+    full = build_design(pb.obs, design, check_rank=groups_key is None)
+    if full.parsed.has_random and method != "voom":
+        raise DesignError(
+            f"design {design!r} has random terms; pseudobulk method {method!r} fits fixed effects only. Use "
+            "method='voom' (precision-weighted mixed model, as dream) or the cell-level scmlm.tl.glmm_de."
+        )
+    if groups_key is None:
+        full.contrast(contrast)
+        groups = [(None, np.arange(pb.n_obs))]
+    else:
+        codes, levels = category_codes(pb.obs[groups_key])
+        groups = [(str(lev), np.flatnonzero(codes == k)) for k, lev in enumerate(levels)]
+
+    tables, failed = [], {}
+    for name, rows in groups:
+        try:
+            tables.append(
+                _fit_group(pb, counts_all, rows, name, design, contrast, method=method, filter_genes=filter_genes)
+            )
+        except DesignError as err:
+            if groups_key is None:
+                raise
+            failed[name] = str(err)
+            tables.append(_failed_group(pb, name, contrast, method, f"not estimable: {err}"))
+    if groups_key is not None and len(failed) == len(groups):
+        first = next(iter(failed.values()))
+        raise DesignError(f"the design cannot be fitted in any group of {groups_key!r}; e.g.: {first}")
+    if failed:
+        warnings.warn(
+            f"pseudobulk_de: {len(failed)} group(s) of {groups_key!r} could not be fitted and have "
+            f"status 'not estimable': {_fmt_list(failed)}.",
+            UserWarning,
+            stacklevel=2,
+        )
+    table = finalize_table(pd.concat(tables, ignore_index=True))
+    params = {
+        "tool": "pseudobulk_de",
+        "design": design,
+        "contrast": contrast if isinstance(contrast, str) else [str(c) for c in np.atleast_1d(contrast)],
+        "method": method,
+        "groups_key": groups_key,
+        "layer": layer,
+        "filter_genes": bool(filter_genes),
+        "scmlm_version": __version__,
+    }
+    res = DEResult(table=table, params=params)
+    if not inplace and not copy:
+        return res
+    target = pb.copy() if copy else pb
+    res.to_uns(target, key_added)
+    return target if copy else None
+
+
+def _failed_group(pb, group, contrast, method, status) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "gene": pb.var_names.to_numpy(),
+            "group": group if group is not None else "all",
+            "contrast": contrast_label(contrast),
+            "method": method,
+            "converged": False,
+            "status": status,
+        }
+    )
+
+
+def _fit_group(pb, counts_all, rows, group, design, contrast, *, method, filter_genes) -> pd.DataFrame:
+    from ..models import _edger, _limma
+
+    obs = pb.obs.iloc[rows]
+    counts = counts_all[rows].T  # genes × samples
+    d = build_design(obs, design)
+    con = d.contrast(contrast)
+    if filter_genes:
+        keep = np.asarray(_edger.filter_by_expr(counts, design=d.X), dtype=bool)
+    else:
+        keep = counts.sum(axis=1) > 0
+    out = pd.DataFrame(
+        {
+            "gene": pb.var_names.to_numpy(),
+            "group": group if group is not None else "all",
+            "contrast": con.name,
+            "method": method,
+            "converged": False,
+            "status": np.where(keep, "ok", "filtered" if filter_genes else "all zero"),
+        }
+    )
+    for col in ("coef", "se", "stat", "df", "pvalue", "base_mean", "dispersion"):
+        out[col] = np.nan
+    if not keep.any():
+        return out
+    y = counts[keep]
+    idx = np.flatnonzero(keep)
+    if method == "nb_ql":
+        r = _edger.nb_ql(y, d.X, con.L, robust=True)
+        stats = {
+            "coef": r.coef,
+            "se": r.se,
+            "stat": r.stat,
+            "df": r.df2,
+            "pvalue": r.pvalue,
+            "base_mean": r.base_mean,
+            "dispersion": r.dispersion,
+        }
+        conv = np.asarray(r.converged, dtype=bool)
+    elif method == "voom":
+        kwargs = {"terms": d.terms} if d.terms else {}
+        r = _limma.voom_limma(y, d.X, con.L, **kwargs)
+        stats = {
+            "coef": r.coef,
+            "se": r.se,
+            "stat": r.stat,
+            "df": r.df,
+            "pvalue": r.pvalue,
+            "base_mean": getattr(r, "base_mean", None),
+        }
+        if stats["base_mean"] is None:
+            stats["base_mean"] = np.exp2(r.ave_expr) if hasattr(r, "ave_expr") else np.nan
+        conv = np.asarray(r.converged, dtype=bool)
+        status = getattr(r, "status", None)
+        if status is not None:
+            out.loc[idx, "status"] = np.asarray(status, dtype=object)
+    else:
+        stats, conv = _pydeseq2(y, obs, design, contrast, pb.var_names[keep])
+    for col, val in stats.items():
+        out.loc[idx, col] = np.asarray(val, dtype=float)
+    out.loc[idx, "converged"] = conv
+    bad = conv == False  # noqa: E712
+    if bad.any():
+        st = out.loc[idx, "status"].to_numpy(dtype=object)
+        st[bad & (st == "ok")] = "not converged"
+        out.loc[idx, "status"] = st
+        for col in ("stat", "pvalue"):
+            v = out.loc[idx, col].to_numpy(dtype=float)
+            v[bad] = np.nan
+            out.loc[idx, col] = v
+    return out
+
+
+def _pydeseq2(y, obs, design, contrast, genes):
+    try:
+        from pydeseq2.dds import DeseqDataSet
+        from pydeseq2.ds import DeseqStats
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise InputError("method='pydeseq2' needs PyDESeq2: pip install 'scmlm[deseq2]'.") from err
+    if not (isinstance(contrast, list | tuple) and len(contrast) == 3):
+        raise InputError("method='pydeseq2' takes a contrast (factor, test_level, reference_level).")
+    meta = obs.copy()
+    meta.index = meta.index.astype(str)
+    counts = pd.DataFrame(np.round(y.T).astype(int), index=meta.index, columns=[str(g) for g in genes])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dds = DeseqDataSet(counts=counts, metadata=meta, design=design.replace(" ", ""), quiet=True, n_cpus=1)
+        dds.deseq2()
+        ds = DeseqStats(dds, contrast=[str(c) for c in contrast], quiet=True, n_cpus=1)
+        ds.summary()
+    res = ds.results_df
+    ln2 = np.log(2.0)
+    stats = {
+        "coef": res["log2FoldChange"].to_numpy() * ln2,
+        "se": res["lfcSE"].to_numpy() * ln2,
+        "stat": res["stat"].to_numpy(),
+        "df": np.full(len(res), np.inf),
+        "pvalue": res["pvalue"].to_numpy(),
+        "base_mean": res["baseMean"].to_numpy(),
+        "dispersion": np.asarray(dds.var["dispersions"]),
+    }
+    conv = np.isfinite(stats["pvalue"]) | np.isfinite(stats["coef"])
+    return stats, conv

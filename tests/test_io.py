@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+import scmlm
+from scmlm import io
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.csv"
+    with pytest.raises(RuntimeError, match="boom"):
+        with io.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_write_keeps_old_file_until_success(tmp_path):
+    target = tmp_path / "table.csv"
+    io.write_csv(pd.DataFrame({"a": [1]}), target)
+    bad = pd.DataFrame({"a": [object()]})
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(target) as tmp:
+            bad.to_csv(tmp)
+            raise RuntimeError("fail after partial write")
+    assert pd.read_csv(target)["a"].tolist() == [1]
+
+
+def test_write_h5ad_round_trip(tmp_path):
+    adata = scmlm.datasets.simulate(n_donors=2, n_cells=5, n_genes=4)
+    io.write_h5ad(adata, tmp_path / "a.h5ad")
+    back = io.read(tmp_path / "a.h5ad")
+    assert back.shape == adata.shape
+    with pytest.raises(scmlm.InputError, match="does not exist"):
+        io.read(tmp_path / "nope.h5ad")
