@@ -59,10 +59,12 @@ def accumulate(matrix, codes: np.ndarray, out: np.ndarray, nexpr: np.ndarray, *,
         data = matrix.data
         if data.dtype not in (np.float32, np.float64, np.int32, np.int64):
             data = data.astype(np.float64)
+        # indices/indptr keep their stored integer width (int32 for most matrices): a cast would copy 4 bytes per
+        # stored count, which at atlas scale costs seconds and gigabytes
         return int(
             _csr_group_sums(
-                matrix.indptr.astype(np.int64, copy=False),
-                matrix.indices.astype(np.int64, copy=False),
+                matrix.indptr,
+                matrix.indices,
                 data,
                 order,
                 starts,
