@@ -1,5 +1,6 @@
 """Plots in scanpy's conventions: ``ax=``, ``show=``, ``save=``; each returns its Axes."""
 
 from ._de import ma, pvalue_hist, qq, volcano
+from ._hier import icc, shrinkage, variance_partition
 
-__all__ = ["ma", "pvalue_hist", "qq", "volcano"]
+__all__ = ["icc", "ma", "pvalue_hist", "qq", "shrinkage", "variance_partition", "volcano"]

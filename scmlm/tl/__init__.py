@@ -1,5 +1,7 @@
-"""Tools: differential expression, variance partitioning, random effects."""
+"""Tools: differential expression (pseudobulk, cell-level GLMM, GEE), variance partitioning, random effects."""
 
+from ._gee import gee_de
+from ._glmm_de import glmm_de
 from ._pseudobulk_de import pseudobulk_de
 
-__all__ = ["pseudobulk_de"]
+__all__ = ["gee_de", "glmm_de", "pseudobulk_de"]
