@@ -176,7 +176,7 @@ def glmm_de(
         except DesignError as err:
             if groups_key is None:
                 raise
-            failed[name] = str(err)
+            failed[name] = err
             tab = pd.DataFrame(
                 {
                     "gene": adata.var_names[gene_idx].to_numpy(),
@@ -189,9 +189,8 @@ def glmm_de(
             )
         tables.append(tab)
     if groups_key is not None and len(failed) == len(groups):
-        raise DesignError(
-            f"the design cannot be fitted in any group of {groups_key!r}; e.g.: {next(iter(failed.values()))}"
-        )
+        first = next(iter(failed.values()))
+        raise type(first)(f"the design cannot be fitted in any group of {groups_key!r}; e.g.: {first}") from first
     table = finalize_table(pd.concat(tables, ignore_index=True))
     _warn_summary(table, failed, groups_key)
     params = {

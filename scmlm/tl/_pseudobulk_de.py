@@ -107,11 +107,11 @@ def pseudobulk_de(
         except DesignError as err:
             if groups_key is None:
                 raise
-            failed[name] = str(err)
+            failed[name] = err
             tables.append(_failed_group(pb, name, contrast, method, f"not estimable: {err}"))
     if groups_key is not None and len(failed) == len(groups):
         first = next(iter(failed.values()))
-        raise DesignError(f"the design cannot be fitted in any group of {groups_key!r}; e.g.: {first}")
+        raise type(first)(f"the design cannot be fitted in any group of {groups_key!r}; e.g.: {first}") from first
     if failed:
         warnings.warn(
             f"pseudobulk_de: {len(failed)} group(s) of {groups_key!r} could not be fitted and have "
@@ -178,35 +178,39 @@ def _fit_group(pb, counts_all, rows, group, design, contrast, *, method, filter_
         return out
     y = counts[keep]
     idx = np.flatnonzero(keep)
+    # edgeR: y[keep, , keep.lib.sizes = FALSE] then calcNormFactors (TMM) on the kept genes
+    norm_factors = _edger.tmm_factors(y)
+    eff_lib = y.sum(axis=0) * norm_factors
+    base_mean = (y / (eff_lib / np.exp(np.mean(np.log(eff_lib))))[None, :]).mean(axis=1)
     if method == "nb_ql":
-        r = _edger.nb_ql(y, d.X, con.L, robust=True)
+        r = _edger.nb_ql(y, d.X, con.L, norm_factors=norm_factors, robust=True)
         stats = {
             "coef": r.coef,
             "se": r.se,
             "stat": r.stat,
             "df": r.df2,
             "pvalue": r.pvalue,
-            "base_mean": r.base_mean,
+            "base_mean": base_mean,
             "dispersion": r.dispersion,
         }
         conv = np.asarray(r.converged, dtype=bool)
     elif method == "voom":
         kwargs = {"terms": d.terms} if d.terms else {}
-        r = _limma.voom_limma(y, d.X, con.L, **kwargs)
+        r = _limma.voom_limma(y, d.X, con.L, norm_factors=norm_factors, **kwargs)
         stats = {
             "coef": r.coef,
             "se": r.se,
             "stat": r.stat,
             "df": r.df,
             "pvalue": r.pvalue,
-            "base_mean": getattr(r, "base_mean", None),
+            "base_mean": base_mean,
         }
-        if stats["base_mean"] is None:
-            stats["base_mean"] = np.exp2(r.ave_expr) if hasattr(r, "ave_expr") else np.nan
         conv = np.asarray(r.converged, dtype=bool)
-        status = getattr(r, "status", None)
-        if status is not None:
-            out.loc[idx, "status"] = np.asarray(status, dtype=object)
+        if r.status is not None:
+            out.loc[idx, "status"] = np.asarray(r.status, dtype=object)
+        if r.var_components:
+            for name, v in r.var_components.items():
+                out.loc[idx, f"var_{name}"] = np.asarray(v, dtype=float)
     else:
         stats, conv = _pydeseq2(y, obs, design, contrast, pb.var_names[keep])
     for col, val in stats.items():

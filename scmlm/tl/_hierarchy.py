@@ -1,0 +1,361 @@
+"""How much variation lives at each level: variance partition, ICC, and partial pooling (BLUPs vs unpooled)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .._errors import DesignError, InputError, _fmt_list
+from .._validate import category_codes, check_counts, check_obs_keys, check_unique_names, get_matrix
+from .._version import __version__
+from ..design import build_design
+from ..engine import gene_chunks, run_chunks
+from ._glmm_de import _FAMILIES, _check_finite, _gene_selection, _offset
+
+
+def _residual_variance(family: str, phi: np.ndarray, mean_count: np.ndarray) -> np.ndarray:
+    """Distribution-specific residual variance on the latent scale (Nakagawa, Johnson & Schielzeth 2017)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lam = np.asarray(mean_count, dtype=float)
+        if family == "nb":
+            return np.log1p(1.0 / lam + phi)
+        if family == "poisson":
+            return np.log1p(1.0 / lam)
+        if family == "binomial":
+            return np.full(lam.shape, np.pi**2 / 3)
+        return np.asarray(phi, dtype=float)
+
+
+def _term_variance(term, theta_slice: np.ndarray) -> float:
+    """Average variance the term adds to a cell's linear predictor: mean_i v_i' Σ v_i (Johnson 2014, slopes)."""
+    S = term.cov_from_theta(theta_slice)
+    V = np.asarray(term.covariates, dtype=float)
+    return float(np.mean(np.einsum("ij,jk,ik->i", V, S, V)))
+
+
+def _prepare(adata, design, family, layer, offset, groups_key, genes):
+    if family not in _FAMILIES:
+        raise InputError(f"family={family!r} is not known; use one of {_fmt_list(_FAMILIES)}.")
+    check_unique_names(adata)
+    check_obs_keys(adata, [groups_key])
+    matrix = get_matrix(adata, layer)
+    if family == "gaussian":
+        _check_finite(matrix, layer)
+    else:
+        check_counts(matrix, layer)
+    matrix = sp.csc_matrix(matrix) if sp.issparse(matrix) else np.asarray(matrix)
+    off = _offset(adata, matrix, offset, layer)
+    gene_idx = _gene_selection(adata, genes)
+    if groups_key is None:
+        groups = [(None, np.arange(adata.n_obs))]
+    else:
+        codes, levels = category_codes(adata.obs[groups_key])
+        groups = [(str(lev), np.flatnonzero(codes == k)) for k, lev in enumerate(levels)]
+    return matrix, off, gene_idx, groups
+
+
+def _fit_chunk(Y, *, gdesign, method):
+    from ..models import _glmm
+
+    return _glmm.fit_glmm(Y, gdesign, method=method, min_nonzero=1)
+
+
+def _fit_genes(matrix, rows, gene_idx, d, off, family, method, n_jobs):
+    """Fit the GLMM of design ``d`` on cells ``rows`` for genes ``gene_idx``; returns (results per chunk, chunks)."""
+    import functools
+
+    from ..models import _glmm
+
+    sub = matrix[rows][:, gene_idx] if sp.issparse(matrix) else matrix[np.ix_(rows, gene_idx)]
+    if sp.issparse(sub):
+        sub = sp.csc_matrix(sub)
+    gdesign = _glmm.prepare_glmm(d.X, d.terms, off[rows], family=family)
+    chunks = gene_chunks(gene_idx.size)
+    results = run_chunks(functools.partial(_fit_chunk, gdesign=gdesign, method=method), sub, chunks, n_jobs=n_jobs)
+    return sub, results, chunks
+
+
+def variance_partition(
+    adata: ad.AnnData,
+    design: str,
+    *,
+    family: Literal["nb", "poisson", "binomial", "gaussian"] = "nb",
+    layer: str | None = None,
+    offset: str | None = "log_total",
+    groups_key: str | None = None,
+    genes=None,
+    n_jobs: int | None = None,
+    key_added: str = "variance_partition",
+    inplace: bool = True,
+    copy: bool = False,
+) -> pd.DataFrame | ad.AnnData | None:
+    """Fraction of each gene's variance at each level of the hierarchy, and the ICC of each grouping factor.
+
+    The design is written dream-style, e.g. ``"~ (1|donor) + (1|batch) + condition"``; categorical variables can
+    also enter as random terms (``"~ (1|donor) + (1|batch) + (1|condition)"``), as variancePartition recommends, so
+    that each gets its own fraction. Each gene gets a GLMM fitted by REML (see :func:`scmlm.tl.glmm_de`); the
+    variances are decomposed on the latent (link) scale:
+
+    - each random term ``k``: ``σ²_k`` (for random slopes, the average variance the term adds to a cell,
+      ``mean_i v_i' Σ_k v_i``);
+    - ``fixed``: the variance across cells of the fixed-effect linear predictor ``X β`` (intercept excluded);
+    - ``residual``: the distribution-specific variance of Nakagawa, Johnson & Schielzeth (2017): NB2
+      ``log(1 + 1/λ + φ)``, Poisson ``log(1 + 1/λ)``, binomial (logit) ``π²/3``, Gaussian the residual variance,
+      with ``λ`` the gene's mean count per cell.
+
+    Fractions are these variances over their sum, so each gene's fractions add up to one.
+    ``icc_<k> = σ²_k / (Σ_j σ²_j + residual)``: the correlation of two cells' latent values that share level ``k``
+    (fixed effects excluded).
+
+    Parameters
+    ----------
+    adata
+        Cell-level AnnData with raw counts (count families) or normalised values (Gaussian).
+    design
+        Formula with random terms (at least one), e.g. ``"~ (1|donor) + (1|batch) + condition"``.
+    family, layer, offset, groups_key, genes, n_jobs
+        As in :func:`scmlm.tl.glmm_de`.
+    key_added
+        Key in ``adata.uns`` for ``{"params": …, "results": DataFrame}``.
+    inplace, copy
+        Write into ``adata`` (returns ``None``) or a copy (returned); ``inplace=False`` returns the DataFrame.
+
+    Returns
+    -------
+    A DataFrame with one row per gene (× group): one column per random term, ``fixed`` and ``residual`` (fractions
+    summing to 1), ``icc_<term>``, the latent variances ``var_<term>``, ``var_fixed``, ``var_residual``, and
+    ``group``, ``converged``, ``status``.
+
+    Examples
+    --------
+    >>> import scmlm
+    >>> adata = scmlm.datasets.simulate(n_donors=8, n_cells=50, n_genes=30, seed=2)
+    >>> vp = scmlm.tl.variance_partition(adata, "~ (1|donor) + (1|batch) + condition", inplace=False)
+    >>> bool(((vp[["donor", "batch", "fixed", "residual"]].sum(axis=1) - 1).abs() < 1e-9).all())
+    True
+    """
+    from ..models._random import term_slices
+
+    matrix, off, gene_idx, groups = _prepare(adata, design, family, layer, offset, groups_key, genes)
+    full = build_design(adata.obs, design, check_rank=groups_key is None)
+    if not full.parsed.has_random:
+        raise DesignError(
+            f"design {design!r} has no random terms; variance_partition needs at least one, e.g. '(1|donor)'."
+        )
+    from ..models._glmm import STATUS
+
+    frames = []
+    for group, rows in groups:
+        d = build_design(adata.obs.iloc[rows], design)
+        sub, results, chunks = _fit_genes(matrix, rows, gene_idx, d, off, family, "REML", n_jobs)
+        names = [t.name if t.k == 1 else f"{t.name}({'+'.join(t.col_names)})" for t in d.terms]
+        if len(set(names)) != len(names):
+            names = [f"{n}_{i}" for i, n in enumerate(names)]
+        colsum = np.asarray(sub.sum(axis=0)).ravel()
+        mean_count = colsum / rows.size
+        G = gene_idx.size
+        var = {n: np.full(G, np.nan) for n in names}
+        var_fixed = np.full(G, np.nan)
+        phi = np.full(G, np.nan)
+        status = np.empty(G, dtype=object)
+        conv = np.zeros(G, dtype=bool)
+        fixed_cols = [j for j, c in enumerate(d.columns) if c != "(Intercept)"]
+        Xf = d.X[:, fixed_cols]
+        slices = term_slices(d.terms)
+        for idx, res in zip(chunks, results, strict=True):
+            theta = np.asarray(res.theta)
+            for t, n, (_, ts) in zip(d.terms, names, slices, strict=True):
+                var[n][idx] = [_term_variance(t, theta[g, ts]) for g in range(len(idx))]
+            if fixed_cols:
+                eta = res.beta[:, fixed_cols] @ Xf.T
+                var_fixed[idx] = eta.var(axis=1)
+            else:
+                var_fixed[idx] = 0.0
+            phi[idx] = res.phi
+            status[idx] = [STATUS.get(int(s), str(s)) if not isinstance(s, str) else s for s in res.status]
+            conv[idx] = res.converged
+        resid = _residual_variance(family, phi, mean_count)
+        total = sum(np.nan_to_num(v) for v in var.values()) + var_fixed + resid
+        df = pd.DataFrame(index=adata.var_names[gene_idx].astype(str))
+        if group is not None:
+            df["group"] = group
+        for n in names:
+            df[n] = var[n] / total
+        df["fixed"] = var_fixed / total
+        df["residual"] = resid / total
+        random_total = sum(np.nan_to_num(v) for v in var.values()) + resid
+        for n in names:
+            df[f"icc_{n}"] = var[n] / random_total
+        for n in names:
+            df[f"var_{n}"] = var[n]
+        df["var_fixed"] = var_fixed
+        df["var_residual"] = resid
+        df["converged"] = conv
+        df["status"] = status
+        bad = ~conv
+        value_cols = [c for c in df.columns if c not in ("group", "converged", "status")]
+        df.loc[bad, value_cols] = np.nan
+        frames.append(df)
+    out = pd.concat(frames)
+    params = {
+        "tool": "variance_partition",
+        "design": design,
+        "family": family,
+        "layer": layer,
+        "offset": offset,
+        "groups_key": groups_key,
+        "scmlm_version": __version__,
+    }
+    if not inplace and not copy:
+        return out
+    target = adata.copy() if copy else adata
+    from ..results import _uns_safe
+
+    target.uns[key_added] = {"params": _uns_safe(params), "results": out}
+    return target if copy else None
+
+
+def random_effects(
+    adata: ad.AnnData,
+    key: str = "glmm_de",
+    genes=None,
+    *,
+    n_jobs: int | None = None,
+    key_added: str = "random_effects",
+    inplace: bool = True,
+) -> pd.DataFrame | None:
+    """Conditional modes (BLUPs) of each donor's (and batch's) effect beside the unpooled per-level estimates.
+
+    Refits the model stored by :func:`scmlm.tl.glmm_de` under ``adata.uns[key]`` for the selected genes and returns,
+    for every random intercept level, the partially pooled estimate (BLUP, with its conditional SD) and the
+    unpooled estimate: the maximum-likelihood effect of that level alone, with the fixed effects and the other random
+    effects held at their fitted values (no shrinkage), with its SE from the Fisher information. Levels with few
+    cells or counts have noisy unpooled estimates and are shrunk most toward the mean (0): partial pooling.
+
+    Parameters
+    ----------
+    adata
+        The AnnData ``glmm_de`` wrote into.
+    key
+        Key of the ``glmm_de`` result in ``adata.uns``.
+    genes
+        Gene names (required: refitting every gene would repeat ``glmm_de``).
+    n_jobs
+        Worker processes.
+    key_added
+        Key in ``adata.uns`` for ``{"params": …, "results": DataFrame}`` (what :func:`scmlm.pl.shrinkage` reads).
+    inplace
+        Store the table in ``adata.uns[key_added]`` and return ``None``; ``False`` returns it instead.
+
+    Returns
+    -------
+    Long DataFrame with columns ``gene, group, term, level, blup, blup_se, unpooled, unpooled_se, n_cells``
+    (natural-log / link scale; random slopes have ``term`` ``"<factor>:<covariate>"`` and no unpooled estimate).
+    """
+    if key not in adata.uns or "params" not in adata.uns[key]:
+        raise InputError(f"adata.uns[{key!r}] holds no glmm_de result; run scmlm.tl.glmm_de(..., key_added={key!r}).")
+    params = dict(adata.uns[key]["params"])
+    if params.get("tool") != "glmm_de":
+        raise InputError(f"adata.uns[{key!r}] was written by {params.get('tool')!r}, not glmm_de.")
+    if genes is None:
+        raise InputError("pass genes=[...] (names): random_effects refits the model for those genes.")
+    family = params["family"]
+    layer = params.get("layer") or None
+    offset = params.get("offset") or None
+    groups_key = params.get("groups_key") or None
+    method = params.get("method", "REML")
+    design = params["design"]
+    genes = [genes] if isinstance(genes, str) else list(genes)
+    matrix, off, gene_idx, groups = _prepare(adata, design, family, layer, offset, groups_key, genes)
+    from ..models._random import build_Z, term_slices
+
+    frames = []
+    for group, rows in groups:
+        d = build_design(adata.obs.iloc[rows], design)
+        sub, results, chunks = _fit_genes(matrix, rows, gene_idx, d, off, family, method, n_jobs)
+        Z = build_Z(d.terms, rows.size)
+        Ysub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
+        for idx, res in zip(chunks, results, strict=True):
+            for j, g in enumerate(idx):
+                if not res.converged[j]:
+                    continue
+                b = res.b[j]
+                eta_all = off[rows] + d.X @ res.beta[j] + Z @ b
+                for t, (zs, _) in zip(d.terms, term_slices(d.terms), strict=True):
+                    bt = b[zs].reshape(t.n_levels, t.k)
+                    st = res.b_se[j][zs].reshape(t.n_levels, t.k)
+                    n_cells = np.bincount(t.codes, minlength=t.n_levels)
+                    for c, cname in enumerate(t.col_names):
+                        term_name = t.name if cname == "(Intercept)" else f"{t.name}:{cname}"
+                        if cname == "(Intercept)":
+                            eta_minus = eta_all - bt[t.codes, c]
+                            u, u_se = _unpooled(Ysub[:, g], eta_minus, t.codes, t.n_levels, family, res.phi[j])
+                        else:
+                            u = u_se = np.full(t.n_levels, np.nan)
+                        frames.append(
+                            pd.DataFrame(
+                                {
+                                    "gene": str(adata.var_names[gene_idx[g]]),
+                                    "group": "all" if group is None else group,
+                                    "term": term_name,
+                                    "level": list(t.level_names) or [str(i) for i in range(t.n_levels)],
+                                    "blup": bt[:, c],
+                                    "blup_se": st[:, c],
+                                    "unpooled": u,
+                                    "unpooled_se": u_se,
+                                    "n_cells": n_cells,
+                                }
+                            )
+                        )
+    cols = ["gene", "group", "term", "level", "blup", "blup_se", "unpooled", "unpooled_se", "n_cells"]
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+    if not inplace:
+        return table
+    from ..results import _uns_safe
+
+    adata.uns[key_added] = {
+        "params": _uns_safe({"tool": "random_effects", "source_key": key, "genes": genes, **params}),
+        "results": table,
+    }
+    return None
+
+
+def _unpooled(y, eta0, codes, n_levels, family, phi, n_iter: int = 25):
+    """Per-level ML of an additive effect u_l on the link scale with everything else fixed (vectorised Newton)."""
+    u = np.zeros(n_levels)
+    y = np.asarray(y, dtype=float)
+    if family == "binomial":
+        y = (y > 0).astype(float)
+    for _ in range(n_iter):
+        eta = eta0 + u[codes]
+        if family in ("nb", "poisson"):
+            mu = np.exp(eta)
+            ph = 0.0 if family == "poisson" or not np.isfinite(phi) else phi
+            score = (y - mu) / (1 + ph * mu)
+            info = mu / (1 + ph * mu)
+        elif family == "binomial":
+            p = 1 / (1 + np.exp(-eta))
+            score = y - p
+            info = p * (1 - p)
+        else:
+            score = (y - eta) / phi
+            info = np.full(y.shape, 1.0 / phi)
+        S = np.bincount(codes, weights=score, minlength=n_levels)
+        I = np.bincount(codes, weights=info, minlength=n_levels)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            step = np.clip(S / I, -3, 3)
+        step = np.where(np.isfinite(step), step, 0.0)
+        u = u + step
+        if np.max(np.abs(step)) < 1e-10:
+            break
+    with np.errstate(divide="ignore", invalid="ignore"):
+        se = 1.0 / np.sqrt(I)
+    # a level with no counts at all has no finite unpooled estimate (its MLE is -inf)
+    ysum = np.bincount(codes, weights=y, minlength=n_levels)
+    if family in ("nb", "poisson", "binomial"):
+        u = np.where(ysum > 0, u, -np.inf)
+    return u, se
