@@ -260,12 +260,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.verbose >= 2:
         settings.verbosity = 2
-    warnings.simplefilter("default")
-    try:
-        return _run(args)
-    except ScmlmError as err:
-        print(f"scmlm {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        # show each warning once on stderr (status summaries, poorly determined variances), never as an error
+        warnings.simplefilter("default")
+        try:
+            return _run(args)
+        except ScmlmError as err:
+            print(f"scmlm {args.command}: error: {err}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

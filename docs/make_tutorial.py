@@ -1,0 +1,186 @@
+"""Build docs/tutorial.md and its figures from the bundled data: ``python docs/make_tutorial.py``.
+
+Every number in the tutorial text is computed here, from the run that drew the figures.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from scipy import stats
+
+import scmlm
+
+HERE = Path(__file__).parent
+FIG = HERE / "figures"
+
+
+def _fig(name: str) -> str:
+    return f"figures/{name}"
+
+
+def main() -> None:
+    FIG.mkdir(parents=True, exist_ok=True)
+    out: list[str] = []
+    w = out.append
+    warnings.simplefilter("ignore", UserWarning)
+    t0 = time.perf_counter()
+
+    # ------------------------------------------------------------------ pig airway: between-subject
+    pig = scmlm.datasets.pig_airway()
+    contrast = ("condition", "CFTRKO", "WT")
+    pb = scmlm.pp.pseudobulk(pig, "donor", groups_key="cell_type", layer="counts", min_cells=10)
+    scmlm.tl.pseudobulk_de(pb, "~ condition", contrast, groups_key="cell_type")
+    pbr = scmlm.get.de_df(pb, key="pseudobulk_de")
+    t_glmm = time.perf_counter()
+    scmlm.tl.glmm_de(pig, "~ condition + (1|donor)", contrast, groups_key="cell_type", layer="counts")
+    t_glmm = time.perf_counter() - t_glmm
+    gr = scmlm.get.de_df(pig, key="glmm_de")
+    naive = scmlm.tl.glmm_de(pig, "~ condition", contrast, groups_key="cell_type", layer="counts", inplace=False).table
+
+    m = pbr.merge(gr, on=["gene", "group"], suffixes=("_pb", "_glmm"))
+    m = m.merge(naive[["gene", "group", "pvalue"]].rename(columns={"pvalue": "pvalue_naive"}), on=["gene", "group"])
+    both = m[np.isfinite(m["pvalue_pb"]) & np.isfinite(m["pvalue_glmm"])]
+    rho = stats.spearmanr(both["pvalue_pb"], both["pvalue_glmm"]).statistic
+    r_coef = np.corrcoef(both["coef_pb"], both["coef_glmm"])[0, 1]
+    n_sig = {
+        "pseudobulk nb_ql": int((pbr["padj"] < 0.05).sum()),
+        "GLMM (1|donor)": int((gr["padj"] < 0.05).sum()),
+        "cell-level GLM, no donor term": int((scmlm.results.bh_adjust(naive["pvalue"].to_numpy()) < 0.05).sum()),
+    }
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), layout="constrained")
+    axes[0].scatter(both["coef_pb"], both["coef_glmm"], s=5, alpha=0.5)
+    lim = np.nanpercentile(np.abs(both[["coef_pb", "coef_glmm"]].to_numpy()), 99.5)
+    axes[0].plot([-lim, lim], [-lim, lim], c="0.3", lw=0.7)
+    axes[0].set(xlabel="pseudobulk nb_ql coef (ln FC)", ylabel="GLMM coef (ln FC)")
+    axes[0].set_title(f"estimates, r = {r_coef:.2f}")
+    axes[1].scatter(-np.log10(both["pvalue_pb"]), -np.log10(both["pvalue_glmm"]), s=5, alpha=0.5)
+    axes[1].set(xlabel="−log10 p, pseudobulk", ylabel="−log10 p, GLMM", title=f"p-values, Spearman {rho:.2f}")
+    axes[2].hist([m["pvalue_naive"].dropna(), m["pvalue_glmm"].dropna()], bins=20, label=["no donor term", "GLMM"])
+    axes[2].set(xlabel="p-value", ylabel="genes", title="pseudoreplication inflates evidence")
+    axes[2].legend(frameon=False)
+    fig.savefig(FIG / "pig_pb_vs_glmm.png", dpi=110)
+    plt.close(fig)
+    ax = scmlm.pl.volcano(pb, key="pseudobulk_de", group="Secretory cell", show=False)
+    ax.get_figure().savefig(FIG / "pig_volcano_secretory.png", dpi=110)
+    plt.close(ax.get_figure())
+
+    sec = pig[pig.obs["cell_type"] == "Secretory cell"].copy()
+    expressed = np.asarray((sec.layers["counts"] > 0).sum(0)).ravel() >= 50
+    sec = sec[:, expressed].copy()
+    vp = scmlm.tl.variance_partition(sec, "~ (1|donor) + condition", layer="counts", inplace=False)
+    ax = scmlm.pl.variance_partition(vp, show=False)
+    ax.get_figure().savefig(FIG / "pig_variance_partition.png", dpi=110)
+    plt.close(ax.get_figure())
+    ax = scmlm.pl.icc(vp, show=False)
+    ax.get_figure().savefig(FIG / "pig_icc.png", dpi=110)
+    plt.close(ax.get_figure())
+
+    # ------------------------------------------------------------------ glioblastoma: paired, within-donor
+    gbm = scmlm.datasets.glioblastoma()
+    gcon = ("condition", "panobinostat", "ctrl")
+    gpb = scmlm.pp.pseudobulk(gbm, "sample_id", layer="counts")
+    scmlm.tl.pseudobulk_de(gpb, "~ donor + condition", gcon)
+    gp = scmlm.get.de_df(gpb, key="pseudobulk_de")
+    scmlm.tl.glmm_de(gbm, "~ condition + (1|donor)", gcon, layer="counts")
+    gg = scmlm.get.de_df(gbm, key="glmm_de")
+    gm = gp.merge(gg, on="gene", suffixes=("_pb", "_glmm"))
+    gboth = gm[np.isfinite(gm["pvalue_pb"]) & np.isfinite(gm["pvalue_glmm"])]
+    g_r = np.corrcoef(gboth["coef_pb"], gboth["coef_glmm"])[0, 1]
+    g_rho = stats.spearmanr(gboth["pvalue_pb"], gboth["pvalue_glmm"]).statistic
+    top = gg.sort_values("pvalue").head(3)["gene"].tolist()
+    re = scmlm.tl.random_effects(gbm, genes=top[:1], inplace=False)
+    ax = scmlm.pl.shrinkage(re, top[0], term="donor", show=False)
+    ax.get_figure().savefig(FIG / "gbm_shrinkage.png", dpi=110)
+    plt.close(ax.get_figure())
+    gvp = scmlm.tl.variance_partition(gbm, "~ (1|donor) + condition", layer="counts", inplace=False)
+    med = gvp[["donor", "fixed", "residual"]].median()
+
+    # ------------------------------------------------------------------ text
+    w("# Tutorial: pseudobulk and cell-level models on multi-donor data\n")
+    w(
+        "This page is generated by `docs/make_tutorial.py` from the data bundled with scmlm; every number below "
+        f"comes from that run ({time.perf_counter() - t0:.0f} s on a 2-core machine).\n"
+    )
+    w("## 1. Between-subject design: CFTR-knockout vs wild-type pig airways\n")
+    w(
+        f"`scmlm.datasets.pig_airway()` has {pig.n_obs:,} cells from 7 pigs (3 CFTR-knockout, 4 wild type) and three "
+        "cell types. The condition is a property of the pig, so the pig — not the cell — is the unit of replication.\n"
+    )
+    w('```python\nimport scmlm\n\npig = scmlm.datasets.pig_airway()\ncontrast = ("condition", "CFTRKO", "WT")')
+    w('pb = scmlm.pp.pseudobulk(pig, "donor", groups_key="cell_type", layer="counts", min_cells=10)')
+    w('scmlm.tl.pseudobulk_de(pb, "~ condition", contrast, groups_key="cell_type")        # edgeR-style QL')
+    w('scmlm.tl.glmm_de(pig, "~ condition + (1|donor)", contrast, groups_key="cell_type", layer="counts")')
+    w('scmlm.get.de_df(pb, key="pseudobulk_de", padj_max=0.05)\n```\n')
+    w(
+        f"Across the three cell types the pseudobulk and the GLMM estimates agree closely (Pearson r = {r_coef:.2f} "
+        f"on the natural-log fold changes, Spearman {rho:.2f} on p-values; the GLMM took {t_glmm:.1f} s for "
+        f"{gr.shape[0]:,} gene × cell-type fits). Genes at BH-adjusted p < 0.05:\n"
+    )
+    w("| model | genes |\n|---|---|")
+    for k, v in n_sig.items():
+        w(f"| {k} | {v} |")
+    w(
+        "\nThe last row is the pseudoreplication trap: a cell-level model without the pig effect treats thousands of "
+        "cells as independent replicates of 7 animals and reports many more 'discoveries' (right panel: its p-values "
+        "pile up near 0). With the donor random intercept, a donor-level contrast is tested on donor-level degrees "
+        "of freedom (7 pigs − 2 donor-level coefficients = 5), as the pseudobulk test is.\n"
+    )
+    w(f"![pseudobulk vs GLMM]({_fig('pig_pb_vs_glmm.png')})\n")
+    w(f"![volcano, secretory cells]({_fig('pig_volcano_secretory.png')})\n")
+    w("### Where does the variation live?\n")
+    w(
+        "`scmlm.tl.variance_partition` splits each gene's latent-scale variance into random terms, fixed effects and "
+        "the distribution-specific residual (Nakagawa–Schielzeth), summing to one; `icc_<factor>` is the correlation "
+        "of two cells from the same pig. In secretory cells the median fractions are: "
+        + ", ".join(f"{c} {vp[c].median():.3f}" for c in ("donor", "fixed", "residual"))
+        + ". Most of a single cell's variance is sampling noise (residual); the donor fraction is small per cell but "
+        "it is shared by hundreds of cells of the same pig, which is why ignoring it inflates evidence so much.\n"
+    )
+    w(f"![variance partition]({_fig('pig_variance_partition.png')})\n")
+    w(f"![ICC]({_fig('pig_icc.png')})\n")
+    w("## 2. Paired design: glioblastoma slices, DMSO vs panobinostat\n")
+    w(
+        f"`scmlm.datasets.glioblastoma()`: {gbm.n_obs:,} cells, 5 patients, each with a control and a treated slice. "
+        "The treatment varies within patient, so the pseudobulk design is `~ donor + condition` (paired) and the "
+        "GLMM's contrast is within-donor: it keeps cell-level degrees of freedom and its power.\n"
+    )
+    w("```python\ngbm = scmlm.datasets.glioblastoma()")
+    w('gpb = scmlm.pp.pseudobulk(gbm, "sample_id", layer="counts")')
+    w('scmlm.tl.pseudobulk_de(gpb, "~ donor + condition", ("condition", "panobinostat", "ctrl"))')
+    w('scmlm.tl.glmm_de(gbm, "~ condition + (1|donor)", ("condition", "panobinostat", "ctrl"), layer="counts")')
+    w(f're = scmlm.tl.random_effects(gbm, genes=["{top[0]}"])')
+    w(f'scmlm.pl.shrinkage(re, "{top[0]}", term="donor")\n```\n')
+    w(
+        f"Estimates agree with the paired pseudobulk fit (r = {g_r:.2f}; Spearman of p-values {g_rho:.2f}). "
+        f"Median variance fractions: donor {med['donor']:.3f}, treatment (fixed) {med['fixed']:.3f}, residual "
+        f"{med['residual']:.3f}.\n"
+    )
+    w(
+        "Partial pooling: the BLUP of each patient's effect (conditional mode) sits between that patient's own "
+        "estimate (unpooled, with everything else held fixed) and the population mean 0; the pull is strongest "
+        f"where a patient's own estimate is least certain. For {top[0]}:\n"
+    )
+    w(f"![shrinkage]({_fig('gbm_shrinkage.png')})\n")
+    w("## 3. Which tool when\n")
+    w(
+        "- **Pseudobulk (`pseudobulk_de`, nb_ql)**: the first choice for condition effects between donors; fast, "
+        'calibrated, matches edgeR. Use `method="voom"` with `(1|donor)` when samples repeat within donors.\n'
+        "- **Cell-level GLMM (`glmm_de`)**: when covariates vary between cells (within-donor contrasts, continuous "
+        "cell-level covariates, `center_within` for within vs between effects), when you need crossed donor and "
+        "batch effects, variance components, ICCs or BLUPs. Donor-level contrasts get donor-level df.\n"
+        "- **GEE (`gee_de`)**: population-average effects (see `docs/gee_vs_glmm.md`).\n"
+    )
+    (HERE / "tutorial.md").write_text("\n".join(out) + "\n")
+    print(f"wrote {HERE / 'tutorial.md'} and figures in {FIG} in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
