@@ -55,22 +55,31 @@ def _where(layer: str | None) -> str:
     return "adata.X" if layer is None else f"layer {layer!r}"
 
 
-def check_counts_values(values: np.ndarray, layer: str | None) -> None:
-    """Raise if ``values`` (the stored entries of a count matrix) hold negative or non-integer numbers."""
-    values = np.asarray(values)
+def check_counts_values(values: np.ndarray, layer: str | None, *, block: int = 1 << 22) -> None:
+    """Raise if ``values`` (the stored entries of a count matrix) hold negative or non-integer numbers.
+
+    Checked in blocks so that an atlas-sized matrix needs no full-size temporaries.
+    """
+    values = np.asarray(values).ravel()
     if values.size == 0:
         return
     hint = ' Pass layer="counts" (or the layer with raw counts).' if layer is None else ""
-    if np.issubdtype(values.dtype, np.integer):
-        bad = values < 0
-    else:
-        with np.errstate(invalid="ignore"):
-            bad = ~np.isfinite(values) | (values < 0) | (values != np.floor(values))
-    if bad.any():
-        v = values[np.flatnonzero(bad)[0]]
+    n_bad, first = 0, None
+    for start in range(0, values.size, block):
+        v = values[start : start + block]
+        if np.issubdtype(v.dtype, np.integer):
+            bad = v < 0
+        else:
+            with np.errstate(invalid="ignore"):
+                bad = ~np.isfinite(v) | (v < 0) | (v != np.floor(v))
+        nb = int(np.count_nonzero(bad))
+        if nb and first is None:
+            first = v[np.flatnonzero(bad)[0]]
+        n_bad += nb
+    if n_bad:
         raise InputError(
-            f"{_where(layer)} must hold raw non-negative integer counts, but it contains the value {v!r} "
-            f"({int(bad.sum())} such entries); it looks normalised or log-transformed.{hint}"
+            f"{_where(layer)} must hold raw non-negative integer counts, but it contains the value {first!r} "
+            f"({n_bad} such entries); it looks normalised or log-transformed.{hint}"
         )
 
 

@@ -126,8 +126,7 @@ def glmm_de(
         _check_finite(matrix, layer)
     else:
         check_counts(matrix, layer)
-    matrix = sp.csc_matrix(matrix) if sp.issparse(matrix) else np.asarray(matrix)
-    off = _offset(adata, matrix, offset, layer)
+    off = _offset(adata, matrix, offset, layer)  # over all genes of the layer, before any gene selection
     trial_vec = None
     if trials is not None:
         trial_vec = adata.obs[trials].to_numpy(dtype=float)
@@ -147,6 +146,7 @@ def glmm_de(
     gene_idx = _gene_selection(adata, genes)
     shard_t = parse_shard(shard)
     gene_idx = gene_idx[shard_indices(gene_idx.size, shard_t)]
+    matrix = gene_columns(matrix, gene_idx)  # CSC (or dense) of the selected genes only, in gene_idx order
 
     if groups_key is None:
         groups = [("all", np.arange(adata.n_obs))]
@@ -215,6 +215,28 @@ def glmm_de(
     target = adata.copy() if copy else adata
     res.to_uns(target, key_added)
     return target if copy else None
+
+
+def gene_columns(matrix, gene_idx: np.ndarray):
+    """Columns ``gene_idx`` of a cells × genes matrix as CSC (sparse input) or a dense array, copying once."""
+    all_genes = gene_idx.size == matrix.shape[1] and np.array_equal(gene_idx, np.arange(matrix.shape[1]))
+    if sp.issparse(matrix):
+        sub = matrix if all_genes else matrix[:, gene_idx]
+        return sub if sub.format == "csc" else sp.csc_matrix(sub)
+    return np.asarray(matrix) if all_genes else np.asarray(matrix)[:, gene_idx]
+
+
+def cell_gene_block(matrix, rows: np.ndarray, gene_idx: np.ndarray):
+    """``matrix[rows][:, gene_idx]`` as CSC (sparse) or dense, without copying when all rows / all genes are used."""
+    all_rows = rows.size == matrix.shape[0] and np.array_equal(rows, np.arange(matrix.shape[0]))
+    all_genes = gene_idx.size == matrix.shape[1] and np.array_equal(gene_idx, np.arange(matrix.shape[1]))
+    if sp.issparse(matrix):
+        sub = matrix if all_rows else matrix[rows]
+        sub = sub if all_genes else sub[:, gene_idx]
+        return sub if sub.format == "csc" else sp.csc_matrix(sub)
+    if all_rows and all_genes:
+        return matrix
+    return matrix[np.ix_(rows, gene_idx)]
 
 
 def _check_finite(matrix, layer) -> None:
@@ -335,18 +357,16 @@ def _fit_group(
     d = build_design(obs, design)
     con = d.contrast(contrast)
     df = kernel.contrast_df(d.X, d.terms, con.L)
-    sub = matrix[rows][:, gene_idx] if sp.issparse(matrix) else matrix[np.ix_(rows, gene_idx)]
+    sub = cell_gene_block(matrix, rows, np.arange(gene_idx.size))  # matrix holds only the selected genes
+    size_factor = np.exp(offset[rows] - offset[rows].mean()) if offset is not None else np.ones(rows.size)
     if sp.issparse(sub):
-        sub = sp.csc_matrix(sub)
         n_expr = np.diff(sub.indptr) if sub.nnz == sub.count_nonzero() else np.asarray((sub != 0).sum(axis=0)).ravel()
         colsum = np.asarray(sub.sum(axis=0)).ravel()
+        # a vector of the matrix's own dtype: a float64 vector would make scipy copy the whole matrix to float64
+        base_mean = np.asarray(sub.T @ (1.0 / size_factor).astype(sub.dtype)).ravel().astype(float) / rows.size
     else:
         n_expr = (sub != 0).sum(axis=0)
         colsum = sub.sum(axis=0)
-    size_factor = np.exp(offset[rows] - offset[rows].mean()) if offset is not None else np.ones(rows.size)
-    if sp.issparse(sub):
-        base_mean = np.asarray((sp.diags(1.0 / size_factor) @ sub).sum(axis=0)).ravel() / rows.size
-    else:
         base_mean = (sub / size_factor[:, None]).mean(axis=0)
     n_genes = gene_idx.size
     out = pd.DataFrame(
@@ -393,10 +413,10 @@ def _fit_group(
             trials=None if trials is None else trials[rows],
             min_nonzero=1,
         )
-        chunks = gene_chunks(fit.size)
-        results = run_chunks(fit_chunk, sub[:, fit] if sp.issparse(sub) else sub[:, fit], chunks, n_jobs=n_jobs)
-        for idx, (res, c) in zip(chunks, results, strict=True):
-            g = fit[idx]
+        # chunks index the columns of sub directly: no copy of the fitted genes' counts
+        chunks = [fit[c] for c in gene_chunks(fit.size)]
+        results = run_chunks(fit_chunk, sub, chunks, n_jobs=n_jobs)
+        for g, (res, c) in zip(chunks, results, strict=True):
             cols["coef"][g] = c.coef
             cols["se"][g] = c.se
             cols["stat"][g] = c.stat

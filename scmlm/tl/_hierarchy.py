@@ -14,7 +14,7 @@ from .._validate import category_codes, check_counts, check_obs_keys, check_uniq
 from .._version import __version__
 from ..design import build_design
 from ..engine import gene_chunks, run_chunks
-from ._glmm_de import _FAMILIES, _check_finite, _gene_selection, _offset
+from ._glmm_de import _FAMILIES, _check_finite, _gene_selection, _offset, cell_gene_block, gene_columns
 
 
 def _residual_variance(family: str, phi: np.ndarray, mean_count: np.ndarray) -> np.ndarray:
@@ -47,9 +47,9 @@ def _prepare(adata, design, family, layer, offset, groups_key, genes):
         _check_finite(matrix, layer)
     else:
         check_counts(matrix, layer)
-    matrix = sp.csc_matrix(matrix) if sp.issparse(matrix) else np.asarray(matrix)
     off = _offset(adata, matrix, offset, layer)
     gene_idx = _gene_selection(adata, genes)
+    matrix = gene_columns(matrix, gene_idx)  # only the selected genes, in gene_idx order
     if groups_key is None:
         groups = [(None, np.arange(adata.n_obs))]
     else:
@@ -70,9 +70,7 @@ def _fit_genes(matrix, rows, gene_idx, d, off, family, method, n_jobs):
 
     from ..models import _glmm
 
-    sub = matrix[rows][:, gene_idx] if sp.issparse(matrix) else matrix[np.ix_(rows, gene_idx)]
-    if sp.issparse(sub):
-        sub = sp.csc_matrix(sub)
+    sub = cell_gene_block(matrix, rows, np.arange(gene_idx.size))  # matrix holds the selected genes
     gdesign = _glmm.prepare_glmm(d.X, d.terms, off[rows], family=family)
     chunks = gene_chunks(gene_idx.size)
     results = run_chunks(functools.partial(_fit_chunk, gdesign=gdesign, method=method), sub, chunks, n_jobs=n_jobs)
