@@ -215,6 +215,18 @@ def _run_de(args: argparse.Namespace) -> int:
     else:
         adata = io.read(args.input)
         key = args.key_added or "glmm_de"
+        if shard is not None:
+            from .results import parse_shard, shard_indices
+
+            i, n = parse_shard(shard)
+            idx = shard_indices(adata.n_vars, (i, n))
+            if idx.size:
+                log.info(
+                    "shard %d/%d: genes %d-%d of %d (%s … %s)",
+                    i, n, idx[0] + 1, idx[-1] + 1, adata.n_vars, adata.var_names[idx[0]], adata.var_names[idx[-1]],
+                )  # fmt: skip
+            else:
+                log.info("shard %d/%d: no genes (only %d genes for %d shards)", i, n, adata.n_vars, n)
         offset = None if str(args.offset).lower() == "none" else args.offset
         res = tl.glmm_de(
             adata,
@@ -231,6 +243,7 @@ def _run_de(args: argparse.Namespace) -> int:
             inplace=False,
         )
     table = res.table
+    _log_gene_statuses(table)
     if shard is not None:
         from .results import parse_shard
 
@@ -245,6 +258,18 @@ def _run_de(args: argparse.Namespace) -> int:
     counts = table["status"].value_counts().to_dict()
     log.info("wrote %s: %d rows; status %s", args.out, len(table), counts)
     return 0
+
+
+_FINE = {"ok", "singular", "filtered"}
+
+
+def _log_gene_statuses(table) -> None:
+    """One log line per gene that could not be tested, with its group and the reason (the job log names them)."""
+    bad = table[~table["status"].isin(_FINE)]
+    for row in bad.itertuples(index=False):
+        log.info("gene %s (group %s): %s", row.gene, row.group, row.status)
+    if len(bad):
+        log.info("%d of %d gene fits were not tested; see the status column", len(bad), len(table))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,370 @@
+"""The Snakemake workflow run for real on the small `.test/` configuration (simulated data, 2 cell types, 40 genes).
+
+Rules run in this Python environment (`scmlm` from the venv on PATH), not in conda environments.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from statsmodels.stats.multitest import multipletests
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "workflow" / "Snakefile"
+TEST_CONFIG = REPO / ".test" / "config" / "config.yaml"
+COLUMNS = [
+    "gene",
+    "group",
+    "contrast",
+    "coef",
+    "log2fc",
+    "se",
+    "stat",
+    "df",
+    "pvalue",
+    "padj",
+    "base_mean",
+    "method",
+    "converged",
+    "status",
+]
+GROUPS = {"type0", "type1"}
+N_GENES = 40
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------------------
+def _env() -> dict:
+    env = os.environ.copy()
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _job_logs(workdir: Path) -> str:
+    parts = []
+    for log in sorted((workdir / "results" / "logs").rglob("*.log")):
+        parts.append(f"--- {log.relative_to(workdir)}\n{log.read_text()[-2000:]}")
+    return "\n".join(parts)
+
+
+def snakemake(workdir: Path, *args: str, snakefile: Path = SNAKEFILE, check: bool = True, timeout: float = 900):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(snakefile), "--directory", str(workdir), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}\n"
+            f"{_job_logs(workdir)}"
+        )
+    return proc
+
+
+def make_workdir(path: Path, **overrides) -> Path:
+    """A run folder with `.test/config/config.yaml`, top-level keys replaced by `overrides`."""
+    cfg = yaml.safe_load(TEST_CONFIG.read_text())
+    cfg.update(overrides)
+    (path / "config").mkdir(parents=True, exist_ok=True)
+    (path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def make_dirs(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def read_results(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path).sort_values(["group", "contrast", "gene"]).reset_index(drop=True)
+
+
+def assert_same_results(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    """Same rows; numbers equal up to floating-point noise (different thread counts or gene shards)."""
+    a, b = a.drop(columns="shard", errors="ignore"), b.drop(columns="shard", errors="ignore")
+    assert list(a.columns) == list(b.columns)
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-6, atol=1e-10)
+
+
+# ---- static checks ---------------------------------------------------------------------------------------------------
+def test_snakefmt_clean():
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "snakefmt"), "--check", str(REPO / "workflow")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("config", ["config/config.yaml", ".test/config/config.yaml"])
+def test_lint_clean(tmp_path, config):
+    (tmp_path / "config").mkdir()
+    shutil.copy(REPO / config, tmp_path / "config" / "config.yaml")
+    proc = snakemake(tmp_path, "--lint", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
+
+
+def _analysis(**kw) -> dict:
+    return {"analyses": [{"name": "x", "method": "glmm", "design": "~ a", "contrast": ["a", "b", "c"], **kw}]}
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"shard": 2}, "config: unknown key 'shard'; did you mean 'shards'?"),
+        ({"shards": "many"}, "config.shards: 'many' is not of type 'integer'"),
+        (_analysis(famly="nb"), "config.analyses[0]: unknown key 'famly'; did you mean 'family'?"),
+        (_analysis(family="nbinom"), "config.analyses[0].family: 'nbinom' is not one of 'nb', 'poisson'"),
+        (_analysis(method="pseudobulk", shards=2), "config.analyses[0] (x): 'shards' applies to method glmm only"),
+        (_analysis(contrast=["a", "b"]), "config.analyses[0].contrast: must be [factor, level, reference level]"),
+    ],
+)
+def test_bad_config_fails_with_one_clear_line(tmp_path, edit, message):
+    make_workdir(tmp_path, **edit)
+    proc = snakemake(tmp_path, "-n", check=False)
+    assert proc.returncode != 0
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "invalid scmlm configuration" in line]
+    assert len(lines) == 1, proc.stdout + proc.stderr
+    assert message in lines[0]
+
+
+# ---- one full local run on .test -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory) -> Path:
+    workdir = make_workdir(tmp_path_factory.mktemp("local"))
+    snakemake(workdir, "--cores", "2")
+    return workdir
+
+
+def test_rerun_has_nothing_to_do(local_run):
+    proc = snakemake(local_run, "-n", "--cores", "2")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_results_schema_and_coverage(local_run):
+    import anndata as ad
+
+    genes = set(ad.read_h5ad(local_run / "results" / "input.h5ad", backed="r").var_names)
+    assert len(genes) == N_GENES
+    for name in ("pb", "glmm"):
+        res = pd.read_csv(local_run / "results" / name / "results.csv")
+        assert set(COLUMNS) <= set(res.columns), f"{name}: missing {set(COLUMNS) - set(res.columns)}"
+        assert set(res["group"]) == GROUPS
+        assert set(res["contrast"]) == {"condition_case_vs_ctrl"}
+        assert not res.duplicated(["gene", "group", "contrast"]).any()
+        for group, df in res.groupby("group"):
+            assert set(df["gene"]) == genes, f"{name}/{group}: genes missing from the results"
+        ok = res["status"] == "ok"
+        assert ok.sum() >= 10, f"{name}: only {ok.sum()} genes fitted"
+        assert res.loc[ok, "pvalue"].between(0, 1).all()
+        assert np.allclose(res.loc[ok, "log2fc"], res.loc[ok, "coef"] / np.log(2))
+    glmm = pd.read_csv(local_run / "results" / "glmm" / "results.csv")
+    assert {"var_donor", "var_batch"} <= set(glmm.columns)
+
+
+def test_glmm_shards_partition_genes_and_padj_is_computed_after_merging(local_run):
+    shards = sorted((local_run / "results" / "glmm" / "shards").glob("*.csv"))
+    assert [p.name for p in shards] == ["1-of-2.csv", "2-of-2.csv"]
+    tables = [pd.read_csv(p) for p in shards]
+    for i, t in enumerate(tables, start=1):
+        assert set(t["shard"]) == {f"{i}/2"}
+        assert t["padj"].isna().all(), "padj must be left to merge"
+    genes = [set(t["gene"]) for t in tables]
+    assert genes[0] and genes[1] and not genes[0] & genes[1]
+    assert len(genes[0] | genes[1]) == N_GENES
+
+    res = pd.read_csv(local_run / "results" / "glmm" / "results.csv")
+    for (group, _), df in res.groupby(["group", "contrast"]):
+        tested = df["pvalue"].notna()
+        expected = multipletests(df.loc[tested, "pvalue"], method="fdr_bh")[1]
+        np.testing.assert_allclose(df.loc[tested, "padj"], expected, rtol=1e-9, err_msg=f"group {group}")
+        assert df.loc[~tested, "padj"].isna().all()
+
+
+def test_glmm_equals_one_unsharded_cli_call(local_run, tmp_path):
+    """Splitting the input into gene shards (with the all-gene log total as offset) changes nothing."""
+    cfg = yaml.safe_load(TEST_CONFIG.read_text())
+    glmm = next(a for a in cfg["analyses"] if a["method"] == "glmm")
+    direct = tmp_path / "direct.csv"
+    cmd = ["scmlm", "de", str(local_run / "results" / "input.h5ad"), "--method", "glmm", "--family", glmm["family"]]
+    cmd += ["--design", glmm["design"], "--contrast", ":".join(glmm["contrast"]), "--groups-key", cfg["groups_key"]]
+    cmd += ["--layer", cfg["layer"], "--out", str(direct)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    assert proc.returncode == 0, proc.stderr
+    assert_same_results(read_results(local_run / "results" / "glmm" / "results.csv"), read_results(direct))
+
+
+def test_plots_and_summary(local_run):
+    for name in ("pb", "glmm"):
+        pngs = sorted(p.name for p in (local_run / "results" / name / "plots").glob("*.png"))
+        for kind in ("volcano", "pvalue_hist"):
+            for group in GROUPS:
+                assert any(p.startswith(f"{kind}__{group}__") for p in pngs), (name, kind, group, pngs)
+        for p in (local_run / "results" / name / "plots").glob("*.png"):
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = pd.read_csv(local_run / "results" / "summary.csv")
+    assert sorted(zip(summary["analysis"], summary["group"], strict=True)) == [
+        ("glmm", "type0"),
+        ("glmm", "type1"),
+        ("pb", "type0"),
+        ("pb", "type1"),
+    ]
+    assert (summary["n_genes"] == N_GENES).all()
+    res = pd.read_csv(local_run / "results" / "glmm" / "results.csv")
+    n_sig = (res.loc[res["group"] == "type0", "padj"] < 0.05).sum()
+    assert summary.set_index(["analysis", "group"]).loc[("glmm", "type0"), "n_padj_lt_0.05"] == n_sig
+
+
+def test_html_report(local_run):
+    report = local_run / "results" / "report.html"
+    snakemake(local_run, "--report", str(report))
+    html = report.read_text()
+    assert len(html) > 10_000
+    for item in ("summary.csv", "results.csv", "volcano__type0__condition_case_vs_ctrl.png", "pvalue_hist__type1"):
+        assert item in html, item
+
+
+# ---- reliability -----------------------------------------------------------------------------------------------------
+def _finished_shards(log: str) -> set[str]:
+    """Shard files of the fit_glmm jobs that Snakemake reported as finished."""
+    outputs = dict(
+        re.findall(
+            r"rule fit_glmm:\n(?:    .*\n)*?    output: \S*/(\d+-of-\d+\.csv)\n(?:    .*\n)*?    jobid: (\d+)", log
+        )
+    )
+    done = set(re.findall(r"Finished jobid: (\d+) \(Rule: fit_glmm\)", log))
+    jobs = {job: shard for shard, job in outputs.items()}
+    return {jobs[j] for j in done}
+
+
+def test_interrupted_run_resumes_without_refitting_finished_shards(tmp_path, local_run):
+    """Ctrl-C after the first GLMM shard: no partial outputs; the rerun fits only the shards that had not finished."""
+    workdir = make_workdir(tmp_path, shards=4)
+    shutil.copy(local_run / "results" / "input.h5ad", make_dirs(workdir / "results") / "input.h5ad")
+    target = "results/glmm/results.csv"
+    shard_dir = workdir / "results" / "glmm" / "shards"
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(workdir), "--cores", "1", target]
+    first_log = tmp_path / "first.log"
+    with open(first_log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while proc.poll() is None and time.monotonic() < deadline:
+                if "(Rule: fit_glmm)" in first_log.read_text():
+                    break
+                time.sleep(0.05)
+            assert proc.poll() is None, "snakemake ended before it was interrupted"
+            os.kill(proc.pid, signal.SIGINT)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    time.sleep(0.5)
+    log = first_log.read_text()
+    finished = _finished_shards(log)
+    assert 1 <= len(finished) < 4, log
+    assert not (workdir / target).exists()
+    assert not [p for p in shard_dir.iterdir() if p.suffix != ".csv"], "temporary files left behind"
+    for p in shard_dir.glob("*.csv"):  # whatever exists is a complete table
+        t = pd.read_csv(p)
+        assert len(t) == N_GENES // 4 * len(GROUPS) and t["status"].notna().all()
+    stamps = {name: (shard_dir / name).stat().st_mtime_ns for name in finished}
+
+    proc = snakemake(workdir, "--cores", "2", target)
+    log = proc.stdout + proc.stderr
+    refitted = {p.name for p in shard_dir.glob("*.csv") if stamps.get(p.name) != p.stat().st_mtime_ns}
+    assert refitted == {f"{i}-of-4.csv" for i in range(1, 5)} - finished
+    assert log.count("rule fit_glmm:") == 4 - len(finished), log
+    # 4 shards give the same table as the 2 shards of the reference run
+    assert_same_results(read_results(workdir / target), read_results(local_run / target))
+
+
+def test_failing_shard_log_names_genes_and_reason(tmp_path):
+    """A gene with no counts in a group cannot be fitted: its row says why and the shard log names it."""
+    import scipy.sparse as sp
+
+    import scmlm
+
+    sim = yaml.safe_load(TEST_CONFIG.read_text())["create_input"]["simulate"]
+    adata = scmlm.datasets.simulate(**sim)
+    counts = sp.csr_matrix(adata.layers["counts"]).tolil()
+    zero_gene = adata.var_names[7]
+    counts[:, 7] = 0
+    adata.layers["counts"] = counts.tocsr()
+    adata.X = adata.layers["counts"].copy()
+    (tmp_path / "data").mkdir()
+    adata.write_h5ad(tmp_path / "data" / "input.h5ad")
+    cfg = yaml.safe_load(TEST_CONFIG.read_text())
+    del cfg["create_input"]
+    cfg.update(input="data/input.h5ad", shards=2, analyses=[a for a in cfg["analyses"] if a["method"] == "glmm"])
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    snakemake(tmp_path, "--cores", "2", "results/glmm/results.csv")
+    res = pd.read_csv(tmp_path / "results" / "glmm" / "results.csv")
+    bad = res[res["gene"] == zero_gene]
+    assert len(bad) == 2 and (bad["status"] != "ok").all() and bad["pvalue"].isna().all()
+    holding = [p.stem for p in (tmp_path / "results" / "glmm" / "shards").glob("*.csv") if zero_gene in p.read_text()]
+    assert len(holding) == 1
+    logs = {p.name: p.read_text() for p in (tmp_path / "results" / "logs" / "glmm").glob("fit_glmm_*.log")}
+    assert len(logs) == 2
+    text = logs[f"fit_glmm_{holding[0]}.log"]
+    assert zero_gene in text, text
+    assert str(bad["status"].iloc[0]) in text, text
+
+
+# ---- module use ------------------------------------------------------------------------------------------------------
+def test_used_as_a_module(tmp_path, local_run):
+    """Another workflow imports every rule with a prefix and passes its own config (not config/config.yaml)."""
+    cfg = yaml.safe_load(TEST_CONFIG.read_text())
+    del cfg["create_input"]
+    cfg.update(input="data/cells.h5ad", outdir="scmlm_out", analyses=[a for a in cfg["analyses"] if a["name"] == "pb"])
+    (tmp_path / "data").mkdir()
+    shutil.copy(local_run / "results" / "input.h5ad", tmp_path / "data" / "cells.h5ad")
+    (tmp_path / "scmlm.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    outer = tmp_path / "Snakefile"
+    outer.write_text(
+        textwrap.dedent(
+            f"""\
+            configfile: "scmlm.yaml"
+
+            module scmlm:
+                snakefile: "{SNAKEFILE}"
+                config: config
+
+            use rule * from scmlm as scmlm_*
+
+            rule all:
+                default_target: True
+                input:
+                    rules.scmlm_all.input,
+                    "n_genes.txt",
+
+            rule count_genes:
+                input:
+                    "scmlm_out/pb/results.csv",
+                output:
+                    "n_genes.txt",
+                shell:
+                    "cut -d, -f1 {{input}} | tail -n +2 | sort -u | wc -l > {{output}}"
+            """
+        )
+    )
+    proc = snakemake(tmp_path, "--cores", "2", snakefile=outer)
+    log = proc.stdout + proc.stderr
+    for rule in ("scmlm_aggregate", "scmlm_fit_pseudobulk", "scmlm_plot", "scmlm_summary"):
+        assert f"rule {rule}:" in log, rule
+    assert not (tmp_path / "results").exists() and not (tmp_path / "config").exists()
+    ours = read_results(tmp_path / "scmlm_out" / "pb" / "results.csv")
+    assert_same_results(ours, read_results(local_run / "results" / "pb" / "results.csv"))
+    assert int((tmp_path / "n_genes.txt").read_text()) == N_GENES

@@ -1,0 +1,76 @@
+# Pseudobulk analyses: one job fits all genes of every group (the empirical-Bayes steps need all genes), padj included.
+# GLMM analyses: one job per gene shard "{i}-of-{n}" (1-based); padj is left to merge.
+
+
+rule fit_pseudobulk:
+    input:
+        out("pseudobulk.h5ad"),
+    output:
+        report(
+            out("{analysis}/results.csv"),
+            caption="../report/results.rst",
+            category="{analysis}",
+            labels={"analysis": "{analysis}", "file": "results.csv"},
+        ),
+    log:
+        out("logs/{analysis}/fit_pseudobulk.log"),
+    benchmark:
+        out("benchmarks/{analysis}/fit_pseudobulk.tsv")
+    wildcard_constraints:
+        analysis=names_regex("pseudobulk"),
+    conda:
+        "../../envs/scmlm.yaml"
+    threads: 1
+    resources:
+        mem_mb=mem_from_input(4, 2000),
+        runtime=runtime(60),
+    params:
+        args=de_args,
+    shell:
+        "scmlm -v de {input:q} {params.args} --out {output:q} > {log:q} 2>&1"
+
+
+rule split_shards:
+    input:
+        config["input"],
+    output:
+        temp(directory(out("split/{n}-shards"))),
+    log:
+        out("logs/split_{n}-shards.log"),
+    benchmark:
+        out("benchmarks/split_{n}-shards.tsv")
+    conda:
+        "../../envs/scmlm.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=runtime(120),
+    params:
+        layer=config["layer"],
+    script:
+        "../scripts/split_shards.py"
+
+
+rule fit_glmm:
+    input:
+        out("split/{n}-shards"),
+    output:
+        out("{analysis}/shards/{i}-of-{n}.csv"),
+    log:
+        out("logs/{analysis}/fit_glmm_{i}-of-{n}.log"),
+    benchmark:
+        out("benchmarks/{analysis}/fit_glmm_{i}-of-{n}.tsv")
+    wildcard_constraints:
+        analysis=names_regex("glmm"),
+    conda:
+        "../../envs/scmlm.yaml"
+    threads: 2
+    resources:
+        mem_mb=shard_mem_mb,
+        runtime=runtime(240),
+    params:
+        args=de_args,
+    shell:
+        "scmlm -v de {input:q}/{wildcards.i}-of-{wildcards.n}.h5ad {params.args}"
+        " --offset scmlm_log_total --shard {wildcards.i}/{wildcards.n}"
+        " --n-jobs {threads} --out {output:q} > {log:q} 2>&1"
