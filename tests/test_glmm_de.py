@@ -174,3 +174,41 @@ def test_all_zero_gene_gets_status_not_crash():
     assert tab.loc[0, "status"] == "all zero" and np.isnan(tab.loc[0, "pvalue"])
     assert tab.loc[1, "status"] == "too few expressing cells"
     assert len(tab) == 60
+
+
+@pytest.mark.parametrize(
+    ("design", "formula", "n_donors"),
+    [("between", DESIGN, 10), ("within", "~ condition + (1|donor)", 8)],
+)
+def test_null_calibration_through_api(design, formula, n_donors):
+    adata = scmlm.datasets.simulate(
+        n_donors=n_donors, n_cells=100, n_genes=1500, design=design, null=True, seed=12, n_batches=3
+    )
+    adata = adata[np.asarray(adata.X.sum(axis=1)).ravel() > 0].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        tab = scmlm.tl.glmm_de(adata, formula, CONTRAST, inplace=False).table
+    p = tab["pvalue"].dropna()
+    assert len(p) >= 1000
+    assert 0.035 <= (p < 0.05).mean() <= 0.06
+
+
+def test_lrt_and_groups():
+    adata = scmlm.datasets.simulate(n_donors=8, n_cells=80, n_genes=30, n_cell_types=2, seed=5)
+    adata = adata[:, adata.var["log_mu"] > -1.5].copy()
+    adata = adata[np.asarray(adata.X.sum(axis=1)).ravel() > 0].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        wald = scmlm.tl.glmm_de(adata, "~ condition + (1|donor)", CONTRAST, groups_key="cell_type", inplace=False)
+        lrt = scmlm.tl.glmm_de(
+            adata, "~ condition + (1|donor)", CONTRAST, groups_key="cell_type", test="lrt", inplace=False
+        )
+    w, r = wald.table, lrt.table
+    assert sorted(w["group"].unique()) == ["type0", "type1"]
+    for _, sub in w.groupby("group"):
+        np.testing.assert_allclose(sub["padj"], scmlm.results.bh_adjust(sub["pvalue"].to_numpy()), equal_nan=True)
+    ok = w["pvalue"].notna() & r["pvalue"].notna()
+    assert ok.sum() > 10
+    # the likelihood-ratio and Wald tests of the same contrast agree closely on these well-determined fits
+    assert np.corrcoef(np.log(w.loc[ok, "pvalue"]), np.log(r.loc[ok, "pvalue"]))[0, 1] > 0.95
+    assert (np.sign(r.loc[ok, "stat"]) == np.sign(w.loc[ok, "coef"])).all()
