@@ -26,8 +26,11 @@ numerical precision on the same data:
       ``df.prior + df.residual`` degrees of freedom (capped at the pooled residual df), with edgeR's Poisson bound
       (a chi-square Poisson LRT p-value floors the F p-value where the QL variance falls below the Poisson one).
 
-All NB GLMs of a call are fitted together: a batched Levenberg–Marquardt IRLS (edgeR's ``mglmLevenberg`` damping
-rules, one damping factor and one step control per gene, stacked normal equations solved in one LAPACK call).
+NB GLMs follow edgeR's ``mglmLevenberg`` (Levenberg–Marquardt IRLS, one damping factor and one step control per
+gene). The common case (shared library sizes, no weights, positive dispersions) runs in a compiled gene-by-gene
+kernel (:mod:`scmlm.models._edger_kernel`), which also evaluates the whole dispersion grid of ``estimateDisp`` in
+one call; other fits, and genes the kernel hands back (a damped system not positive definite), use a batched numpy
+implementation of the same rules (stacked normal equations solved in one LAPACK call).
 """
 
 from __future__ import annotations
@@ -276,6 +279,8 @@ class GLMFit:
     loglik: np.ndarray | None = None
     """Mean-dependent part of the log-likelihood (comparable between fits of the same counts, offsets and
     dispersions): ``2 * (loglik_full - loglik_null)`` is the likelihood-ratio statistic."""
+    xtwx: np.ndarray | None = None
+    """``X'WX`` at the fitted means (G × p × p; ``W = mu / (1 + phi mu)``), where the compiled kernel fitted."""
 
 
 def _per_gene(a, G: int, n: int) -> np.ndarray:
@@ -311,6 +316,94 @@ class _Design:
         self.XX = _pair_products(self.X)
         self.intercept_col = bool(self.p) and bool(np.all(self.X[:, 0] == 1.0))
         self.c_null = np.linalg.lstsq(self.X, np.ones(self.n), rcond=None)[0] if self.p else np.zeros(0)
+        # samples sorted by distinct row, for the compiled kernel
+        self.order = np.argsort(self.idx, kind="stable").astype(np.int64)
+        self.idx_sorted = np.ascontiguousarray(self.idx[self.order], dtype=np.int64)
+        self.starts = np.searchsorted(self.idx_sorted, np.arange(Xu.shape[0] + 1)).astype(np.int64)
+
+
+def _kernel_ok(d: _Design, off, w, phi: np.ndarray) -> bool:
+    """Whether :func:`_kernel_fit` applies: shared library sizes, no weights, positive finite per-gene dispersions."""
+    return (
+        off is None
+        and w is None
+        and d.p > 0
+        and d.n > 0
+        and phi.shape[1] == 1
+        and bool(np.all((phi > 0) & (phi < np.inf)))
+    )
+
+
+@dataclass
+class _KernelOut:
+    beta: np.ndarray  # G × K × p
+    kern: np.ndarray  # G × K
+    ell: np.ndarray  # G × K
+    hld: np.ndarray  # G × K (NaN: not positive definite, or not asked for)
+    n_iter: np.ndarray
+    failed: np.ndarray
+    mu: np.ndarray | None  # G × n, of the last dispersion
+    xtwx: np.ndarray | None  # G × p × p, at mu
+    bad: np.ndarray  # G: genes to refit with the numpy path
+
+
+def _kernel_fit(
+    Y: np.ndarray,
+    d: _Design,
+    lib: np.ndarray,
+    phi: np.ndarray,
+    beta0: np.ndarray,
+    *,
+    chain: bool,
+    tol: float,
+    maxit: int,
+    want_hld: bool = False,
+    want_mu: bool = False,
+    want_xtwx: bool = False,
+) -> _KernelOut:
+    """Fit every gene at the dispersions ``phi`` (G × K) with the compiled Levenberg kernel (see
+    :mod:`scmlm.models._edger_kernel`); with ``chain`` fit ``k`` starts from fit ``k - 1``, as edgeR's grid. Rows of
+    ``beta0`` that are not finite start from edgeR's null start (at ``phi[:, 0]``)."""
+    from scmlm.models._edger_kernel import levenberg_nb
+
+    G, n = Y.shape
+    K = phi.shape[1]
+    p = d.p
+    beta = np.empty((G, K, p))
+    kern = np.empty((G, K))
+    ell = np.empty((G, K))
+    hld = np.full((G, K), np.nan)
+    n_iter = np.zeros((G, K), dtype=np.int64)
+    failed = np.zeros((G, K), dtype=bool)
+    mu = np.empty((G, n) if want_mu else (0, 0))
+    xtwx = np.empty((G, p, p) if want_xtwx else (0, p, p))
+    bad = np.zeros(G, dtype=bool)
+    levenberg_nb(
+        np.ascontiguousarray(Y, dtype=float),
+        d.order,
+        np.ascontiguousarray(d.Xu, dtype=float),
+        np.ascontiguousarray(_pair_products(d.Xu)),
+        d.idx_sorted,
+        d.starts,
+        np.ascontiguousarray(np.asarray(lib, dtype=float)[d.order]),
+        np.ascontiguousarray(d.c_null, dtype=float),
+        np.ascontiguousarray(phi, dtype=float),
+        np.ascontiguousarray(beta0, dtype=float),
+        chain,
+        float(tol),
+        int(maxit),
+        want_hld,
+        beta,
+        kern,
+        ell,
+        hld,
+        n_iter,
+        failed,
+        mu,
+        xtwx,
+        bad,
+    )
+    return _KernelOut(beta, kern, ell, hld, n_iter, failed, mu if want_mu else None, xtwx if want_xtwx else None, bad)
 
 
 _BLOCK_ELEMENTS = 1 << 16  # genes are processed in blocks of about this many matrix elements (cache-sized)
@@ -455,7 +548,8 @@ def _levenberg(
             pending[q[at_opt]] = False
             qr = q[~acc & ~at_opt]
             lam_a[qr] *= 2
-            bad = lam_a[qr] / max_info[a[qr]] > 1e13
+            with np.errstate(divide="ignore", invalid="ignore"):  # NaN (non-finite weights) fails too: no endless loop
+                bad = ~(lam_a[qr] / max_info[a[qr]] <= 1e13)
             fail_a[qr[bad]] = True
             pending[qr[bad]] = False
         beta[a] = beta_a
@@ -550,26 +644,37 @@ def fit_nb_glm(
     lib, off = _offset_parts(offset, G, n)
     phi = _per_gene(dispersion, G, n)
     w = None if weights is None else _per_sample(weights, G, n)
-    beta = np.empty((G, d.p))
-    mu = np.empty((G, n))
-    kern = np.empty(G)
-    ell = np.empty(G)
-    n_iter = np.zeros(G, dtype=np.int64)
-    failed = np.zeros(G, dtype=bool)
-    for blk in _gene_blocks(G, n):
-        yb = Y[blk]
-        ob = None if off is None else off[blk]
-        wb = None if w is None else w[blk]
-        if start is None:
-            b0 = _null_start(yb, d, lib, ob, phi[blk], wb)
-        else:
-            b0 = np.array(start[blk], dtype=float, copy=True)
-            bad = ~np.all(np.isfinite(b0), axis=1)
-            if bad.any():
-                b0[bad] = _null_start(yb[bad], d, lib, None if ob is None else ob[bad], phi[blk][bad], wb)
-        st = _levenberg(yb, d, lib, ob, phi[blk], wb, b0, tol, maxit)
-        beta[blk], mu[blk], kern[blk], n_iter[blk], failed[blk] = st.beta, st.mu, st.kern, st.n_iter, st.failed
-        ell[blk] = st.ell
+    b0 = np.full((G, d.p), np.nan) if start is None else np.array(start, dtype=float, copy=True).reshape(G, d.p)
+    xtwx = None
+    if _kernel_ok(d, off, w, phi):  # null starts (rows of b0 not finite) are computed by the kernel
+        ko = _kernel_fit(Y, d, lib, phi, b0, chain=False, tol=tol, maxit=maxit, want_mu=True, want_xtwx=True)
+        beta, kern, ell, n_iter, failed = ko.beta[:, 0], ko.kern[:, 0], ko.ell[:, 0], ko.n_iter[:, 0], ko.failed[:, 0]
+        mu, xtwx = ko.mu, ko.xtwx
+        todo = np.flatnonzero(ko.bad)
+    else:
+        beta = np.empty((G, d.p))
+        mu = np.empty((G, n))
+        kern = np.empty(G)
+        ell = np.empty(G)
+        n_iter = np.zeros(G, dtype=np.int64)
+        failed = np.zeros(G, dtype=bool)
+        todo = np.arange(G)
+    for blk in _gene_blocks(todo.size, n):
+        rows = todo[blk]
+        ob = None if off is None else off[rows]
+        wb = None if w is None else w[rows]
+        b0r = b0[rows]
+        nonfinite = ~np.all(np.isfinite(b0r), axis=1)
+        if nonfinite.any():
+            b0r[nonfinite] = _null_start(
+                Y[rows][nonfinite], d, lib, None if ob is None else ob[nonfinite], phi[rows][nonfinite],
+                None if wb is None else wb[nonfinite]
+            )  # fmt: skip
+        st = _levenberg(Y[rows], d, lib, ob, phi[rows], wb, b0r, tol, maxit)
+        beta[rows], mu[rows], kern[rows], n_iter[rows], failed[rows] = st.beta, st.mu, st.kern, st.n_iter, st.failed
+        ell[rows] = st.ell
+        if xtwx is not None:
+            xtwx[rows] = _xtwx(st.mu / (1 + st.phimu), d.XX, d.p)
     zero_row = (Y.max(axis=1) < _LOW_VALUE) if n else np.ones(G, dtype=bool)
     dev = None
     if deviance:
@@ -577,7 +682,9 @@ def fit_nb_glm(
         dev[zero_row] = 0.0
     beta[zero_row] = np.nan
     mu[zero_row] = 0.0
-    return GLMFit(coef=beta, mu=mu, deviance=dev, n_iter=n_iter, failed=failed, loglik=ell)
+    if xtwx is not None:
+        xtwx[zero_row] = 0.0
+    return GLMFit(coef=beta, mu=mu, deviance=dev, n_iter=n_iter, failed=failed, loglik=ell, xtwx=xtwx)
 
 
 def _fit_deviance(Y, d: _Design, lib, off, phi, w, beta, mu, kern) -> np.ndarray:
@@ -588,19 +695,26 @@ def _fit_deviance(Y, d: _Design, lib, off, phi, w, beta, mu, kern) -> np.ndarray
     unit-deviance sum up to its 1e-8 guards. Genes with an element in edgeR's Poisson (phi < 1e-4) or gamma
     (mu phi > 1e6) branch, with weights, or not finite, use edgeR's elementwise formula.
     """
-    G, n = Y.shape
-    phib = np.broadcast_to(phi, (G, n))
-    special_rows = np.any((phib < 1e-4) | (mu * phib > 1e6), axis=1) | ~np.all(np.isfinite(beta), axis=1)
     if w is not None or phi.shape[1] != 1:
         return _deviance(Y, mu, phi, w)
-    r = 1.0 / np.where(phi > 0, phi, 1.0)
+    from scmlm.models._edger_kernel import saturated_terms
+
+    G, n = Y.shape
+    sat = np.empty(G)
+    special_rows = np.empty(G, dtype=bool)
+    saturated_terms(
+        np.ascontiguousarray(Y, dtype=float),
+        np.ascontiguousarray(phi[:, 0]),
+        np.ascontiguousarray(mu),
+        sat,
+        special_rows,
+    )
+    special_rows |= ~np.all(np.isfinite(beta), axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        ylogy = np.where(Y > 0, Y * np.log(np.where(Y > 0, Y, 1.0)), 0.0).sum(axis=1)
         sum_ylogmu = np.einsum("gi,gi->g", Y @ d.X, beta) + (
             Y @ np.log(lib) if off is None else np.sum(Y * off, axis=1)
         )
-        sat = ((Y + r) * np.log1p(phi * Y)).sum(axis=1)
-        dev = 2 * (ylogy - sum_ylogmu + kern - sat)
+        dev = 2 * (sat - sum_ylogmu + kern)
     if special_rows.any():
         dev[special_rows] = _deviance(Y[special_rows], mu[special_rows], phi[special_rows])
     return dev
@@ -619,33 +733,19 @@ def _solve_spd(A: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _fit_one_group(Y: np.ndarray, lib: np.ndarray, phi: np.ndarray, maxit: int = 50, tol: float = 1e-10) -> np.ndarray:
     """Batched one-parameter NB MLE ``log mu_gj = beta_g + log lib_j`` (edgeR's ``mglmOneGroup``: Newton from the
-    mean count/library ratio, ``maxit`` 50, step tolerance 1e-10); -inf for all-zero rows. Genes in blocks."""
+    mean count/library ratio, ``maxit`` 50, step tolerance 1e-10); -inf for all-zero rows. Compiled, gene by gene."""
+    from scmlm.models._edger_kernel import one_group_nb
+
     out = np.empty(Y.shape[0])
-    for blk in _gene_blocks(*Y.shape):
-        out[blk] = _fit_one_group_block(Y[blk], lib, phi[blk], maxit, tol)
+    one_group_nb(
+        np.ascontiguousarray(Y, dtype=float),
+        np.ascontiguousarray(lib, dtype=float),
+        np.ascontiguousarray(phi, dtype=float),
+        maxit,
+        tol,
+        out,
+    )
     return out
-
-
-def _fit_one_group_block(Y, lib, phi, maxit, tol) -> np.ndarray:
-    G, n = Y.shape
-    nonzero = Y > _LOW_VALUE
-    with np.errstate(divide="ignore"):
-        beta = np.log(np.sum(np.where(nonzero, Y / lib, 0.0), axis=1) / n)
-    ok = nonzero.any(axis=1)
-    active = ok.copy()
-    for _ in range(maxit):
-        if not active.any():
-            break
-        a = np.flatnonzero(active)
-        mu = np.exp(beta[a])[:, None] * lib
-        den = 1 + mu * phi[a]
-        dl = np.sum((Y[a] - mu) / den, axis=1)
-        info = np.sum(mu / den, axis=1)
-        step = dl / info
-        beta[a] += step
-        active[a[np.abs(step) < tol]] = False
-    beta[~ok] = -np.inf
-    return beta
 
 
 def _add_prior_count(Y: np.ndarray, lib: np.ndarray, prior_count: float) -> tuple[np.ndarray, np.ndarray]:
@@ -673,18 +773,25 @@ def ave_log_cpm(
 
 
 def _lgamma_sums(Y: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """``sum_j lgamma(y_gj + r_k)`` for every gene ``g`` and every ``r_k`` (G × K), through a sparse table of the count
-    values (an unsorted CSR matrix with one entry per count; duplicates add up in the product)."""
+    """``sum_j lgamma(y_gj + r_k)`` for every gene ``g`` and every ``r_k`` (G × K), through a table of the count
+    values: compiled passes over the counts for integer counts (the common case), else a sparse matrix with one entry
+    per count (an unsorted CSR matrix; duplicates add up in the product)."""
+    from scmlm.models._edger_kernel import count_values, table_row_sums
+
     G, n = Y.shape
-    ymax = Y.max() if Y.size else 0
-    if Y.size and ymax <= (1 << 22) and np.all(Y == np.round(Y)):
-        uniq = np.arange(int(ymax) + 1, dtype=float)
-        cols = Y.astype(np.int64).ravel()
-    else:
-        uniq, inv = np.unique(Y, return_inverse=True)
-        cols = np.asarray(inv).ravel()
+    r = np.asarray(r, dtype=float)
+    Yc = np.ascontiguousarray(Y, dtype=float)
+    present = count_values(Yc, float(1 << 22)) if Y.size else np.zeros(0, dtype=bool)
+    if present.size:
+        rowmap = np.cumsum(present) - 1
+        table = special.gammaln(np.flatnonzero(present).astype(float)[:, None] + r[None, :])
+        out = np.empty((G, r.size))
+        table_row_sums(Yc, rowmap, table, out)
+        return out
+    uniq, inv = np.unique(Y, return_inverse=True)
+    cols = np.asarray(inv).ravel()
     table = sp.csr_matrix((np.ones(G * n), cols, np.arange(0, G * n + 1, n)), shape=(G, uniq.size))
-    return table @ special.gammaln(uniq[:, None] + np.asarray(r, dtype=float)[None, :])
+    return table @ special.gammaln(uniq[:, None] + r[None, :])
 
 
 def _apl_block(
@@ -709,6 +816,38 @@ def _apl_block(
     else:
         adj = _half_logdet_ldl(_xtwx(wt, d.XX, d.p))
     return loglik - adj
+
+
+def _grid_kernel(
+    Y: np.ndarray,
+    d: _Design,
+    lib: np.ndarray,
+    disp: np.ndarray,
+    lgamma_sum: np.ndarray,
+    l0: np.ndarray,
+    grid_coef: np.ndarray | None,
+    rows: np.ndarray,
+) -> np.ndarray:
+    """APL of genes ``rows`` (counts ``Y``) on the dispersion grid with the compiled kernel, into ``l0[rows]`` (and
+    the coefficients into ``grid_coef[rows]``), each fit starting from the previous one as in edgeR. Returns the
+    (local) indices of genes left to the numpy path."""
+    G, n = Y.shape
+    beta0 = np.full((G, d.p), np.nan)  # edgeR's null start at the first dispersion
+    ko = _kernel_fit(Y, d, lib, np.tile(disp, (G, 1)), beta0, chain=True, tol=1e-6, maxit=250, want_hld=True)
+    ok = ~ko.bad
+    hld = ko.hld
+    redo = np.argwhere(np.isnan(hld) & ok[:, None])
+    for g, k in redo:  # X'WX not positive definite: edgeR's LDL' pivots
+        mu = lib * np.exp(d.X @ ko.beta[g, k])
+        hld[g, k] = _half_logdet_ldl(_xtwx((mu / (1 + disp[k] * mu))[None, :], d.XX, d.p))[0]
+    YX, y_loglib, y_sum = Y @ d.X, Y @ np.log(lib), Y.sum(axis=1)
+    r = 1.0 / disp
+    sum_ylogmu = np.einsum("gkp,gp->gk", ko.beta, YX) + y_loglib[:, None]
+    loglik = sum_ylogmu - y_sum[:, None] * np.log(r) - ko.kern + lgamma_sum - n * special.gammaln(r)
+    l0[rows[ok]] = (loglik - hld)[ok]
+    if grid_coef is not None:
+        grid_coef[rows[ok]] = ko.beta[ok]
+    return np.flatnonzero(ko.bad)
 
 
 def _half_logdet_ldl(A: np.ndarray) -> np.ndarray:
@@ -946,7 +1085,7 @@ def estimate_disp(
         nan = np.full(G, np.nan)
         return DispersionResult(np.nan, nan, nan, np.nan, np.nan, np.nan, nan, np.full((G, grid_length), np.nan), None)
     sel = Y.sum(axis=1) >= min_row_sum
-    Ys = Y[sel]
+    Ys = Y if sel.all() else Y[sel]
     Gs = Ys.shape[0]
     spline_pts = np.linspace(grid_range[0], grid_range[1], grid_length)
     spline_disp = 0.1 * 2.0**spline_pts
@@ -974,12 +1113,15 @@ def estimate_disp(
         d = _Design(Xr)
         lib_r = lib[nz]
         ones = np.ones((1, 1))
-        ygrp = Ys[np.ix_(grp, np.flatnonzero(nz))]
+        ygrp = Ys if (full and grp.size == Gs) else Ys[np.ix_(grp, np.flatnonzero(nz))]
         lg = _lgamma_sums(ygrp, np.concatenate([1.0 / spline_disp, [1.0]]))
         lg = lg[:, :-1] - lg[:, -1:]
-        for blk in _gene_blocks(grp.size, int(nz.sum())):
-            rows = grp[blk]
-            yb = ygrp[blk]
+        numpy_rows = np.arange(grp.size)
+        if _kernel_ok(d, None, None, ones):
+            numpy_rows = _grid_kernel(ygrp, d, lib_r, spline_disp, lg, l0, grid_coef if full else None, grp)
+        for blk in _gene_blocks(numpy_rows.size, int(nz.sum())):
+            rows = grp[numpy_rows[blk]]
+            yb = ygrp[numpy_rows[blk]]
             beta = _null_start(yb, d, lib_r, None, spline_disp[0] * ones, None)
             mu0 = None
             pre = (yb @ d.X, yb @ np.log(lib_r), yb.sum(axis=1))
@@ -987,7 +1129,7 @@ def estimate_disp(
                 st = _levenberg(
                     yb, d, lib_r, None, np.full((rows.size, 1), disp), None, beta.copy(), 1e-6, 250, mu0, pre[0]
                 )
-                l0[rows, i] = _apl_block(yb, d, lib_r, st, disp, lg[blk, i], pre)
+                l0[rows, i] = _apl_block(yb, d, lib_r, st, disp, lg[numpy_rows[blk], i], pre)
                 beta, mu0 = st.beta, st.mu
                 if full:
                     grid_coef[rows, i] = st.beta
@@ -1146,7 +1288,9 @@ def nb_ql(
     fit0 = fit_nb_glm(Y, X0, offset, trended, start=fit.coef @ Q0, deviance=False)
     lr = 2 * (fit.loglik - fit0.loglik)
     # genes where edgeR's deviance leaves the NB form (dispersion < 1e-4, or mu * dispersion > 1e6): its difference
-    special_rows = (trended < 1e-4) | np.any(np.maximum(fit.mu, fit0.mu) * trended[:, None] > 1e6, axis=1)
+    # (any(mu * t > 1e6) is max(mu) * t > 1e6: t > 0 and rounding is monotone; fmax skips NaN as any() does)
+    mu_max = np.fmax(np.fmax.reduce(fit.mu, axis=1), np.fmax.reduce(fit0.mu, axis=1))
+    special_rows = (trended < 1e-4) | (mu_max * trended > 1e6)
     if special_rows.any():
         sr = special_rows
         lr[sr] = _deviance(Y[sr], fit0.mu[sr], trended[sr, None]) - _deviance(Y[sr], fit.mu[sr], trended[sr, None])
@@ -1156,7 +1300,7 @@ def nb_ql(
     df2 = np.minimum(df_prior + df_res, G * (n - p))
     pval = stats.f.sf(F, df1, df2)
     if poisson_bound:
-        below = np.any((fit.mu * trended[:, None] + 1) * s2_post[:, None] < 1, axis=1)
+        below = (np.fmin.reduce(fit.mu, axis=1) * trended + 1) * s2_post < 1  # as above, with the minimum
         if below.any():
             b = np.flatnonzero(below)
             pf_ = fit_nb_glm(Y[b], X, offset, 0.0, start=fit.coef[b])
@@ -1167,8 +1311,11 @@ def nb_ql(
     est = shrunk @ Lm
     if Lm.shape[1] == 1:
         coef = est[:, 0]
-        wt = fit.mu / (1 + trended[:, None] * fit.mu)
-        xtwx = _xtwx(wt, _pair_products(X), p)
+        if fit.xtwx is not None:
+            xtwx = fit.xtwx
+        else:
+            wt = fit.mu / (1 + trended[:, None] * fit.mu)
+            xtwx = _xtwx(wt, _pair_products(X), p)
         with np.errstate(invalid="ignore"):
             try:
                 v = np.einsum(
