@@ -90,6 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("shards", nargs="+", help="shard tables written by 'scmlm de --shard i/n'")
     p.add_argument("--out", required=True)
 
+    p = sub.add_parser(
+        "hierarchy",
+        help="variance partition, ICC and shrinkage (BLUPs) for the top genes of a GLMM result → tables + PNGs",
+    )
+    p.add_argument("input", help="cell-level .h5ad (only the selected genes are loaded, streamed in row blocks)")
+    p.add_argument("--results", required=True, help="the GLMM result table of the same analysis (scmlm de/merge)")
+    p.add_argument("--design", required=True, help="the analysis design, with random terms")
+    p.add_argument("--contrast", required=True, type=_contrast)
+    p.add_argument("--family", choices=["nb", "poisson", "binomial", "gaussian"], default="nb")
+    p.add_argument("--groups-key", default=None)
+    p.add_argument("--layer", default=None)
+    p.add_argument("--n-genes", type=int, default=200, help="variance partition of the N most expressed genes")
+    p.add_argument("--n-shrinkage", type=int, default=3, help="shrinkage plots of the N most significant genes")
+    p.add_argument("--n-jobs", type=int, default=None)
+    p.add_argument("--outdir", required=True)
+
     p = sub.add_parser("plot", help="plots of a result table → PNG files")
     p.add_argument("table", help="result table (.csv)")
     p.add_argument("--outdir", required=True)
@@ -170,6 +186,9 @@ def _run(args: argparse.Namespace) -> int:
         log.info("merged %d shards → %s (%d rows)", len(tables), args.out, len(merged))
         return 0
 
+    if args.command == "hierarchy":
+        return _run_hierarchy(args)
+
     if args.command == "plot":
         from .pl._de import save_result_plots
 
@@ -181,6 +200,73 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     raise ScmlmError(f"unknown command {args.command!r}")
+
+
+def _top_genes(table, n: int, by: str, ascending: bool) -> list[str]:
+    ok = table[table["status"].isin(["ok", "singular"]) & table[by].notna()]
+    ranked = ok.sort_values(by, ascending=ascending)["gene"].astype(str)
+    return list(dict.fromkeys(ranked))[: max(n, 0)]
+
+
+def _run_hierarchy(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from . import io, pl, tl
+    from .design import parse_formula
+
+    if not parse_formula(args.design).has_random:
+        raise ScmlmError(f"design {args.design!r} has no random terms; the hierarchy needs e.g. '(1|donor)'.")
+    table = _read_table(args.results)
+    vp_genes = _top_genes(table, args.n_genes, "base_mean", ascending=False)
+    re_genes = _top_genes(table, args.n_shrinkage, "pvalue", ascending=True)
+    if not vp_genes:
+        raise ScmlmError(f"{args.results!r} has no fitted gene (status ok or singular) to describe.")
+    outdir = Path(args.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    genes = list(dict.fromkeys(vp_genes + re_genes))
+    adata = io.read_genes(args.input, genes, layer=args.layer)
+    offset = io.LOG_TOTAL if args.family != "gaussian" else None
+    log.info("hierarchy: variance partition of %d genes, shrinkage of %d, %d cells", len(vp_genes), len(re_genes),
+             adata.n_obs)  # fmt: skip
+    vp = tl.variance_partition(
+        adata[:, vp_genes].copy(), args.design, family=args.family, offset=offset, groups_key=args.groups_key,
+        n_jobs=args.n_jobs, inplace=False,
+    )  # fmt: skip
+    io.write_csv(vp.rename_axis("gene").reset_index(), outdir / "variance_partition.csv")
+    groups = [None] if args.groups_key is None else sorted(vp["group"].astype(str).unique())
+    written = [outdir / "variance_partition.csv"]
+    for g in groups:
+        suffix = "" if g is None else "__" + "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in g)
+        sub = vp if g is None else vp[vp["group"].astype(str) == g]
+        for kind, func in (("variance_partition", pl.variance_partition), ("icc", pl.icc)):
+            path = outdir / f"{kind}{suffix}.png"
+            ax = func(sub, show=False, save=path)
+            plt.close(ax.get_figure())
+            written.append(path)
+    if re_genes:
+        re_data = adata[:, re_genes].copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            tl.glmm_de(
+                re_data, args.design, args.contrast, family=args.family, offset=offset, groups_key=args.groups_key,
+                min_cells_expressing=1,
+            )  # fmt: skip
+        re = tl.random_effects(re_data, genes=re_genes, inplace=False)
+        io.write_csv(re, outdir / "random_effects.csv")
+        written.append(outdir / "random_effects.csv")
+        term = re["term"].iloc[0] if len(re) else None
+        for (gene, group), _ in re[re["term"] == term].groupby(["gene", "group"], sort=False):
+            safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{gene}__{group}")
+            path = outdir / f"shrinkage__{safe}.png"
+            ax = pl.shrinkage(re, gene, term=term, group=group, show=False, save=path)
+            plt.close(ax.get_figure())
+            written.append(path)
+    for path in written:
+        log.info("wrote %s", path)
+    return 0
 
 
 def _run_de(args: argparse.Namespace) -> int:

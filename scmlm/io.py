@@ -13,7 +13,10 @@ import pandas as pd
 
 from ._errors import InputError
 
-__all__ = ["atomic_path", "read", "write_csv", "write_h5ad"]
+__all__ = ["atomic_path", "read", "read_genes", "write_csv", "write_h5ad"]
+
+LOG_TOTAL = "scmlm_log_total"
+"""obs column with each cell's log total count over all genes (the GLMM offset when only some genes are loaded)."""
 
 
 @contextlib.contextmanager
@@ -79,3 +82,77 @@ def read(path: str | os.PathLike, *, backed: bool = False) -> ad.AnnData:
         f"cannot read {str(path)!r}: expected an .h5ad file, a 10x .h5 file or a folder with matrix.mtx; "
         "convert other formats with anndata/scanpy first."
     )
+
+
+def read_genes(
+    path: str | os.PathLike, genes, *, layer: str | None = None, block_nnz: int = 20_000_000
+) -> ad.AnnData:
+    """Load only some genes of an h5ad, streaming row blocks, with the all-gene log totals in ``obs``.
+
+    Memory is bounded by the selected genes' counts plus one row block. ``obs["scmlm_log_total"]`` holds the log of
+    each cell's total over *all* genes of the layer (kept if the file already has it), so that
+    ``scmlm.tl.glmm_de(..., offset="scmlm_log_total")`` on the subset equals the default ``offset="log_total"`` on the
+    whole matrix.
+
+    Parameters
+    ----------
+    path
+        ``.h5ad`` file with cells in rows (CSR sparse or dense ``X``/layer).
+    genes
+        Gene names to keep (in this order).
+    layer
+        Layer with the counts; ``None`` reads ``X``. The result holds them in ``.X``.
+    block_nnz
+        Stored entries per streamed row block.
+    """
+    import h5py
+    import numpy as np
+    import scipy.sparse as sp
+    from anndata.io import read_elem, sparse_dataset
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"input file {str(path)!r} does not exist.")
+    with h5py.File(path, "r") as f:
+        obs, var = read_elem(f["obs"]), read_elem(f["var"])
+        key = "X" if layer is None else f"layers/{layer}"
+        if key not in f:
+            have = sorted(f["layers"].keys()) if "layers" in f else []
+            raise InputError(f"layer {layer!r} is not in {str(path)!r}; available layers: {have}.")
+        names = [str(g) for g in genes]
+        pos = var.index.get_indexer(names)
+        missing = [g for g, q in zip(names, pos, strict=True) if q < 0]
+        if missing:
+            raise InputError(f"genes not in {str(path)!r}: {missing[:10]}{' …' if len(missing) > 10 else ''}.")
+        n_obs, n_vars = len(obs), len(var)
+        elem = f[key]
+        blocks, totals = [], np.zeros(n_obs)
+        if isinstance(elem, h5py.Dataset):
+            step = max(1, block_nnz // max(1, n_vars))
+            ranges = [(s, min(n_obs, s + step)) for s in range(0, n_obs, step)]
+            for a, b in ranges:
+                dense = elem[a:b]
+                totals[a:b] = dense.sum(axis=1)
+                blocks.append(sp.csr_matrix(dense[:, pos]))
+        else:
+            ds = sparse_dataset(elem)
+            if ds.format != "csr":
+                m = sp.csr_matrix(ds.to_memory())
+                totals[:] = np.asarray(m.sum(axis=1)).ravel()
+                blocks.append(m[:, pos])
+            else:
+                indptr = elem["indptr"][...]
+                a = 0
+                while a < n_obs:
+                    b = int(np.searchsorted(indptr, indptr[a] + block_nnz, side="right")) - 1
+                    b = min(n_obs, max(b, a + 1))
+                    block = ds[a:b]
+                    totals[a:b] = np.asarray(block.sum(axis=1), dtype=float).ravel()
+                    blocks.append(block[:, pos])
+                    a = b
+    X = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((n_obs, len(pos)))
+    obs = obs.copy()
+    if LOG_TOTAL not in obs:
+        with np.errstate(divide="ignore"):
+            obs[LOG_TOTAL] = np.log(totals)
+    return ad.AnnData(X=X, obs=obs, var=var.iloc[pos].copy())

@@ -35,3 +35,19 @@ def test_write_h5ad_round_trip(tmp_path):
     assert back.shape == adata.shape
     with pytest.raises(scmlm.InputError, match="does not exist"):
         io.read(tmp_path / "nope.h5ad")
+
+
+def test_read_genes_streams_a_subset_with_all_gene_offsets(tmp_path):
+    import numpy as np
+
+    adata = scmlm.datasets.simulate(n_donors=3, n_cells=40, n_genes=30, seed=4)
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    genes = ["g00007", "g00002", "g00020"]
+    sub = io.read_genes(tmp_path / "a.h5ad", genes, layer="counts", block_nnz=50)
+    assert list(sub.var_names) == genes
+    np.testing.assert_array_equal(sub.X.toarray(), adata[:, genes].layers["counts"].toarray())
+    np.testing.assert_allclose(sub.obs[io.LOG_TOTAL], np.log(np.asarray(adata.X.sum(axis=1)).ravel()))
+    with pytest.raises(scmlm.InputError, match="genes not in"):
+        io.read_genes(tmp_path / "a.h5ad", ["nope"])
+    with pytest.raises(scmlm.InputError, match="layer 'raw' is not in"):
+        io.read_genes(tmp_path / "a.h5ad", genes, layer="raw")

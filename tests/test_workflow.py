@@ -224,12 +224,37 @@ def test_plots_and_summary(local_run):
     assert summary.set_index(["analysis", "group"]).loc[("glmm", "type0"), "n_padj_lt_0.05"] == n_sig
 
 
+def test_hierarchy_step(local_run):
+    """GLMM analyses also describe the hierarchy: variance partition + ICC (top genes) and shrinkage plots."""
+    hier = local_run / "results" / "glmm" / "hierarchy"
+    vp = pd.read_csv(hier / "variance_partition.csv")
+    assert set(vp["group"]) == set(GROUPS)
+    ok = vp["converged"]
+    parts = vp.loc[ok, ["donor", "batch", "fixed", "residual"]]
+    assert ok.sum() > 0 and np.allclose(parts.sum(axis=1), 1.0)
+    re_ = pd.read_csv(hier / "random_effects.csv")
+    assert {"blup", "unpooled", "blup_se", "n_cells"} <= set(re_.columns)
+    names = sorted(p.name for p in hier.glob("*.png"))
+    for group in GROUPS:
+        assert f"variance_partition__{group}.png" in names and f"icc__{group}.png" in names
+        assert any(n.startswith("shrinkage__") and n.endswith(f"__{group}.png") for n in names), names
+    assert not (local_run / "results" / "pb" / "hierarchy").exists()  # pseudobulk analyses have no random terms
+
+
 def test_html_report(local_run):
     report = local_run / "results" / "report.html"
     snakemake(local_run, "--report", str(report))
     html = report.read_text()
     assert len(html) > 10_000
-    for item in ("summary.csv", "results.csv", "volcano__type0__condition_case_vs_ctrl.png", "pvalue_hist__type1"):
+    for item in (
+        "summary.csv",
+        "results.csv",
+        "volcano__type0__condition_case_vs_ctrl.png",
+        "pvalue_hist__type1",
+        "variance_partition__type0.png",
+        "icc__type1.png",
+        "shrinkage__",
+    ):
         assert item in html, item
 
 

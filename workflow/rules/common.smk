@@ -158,6 +158,25 @@ def plot_args(wildcards):
     return shlex.join(arg for kind in config["plots"] for arg in ("--kind", kind))
 
 
+def hierarchy_genes(name):
+    """Genes of a GLMM analysis described by the hierarchy step (0: no hierarchy step)."""
+    a = ANALYSES[name]
+    return int(a.get("hierarchy_genes", 200)) if a["method"] == "glmm" else 0
+
+
+def hierarchy_args(wildcards):
+    a = ANALYSES[wildcards.analysis]
+    args = ["--design", a["design"], "--contrast", ":".join(a["contrast"])]
+    args += ["--family", a.get("family", "nb")]
+    if config["groups_key"]:
+        args += ["--groups-key", config["groups_key"]]
+    if config["layer"]:
+        args += ["--layer", config["layer"]]
+    args += ["--n-genes", str(hierarchy_genes(wildcards.analysis))]
+    args += ["--n-shrinkage", str(int(a.get("shrinkage_genes", 3)))]
+    return shlex.join(args)
+
+
 # ---- resources ----------------------------------------------------------------------------------------------------
 # Defaults sized from the input and doubled on each retry (`--retries`); override per rule with --set-resources or in
 # a profile (see workflow/profiles/slurm).
@@ -190,4 +209,6 @@ def final_outputs():
     targets = [out("summary.csv")]
     for name in ANALYSES:
         targets += [out(name, "results.csv"), out(name, "plots")]
+        if hierarchy_genes(name) > 0:
+            targets.append(out(name, "hierarchy"))
     return targets
