@@ -84,9 +84,7 @@ def read(path: str | os.PathLike, *, backed: bool = False) -> ad.AnnData:
     )
 
 
-def read_genes(
-    path: str | os.PathLike, genes, *, layer: str | None = None, block_nnz: int = 20_000_000
-) -> ad.AnnData:
+def read_genes(path: str | os.PathLike, genes, *, layer: str | None = None, block_nnz: int = 20_000_000) -> ad.AnnData:
     """Load only some genes of an h5ad, streaming row blocks, with the all-gene log totals in ``obs``.
 
     Memory is bounded by the selected genes' counts plus one row block. ``obs["scmlm_log_total"]`` holds the log of

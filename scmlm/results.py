@@ -77,6 +77,15 @@ class DEResult:
     def to_uns(self, adata, key: str) -> None:
         adata.uns[key] = {"params": _uns_safe(self.params), "results": self.table}
 
+    def deliver(self, adata, key_added: str, *, inplace: bool, copy: bool):
+        """What a tool returns, by the shared convention: the result (``inplace=False``), the modified copy
+        (``copy=True``), or ``None`` after writing ``adata.uns[key_added]``."""
+        if not inplace and not copy:
+            return self
+        target = adata.copy() if copy else adata
+        self.to_uns(target, key_added)
+        return target if copy else None
+
     def summary(self) -> pd.Series:
         return self.table["status"].value_counts()
 

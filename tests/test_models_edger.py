@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import statsmodels.api as sm
-from helpers import read_reference_table
+from helpers import null_pseudobulk, read_reference_table, reference_pseudobulk, unit_contrast
 from scipy import stats
 from threadpoolctl import threadpool_limits
 
@@ -29,33 +28,6 @@ from scmlm.models._edger import (
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers shared with test_models_limma.py (kept local: test modules do not import each other)
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def pseudobulk(adata, scenario: str):
-    """Genes × samples summed counts, design matrix and its column names, as run_pseudobulk.R builds them."""
-    obs = adata.obs
-    donor = obs["donor"].astype(str).to_numpy()
-    cond = obs["condition"].astype(str).to_numpy()
-    key = np.char.add(np.char.add(donor, ":"), cond) if scenario == "within" else donor
-    levels, codes = np.unique(key, return_inverse=True)
-    agg = sp.csr_matrix((np.ones(key.size), (codes, np.arange(key.size))), shape=(levels.size, key.size))
-    counts = np.asarray((agg @ adata.X).T.todense())
-    first = np.array([np.flatnonzero(codes == k)[0] for k in range(levels.size)])
-    s_donor, s_batch, s_cond = donor[first], obs["batch"].astype(str).to_numpy()[first], cond[first]
-    cols, names = [np.ones(levels.size)], ["(Intercept)"]
-    factor, prefix = (s_donor, "donor") if scenario == "within" else (s_batch, "batch")
-    for lev in np.unique(factor)[1:]:
-        cols.append((factor == lev).astype(float))
-        names.append(f"{prefix}{lev}")
-    cols.append((s_cond == "case").astype(float))
-    names.append("conditioncase")
-    return counts, np.column_stack(cols), names
-
-
-def unit_contrast(names, name="conditioncase"):
-    L = np.zeros(len(names))
-    L[names.index(name)] = 1.0
-    return L
 
 
 def agreement(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
@@ -76,7 +48,7 @@ def agreement(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 def edger_case(request, sim_between, sim_within):
     scenario = request.param
     adata = sim_between if scenario == "between" else sim_within
-    counts, X, names = pseudobulk(adata, scenario)
+    counts, X, names, _ = reference_pseudobulk(adata, scenario)
     ref = read_reference_table(f"sim_{scenario}_small", "pb_edgeR_QL").reindex(adata.var_names)
     keep = filter_by_expr(counts, design=X)
     y = counts[keep]
@@ -97,7 +69,7 @@ def test_filter_by_expr_matches_limma_voom_gene_set(sim_between, sim_within):
         ("sim_between_small", sim_between, "between"),
         ("sim_within_small", sim_within, "within"),
     ):
-        counts, X, _ = pseudobulk(adata, scenario)
+        counts, X, _, _ = reference_pseudobulk(adata, scenario)
         ref = read_reference_table(name, "pb_limma_voom").reindex(adata.var_names)
         assert np.array_equal(filter_by_expr(counts, design=X), ref["logFC"].notna().to_numpy())
 
@@ -229,7 +201,7 @@ def test_filter_by_expr_group_rules():
 
 @pytest.fixture(scope="module")
 def small_case(sim_between):
-    counts, X, names = pseudobulk(sim_between, "between")
+    counts, X, names, _ = reference_pseudobulk(sim_between, "between")
     y = counts[filter_by_expr(counts, design=X)]
     return y, X, names, tmm_factors(y)
 
@@ -274,21 +246,9 @@ def test_multi_column_contrast_is_an_f_test(small_case):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def null_pseudobulk(design: str, seed: int):
-    """Null NB pseudobulk from scmlm.datasets.simulate (10 donors case-control in 3 batches, or 8 donors with both
-    conditions), summed per donor (× condition)."""
-    from scmlm.datasets import simulate
-
-    if design == "between":
-        adata = simulate(n_donors=10, n_cells=200, n_genes=3000, n_batches=3, design="between", null=True, seed=seed)
-    else:
-        adata = simulate(n_donors=8, n_cells=200, n_genes=3000, n_batches=2, design="within", null=True, seed=seed)
-    return pseudobulk(adata, design)
-
-
 @pytest.mark.parametrize("design", ["between", "within"])
 def test_nb_ql_calibrated_on_null(design):
-    counts, X, names = null_pseudobulk(design, seed=11)
+    counts, X, names, _ = null_pseudobulk(design, seed=11)
     keep = filter_by_expr(counts, design=X)
     y = counts[keep]
     assert y.shape[0] >= 2000

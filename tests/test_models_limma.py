@@ -5,42 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
-from helpers import read_reference_table
+from helpers import null_pseudobulk, read_reference_table, reference_pseudobulk, unit_contrast
 from scipy import stats
 from threadpoolctl import threadpool_limits
 
 from scmlm.models._edger import filter_by_expr, tmm_factors
 from scmlm.models._limma import fit_f_dist, fit_f_dist_robustly, lowess, squeeze_var, voom_limma
 from scmlm.models._random import intercept_term
-
-
-def pseudobulk(adata, scenario: str):
-    """Genes × samples summed counts, design matrix and its column names, as run_pseudobulk.R builds them."""
-    obs = adata.obs
-    donor = obs["donor"].astype(str).to_numpy()
-    cond = obs["condition"].astype(str).to_numpy()
-    key = np.char.add(np.char.add(donor, ":"), cond) if scenario == "within" else donor
-    levels, codes = np.unique(key, return_inverse=True)
-    agg = sp.csr_matrix((np.ones(key.size), (codes, np.arange(key.size))), shape=(levels.size, key.size))
-    counts = np.asarray((agg @ adata.X).T.todense())
-    first = np.array([np.flatnonzero(codes == k)[0] for k in range(levels.size)])
-    s_donor, s_batch, s_cond = donor[first], obs["batch"].astype(str).to_numpy()[first], cond[first]
-    cols, names = [np.ones(levels.size)], ["(Intercept)"]
-    factor, prefix = (s_donor, "donor") if scenario == "within" else (s_batch, "batch")
-    for lev in np.unique(factor)[1:]:
-        cols.append((factor == lev).astype(float))
-        names.append(f"{prefix}{lev}")
-    cols.append((s_cond == "case").astype(float))
-    names.append("conditioncase")
-    return counts, np.column_stack(cols), names, s_donor
-
-
-def unit_contrast(names, name="conditioncase"):
-    L = np.zeros(len(names))
-    L[names.index(name)] = 1.0
-    return L
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # against limma
@@ -51,7 +22,7 @@ def unit_contrast(names, name="conditioncase"):
 def limma_case(request, sim_between, sim_within):
     scenario = request.param
     adata = sim_between if scenario == "between" else sim_within
-    counts, X, names, _ = pseudobulk(adata, scenario)
+    counts, X, names, _ = reference_pseudobulk(adata, scenario)
     ref = read_reference_table(f"sim_{scenario}_small", "pb_limma_voom").reindex(adata.var_names)
     keep = filter_by_expr(counts, design=X)
     y = counts[keep]
@@ -126,7 +97,7 @@ def test_empirical_bayes_matches_limma():
 
 @pytest.fixture(scope="module")
 def between_counts(sim_between):
-    counts, X, names, donors = pseudobulk(sim_between, "between")
+    counts, X, names, donors = reference_pseudobulk(sim_between, "between")
     y = counts[filter_by_expr(counts, design=X)]
     return y, X, names, tmm_factors(y)
 
@@ -149,16 +120,6 @@ def test_contrasts(between_counts):
     assert np.all((two.pvalue > 0) & (two.pvalue <= 1))
 
 
-def null_pseudobulk(design: str, seed: int):
-    from scmlm.datasets import simulate
-
-    if design == "between":
-        adata = simulate(n_donors=10, n_cells=200, n_genes=3000, n_batches=3, design="between", null=True, seed=seed)
-    else:
-        adata = simulate(n_donors=8, n_cells=200, n_genes=3000, n_batches=2, design="within", null=True, seed=seed)
-    return pseudobulk(adata, design)
-
-
 @pytest.mark.parametrize("design", ["between", "within"])
 def test_voom_calibrated_on_null(design):
     counts, X, names, _ = null_pseudobulk(design, seed=11)
@@ -179,7 +140,7 @@ def test_voom_calibrated_on_null(design):
 def test_dream_within_donor_design(sim_within):
     """``~ condition + (1|donor)`` on the within-donor pseudobulk: estimates close to limma's donor-fixed-effect fit
     (the condition contrast is within donors, so both designs estimate it from the same differences)."""
-    counts, X, names, donors = pseudobulk(sim_within, "within")
+    counts, X, names, donors = reference_pseudobulk(sim_within, "within")
     keep = filter_by_expr(counts, design=X)
     y = counts[keep][:80]
     nf = tmm_factors(counts[keep])

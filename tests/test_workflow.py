@@ -21,25 +21,12 @@ import pytest
 import yaml
 from statsmodels.stats.multitest import multipletests
 
+from scmlm import results as scmlm_results
+
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "workflow" / "Snakefile"
 TEST_CONFIG = REPO / ".test" / "config" / "config.yaml"
-COLUMNS = [
-    "gene",
-    "group",
-    "contrast",
-    "coef",
-    "log2fc",
-    "se",
-    "stat",
-    "df",
-    "pvalue",
-    "padj",
-    "base_mean",
-    "method",
-    "converged",
-    "status",
-]
+COLUMNS = scmlm_results.COLUMNS
 GROUPS = {"type0", "type1"}
 N_GENES = 40
 

@@ -231,12 +231,7 @@ def gee_de(
         "df_rule": "n_clusters - n_coefficients_constant_within_clusters",
         "scmlm_version": __version__,
     }
-    res = DEResult(table=table, params=params)
-    if not inplace and not copy:
-        return res
-    target = adata.copy() if copy else adata
-    res.to_uns(target, key_added)
-    return target if copy else None
+    return DEResult(table=table, params=params).deliver(adata, key_added, inplace=inplace, copy=copy)
 
 
 # ---------------------------------------------------------------- validation and shared work

@@ -209,12 +209,7 @@ def glmm_de(
         "shard": "" if shard_t is None else f"{shard_t[0]}/{shard_t[1]}",
         "scmlm_version": __version__,
     }
-    res = DEResult(table=table, params=params)
-    if not inplace and not copy:
-        return res
-    target = adata.copy() if copy else adata
-    res.to_uns(target, key_added)
-    return target if copy else None
+    return DEResult(table=table, params=params).deliver(adata, key_added, inplace=inplace, copy=copy)
 
 
 def gene_columns(matrix, gene_idx: np.ndarray):

@@ -130,12 +130,7 @@ def pseudobulk_de(
         "filter_genes": bool(filter_genes),
         "scmlm_version": __version__,
     }
-    res = DEResult(table=table, params=params)
-    if not inplace and not copy:
-        return res
-    target = pb.copy() if copy else pb
-    res.to_uns(target, key_added)
-    return target if copy else None
+    return DEResult(table=table, params=params).deliver(pb, key_added, inplace=inplace, copy=copy)
 
 
 def _failed_group(pb, group, contrast, method, status) -> pd.DataFrame:
