@@ -9,6 +9,7 @@ two BLAS threads on a 2-core machine, the small dense solves of a mixed model ra
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,6 +17,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from ._settings import settings
+
+PROGRESS_MIN_GENES = 5000
+"""Runs with at least this many genes show a progress bar on an interactive terminal."""
 
 
 def resolve_n_jobs(n_jobs: int | None) -> int:
@@ -58,8 +62,13 @@ def run_chunks(
 ) -> list[Any]:
     """Apply ``fit_chunk`` to the gene blocks of ``matrix`` (cells × genes); returns the results in block order."""
     n = resolve_n_jobs(n_jobs)
-    show = settings.verbosity >= 2 if progress is None else progress
     total = int(sum(len(c) for c in chunks))
+    if progress is None:
+        # verbosity 2 always; otherwise only for long runs on an interactive terminal (not in logs or tests)
+        long_run = total >= PROGRESS_MIN_GENES and settings.verbosity >= 1 and sys.stderr.isatty()
+        show = settings.verbosity >= 2 or long_run
+    else:
+        show = progress
     bar = None
     if show:
         from tqdm.auto import tqdm

@@ -59,3 +59,13 @@ def test_merge_recomputes_bh_over_all_genes_and_refuses_incomplete():
         merge_shards([shards[0], shards[0], shards[1], shards[2]])
     with pytest.raises(InputError, match="no 'shard' column"):
         merge_shards([_table(genes, "A", p)])
+
+
+def test_engine_progress_bar_and_order(capsys):
+    from scmlm.engine import gene_chunks, run_chunks
+
+    Y = np.arange(30, dtype=float).reshape(3, 10)
+    chunks = gene_chunks(10, 4)
+    out = run_chunks(lambda block: block.sum(axis=0), Y, chunks, progress=True, desc="genes")
+    np.testing.assert_array_equal(np.concatenate(out), Y.sum(axis=0))
+    assert "10/10" in capsys.readouterr().err
