@@ -42,6 +42,8 @@ def main(outdir: str = "demo_results") -> int:
             n_sig = t[t["padj"] < 0.05].groupby("group").size().to_dict()
             print(f"  {name:5s} results: {table}   (genes at padj < 0.05 per cell type: {n_sig or 'none'})")
             print(f"  {name:5s} plots  : {out / name / 'plots'}")
+            if (out / name / "hierarchy").exists():
+                print(f"  {name:5s} hierarchy (variance partition, ICC, shrinkage): {out / name / 'hierarchy'}")
     print(f"  summary      : {out / 'summary.csv'}")
     print(f"  HTML report  : {out / 'report.html'}")
     return 0
