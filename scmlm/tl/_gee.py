@@ -53,6 +53,7 @@ from .._version import __version__
 from ..design import build_design, contrast_label
 from ..engine import gene_chunks, run_chunks
 from ..results import DEResult, finalize_table
+from ._common import cell_groups, cell_offset, fit_groups, gene_indices
 
 _FAMILIES = ("nb", "poisson", "binomial")
 _SMALL_SAMPLE = ("kc", "md", "none")
@@ -160,8 +161,8 @@ def gee_de(
     check_obs_keys(adata, [groups_key], what="groups_key")
     matrix = get_matrix(adata, layer)
     check_counts(matrix, layer)
-    off_all = _offsets(adata, matrix, offset, layer)
-    gene_idx = _gene_indices(adata, genes)
+    off_all = cell_offset(adata, matrix, offset, layer)
+    gene_idx = gene_indices(adata, genes)
 
     full = build_design(adata.obs, design, check_rank=groups_key is None)
     if full.parsed.has_random:
@@ -173,47 +174,17 @@ def gee_de(
         )
     if groups_key is None:
         _contrast_matrix(full, contrast)  # clear errors before any fitting
-        cell_groups = [(None, np.arange(adata.n_obs))]
-    else:
-        codes, levels = category_codes(adata.obs[groups_key])
-        cell_groups = [(str(lev), np.flatnonzero(codes == k)) for k, lev in enumerate(levels)]
 
-    tables, failed = [], {}
-    for name, rows in cell_groups:
-        try:
-            tables.append(
-                _fit_group(
-                    adata,
-                    matrix,
-                    off_all,
-                    rows,
-                    gene_idx,
-                    name,
-                    design,
-                    contrast,
-                    groups=groups,
-                    family=family,
-                    min_cells=int(min_cells_expressing),
-                    small_sample=small_sample,
-                    n_jobs=n_jobs,
-                )
-            )
-        except DesignError as err:
-            if groups_key is None:
-                raise
-            failed[name] = str(err)
-            tables.append(_failed_rows(adata.var_names[gene_idx], name, _label(contrast), f"not estimable: {err}"))
-    if groups_key is not None and len(failed) == len(cell_groups):
-        raise DesignError(
-            f"the design cannot be fitted in any group of {groups_key!r}; e.g.: {next(iter(failed.values()))}"
-        )
-    if failed:
-        warnings.warn(
-            f"gee_de: {len(failed)} group(s) of {groups_key!r} could not be fitted and have status 'not estimable': "
-            f"{_fmt_list(failed)}.",
-            UserWarning,
-            stacklevel=2,
-        )
+    def fit(name, rows):
+        return _fit_group(
+            adata, matrix, off_all, rows, gene_idx, name, design, contrast, groups=groups, family=family,
+            min_cells=int(min_cells_expressing), small_sample=small_sample, n_jobs=n_jobs,
+        )  # fmt: skip
+
+    def not_estimable(name, err):
+        return _failed_rows(adata.var_names[gene_idx], name, _label(contrast), f"not estimable: {err}")
+
+    tables = fit_groups(cell_groups(adata, groups_key), fit, not_estimable, groups_key=groups_key, tool="gee_de")
     table = finalize_table(pd.concat(tables, ignore_index=True))
     params = {
         "tool": "gee_de",
@@ -235,48 +206,6 @@ def gee_de(
 
 
 # ---------------------------------------------------------------- validation and shared work
-
-
-def _offsets(adata: ad.AnnData, matrix, offset: str | None, layer: str | None) -> np.ndarray | None:
-    if offset is None:
-        return None
-    if not isinstance(offset, str):
-        raise InputError(f"offset must be 'log_total', an obs column name or None, got {offset!r}.")
-    if offset == "log_total":
-        totals = np.asarray(matrix.sum(axis=1)).ravel().astype(float)
-        zero = np.flatnonzero(totals <= 0)
-        if zero.size:
-            where = "adata.X" if layer is None else f"layer {layer!r}"
-            raise InputError(
-                f"{zero.size} cell(s) have zero total counts in {where} (e.g. {_fmt_list(adata.obs_names[zero[:5]])}),"
-                " so offset='log_total' is undefined; remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1)."
-            )
-        return np.log(totals)
-    check_obs_keys(adata, [offset], what="offset")
-    col = adata.obs[offset]
-    if not pd.api.types.is_numeric_dtype(col):
-        raise InputError(
-            f"offset column {offset!r} must be numeric (the offset on the link scale, e.g. log size factors), but it "
-            f"has dtype {col.dtype}."
-        )
-    off = col.to_numpy(dtype=float)
-    if not np.all(np.isfinite(off)):
-        raise InputError(f"offset column {offset!r} holds non-finite values; it is added on the link (log) scale.")
-    return off
-
-
-def _gene_indices(adata: ad.AnnData, genes: Sequence[str] | None) -> np.ndarray:
-    if genes is None:
-        return np.arange(adata.n_vars)
-    if isinstance(genes, str):
-        genes = [genes]
-    genes = [str(g) for g in genes]
-    unknown = [g for g in genes if g not in adata.var_names]
-    if unknown:
-        raise InputError(f"gene(s) {_fmt_list(unknown)} are not in adata.var_names.")
-    if not genes:
-        raise InputError("genes is empty; pass None to fit all genes.")
-    return adata.var_names.get_indexer(genes)
 
 
 def _is_multi(contrast) -> bool:

@@ -11,12 +11,22 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._errors import DesignError, InputError, _fmt_list
-from .._validate import category_codes, check_counts, check_obs_keys, check_unique_names, get_matrix
+from .._errors import InputError, _fmt_list
+from .._validate import check_counts, check_obs_keys, check_unique_names, get_matrix
 from .._version import __version__
 from ..design import build_design, contrast_label
 from ..engine import gene_chunks, run_chunks
 from ..results import DEResult, finalize_table, parse_shard, shard_indices
+from ._common import (
+    cell_groups,
+    cell_offset,
+    cell_rows,
+    check_finite,
+    fit_groups,
+    gene_columns,
+    gene_indices,
+    residual_variance,
+)
 
 _FAMILIES = ("nb", "poisson", "binomial", "gaussian")
 
@@ -123,10 +133,10 @@ def glmm_de(
     check_obs_keys(adata, [groups_key, trials])
     matrix = get_matrix(adata, layer)
     if family == "gaussian":
-        _check_finite(matrix, layer)
+        check_finite(matrix, layer)
     else:
         check_counts(matrix, layer)
-    off = _offset(adata, matrix, offset, layer)  # over all genes of the layer, before any gene selection
+    off = cell_offset(adata, matrix, offset, layer)  # over all genes of the layer, before any gene selection
     trial_vec = None
     if trials is not None:
         trial_vec = adata.obs[trials].to_numpy(dtype=float)
@@ -143,57 +153,33 @@ def glmm_de(
     if groups_key is None:
         full.contrast(contrast)
 
-    gene_idx = _gene_selection(adata, genes)
+    gene_idx = gene_indices(adata, genes)
     shard_t = parse_shard(shard)
     gene_idx = gene_idx[shard_indices(gene_idx.size, shard_t)]
     matrix = gene_columns(matrix, gene_idx)  # CSC (or dense) of the selected genes only, in gene_idx order
 
-    if groups_key is None:
-        groups = [("all", np.arange(adata.n_obs))]
-    else:
-        codes, levels = category_codes(adata.obs[groups_key])
-        groups = [(str(lev), np.flatnonzero(codes == k)) for k, lev in enumerate(levels)]
+    def fit(name, rows):
+        return _fit_group(
+            adata, matrix, rows, gene_idx, "all" if name is None else name, design, contrast, family=family,
+            offset=off, trials=trial_vec, min_cells_expressing=min_cells_expressing, method=method, test=test,
+            n_jobs=n_jobs, kernel=_glmm,
+        )  # fmt: skip
 
-    tables, failed = [], {}
-    for name, rows in groups:
-        try:
-            tab = _fit_group(
-                adata,
-                matrix,
-                rows,
-                gene_idx,
-                name,
-                design,
-                contrast,
-                family=family,
-                offset=off,
-                trials=trial_vec,
-                min_cells_expressing=min_cells_expressing,
-                method=method,
-                test=test,
-                n_jobs=n_jobs,
-                kernel=_glmm,
-            )
-        except DesignError as err:
-            if groups_key is None:
-                raise
-            failed[name] = err
-            tab = pd.DataFrame(
-                {
-                    "gene": adata.var_names[gene_idx].to_numpy(),
-                    "group": name,
-                    "contrast": contrast_label(contrast),
-                    "method": f"glmm_{family}",
-                    "converged": False,
-                    "status": f"not estimable: {err}",
-                }
-            )
-        tables.append(tab)
-    if groups_key is not None and len(failed) == len(groups):
-        first = next(iter(failed.values()))
-        raise type(first)(f"the design cannot be fitted in any group of {groups_key!r}; e.g.: {first}") from first
+    def not_estimable(name, err):
+        return pd.DataFrame(
+            {
+                "gene": adata.var_names[gene_idx].to_numpy(),
+                "group": name,
+                "contrast": contrast_label(contrast),
+                "method": f"glmm_{family}",
+                "converged": False,
+                "status": f"not estimable: {err}",
+            }
+        )
+
+    tables = fit_groups(cell_groups(adata, groups_key), fit, not_estimable, groups_key=groups_key, tool="glmm_de")
     table = finalize_table(pd.concat(tables, ignore_index=True))
-    _warn_summary(table, failed, groups_key)
+    _warn_summary(table)
     params = {
         "tool": "glmm_de",
         "design": design,
@@ -212,102 +198,15 @@ def glmm_de(
     return DEResult(table=table, params=params).deliver(adata, key_added, inplace=inplace, copy=copy)
 
 
-def gene_columns(matrix, gene_idx: np.ndarray):
-    """Columns ``gene_idx`` of a cells × genes matrix as CSC (sparse input) or a dense array, copying once."""
-    all_genes = gene_idx.size == matrix.shape[1] and np.array_equal(gene_idx, np.arange(matrix.shape[1]))
-    if sp.issparse(matrix):
-        sub = matrix if all_genes else matrix[:, gene_idx]
-        return sub if sub.format == "csc" else sp.csc_matrix(sub)
-    return np.asarray(matrix) if all_genes else np.asarray(matrix)[:, gene_idx]
-
-
-def cell_gene_block(matrix, rows: np.ndarray, gene_idx: np.ndarray):
-    """``matrix[rows][:, gene_idx]`` as CSC (sparse) or dense, without copying when all rows / all genes are used."""
-    all_rows = rows.size == matrix.shape[0] and np.array_equal(rows, np.arange(matrix.shape[0]))
-    all_genes = gene_idx.size == matrix.shape[1] and np.array_equal(gene_idx, np.arange(matrix.shape[1]))
-    if sp.issparse(matrix):
-        sub = matrix if all_rows else matrix[rows]
-        sub = sub if all_genes else sub[:, gene_idx]
-        return sub if sub.format == "csc" else sp.csc_matrix(sub)
-    if all_rows and all_genes:
-        return matrix
-    return matrix[np.ix_(rows, gene_idx)]
-
-
-def _check_finite(matrix, layer) -> None:
-    vals = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
-    if not np.all(np.isfinite(vals)):
-        where = "adata.X" if layer is None else f"layer {layer!r}"
-        raise InputError(f"{where} has non-finite values (NaN or inf); the Gaussian family needs finite values.")
-
-
-def _offset(adata, matrix, offset, layer) -> np.ndarray:
-    n = adata.n_obs
-    if offset is None:
-        return np.zeros(n)
-    if offset == "log_total":
-        total = np.asarray(matrix.sum(axis=1)).ravel().astype(float)
-        bad = total <= 0
-        if bad.any():
-            where = "adata.X" if layer is None else f"layer {layer!r}"
-            raise InputError(
-                f"{int(bad.sum())} cell(s) have zero total counts in {where}, so offset='log_total' is undefined; "
-                "remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1)."
-            )
-        return np.log(total)
-    if isinstance(offset, str):
-        check_obs_keys(adata, [offset], what="offset column")
-        col = adata.obs[offset]
-        if not pd.api.types.is_numeric_dtype(col):
-            raise InputError(f"offset column {offset!r} must be numeric (an offset on the link scale).")
-        vals = col.to_numpy(dtype=float)
-        if not np.all(np.isfinite(vals)):
-            raise InputError(f"offset column {offset!r} has non-finite values; give log size factors, not zeros.")
-        return vals
-    raise InputError(f"offset={offset!r} must be 'log_total', an obs column name, or None.")
-
-
-def _gene_selection(adata, genes) -> np.ndarray:
-    if genes is None:
-        return np.arange(adata.n_vars)
-    arr = np.asarray(genes)
-    if arr.dtype == bool:
-        if arr.shape != (adata.n_vars,):
-            raise InputError(f"genes mask has length {arr.size}; adata has {adata.n_vars} genes.")
-        idx = np.flatnonzero(arr)
-    else:
-        names = [str(g) for g in np.atleast_1d(arr)]
-        pos = adata.var_names.get_indexer(names)
-        missing = [g for g, p in zip(names, pos, strict=True) if p < 0]
-        if missing:
-            raise InputError(f"genes not in var_names: {_fmt_list(missing)}.")
-        idx = np.asarray(pos)
-    if idx.size == 0:
-        raise InputError("the gene selection is empty; pass genes=None for all genes.")
-    return idx
-
-
 def latent_icc(var: dict[str, np.ndarray], phi: np.ndarray, family: str, mean_count: np.ndarray) -> dict:
     """Intraclass correlation of each random term on the latent (link) scale.
 
-    ``icc_k = σ²_k / (Σ_j σ²_j + σ²_ε)`` with the distribution-specific residual variance of Nakagawa, Johnson &
-    Schielzeth (2017, lognormal approximation): NB2 ``log(1 + 1/λ + φ)``, Poisson ``log(1 + 1/λ)``, binomial (logit)
-    ``π²/3``, Gaussian the residual variance; ``λ`` is the gene's mean count per cell.
+    ``icc_k = σ²_k / (Σ_j σ²_j + σ²_ε)`` with the distribution-specific residual variance ``σ²_ε`` of
+    :func:`~scmlm.tl._common.residual_variance` (Nakagawa, Johnson & Schielzeth 2017).
     """
-    total = np.zeros_like(phi, dtype=float)
-    for v in var.values():
-        total = total + np.nan_to_num(v)
+    total = sum(np.nan_to_num(v) for v in var.values()) if var else np.zeros_like(phi, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
-        lam = np.asarray(mean_count, dtype=float)
-        if family == "nb":
-            resid = np.log1p(1.0 / lam + phi)
-        elif family == "poisson":
-            resid = np.log1p(1.0 / lam)
-        elif family == "binomial":
-            resid = np.full_like(total, np.pi**2 / 3)
-        else:
-            resid = phi
-        denom = total + resid
+        denom = total + residual_variance(family, phi, mean_count)
         return {k: v / denom for k, v in var.items()}
 
 
@@ -352,7 +251,7 @@ def _fit_group(
     d = build_design(obs, design)
     con = d.contrast(contrast)
     df = kernel.contrast_df(d.X, d.terms, con.L)
-    sub = cell_gene_block(matrix, rows, np.arange(gene_idx.size))  # matrix holds only the selected genes
+    sub = cell_rows(matrix, rows)  # matrix holds only the selected genes
     size_factor = np.exp(offset[rows] - offset[rows].mean()) if offset is not None else np.ones(rows.size)
     if sp.issparse(sub):
         n_expr = np.diff(sub.indptr) if sub.nnz == sub.count_nonzero() else np.asarray((sub != 0).sum(axis=0)).ravel()
@@ -440,12 +339,9 @@ def _fit_group(
     return out
 
 
-def _warn_summary(table: pd.DataFrame, failed: dict, groups_key) -> None:
+def _warn_summary(table: pd.DataFrame) -> None:
     counts = table["status"].value_counts()
     notable = {k: int(v) for k, v in counts.items() if k not in ("ok", "singular")}
-    if notable or failed:
+    if notable:
         parts = ", ".join(f"{v} {k}" for k, v in counts.items())
-        msg = f"glmm_de: {len(table)} gene fits: {parts}."
-        if failed:
-            msg += f" Groups of {groups_key!r} that could not be fitted: {_fmt_list(failed)}."
-        warnings.warn(msg, UserWarning, stacklevel=3)
+        warnings.warn(f"glmm_de: {len(table)} gene fits: {parts}.", UserWarning, stacklevel=3)

@@ -10,31 +10,20 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._errors import DesignError, InputError, _fmt_list
-from .._validate import category_codes, check_counts, check_obs_keys, check_unique_names, get_matrix
+from .._validate import check_counts, check_obs_keys, check_unique_names, get_matrix
 from .._version import __version__
 from ..design import build_design
 from ..engine import gene_chunks, run_chunks
-from ._glmm_de import _FAMILIES, _check_finite, _gene_selection, _offset, cell_gene_block, gene_columns
+from ._common import cell_groups, cell_offset, cell_rows, check_finite, gene_columns, gene_indices, residual_variance
+from ._glmm_de import _FAMILIES
 
 
-def _residual_variance(family: str, phi: np.ndarray, mean_count: np.ndarray) -> np.ndarray:
-    """Distribution-specific residual variance on the latent scale (Nakagawa, Johnson & Schielzeth 2017)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        lam = np.asarray(mean_count, dtype=float)
-        if family == "nb":
-            return np.log1p(1.0 / lam + phi)
-        if family == "poisson":
-            return np.log1p(1.0 / lam)
-        if family == "binomial":
-            return np.full(lam.shape, np.pi**2 / 3)
-        return np.asarray(phi, dtype=float)
-
-
-def _term_variance(term, theta_slice: np.ndarray) -> float:
-    """Average variance the term adds to a cell's linear predictor: mean_i v_i' Σ v_i (Johnson 2014, slopes)."""
-    S = term.cov_from_theta(theta_slice)
+def _term_variance(term, theta: np.ndarray) -> np.ndarray:
+    """Average variance a term adds to a cell's linear predictor, ``mean_i v_i' Σ v_i = tr(Σ M)`` with
+    ``M = mean_i v_i v_i'`` (Johnson 2014, random slopes), for every gene (rows of ``theta``) at once."""
     V = np.asarray(term.covariates, dtype=float)
-    return float(np.mean(np.einsum("ij,jk,ik->i", V, S, V)))
+    M = V.T @ V / V.shape[0]  # shared by all genes: computed once per term, not per gene
+    return np.array([np.trace(term.cov_from_theta(th) @ M) for th in theta])
 
 
 def _prepare(adata, design, family, layer, offset, groups_key, genes):
@@ -44,18 +33,13 @@ def _prepare(adata, design, family, layer, offset, groups_key, genes):
     check_obs_keys(adata, [groups_key])
     matrix = get_matrix(adata, layer)
     if family == "gaussian":
-        _check_finite(matrix, layer)
+        check_finite(matrix, layer)
     else:
         check_counts(matrix, layer)
-    off = _offset(adata, matrix, offset, layer)
-    gene_idx = _gene_selection(adata, genes)
+    off = cell_offset(adata, matrix, offset, layer)
+    gene_idx = gene_indices(adata, genes)
     matrix = gene_columns(matrix, gene_idx)  # only the selected genes, in gene_idx order
-    if groups_key is None:
-        groups = [(None, np.arange(adata.n_obs))]
-    else:
-        codes, levels = category_codes(adata.obs[groups_key])
-        groups = [(str(lev), np.flatnonzero(codes == k)) for k, lev in enumerate(levels)]
-    return matrix, off, gene_idx, groups
+    return matrix, off, gene_idx, cell_groups(adata, groups_key)
 
 
 def _fit_chunk(Y, *, gdesign, method):
@@ -70,8 +54,8 @@ def _fit_genes(matrix, rows, gene_idx, d, off, family, method, n_jobs):
 
     from ..models import _glmm
 
-    sub = cell_gene_block(matrix, rows, np.arange(gene_idx.size))  # matrix holds the selected genes
-    gdesign = _glmm.prepare_glmm(d.X, d.terms, off[rows], family=family)
+    sub = cell_rows(matrix, rows)  # matrix holds the selected genes
+    gdesign = _glmm.prepare_glmm(d.X, d.terms, None if off is None else off[rows], family=family)
     chunks = gene_chunks(gene_idx.size)
     results = run_chunks(functools.partial(_fit_chunk, gdesign=gdesign, method=method), sub, chunks, n_jobs=n_jobs)
     return sub, results, chunks
@@ -167,7 +151,7 @@ def variance_partition(
         for idx, res in zip(chunks, results, strict=True):
             theta = np.asarray(res.theta)
             for t, n, (_, ts) in zip(d.terms, names, slices, strict=True):
-                var[n][idx] = [_term_variance(t, theta[g, ts]) for g in range(len(idx))]
+                var[n][idx] = _term_variance(t, theta[:, ts])
             if fixed_cols:
                 eta = res.beta[:, fixed_cols] @ Xf.T
                 var_fixed[idx] = eta.var(axis=1)
@@ -176,7 +160,7 @@ def variance_partition(
             phi[idx] = res.phi
             status[idx] = [STATUS.get(int(s), str(s)) if not isinstance(s, str) else s for s in res.status]
             conv[idx] = res.converged
-        resid = _residual_variance(family, phi, mean_count)
+        resid = residual_variance(family, phi, mean_count)
         total = sum(np.nan_to_num(v) for v in var.values()) + var_fixed + resid
         df = pd.DataFrame(index=adata.var_names[gene_idx].astype(str))
         if group is not None:
@@ -282,7 +266,7 @@ def random_effects(
                 if not res.converged[j]:
                     continue
                 b = res.b[j]
-                eta_all = off[rows] + d.X @ res.beta[j] + Z @ b
+                eta_all = (0.0 if off is None else off[rows]) + d.X @ res.beta[j] + Z @ b
                 for t, (zs, _) in zip(d.terms, term_slices(d.terms), strict=True):
                     bt = b[zs].reshape(t.n_levels, t.k)
                     st = res.b_se[j][zs].reshape(t.n_levels, t.k)

@@ -10,10 +10,11 @@ import numpy as np
 import pandas as pd
 
 from .._errors import DesignError, InputError, _fmt_list
-from .._validate import category_codes, check_counts, check_obs_keys, check_unique_names, get_matrix
+from .._validate import check_counts, check_obs_keys, check_unique_names, get_matrix
 from .._version import __version__
 from ..design import build_design, contrast_label
 from ..results import DEResult, finalize_table
+from ._common import cell_groups, fit_groups
 
 _METHODS = ("nb_ql", "voom", "pydeseq2")
 
@@ -93,32 +94,15 @@ def pseudobulk_de(
         )
     if groups_key is None:
         full.contrast(contrast)
-        groups = [(None, np.arange(pb.n_obs))]
-    else:
-        codes, levels = category_codes(pb.obs[groups_key])
-        groups = [(str(lev), np.flatnonzero(codes == k)) for k, lev in enumerate(levels)]
-
-    tables, failed = [], {}
-    for name, rows in groups:
-        try:
-            tables.append(
-                _fit_group(pb, counts_all, rows, name, design, contrast, method=method, filter_genes=filter_genes)
-            )
-        except DesignError as err:
-            if groups_key is None:
-                raise
-            failed[name] = err
-            tables.append(_failed_group(pb, name, contrast, method, f"not estimable: {err}"))
-    if groups_key is not None and len(failed) == len(groups):
-        first = next(iter(failed.values()))
-        raise type(first)(f"the design cannot be fitted in any group of {groups_key!r}; e.g.: {first}") from first
-    if failed:
-        warnings.warn(
-            f"pseudobulk_de: {len(failed)} group(s) of {groups_key!r} could not be fitted and have "
-            f"status 'not estimable': {_fmt_list(failed)}.",
-            UserWarning,
-            stacklevel=2,
-        )
+    tables = fit_groups(
+        cell_groups(pb, groups_key),
+        lambda name, rows: _fit_group(
+            pb, counts_all, rows, name, design, contrast, method=method, filter_genes=filter_genes
+        ),
+        lambda name, err: _failed_group(pb, name, contrast, method, f"not estimable: {err}"),
+        groups_key=groups_key,
+        tool="pseudobulk_de",
+    )
     table = finalize_table(pd.concat(tables, ignore_index=True))
     params = {
         "tool": "pseudobulk_de",

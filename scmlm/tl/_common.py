@@ -1,0 +1,148 @@
+"""What the DE and hierarchy tools share: offsets, gene selection, per-group fitting, latent-scale variances."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .._errors import DesignError, InputError, _fmt_list
+from .._validate import category_codes, check_obs_keys
+
+
+def cell_offset(adata: ad.AnnData, matrix, offset: str | None, layer: str | None) -> np.ndarray | None:
+    """Per-cell offset on the link scale: ``"log_total"`` (log total counts over all genes), an obs column, or None."""
+    if offset is None:
+        return None
+    if not isinstance(offset, str):
+        raise InputError(f"offset must be 'log_total', an obs column name or None, got {offset!r}.")
+    if offset == "log_total":
+        totals = np.asarray(matrix.sum(axis=1)).ravel().astype(float)
+        zero = np.flatnonzero(totals <= 0)
+        if zero.size:
+            where = "adata.X" if layer is None else f"layer {layer!r}"
+            raise InputError(
+                f"{zero.size} cell(s) have zero total counts in {where} (e.g. {_fmt_list(adata.obs_names[zero[:5]])}),"
+                " so offset='log_total' is undefined; remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1)."
+            )
+        return np.log(totals)
+    check_obs_keys(adata, [offset], what="offset")
+    col = adata.obs[offset]
+    if not pd.api.types.is_numeric_dtype(col):
+        raise InputError(
+            f"offset column {offset!r} must be numeric (the offset on the link scale, e.g. log size factors), but it "
+            f"has dtype {col.dtype}."
+        )
+    off = col.to_numpy(dtype=float)
+    if not np.all(np.isfinite(off)):
+        raise InputError(f"offset column {offset!r} holds non-finite values; it is added on the link (log) scale.")
+    return off
+
+
+def gene_indices(adata: ad.AnnData, genes) -> np.ndarray:
+    """Positions of ``genes`` (a name, names, or a boolean mask over ``var_names``; ``None``: all genes)."""
+    if genes is None:
+        return np.arange(adata.n_vars)
+    arr = np.asarray([genes] if isinstance(genes, str) else genes)
+    if arr.dtype == bool:
+        if arr.shape != (adata.n_vars,):
+            raise InputError(f"genes mask has length {arr.size}; adata has {adata.n_vars} genes.")
+        idx = np.flatnonzero(arr)
+    else:
+        names = [str(g) for g in np.atleast_1d(arr)]
+        pos = adata.var_names.get_indexer(names)
+        missing = [g for g, p in zip(names, pos, strict=True) if p < 0]
+        if missing:
+            raise InputError(f"gene(s) {_fmt_list(missing)} are not in adata.var_names.")
+        idx = np.asarray(pos)
+    if idx.size == 0:
+        raise InputError("the gene selection is empty; pass genes=None for all genes.")
+    return idx
+
+
+def check_finite(matrix, layer) -> None:
+    vals = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
+    if not np.all(np.isfinite(vals)):
+        where = "adata.X" if layer is None else f"layer {layer!r}"
+        raise InputError(f"{where} has non-finite values (NaN or inf); the Gaussian family needs finite values.")
+
+
+def gene_columns(matrix, gene_idx: np.ndarray):
+    """Columns ``gene_idx`` of a cells × genes matrix as CSC (sparse input) or a dense array, copying once."""
+    all_genes = gene_idx.size == matrix.shape[1] and np.array_equal(gene_idx, np.arange(matrix.shape[1]))
+    if sp.issparse(matrix):
+        sub = matrix if all_genes else matrix[:, gene_idx]
+        return sub if sub.format == "csc" else sp.csc_matrix(sub)
+    return np.asarray(matrix) if all_genes else np.asarray(matrix)[:, gene_idx]
+
+
+def cell_rows(matrix, rows: np.ndarray):
+    """Rows ``rows`` (cells of a group) of a CSC or dense matrix, without a copy when all rows are used."""
+    if rows.size == matrix.shape[0] and np.array_equal(rows, np.arange(matrix.shape[0])):
+        return matrix
+    sub = matrix[rows]
+    return sp.csc_matrix(sub) if sp.issparse(sub) and sub.format != "csc" else sub
+
+
+def cell_groups(adata: ad.AnnData, groups_key: str | None) -> list[tuple[str | None, np.ndarray]]:
+    """``(group name, cell rows)`` for each level of ``groups_key`` (one ``(None, all rows)`` without it)."""
+    if groups_key is None:
+        return [(None, np.arange(adata.n_obs))]
+    codes, levels = category_codes(adata.obs[groups_key])
+    return [(str(lev), np.flatnonzero(codes == k)) for k, lev in enumerate(levels)]
+
+
+def fit_groups(
+    groups: list[tuple[str | None, np.ndarray]],
+    fit: Callable[[str | None, np.ndarray], pd.DataFrame],
+    not_estimable: Callable[[str | None, Exception], pd.DataFrame],
+    *,
+    groups_key: str | None,
+    tool: str,
+) -> list[pd.DataFrame]:
+    """Fit every group; a group whose design cannot be fitted keeps rows from ``not_estimable`` and a warning.
+
+    Without ``groups_key`` a design error is raised as is; if no group can be fitted, the first group's error is
+    raised with its type (e.g. :class:`~scmlm.EstimabilityError`).
+    """
+    tables, failed = [], {}
+    for name, rows in groups:
+        try:
+            tables.append(fit(name, rows))
+        except DesignError as err:
+            if groups_key is None:
+                raise
+            failed[name] = err
+            tables.append(not_estimable(name, err))
+    if groups_key is not None and len(failed) == len(groups):
+        first = next(iter(failed.values()))
+        raise type(first)(f"the design cannot be fitted in any group of {groups_key!r}; e.g.: {first}") from first
+    if failed:
+        warnings.warn(
+            f"{tool}: {len(failed)} group(s) of {groups_key!r} could not be fitted and have status 'not estimable': "
+            f"{_fmt_list(failed)}.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return tables
+
+
+def residual_variance(family: str, phi: np.ndarray, mean_count: np.ndarray) -> np.ndarray:
+    """Distribution-specific residual variance on the latent scale (Nakagawa, Johnson & Schielzeth 2017).
+
+    NB2 ``log(1 + 1/λ + φ)``, Poisson ``log(1 + 1/λ)``, binomial (logit) ``π²/3``, Gaussian the residual variance
+    ``φ``; ``λ`` is the gene's mean count per cell (lognormal approximation).
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lam = np.asarray(mean_count, dtype=float)
+        if family == "nb":
+            return np.log1p(1.0 / lam + phi)
+        if family == "poisson":
+            return np.log1p(1.0 / lam)
+        if family == "binomial":
+            return np.full(lam.shape, np.pi**2 / 3)
+        return np.asarray(phi, dtype=float)
