@@ -13,7 +13,7 @@ import pandas as pd
 
 from ._errors import InputError
 
-__all__ = ["atomic_path", "read", "read_genes", "write_csv", "write_h5ad"]
+__all__ = ["atomic_path", "iter_row_blocks", "read", "read_genes", "write_csv", "write_h5ad"]
 
 LOG_TOTAL = "scmlm_log_total"
 """obs column with each cell's log total count over all genes (the GLMM offset when only some genes are loaded)."""
@@ -84,6 +84,46 @@ def read(path: str | os.PathLike, *, backed: bool = False) -> ad.AnnData:
     )
 
 
+def iter_row_blocks(
+    elem, n_obs: int, n_vars: int, *, block_nnz: int = 20_000_000, max_rows: int | None = None, csc: str = "load"
+):
+    """Yield ``(start, block)`` over the rows of an on-disk matrix (an h5py dataset or a sparse group of an h5ad).
+
+    Sparse CSR matrices are cut into blocks of about ``block_nnz`` stored entries (and at most ``max_rows`` rows),
+    dense ones into blocks of about ``block_nnz`` values; each block is a CSR matrix (dense input: an array). A CSC
+    matrix cannot be streamed by rows: ``csc="load"`` reads it whole as one block, ``csc="error"`` raises an
+    :class:`InputError` saying how to rewrite it.
+    """
+    import h5py
+    import numpy as np
+    from anndata.io import sparse_dataset
+
+    cap = n_obs if max_rows is None else max(1, int(max_rows))
+    if isinstance(elem, h5py.Dataset):
+        step = min(cap, max(1, block_nnz // max(1, n_vars)))
+        for start in range(0, n_obs, step):
+            yield start, elem[start : start + step]
+        return
+    ds = sparse_dataset(elem)
+    if ds.format != "csr":
+        if csc == "load":
+            import scipy.sparse as sp
+
+            yield 0, sp.csr_matrix(ds.to_memory())
+            return
+        raise InputError(
+            f"{elem.name} in {elem.file.filename!r} is stored as {ds.format.upper()}; streaming needs row blocks "
+            "(CSR). Rewrite it with adata.X = scipy.sparse.csr_matrix(adata.X), or load it in memory."
+        )
+    indptr = elem["indptr"][...]
+    start = 0
+    while start < n_obs:
+        stop = int(np.searchsorted(indptr, indptr[start] + block_nnz, side="right")) - 1
+        stop = min(n_obs, start + cap, max(stop, start + 1))
+        yield start, ds[start:stop]
+        start = stop
+
+
 def read_genes(path: str | os.PathLike, genes, *, layer: str | None = None, block_nnz: int = 20_000_000) -> ad.AnnData:
     """Load only some genes of an h5ad, streaming row blocks, with the all-gene log totals in ``obs``.
 
@@ -106,7 +146,7 @@ def read_genes(path: str | os.PathLike, genes, *, layer: str | None = None, bloc
     import h5py
     import numpy as np
     import scipy.sparse as sp
-    from anndata.io import read_elem, sparse_dataset
+    from anndata.io import read_elem
 
     path = Path(path)
     if not path.exists():
@@ -123,31 +163,10 @@ def read_genes(path: str | os.PathLike, genes, *, layer: str | None = None, bloc
         if missing:
             raise InputError(f"genes not in {str(path)!r}: {missing[:10]}{' …' if len(missing) > 10 else ''}.")
         n_obs, n_vars = len(obs), len(var)
-        elem = f[key]
         blocks, totals = [], np.zeros(n_obs)
-        if isinstance(elem, h5py.Dataset):
-            step = max(1, block_nnz // max(1, n_vars))
-            ranges = [(s, min(n_obs, s + step)) for s in range(0, n_obs, step)]
-            for a, b in ranges:
-                dense = elem[a:b]
-                totals[a:b] = dense.sum(axis=1)
-                blocks.append(sp.csr_matrix(dense[:, pos]))
-        else:
-            ds = sparse_dataset(elem)
-            if ds.format != "csr":
-                m = sp.csr_matrix(ds.to_memory())
-                totals[:] = np.asarray(m.sum(axis=1)).ravel()
-                blocks.append(m[:, pos])
-            else:
-                indptr = elem["indptr"][...]
-                a = 0
-                while a < n_obs:
-                    b = int(np.searchsorted(indptr, indptr[a] + block_nnz, side="right")) - 1
-                    b = min(n_obs, max(b, a + 1))
-                    block = ds[a:b]
-                    totals[a:b] = np.asarray(block.sum(axis=1), dtype=float).ravel()
-                    blocks.append(block[:, pos])
-                    a = b
+        for start, block in iter_row_blocks(f[key], n_obs, n_vars, block_nnz=block_nnz):
+            totals[start : start + block.shape[0]] = np.asarray(block.sum(axis=1), dtype=float).ravel()
+            blocks.append(sp.csr_matrix(block[:, pos]))
     X = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((n_obs, len(pos)))
     obs = obs.copy()
     if LOG_TOTAL not in obs:

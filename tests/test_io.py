@@ -51,3 +51,21 @@ def test_read_genes_streams_a_subset_with_all_gene_offsets(tmp_path):
         io.read_genes(tmp_path / "a.h5ad", ["nope"])
     with pytest.raises(scmlm.InputError, match="layer 'raw' is not in"):
         io.read_genes(tmp_path / "a.h5ad", genes, layer="raw")
+
+
+def test_csc_on_disk_is_read_whole_or_refused_for_streaming(tmp_path):
+    import anndata as ad
+    import numpy as np
+    import scipy.sparse as sp
+
+    adata = scmlm.datasets.simulate(n_donors=3, n_cells=20, n_genes=12, seed=6)
+    adata.X = sp.csc_matrix(adata.X)
+    adata.write_h5ad(tmp_path / "csc.h5ad")
+    sub = io.read_genes(tmp_path / "csc.h5ad", ["g00003"])  # CSC: read whole, same numbers
+    np.testing.assert_array_equal(sub.X.toarray(), adata[:, ["g00003"]].X.toarray())
+    backed = ad.read_h5ad(tmp_path / "csc.h5ad", backed="r")
+    try:
+        with pytest.raises(scmlm.InputError, match=r"stored as CSC; streaming needs row blocks"):
+            scmlm.pp.pseudobulk(backed, "donor")
+    finally:
+        backed.file.close()

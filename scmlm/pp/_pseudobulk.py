@@ -148,29 +148,18 @@ def _aggregate_matrix(adata, layer, codes, out, nexpr, chunk_size) -> int:
 
 
 def _aggregate_backed(adata, layer, codes, out, nexpr, chunk_size) -> int:
-    filename = adata.filename
+    from ..io import iter_row_blocks
+
     key = "X" if layer is None else f"layers/{layer}"
     n_bad = 0
-    with h5py.File(filename, "r") as f:
+    with h5py.File(adata.filename, "r") as f:
         if key not in f:
             avail = list(f["layers"].keys()) if "layers" in f else []
-            raise InputError(f"layer {layer!r} is not in the backed file {str(filename)!r}; available layers: {avail}.")
-        elem = f[key]
-        if isinstance(elem, h5py.Dataset):
-            getter = elem
-        else:
-            getter = ad.io.sparse_dataset(elem)
-            fmt = getter.format
-            if fmt != "csr":
-                raise InputError(
-                    f"{key} in {str(filename)!r} is stored as {fmt.upper()}; streaming needs row chunks (CSR). "
-                    "Rewrite it with adata.X = scipy.sparse.csr_matrix(adata.X) or load it in memory."
-                )
-        n = codes.shape[0]
-        for start in range(0, n, chunk_size):
-            stop = min(n, start + chunk_size)
-            block = getter[start:stop]
-            n_bad += accumulate(block, codes[start:stop], out, nexpr)
+            raise InputError(
+                f"layer {layer!r} is not in the backed file {str(adata.filename)!r}; available layers: {avail}."
+            )
+        for start, block in iter_row_blocks(f[key], adata.n_obs, adata.n_vars, max_rows=chunk_size, csc="error"):
+            n_bad += accumulate(block, codes[start : start + block.shape[0]], out, nexpr)
     return n_bad
 
 

@@ -20,28 +20,6 @@ OFFSET = "scmlm_log_total"
 TARGET_NNZ = 20_000_000  # non-zeros per streamed row block
 
 
-def _blocks(elem, n_obs: int, n_vars: int):
-    """Yield (start, CSR block) over rows of a sparse (CSR or CSC) or dense on-disk matrix."""
-    from anndata.io import sparse_dataset
-
-    if isinstance(elem, h5py.Dataset):  # dense
-        step = max(1, TARGET_NNZ // max(1, n_vars))
-        for start in range(0, n_obs, step):
-            yield start, sp.csr_matrix(elem[start : start + step])
-        return
-    ds = sparse_dataset(elem)
-    if ds.format == "csc":  # column-major: read it whole, once
-        yield 0, sp.csr_matrix(ds.to_memory())
-        return
-    indptr = elem["indptr"][...]
-    start = 0
-    while start < n_obs:
-        stop = int(np.searchsorted(indptr, indptr[start] + TARGET_NNZ, side="right")) - 1
-        stop = min(n_obs, max(stop, start + 1))
-        yield start, ds[start:stop]
-        start = stop
-
-
 def _columns(block: sp.csr_matrix, lo: int, hi: int) -> sp.csr_matrix:
     """``block`` with the entries outside columns [lo, hi) removed (same shape)."""
     keep = (block.indices >= lo) & (block.indices < hi)
@@ -54,6 +32,7 @@ def _columns(block: sp.csr_matrix, lo: int, hi: int) -> sp.csr_matrix:
 def split(path: str, outdir: str, n: int, layer: str | None) -> None:
     from anndata.io import read_elem, sparse_dataset, write_elem
 
+    from scmlm.io import iter_row_blocks
     from scmlm.results import shard_indices
 
     out = Path(outdir)
@@ -75,7 +54,8 @@ def split(path: str, outdir: str, n: int, layer: str | None) -> None:
         matrices = [None] * n
         totals = np.zeros(n_obs)
         try:
-            for start, block in _blocks(f[key], n_obs, n_vars):
+            for start, block in iter_row_blocks(f[key], n_obs, n_vars, block_nnz=TARGET_NNZ):
+                block = sp.csr_matrix(block)
                 block.sort_indices()
                 totals[start : start + block.shape[0]] = np.asarray(block.sum(axis=1), dtype=float).ravel()
                 for k, (lo, hi) in enumerate(bounds):
@@ -111,12 +91,14 @@ def split(path: str, outdir: str, n: int, layer: str | None) -> None:
 
 
 if __name__ == "__main__":
+    from scmlm import ScmlmError
+
     smk = globals()["snakemake"]
     with open(smk.log[0], "w") as log:
         sys.stderr = log
         try:
             split(smk.input[0], smk.output[0], int(smk.wildcards.n), smk.params.layer)
-        except SystemExit as err:
+        except (SystemExit, ScmlmError) as err:
             print(f"split_shards: error: {err}", file=log)
             raise SystemExit(1) from None
         except Exception:  # noqa: BLE001 (the traceback goes to the job log)
