@@ -162,7 +162,7 @@ def glmm_de(
         return _fit_group(
             adata, matrix, rows, gene_idx, "all" if name is None else name, design, contrast, family=family,
             offset=off, trials=trial_vec, min_cells_expressing=min_cells_expressing, method=method, test=test,
-            n_jobs=n_jobs, kernel=_glmm,
+            n_jobs=n_jobs, kernel=_glmm, built=full if groups_key is None else None,
         )  # fmt: skip
 
     def not_estimable(name, err):
@@ -246,9 +246,10 @@ def _fit_group(
     test,
     n_jobs,
     kernel,
+    built=None,
 ) -> pd.DataFrame:
-    obs = adata.obs.iloc[rows]
-    d = build_design(obs, design)
+    # the design evaluated on all cells for validation is reused when the group is all cells
+    d = built if built is not None else build_design(adata.obs.iloc[rows], design)
     con = d.contrast(contrast)
     df = kernel.contrast_df(d.X, d.terms, con.L)
     sub = cell_rows(matrix, rows)  # matrix holds only the selected genes
