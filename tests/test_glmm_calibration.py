@@ -24,6 +24,9 @@ def _fit(design: str, n_donors: int, n_cells: int, method: str = "REML", null: b
         design=design,
         null=null,
         seed=seed,
+        # donors that respond alike: the (1|donor) model fitted here is then the true model, and its cell-level df
+        # are right (donor-specific responses need a sample-level term: tests/test_replication.py)
+        sd_response=0.0,
     )
     counts = sp.csc_matrix(adata.X, dtype=np.float64)
     obs = adata.obs

@@ -107,15 +107,21 @@ def test_cli_shards_and_merge(between, tmp_path):
     np.testing.assert_allclose(merged["padj"], scmlm.results.bh_adjust(merged["pvalue"].to_numpy()), equal_nan=True)
 
 
-def test_within_donor_contrast_keeps_cell_level_df():
+def test_within_donor_contrast_gets_sample_level_df():
     adata = scmlm.datasets.simulate(n_donors=6, n_cells=100, n_genes=40, design="within", seed=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        tab = scmlm.tl.glmm_de(adata, "~ condition + (1|donor)", CONTRAST, inplace=False).table
-    ok = tab["status"].isin(["ok", "singular"])
-    # within-donor contrast: cell-level information, far more df than the 6 donors would give
-    assert (tab.loc[ok, "df"] > 50).all()
-    assert tab.loc[ok, "df"].median() > 150
+        res = scmlm.tl.glmm_de(adata, "~ condition + (1|donor)", CONTRAST, inplace=False)
+        written = scmlm.tl.glmm_de(adata, "~ condition + (1|donor)", CONTRAST, replication="as_written", inplace=False)
+    # the condition is constant within the 12 donor × condition samples: the default fits (1|donor:condition) and
+    # tests at the sample level (per-gene Satterthwaite df, about the 5 of the paired t test where the sample
+    # variance is clearly non-zero); as written, the contrast gets the cell-level residual df
+    assert res.params["added_terms"] == ["(1|donor:condition)"]
+    ok = res.table["status"].isin(["ok", "singular"])
+    assert res.table.loc[ok & (res.table["status"] == "ok"), "df"].median() < 20
+    ok_w = written.table["status"].isin(["ok", "singular"])
+    assert (written.table.loc[ok_w, "df"] > 50).all()
+    assert written.table.loc[ok_w, "df"].median() > 150
 
 
 @pytest.mark.parametrize("family", ["poisson", "binomial", "gaussian"])

@@ -14,13 +14,14 @@ from .._errors import InputError
 
 def simulate(
     n_donors: int = 10,
-    n_cells: int = 400,
+    n_cells: int | tuple[int, int] = 400,
     n_genes: int = 2000,
     n_batches: int = 3,
     design: Literal["between", "within"] = "between",
     frac_de: float = 0.1,
     n_cell_types: int = 1,
     null: bool = False,
+    sd_response: float = 0.25,
     seed: int = 0,
 ) -> ad.AnnData:
     """Simulate multi-donor single-cell counts from a negative-binomial GLMM with known truth.
@@ -28,19 +29,31 @@ def simulate(
     For gene ``g``, cell ``i`` of donor ``d`` in batch ``k``::
 
         y_ig ~ NB(mu_ig, phi_g)        Var = mu + phi * mu**2 (NB2)
-        log mu_ig = log s_i + log_mu_g + logfc_g * [condition_i == case] + ct_{c(i) g} + u_dg + v_kg
+        log mu_ig = log s_i + log_mu_g + logfc_g * [condition_i == case] + ct_{c(i) g} + u_dg + v_kg + e_{s(i) g}
         u_dg ~ N(0, sd_donor_g**2),   v_kg ~ N(0, sd_batch_g**2),   log s_i ~ N(0, 0.25**2)
+        e_sg ~ N(0, sd_response_g**2 / 2)        (design="within" only)
 
     Donor ``d`` belongs to batch ``d % n_batches``. With ``design="between"`` the condition is a donor-level trait
-    (donor ``d`` is ``case`` when ``d`` is odd); with ``design="within"`` every donor has cells of both conditions
-    (half each). ``ct`` are per-gene cell-type shifts (zero for the first cell type).
+    (donor ``d`` is ``case`` when ``d`` is odd) and each donor is one sample; with ``design="within"`` every donor
+    gives two samples, one per condition. ``ct`` are per-gene cell-type shifts (zero for the first cell type).
+
+    ``e_sg`` is the sample effect of a donor × condition sample: whatever the cells of one sample share beyond their
+    donor (the donor's own response to the treatment, the sample's dissociation and library). With it the condition
+    effect of gene ``g`` differs between donors with standard deviation ``sd_response_g`` (half of it in each of the
+    two samples' effects), which is what paired experiments show; a model without a term at the sample level (a
+    ``(1|sample)`` term or a random slope of the condition over donors) then tests the condition against
+    cell-to-cell noise. In the between design a donor is one sample, so the donor effect already holds it and no
+    sample effect is added. ``sd_response_g`` is drawn per gene around ``sd_response`` (log-normal, as
+    ``sd_donor``); ``sd_response=0`` gives donors that all respond alike (the behaviour before this term existed:
+    the same counts for the same seed).
 
     Parameters
     ----------
     n_donors
         Number of donors (at least 2).
     n_cells
-        Cells per donor.
+        Cells per donor (split evenly between its two samples in the within design), or a range ``(low, high)``:
+        the number of cells of each sample is then drawn log-uniformly in it (unbalanced samples, e.g. ``(20, 2000)``).
     n_genes
         Number of genes.
     n_batches
@@ -53,14 +66,19 @@ def simulate(
         Number of cell types; cells are assigned uniformly at random.
     null
         No differential expression at all.
+    sd_response
+        Typical standard deviation (natural-log scale) of the condition effect between donors, i.e. of the donor ×
+        condition sample effects (within design only); ``0`` switches them off.
     seed
         Seed of the random generator; the same seed gives the same data.
 
     Returns
     -------
     AnnData with integer counts in ``.X`` and ``layers["counts"]`` (CSR, float32); obs ``donor``, ``batch``,
-    ``condition`` (categorical, ``ctrl`` first), ``cell_type``, ``sample_id`` and ``size_factor``; var holds the truth:
-    ``is_de``, ``logfc`` (natural log), ``log_mu``, ``dispersion``, ``sd_donor``, ``sd_batch``.
+    ``condition`` (categorical, ``ctrl`` first), ``cell_type``, ``sample`` (donor × condition, e.g. ``donor03_case``;
+    ``sample_id`` is the same column under its older name) and ``size_factor``; var holds the truth: ``is_de``,
+    ``logfc`` (natural log), ``log_mu``, ``dispersion``, ``sd_donor``, ``sd_batch``, ``sd_response`` (zero in the
+    between design).
 
     Examples
     --------
@@ -71,6 +89,16 @@ def simulate(
     """
     if n_donors < 2:
         raise InputError(f"simulate: n_donors={n_donors} is too small; use at least 2 donors.")
+    cell_range = None
+    if isinstance(n_cells, tuple | list):
+        if len(n_cells) != 2 or not 1 <= int(n_cells[0]) <= int(n_cells[1]):
+            raise InputError(
+                f"simulate: n_cells={n_cells!r} must be a number of cells or a range (low, high) with 1 <= low <= high."
+            )
+        cell_range = (int(n_cells[0]), int(n_cells[1]))
+        n_cells = cell_range[0]
+    if sd_response < 0:
+        raise InputError(f"simulate: sd_response={sd_response} must be >= 0.")
     if n_cells < 1 or n_genes < 1 or n_batches < 1 or n_cell_types < 1:
         raise InputError("simulate: n_cells, n_genes, n_batches and n_cell_types must all be at least 1.")
     if design not in ("between", "within"):
@@ -94,15 +122,34 @@ def simulate(
     ct_shift = rng.normal(0.0, 0.5, (n_cell_types, n_genes))
     ct_shift[0] = 0.0
 
+    # sample effects and unbalanced sizes come from their own stream, so that the other draws do not move
+    rng_sample = np.random.default_rng([seed, 1])
+    within_design = design == "within"
+    sd_resp = np.exp(rng_sample.normal(np.log(max(sd_response, 1e-300)), 0.35, n_genes)) if sd_response > 0 else None
+    if sd_resp is None or not within_design:
+        sd_resp = np.zeros(n_genes)
+
     # --- cells
-    n = n_donors * n_cells
-    donor = np.repeat(np.arange(n_donors), n_cells)
-    batch = donor % n_batches
-    if design == "between":
-        case = (donor % 2 == 1).astype(float)
+    if cell_range is None:
+        n = n_donors * n_cells
+        donor = np.repeat(np.arange(n_donors), n_cells)
+        if design == "between":
+            case = (donor % 2 == 1).astype(float)
+        else:
+            within = np.tile(np.arange(n_cells), n_donors)
+            case = (within >= n_cells // 2).astype(float)
     else:
-        within = np.tile(np.arange(n_cells), n_donors)
-        case = (within >= n_cells // 2).astype(float)
+        n_samples = n_donors * (2 if within_design else 1)
+        lo, hi = np.log(cell_range[0]), np.log(cell_range[1] + 1)
+        sizes = np.floor(np.exp(rng_sample.uniform(lo, hi, n_samples))).astype(int).clip(*cell_range)
+        s_donor = np.arange(n_samples) // 2 if within_design else np.arange(n_samples)
+        s_case = (np.arange(n_samples) % 2 if within_design else s_donor % 2).astype(float)
+        donor = np.repeat(s_donor, sizes)
+        case = np.repeat(s_case, sizes)
+        n = donor.size
+    batch = donor % n_batches
+    sample = 2 * donor + case.astype(int)  # donor × condition
+    e = rng_sample.normal(size=(2 * n_donors, n_genes)) * (sd_resp / np.sqrt(2.0))
     cell_type = rng.integers(0, n_cell_types, n) if n_cell_types > 1 else np.zeros(n, dtype=int)
     log_s = rng.normal(0.0, 0.25, n)
     u = rng.normal(size=(n_donors, n_genes)) * sd_donor
@@ -121,6 +168,8 @@ def simulate(
             + u[donor[sl]]
             + v[batch[sl]]
         )
+        if within_design and sd_response > 0:
+            eta += e[sample[sl]]
         mu = np.exp(eta)
         shape = 1.0 / dispersion
         lam = rng.gamma(shape[None, :], (mu * dispersion[None, :]))
@@ -142,7 +191,8 @@ def simulate(
         },
         index=[f"cell{i:07d}" for i in range(n)],
     )
-    obs["sample_id"] = pd.Categorical(obs["donor"].astype(str) + "_" + obs["condition"].astype(str))
+    obs["sample"] = pd.Categorical(obs["donor"].astype(str) + "_" + obs["condition"].astype(str))
+    obs["sample_id"] = obs["sample"]
     var = pd.DataFrame(
         {
             "is_de": is_de,
@@ -151,6 +201,7 @@ def simulate(
             "dispersion": dispersion,
             "sd_donor": sd_donor,
             "sd_batch": sd_batch,
+            "sd_response": sd_resp,
         },
         index=[f"g{j:05d}" for j in range(n_genes)],
     )
@@ -158,13 +209,14 @@ def simulate(
     adata.layers["counts"] = X.copy()
     adata.uns["simulate"] = {
         "n_donors": n_donors,
-        "n_cells": n_cells,
+        "n_cells": list(cell_range) if cell_range is not None else n_cells,
         "n_genes": n_genes,
         "n_batches": n_batches,
         "design": design,
         "frac_de": frac_de,
         "n_cell_types": n_cell_types,
         "null": null,
+        "sd_response": float(sd_response),
         "seed": seed,
     }
     return adata
