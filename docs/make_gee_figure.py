@@ -66,8 +66,10 @@ def main() -> None:
         warnings.simplefilter("ignore")
         glmm = glmm_de(
             adata, "~ condition + (1|donor)", ("condition", "case", "ctrl"), family="binomial", offset=None,
-            inplace=False,
+            replication="as_written", inplace=False,
         ).table  # fmt: skip
+    # as written: the condition is drawn cell by cell within each donor here (no samples), so the cells do replicate
+    # it; by default glmm_de would take donor × condition for samples and add (1|donor:condition)
     gl = glmm.loc[glmm["converged"], "coef"].to_numpy()
     sd_hat = np.sqrt(glmm.loc[glmm["converged"], "var_donor"].median())
     z, w = np.polynomial.hermite_e.hermegauss(80)

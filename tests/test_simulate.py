@@ -77,3 +77,49 @@ def test_bad_arguments():
         scmlm.datasets.simulate(n_donors=1)
     with pytest.raises(scmlm.InputError, match="design='paired'"):
         scmlm.datasets.simulate(design="paired")
+
+
+def test_samples_and_donor_specific_responses():
+    w = scmlm.datasets.simulate(n_donors=8, n_cells=300, n_genes=300, design="within", sd_response=0.5, seed=3)
+    obs = w.obs
+    assert (obs["sample"].astype(str) == obs["donor"].astype(str) + "_" + obs["condition"].astype(str)).all()
+    assert obs["sample"].nunique() == 16 and (obs["sample_id"] == obs["sample"]).all()
+    X = w.X.toarray() / obs["size_factor"].to_numpy()[:, None]
+    expressed = np.flatnonzero(w.var["log_mu"].to_numpy() > 0)
+    donor, case = obs["donor"].cat.codes.to_numpy(), (obs["condition"] == "case").to_numpy()
+    lfc = np.array(
+        [[np.log(X[(donor == d) & case, g].mean() / X[(donor == d) & ~case, g].mean()) for g in expressed] for d in
+         range(8)]
+    )  # fmt: skip
+    # the condition effect differs between donors with sd ≈ sd_response (per gene, drawn around 0.5)
+    ratio = lfc.std(axis=0, ddof=1) / w.var["sd_response"].to_numpy()[expressed]
+    assert 0.7 < np.median(ratio) < 1.3
+    assert 0.35 < np.median(w.var["sd_response"]) < 0.7
+    # donors that respond alike: the spread is sampling noise only
+    alike = scmlm.datasets.simulate(n_donors=8, n_cells=300, n_genes=300, design="within", sd_response=0, seed=3)
+    Xa = alike.X.toarray() / alike.obs["size_factor"].to_numpy()[:, None]
+    lfc_a = np.array(
+        [[np.log(Xa[(donor == d) & case, g].mean() / Xa[(donor == d) & ~case, g].mean()) for g in expressed] for d in
+         range(8)]
+    )  # fmt: skip
+    assert np.median(lfc_a.std(axis=0, ddof=1)) < 0.2 * np.median(lfc.std(axis=0, ddof=1))
+    assert (alike.var["sd_response"] == 0).all()
+
+
+def test_between_design_has_no_sample_effects():
+    a = scmlm.datasets.simulate(n_donors=6, n_cells=30, n_genes=50, seed=4)
+    b = scmlm.datasets.simulate(n_donors=6, n_cells=30, n_genes=50, seed=4, sd_response=0)
+    np.testing.assert_array_equal(a.X.toarray(), b.X.toarray())  # a donor is one sample: its effect is the donor's
+    assert (a.var["sd_response"] == 0).all() and a.obs["sample"].nunique() == 6
+
+
+def test_unbalanced_samples():
+    u = scmlm.datasets.simulate(n_donors=6, n_cells=(20, 2000), n_genes=20, design="within", seed=7)
+    sizes = u.obs["sample"].value_counts()
+    assert len(sizes) == 12 and sizes.between(20, 2000).all()
+    assert sizes.max() / sizes.min() > 5  # log-uniform over two decades
+    assert u.uns["simulate"]["n_cells"] == [20, 2000]
+    with pytest.raises(scmlm.InputError, match=r"n_cells=\(50, 10\)"):
+        scmlm.datasets.simulate(n_cells=(50, 10))
+    with pytest.raises(scmlm.InputError, match="sd_response=-1"):
+        scmlm.datasets.simulate(sd_response=-1)

@@ -251,13 +251,19 @@ def random_effects(
     groups_key = params.get("groups_key") or None
     method = params.get("method", "REML")
     design = params["design"]
+    # the model glmm_de fitted: with replication="auto" it may hold an added sample-level term (per group if the
+    # groups differ)
+    fitted = params.get("design_fitted") or design
+    per_group = dict(fitted) if isinstance(fitted, dict) else {}
+    if isinstance(fitted, str):
+        design = fitted
     genes = [genes] if isinstance(genes, str) else list(genes)
     matrix, off, gene_idx, groups = _prepare(adata, design, family, layer, offset, groups_key, genes)
     from ..models._random import build_Z, term_slices
 
     frames = []
     for group, rows in groups:
-        d = build_design(adata.obs.iloc[rows], design)
+        d = build_design(adata.obs.iloc[rows], per_group.get("all" if group is None else group, design))
         sub, results, chunks = _fit_genes(matrix, rows, gene_idx, d, off, family, method, n_jobs)
         Z = build_Z(d.terms, rows.size)
         Ysub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
