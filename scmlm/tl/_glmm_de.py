@@ -27,6 +27,7 @@ from ._common import (
     gene_indices,
     residual_variance,
 )
+from ._offsets import resolve_samples
 
 _FAMILIES = ("nb", "poisson", "binomial", "gaussian")
 
@@ -39,6 +40,7 @@ def glmm_de(
     family: Literal["nb", "poisson", "binomial", "gaussian"] = "nb",
     layer: str | None = None,
     offset: str | None = "log_total",
+    sample_key: str | list[str] | None = None,
     trials: str | None = None,
     groups_key: str | None = None,
     genes=None,
@@ -81,7 +83,13 @@ def glmm_de(
         Layer to model; ``None`` uses ``.X``.
     offset
         ``"log_total"``: log of each cell's total counts over all genes of the layer (the default, as in the
-        references); an obs column holding an offset on the link scale (e.g. log size factors); or ``None``.
+        references); ``"tmm"``: that plus the log TMM factor of the cell's sample, computed on the pseudobulk as
+        edgeR's ``calcNormFactors`` (per group with ``groups_key``), which removes the composition bias that makes
+        every gene look down when a few genes take over the library (docs/normalisation.md); an obs column holding an
+        offset on the link scale (e.g. log size factors); or ``None``.
+    sample_key
+        ``offset="tmm"`` only: obs column(s) whose combination identifies a sample; ``None`` takes the random terms'
+        grouping factors and the contrast's factor (e.g. donor × condition).
     trials
         Binomial only: obs column with the number of trials of each cell (the layer then holds successes).
     groups_key
@@ -136,7 +144,9 @@ def glmm_de(
         check_finite(matrix, layer)
     else:
         check_counts(matrix, layer)
-    off = cell_offset(adata, matrix, offset, layer)  # over all genes of the layer, before any gene selection
+    samples = resolve_samples(sample_key, design, contrast) if offset == "tmm" else None
+    # over all genes of the layer, before any gene selection
+    off = cell_offset(adata, matrix, offset, layer, samples=samples, groups_key=groups_key)
     trial_vec = None
     if trials is not None:
         trial_vec = adata.obs[trials].to_numpy(dtype=float)
@@ -188,6 +198,7 @@ def glmm_de(
         "method": method,
         "test": test,
         "offset": offset,
+        "sample_key": samples,
         "trials": trials,
         "layer": layer,
         "groups_key": groups_key,

@@ -1,0 +1,180 @@
+"""offset="tmm": edgeR's TMM factors carried to the cells, and what they change on the Kang 2018 IFN-β data."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import REFERENCE
+
+import scmlm
+from scmlm.errors import InputError
+from scmlm.tl._common import cell_offset
+from scmlm.tl._offsets import design_samples, resolve_samples, tmm_offset
+
+STIM = ("condition", "stim", "ctrl")
+
+
+def _log_total(adata):
+    """Log total counts; the 100-gene Kang subset has cells without counts (-inf: they add 0 to their sample)."""
+    with np.errstate(divide="ignore"):
+        return np.log(np.asarray(adata.X.sum(axis=1), dtype=float).ravel())
+
+
+def _datasets(sim_within):
+    sim = sim_within.copy()
+    return {
+        "kang2018": (scmlm.datasets.kang2018(), "sample_id", "cell_type"),
+        "kang2018_100genes": (scmlm.datasets.kang2018_100genes(), "sample_id", "cell_type"),
+        "sim_within_small": (sim, ["donor", "condition"], None),
+    }
+
+
+def test_factors_equal_edger_calcnormfactors(sim_within):
+    """Factors, library sizes and effective library sizes equal edgeR's on the same pseudobulk (80 samples)."""
+    ref = pd.read_csv(REFERENCE / "tmm" / "tmm_factors.csv", dtype={"sample": str, "group": str})
+    n_checked = 0
+    for name, (adata, samples, groups_key) in _datasets(sim_within).items():
+        off, tab = tmm_offset(adata, adata.X, _log_total(adata), samples, groups_key)
+        r = ref[ref["dataset"] == name]
+        m = tab.merge(r, on=["group", "sample"], suffixes=("", "_r"), validate="one_to_one")
+        assert len(m) == len(r) == len(tab), name
+        np.testing.assert_array_equal(m["lib_size"], m["lib_size_r"])
+        np.testing.assert_allclose(m["norm_factor"], m["norm_factor_r"], rtol=1e-10, err_msg=name)
+        np.testing.assert_allclose(m["eff_lib_size"], m["eff_lib_size_r"], rtol=1e-10, err_msg=name)
+        n_checked += len(m)
+        # the identity behind the offset: the cells' exp(offset) sum to edgeR's effective library size of their sample
+        cols = [samples] if isinstance(samples, str) else samples
+        key = adata.obs[cols].astype(str).agg(":".join, axis=1)
+        grp = adata.obs[groups_key].astype(str) if groups_key else pd.Series("all", index=adata.obs_names)
+        sums = pd.Series(np.exp(off), index=adata.obs_names).groupby([grp, key]).sum()
+        eff = tab.set_index(["group", "sample"])["eff_lib_size"]
+        np.testing.assert_allclose(sums.loc[eff.index].to_numpy(), eff.to_numpy(), rtol=1e-10, err_msg=name)
+    assert n_checked == 80
+    # the factors are not all 1: the test would catch an offset that ignored them
+    assert ref["norm_factor"].sub(1).abs().max() > 0.3
+
+
+def test_cell_offset_dispatch_and_errors(sim_within):
+    a = sim_within
+    base = cell_offset(a, a.X, "log_total", None)
+    off = cell_offset(a, a.X, "tmm", None, samples=["donor", "condition"])
+    f = np.exp(off - base)
+    # one factor per donor × condition sample, geometric mean 1 over the samples
+    per_sample = pd.Series(f).groupby([a.obs["donor"].to_numpy(), a.obs["condition"].to_numpy()]).agg(["min", "max"])
+    np.testing.assert_allclose(per_sample["min"], per_sample["max"])
+    assert np.isclose(np.exp(np.log(per_sample["min"]).mean()), 1.0)
+    with pytest.raises(InputError, match="needs the samples"):
+        cell_offset(a, a.X, "tmm", None)
+    with pytest.raises(InputError, match="sample_key 'plate' is not a column"):
+        cell_offset(a, a.X, "tmm", None, samples="plate")
+    with pytest.raises(InputError, match="design '~ condition' names none"):
+        resolve_samples(None, "~ condition", "conditioncase")
+    with pytest.raises(InputError, match="sample_key must be"):
+        resolve_samples([1, 2], "~ condition", "conditioncase")
+
+
+def test_design_samples():
+    assert design_samples("~ condition + (1|donor)", STIM) == ["donor", "condition"]
+    assert design_samples("~ condition + (1|donor) + (1|sample_id)", STIM) == ["donor", "sample_id", "condition"]
+    assert design_samples("~ condition + (1|batch/donor)", "conditionstim") == ["batch", "donor"]
+    assert design_samples("~ condition + (1 + condition|donor)", [0, 1]) == ["donor"]
+    assert design_samples("~ condition", STIM) == ["condition"]
+    assert resolve_samples("sample_id", "~ condition", STIM) == ["sample_id"]
+
+
+def _summary(tab: pd.DataFrame) -> dict:
+    ok = tab[tab["status"].isin(["ok", "singular"]) & tab["log2fc"].notna()]
+    called = ok[ok["padj"] < 0.05]
+    return {
+        "median": float(ok["log2fc"].median()),
+        "frac_up": float((ok["log2fc"] > 0).mean()),
+        "up": int((called["log2fc"] > 0).sum()),
+        "down": int((called["log2fc"] < 0).sum()),
+        "ok": ok.set_index("gene"),
+    }
+
+
+@pytest.fixture(scope="module")
+def kang_monocytes():
+    """Kang 2018 CD14+ monocytes: 2 donors × ctrl/stim, 100 cells per sample, 1,267 genes."""
+    a = scmlm.datasets.kang2018()
+    mono = a[a.obs["cell_type"] == "CD14+ Monocytes"].copy()
+    pb = scmlm.pp.pseudobulk(mono, "sample_id")
+    paired = scmlm.tl.pseudobulk_de(pb, "~ donor + condition", STIM, inplace=False).table
+    glmm = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the status summary (singular sample variances)
+        for offset in ("log_total", "tmm"):
+            glmm[offset] = scmlm.tl.glmm_de(
+                mono, "~ condition + (1|donor) + (1|sample_id)", STIM, offset=offset, inplace=False
+            )
+    return _summary(paired), glmm
+
+
+def test_kang_tmm_offset_agrees_with_paired_pseudobulk(kang_monocytes):
+    """The composition-robust offset brings the GLMM onto paired pseudobulk's scale; log_total does not.
+
+    Criteria (each must hold for offset="tmm" and fail for offset="log_total"):
+    median log2FC over all tested genes within 0.1 of paired pseudobulk's; the fraction of genes estimated up within
+    0.05 of pseudobulk's; the per-gene log2FC difference to pseudobulk centred within 0.05 of 0; and among the genes
+    ranked most significant by the GLMM (as many as pseudobulk calls at padj < 0.05: the sample-aware GLMM tests on
+    2 df with 2 donors and calls none at that level) the fraction up on the same side of 1/2 as among pseudobulk's.
+    """
+    pb, glmm = kang_monocytes
+    assert glmm["tmm"].params["offset"] == "tmm"
+    assert glmm["tmm"].params["sample_key"] == ["donor", "sample_id", "condition"]
+    n_called = pb["up"] + pb["down"]
+    assert n_called > 100
+    pb_up_side = pb["up"] / n_called > 0.5
+    verdict = {}
+    for offset, res in glmm.items():
+        g = _summary(res.table)
+        both = g["ok"].join(pb["ok"], lsuffix="_glmm", rsuffix="_pb", how="inner")
+        assert len(both) > 1000
+        top = g["ok"].nsmallest(n_called, "pvalue")
+        verdict[offset] = {
+            "median": abs(g["median"] - pb["median"]) < 0.1,
+            "frac_up": abs(g["frac_up"] - pb["frac_up"]) < 0.05,
+            "paired_shift": abs(float(np.median(both["log2fc_glmm"] - both["log2fc_pb"]))) < 0.05,
+            "top_split": (float((top["log2fc"] > 0).mean()) > 0.5) == pb_up_side,
+        }
+        # the estimates themselves track pseudobulk's closely with either offset: the offset shifts, not scrambles
+        assert np.corrcoef(both["log2fc_glmm"], both["log2fc_pb"])[0, 1] > 0.99
+    assert all(verdict["tmm"].values()), verdict
+    assert not any(verdict["log_total"].values()), verdict
+
+
+def test_tmm_per_group_equals_subset():
+    """With groups_key each group gets the factors of its own pseudobulk, as fitting the group alone does."""
+    a = scmlm.datasets.kang2018()
+    off_all = cell_offset(a, a.X, "tmm", None, samples="sample_id", groups_key="cell_type")
+    mono = (a.obs["cell_type"] == "CD14+ Monocytes").to_numpy()
+    sub = a[mono].copy()
+    off_sub = cell_offset(sub, sub.X, "tmm", None, samples="sample_id")
+    np.testing.assert_allclose(off_all[mono], off_sub, rtol=1e-12)
+    pooled = cell_offset(a, a.X, "tmm", None, samples="sample_id")
+    assert np.max(np.abs(pooled[mono] - off_sub)) > 0.05  # pooling cell types would dilute the monocytes' factors
+
+
+def test_glmm_de_tmm_groups_and_params():
+    adata = scmlm.datasets.simulate(n_donors=4, n_cells=40, n_genes=30, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        res = scmlm.tl.glmm_de(
+            adata, "~ condition + (1|donor)", ("condition", "case", "ctrl"), offset="tmm", inplace=False
+        )
+        explicit = scmlm.tl.glmm_de(
+            adata,
+            "~ condition + (1|donor)",
+            ("condition", "case", "ctrl"),
+            offset="tmm",
+            sample_key="donor",
+            inplace=False,
+        )
+    assert res.params["sample_key"] == ["donor", "condition"]
+    assert explicit.params["sample_key"] == ["donor"]
+    # condition is a donor trait here, so donor × condition and donor are the same samples
+    pd.testing.assert_frame_equal(res.table, explicit.table)
