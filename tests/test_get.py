@@ -145,3 +145,21 @@ def test_several_contrasts_need_a_choice(kang_pb):
     pb.uns["dup"] = {"params": {}, "results": pd.concat([both[both["contrast"] == names[0]]] * 2)}
     with pytest.raises(InputError, match="several rows for gene"):
         scmlm.get.de_matrix(pb, "dup")
+
+
+def test_handoff_page_runs(tmp_path, monkeypatch):
+    """The Python snippets of docs/handoff.md run as written (the decoupler one needs decoupler and the internet)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "handoff.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "decoupler" not in b]
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/handoff.md", "exec"), ns)
+    assert ns["mat"].shape == (1267, 5)
+    assert ns["ranked"].index[:3].tolist() == ["APOBEC3A_ENSG00000128383", "IDO1", "TNFSF10"]
+    back = pd.read_csv(tmp_path / "cd14_mono_ranked.csv")
+    assert back.columns.tolist() == ["gene", "stat"] and len(back) == ns["ranked"].size

@@ -178,3 +178,18 @@ def test_glmm_de_tmm_groups_and_params():
     assert explicit.params["sample_key"] == ["donor"]
     # condition is a donor trait here, so donor × condition and donor are the same samples
     pd.testing.assert_frame_equal(res.table, explicit.table)
+
+
+def test_normalisation_page_runs():
+    """The snippet of docs/normalisation.md runs and prints what the page says."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "normalisation.md").read_text()
+    (block,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    ns: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        exec(compile(block, "docs/normalisation.md", "exec"), ns)
+    median = ns["scmlm"].get.de_df(ns["mono"], key="glmm_de")["log2fc"].median()
+    assert round(float(median), 3) == float(re.search(r"# (-?\d\.\d+); with", block).group(1))
