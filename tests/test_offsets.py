@@ -76,13 +76,43 @@ def test_cell_offset_dispatch_and_errors(sim_within):
         resolve_samples([1, 2], "~ condition", "conditioncase")
 
 
-def test_design_samples():
+def test_design_samples(sim_within):
+    obs = sim_within.obs
     assert design_samples("~ condition + (1|donor)", STIM) == ["donor", "condition"]
     assert design_samples("~ condition + (1|donor) + (1|sample_id)", STIM) == ["donor", "sample_id", "condition"]
     assert design_samples("~ condition + (1|batch/donor)", "conditionstim") == ["batch", "donor"]
-    assert design_samples("~ condition + (1 + condition|donor)", [0, 1]) == ["donor"]
-    assert design_samples("~ condition", STIM) == ["condition"]
+    # without a factor contrast, the design's categorical fixed variables (numeric ones are not samples)
+    assert design_samples("~ condition + size_factor + (1|batch/donor)", "conditioncase", obs) == [
+        "batch",
+        "donor",
+        "condition",
+    ]
+    assert design_samples("~ condition + (1 + condition|donor)", [0, 1], obs) == ["donor", "condition"]
+    assert design_samples("~ (1|donor) + (1|batch) + condition", None, obs) == ["donor", "batch", "condition"]
+    assert design_samples("~ condition", STIM, cluster="donor") == ["donor", "condition"]
     assert resolve_samples("sample_id", "~ condition", STIM) == ["sample_id"]
+
+
+def test_gee_and_variance_partition_take_the_tmm_offset(sim_within):
+    """gee_de and variance_partition read their samples from the design (GEE: cluster × contrast factor); the fits
+    equal those with the same offset passed as an obs column."""
+    a = sim_within.copy()
+    a.obs["tmm_off"] = cell_offset(a, a.X, "tmm", None, samples=["donor", "condition"])
+    assert not np.allclose(a.obs["tmm_off"], cell_offset(a, a.X, "log_total", None))
+    genes = a.var_names[:6]
+    contrast = ("condition", "case", "ctrl")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        tabs = [
+            scmlm.tl.gee_de(a, "~ condition", contrast, groups="donor", offset=o, genes=genes, inplace=False).table
+            for o in ("tmm", "tmm_off")
+        ]
+        vps = [
+            scmlm.tl.variance_partition(a, "~ (1|donor) + condition", offset=o, genes=genes, inplace=False)
+            for o in ("tmm", "tmm_off")
+        ]
+    pd.testing.assert_frame_equal(tabs[0], tabs[1])
+    pd.testing.assert_frame_equal(vps[0], vps[1])
 
 
 def _summary(tab: pd.DataFrame) -> dict:

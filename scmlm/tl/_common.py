@@ -15,10 +15,20 @@ from .._validate import category_codes, check_obs_keys
 
 
 def cell_offset(
-    adata: ad.AnnData, matrix, offset: str | None, layer: str | None, *, samples=None, groups_key: str | None = None
+    adata: ad.AnnData,
+    matrix,
+    offset: str | None,
+    layer: str | None,
+    *,
+    samples: str | list[str] | None = None,
+    groups_key: str | None = None,
+    design: str | None = None,
+    contrast=None,
+    cluster: str | None = None,
 ) -> np.ndarray | None:
     """Per-cell offset on the link scale: ``"log_total"`` (log total counts over all genes), ``"tmm"`` (plus the TMM
-    factor of the cell's sample, see :mod:`scmlm.tl._offsets`; needs ``samples``), an obs column, or None."""
+    factor of the cell's sample, per ``groups_key`` group, see :mod:`scmlm.tl._offsets`; the samples are the
+    ``samples`` columns, or read from ``design``, ``contrast`` and GEE's ``cluster``), an obs column, or None."""
     if offset is None:
         return None
     if not isinstance(offset, str):
@@ -33,8 +43,9 @@ def cell_offset(
                 f" so offset={offset!r} is undefined; remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1)."
             )
         if offset == "tmm":
-            from ._offsets import tmm_offset
+            from ._offsets import resolve_samples, tmm_offset
 
+            samples = resolve_samples(samples, design, contrast, adata.obs, cluster)
             return tmm_offset(adata, matrix, np.log(totals), samples, groups_key)[0]
         return np.log(totals)
     check_obs_keys(adata, [offset], what="offset")

@@ -89,7 +89,8 @@ def glmm_de(
         offset on the link scale (e.g. log size factors); or ``None``.
     sample_key
         ``offset="tmm"`` only: obs column(s) whose combination identifies a sample; ``None`` takes the random terms'
-        grouping factors and the contrast's factor (e.g. donor × condition).
+        grouping factors crossed with the contrast's factor (e.g. donor × condition), or with the design's
+        categorical fixed variables when the contrast is a coefficient name or a vector. Recorded in params.
     trials
         Binomial only: obs column with the number of trials of each cell (the layer then holds successes).
     groups_key
@@ -144,7 +145,7 @@ def glmm_de(
         check_finite(matrix, layer)
     else:
         check_counts(matrix, layer)
-    samples = resolve_samples(sample_key, design, contrast) if offset == "tmm" else None
+    samples = resolve_samples(sample_key, design, contrast, adata.obs) if offset == "tmm" else None
     # over all genes of the layer, before any gene selection
     off = cell_offset(adata, matrix, offset, layer, samples=samples, groups_key=groups_key)
     trial_vec = None

@@ -26,32 +26,50 @@ from .._errors import InputError, _fmt_list
 from .._validate import category_codes, check_obs_keys
 
 
-def design_samples(design: str, contrast) -> list[str]:
+def design_samples(
+    design: str, contrast=None, obs: pd.DataFrame | None = None, cluster: str | None = None
+) -> list[str]:
     """obs columns whose combination identifies a sample, read from the design when no ``sample_key`` is given.
 
-    The grouping factors of the random terms (e.g. ``donor``; ``batch`` and ``donor`` for ``(1|batch/donor)``) and,
-    for a contrast ``(factor, test, reference)``, its factor: with ``"~ condition + (1|donor)"`` and
-    ``("condition", "stim", "ctrl")`` a sample is a donor × condition combination, the unit paired pseudobulk sums.
-    An empty list when the design has no random term and the contrast names no factor.
+    ``cluster`` (GEE's cluster column) and the grouping factors of the random terms (e.g. ``donor``; ``batch`` and
+    ``donor`` for ``(1|batch/donor)``), crossed with, for a contrast ``(factor, test, reference)``, its factor; for
+    any other contrast (a coefficient name, a vector, none), with the design's categorical fixed variables (given
+    ``obs`` to tell them from numeric ones). With ``"~ condition + (1|donor)"`` and ``("condition", "stim", "ctrl")``
+    a sample is a donor × condition combination, the unit paired pseudobulk sums. An empty list when the design names
+    no such column.
     """
+    import formulaic
+
     from ..design._formula import parse_formula
 
-    cols: list[str] = []
-    for term in parse_formula(design).random:
+    parsed = parse_formula(design)
+    cols: list[str] = [] if cluster is None else [cluster]
+    for term in parsed.random:
         cols.extend(term.group)
     if isinstance(contrast, list | tuple) and len(contrast) == 3 and isinstance(contrast[0], str):
         cols.append(contrast[0])
+    elif obs is not None:
+        fixed = sorted(formulaic.Formula(parsed.fixed).required_variables)
+        cols.extend(v for v in fixed if v in obs.columns and not pd.api.types.is_numeric_dtype(obs[v]))
     return list(dict.fromkeys(cols))
 
 
-def resolve_samples(sample_key: str | Sequence[str] | None, design: str, contrast) -> list[str]:
+def resolve_samples(
+    sample_key: str | Sequence[str] | None,
+    design: str | None,
+    contrast=None,
+    obs: pd.DataFrame | None = None,
+    cluster: str | None = None,
+) -> list[str]:
     """``sample_key`` as a list of obs columns, or the design's samples (:func:`design_samples`) when it is None."""
     if sample_key is None:
-        cols = design_samples(design, contrast)
+        cols = [] if design is None else design_samples(design, contrast, obs, cluster)
         if not cols:
             raise InputError(
-                f"offset='tmm' needs the samples, and design {design!r} names none (no random term, no contrast "
-                "factor): pass sample_key='sample' (an obs column) or a list of columns, e.g. ['donor', 'condition']."
+                "offset='tmm' needs the samples"
+                + (f", and design {design!r} names none (no random term, no contrast factor)" if design else "")
+                + ": pass sample_key='sample' (an obs column) or a list of obs columns whose combination identifies "
+                "a sample, e.g. ['donor', 'condition']."
             )
         return cols
     cols = [sample_key] if isinstance(sample_key, str) else list(sample_key)
@@ -108,12 +126,7 @@ def tmm_offset(
     """
     from ..models._edger import tmm_factors
 
-    if samples is None:
-        raise InputError(
-            "offset='tmm' needs the samples: pass sample_key='sample' (an obs column) or a list of obs columns whose "
-            "combination identifies a sample, e.g. ['donor', 'condition']."
-        )
-    cols = [samples] if isinstance(samples, str) else list(samples)
+    cols = resolve_samples(samples, None)
     check_obs_keys(adata, cols, what="sample_key")
     check_obs_keys(adata, [groups_key], what="groups_key")
     if groups_key is None:
