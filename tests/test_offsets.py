@@ -223,3 +223,60 @@ def test_normalisation_page_runs():
         exec(compile(block, "docs/normalisation.md", "exec"), ns)
     median = ns["scmlm"].get.de_df(ns["mono"], key="glmm_de")["log2fc"].median()
     assert round(float(median), 3) == float(re.search(r"# (-?\d\.\d+); with", block).group(1))
+
+
+def test_tmm_keeps_null_calibration():
+    """On null data (8 donors, case–control) the estimated factors do not make the donor-level test liberal: the
+    fraction of p < 0.05 stays at most nominal and close to offset="log_total"'s (measured: 0.025 vs 0.028)."""
+    a = scmlm.datasets.simulate(n_donors=8, n_cells=100, n_genes=1000, design="between", null=True, seed=11)
+    frac = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for off in ("log_total", "tmm"):
+            tab = scmlm.tl.glmm_de(
+                a, "~ condition + (1|donor)", ("condition", "case", "ctrl"), offset=off, inplace=False
+            ).table
+            ok = tab[tab["status"].isin(["ok", "singular"])]
+            assert len(ok) > 900
+            frac[off] = float((ok["pvalue"] < 0.05).mean())
+    assert 0.01 <= frac["tmm"] <= 0.065, frac
+    assert abs(frac["tmm"] - frac["log_total"]) < 0.015, frac
+
+
+def test_known_composition_shift_is_removed():
+    """Ground truth: 15 genes (expression ranks 21–35) raised 8-fold in case cells take 12 % → 51 % of the case
+    libraries; the other 285 genes are unchanged. With offset="tmm" the unchanged genes stay near 0 (as edgeR's
+    pseudobulk with TMM: both about −0.12 log2, TMM's own trimming bias here), the raised ones near log2(8) = 3,
+    and few unchanged genes reach p < 0.05; with "log_total" the unchanged genes are pushed down ~0.9 and half of
+    them reach p < 0.05."""
+    import scipy.sparse as sp
+
+    a = scmlm.datasets.simulate(n_donors=6, n_cells=100, n_genes=300, design="within", null=True, seed=5)
+    X = a.layers["counts"].toarray()
+    raised = np.argsort(X.mean(axis=0))[::-1][20:35]
+    case = (a.obs["condition"] == "case").to_numpy()
+    X[np.ix_(case, raised)] += np.random.default_rng(0).poisson(7 * X[np.ix_(case, raised)])
+    a.X = sp.csr_matrix(X)
+    de = np.isin(np.arange(a.n_vars), raised)
+    contrast = ("condition", "case", "ctrl")
+    pb = scmlm.pp.pseudobulk(a, "sample_id")
+    pbt = scmlm.tl.pseudobulk_de(pb, "~ donor + condition", contrast, inplace=False).table.set_index("gene")
+    pb_null = float(np.nanmedian(pbt["log2fc"].reindex(a.var_names)[~de]))
+    got = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for off in ("log_total", "tmm"):
+            t = scmlm.tl.glmm_de(a, "~ condition + (1|donor) + (1|sample_id)", contrast, offset=off, inplace=False)
+            tab = t.table
+            ok = tab["status"].isin(["ok", "singular"]).to_numpy()
+            got[off] = (
+                float(np.median(tab["log2fc"][~de & ok])),
+                float(np.median(tab["log2fc"][de & ok])),
+                float(np.mean(tab["pvalue"][~de & ok] < 0.05)),
+            )
+    null_med, de_med, fp = got["tmm"]
+    assert abs(null_med - pb_null) < 0.05 and abs(null_med) < 0.2, (got, pb_null)
+    assert abs(de_med - 3.0) < 0.3, got
+    assert fp <= 0.05, got
+    null_med, de_med, fp = got["log_total"]
+    assert null_med < -0.5 and abs(de_med - 3.0) > 0.5 and fp > 0.3, got
