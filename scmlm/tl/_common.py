@@ -14,21 +14,39 @@ from .._errors import DesignError, InputError, _fmt_list
 from .._validate import category_codes, check_obs_keys
 
 
-def cell_offset(adata: ad.AnnData, matrix, offset: str | None, layer: str | None) -> np.ndarray | None:
-    """Per-cell offset on the link scale: ``"log_total"`` (log total counts over all genes), an obs column, or None."""
+def cell_offset(
+    adata: ad.AnnData,
+    matrix,
+    offset: str | None,
+    layer: str | None,
+    *,
+    samples: str | list[str] | None = None,
+    groups_key: str | None = None,
+    design: str | None = None,
+    contrast=None,
+    cluster: str | None = None,
+) -> np.ndarray | None:
+    """Per-cell offset on the link scale: ``"log_total"`` (log total counts over all genes), ``"tmm"`` (plus the TMM
+    factor of the cell's sample, per ``groups_key`` group, see :mod:`scmlm.tl._offsets`; the samples are the
+    ``samples`` columns, or read from ``design``, ``contrast`` and GEE's ``cluster``), an obs column, or None."""
     if offset is None:
         return None
     if not isinstance(offset, str):
-        raise InputError(f"offset must be 'log_total', an obs column name or None, got {offset!r}.")
-    if offset == "log_total":
+        raise InputError(f"offset must be 'log_total', 'tmm', an obs column name or None, got {offset!r}.")
+    if offset in ("log_total", "tmm"):
         totals = np.asarray(matrix.sum(axis=1)).ravel().astype(float)
         zero = np.flatnonzero(totals <= 0)
         if zero.size:
             where = "adata.X" if layer is None else f"layer {layer!r}"
             raise InputError(
                 f"{zero.size} cell(s) have zero total counts in {where} (e.g. {_fmt_list(adata.obs_names[zero[:5]])}),"
-                " so offset='log_total' is undefined; remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1)."
+                f" so offset={offset!r} is undefined; remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1)."
             )
+        if offset == "tmm":
+            from ._offsets import resolve_samples, tmm_offset
+
+            samples = resolve_samples(samples, design, contrast, adata.obs, cluster)
+            return tmm_offset(adata, matrix, np.log(totals), samples, groups_key)[0]
         return np.log(totals)
     check_obs_keys(adata, [offset], what="offset")
     col = adata.obs[offset]

@@ -161,7 +161,9 @@ def gee_de(
     check_obs_keys(adata, [groups_key], what="groups_key")
     matrix = get_matrix(adata, layer)
     check_counts(matrix, layer)
-    off_all = cell_offset(adata, matrix, offset, layer)
+    off_all = cell_offset(
+        adata, matrix, offset, layer, groups_key=groups_key, design=design, contrast=contrast, cluster=groups
+    )
     gene_idx = gene_indices(adata, genes)
 
     full = build_design(adata.obs, design, check_rank=groups_key is None)

@@ -29,6 +29,7 @@ from ._common import (
     gene_indices,
     residual_variance,
 )
+from ._offsets import resolve_samples
 
 _FAMILIES = ("nb", "poisson", "binomial", "gaussian")
 _REPLICATION = ("auto", "as_written")
@@ -43,6 +44,7 @@ def glmm_de(
     family: Literal["nb", "poisson", "binomial", "gaussian"] = "nb",
     layer: str | None = None,
     offset: str | None = "log_total",
+    sample_key: str | list[str] | None = None,
     trials: str | None = None,
     groups_key: str | None = None,
     sample_key: str | None = None,
@@ -110,7 +112,14 @@ def glmm_de(
         Layer to model; ``None`` uses ``.X``.
     offset
         ``"log_total"``: log of each cell's total counts over all genes of the layer (the default, as in the
-        references); an obs column holding an offset on the link scale (e.g. log size factors); or ``None``.
+        references); ``"tmm"``: that plus the log TMM factor of the cell's sample, computed on the pseudobulk as
+        edgeR's ``calcNormFactors`` (per group with ``groups_key``), which removes the composition bias that makes
+        every gene look down when a few genes take over the library (docs/normalisation.md); an obs column holding an
+        offset on the link scale (e.g. log size factors); or ``None``.
+    sample_key
+        ``offset="tmm"`` only: obs column(s) whose combination identifies a sample; ``None`` takes the random terms'
+        grouping factors crossed with the contrast's factor (e.g. donor × condition), or with the design's
+        categorical fixed variables when the contrast is a coefficient name or a vector. Recorded in params.
     trials
         Binomial only: obs column with the number of trials of each cell (the layer then holds successes).
     groups_key
@@ -181,7 +190,9 @@ def glmm_de(
         check_finite(matrix, layer)
     else:
         check_counts(matrix, layer)
-    off = cell_offset(adata, matrix, offset, layer)  # over all genes of the layer, before any gene selection
+    samples = resolve_samples(sample_key, design, contrast, adata.obs) if offset == "tmm" else None
+    # over all genes of the layer, before any gene selection
+    off = cell_offset(adata, matrix, offset, layer, samples=samples, groups_key=groups_key)
     trial_vec = None
     if trials is not None:
         trial_vec = adata.obs[trials].to_numpy(dtype=float)
@@ -249,6 +260,7 @@ def glmm_de(
         "method": method,
         "test": test,
         "offset": offset,
+        "sample_key": samples,
         "trials": trials,
         "layer": layer,
         "groups_key": groups_key,

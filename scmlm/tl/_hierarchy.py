@@ -36,7 +36,7 @@ def _prepare(adata, design, family, layer, offset, groups_key, genes):
         check_finite(matrix, layer)
     else:
         check_counts(matrix, layer)
-    off = cell_offset(adata, matrix, offset, layer)
+    off = cell_offset(adata, matrix, offset, layer, groups_key=groups_key, design=design)
     gene_idx = gene_indices(adata, genes)
     matrix = gene_columns(matrix, gene_idx)  # only the selected genes, in gene_idx order
     return matrix, off, gene_idx, cell_groups(adata, groups_key)

@@ -1,0 +1,167 @@
+"""Composition-robust cell offsets: each cell's log library size plus the TMM factor of its sample.
+
+Why: with ``offset="log_total"`` a gene's expected count is proportional to the cell's total count. When a few genes
+take a large share of the library in one condition (interferon-stimulated genes in IFN-β-stimulated monocytes), every
+other gene's share falls, and the cell-level model reports them all as down-regulated. edgeR corrects this on the
+pseudobulk with TMM normalisation factors; ``offset="tmm"`` carries the same factors to the cells.
+
+The identity that makes the two agree: for sample ``s`` with cells ``i ∈ s``, edgeR's effective library size is
+``N_s f_s`` with ``N_s = Σ_i total_i`` (the pseudobulk column sum over all genes) and ``f_s`` the TMM factor
+(``calcNormFactors(DGEList(pseudobulk))``). The cell offset ``log(total_i) + log(f_s)`` gives the cell-level mean
+``μ_gi = total_i f_s exp(x_s'β)`` (random effects at zero), whose sum over the sample's cells is
+``N_s f_s exp(x_s'β)``: the pseudobulk NB GLM's mean with edgeR's offset ``log(N_s f_s)``. So the fixed effects of the
+cell-level model and of edgeR's model refer to the same normalised scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .._errors import InputError, _fmt_list
+from .._validate import category_codes, check_obs_keys
+
+
+def design_samples(
+    design: str, contrast=None, obs: pd.DataFrame | None = None, cluster: str | None = None
+) -> list[str]:
+    """obs columns whose combination identifies a sample, read from the design when no ``sample_key`` is given.
+
+    ``cluster`` (GEE's cluster column) and the grouping factors of the random terms (e.g. ``donor``; ``batch`` and
+    ``donor`` for ``(1|batch/donor)``), crossed with, for a contrast ``(factor, test, reference)``, its factor; for
+    any other contrast (a coefficient name, a vector, none), with the design's categorical fixed variables (given
+    ``obs`` to tell them from numeric ones). With ``"~ condition + (1|donor)"`` and ``("condition", "stim", "ctrl")``
+    a sample is a donor × condition combination, the unit paired pseudobulk sums. An empty list when the design names
+    no such column.
+    """
+    import formulaic
+
+    from ..design._formula import parse_formula
+
+    parsed = parse_formula(design)
+    cols: list[str] = [] if cluster is None else [cluster]
+    for term in parsed.random:
+        cols.extend(term.group)
+    if isinstance(contrast, list | tuple) and len(contrast) == 3 and isinstance(contrast[0], str):
+        cols.append(contrast[0])
+    elif obs is not None:
+        fixed = sorted(formulaic.Formula(parsed.fixed).required_variables)
+        cols.extend(v for v in fixed if v in obs.columns and not pd.api.types.is_numeric_dtype(obs[v]))
+    return list(dict.fromkeys(cols))
+
+
+def resolve_samples(
+    sample_key: str | Sequence[str] | None,
+    design: str | None,
+    contrast=None,
+    obs: pd.DataFrame | None = None,
+    cluster: str | None = None,
+) -> list[str]:
+    """``sample_key`` as a list of obs columns, or the design's samples (:func:`design_samples`) when it is None."""
+    if sample_key is None:
+        cols = [] if design is None else design_samples(design, contrast, obs, cluster)
+        if not cols:
+            raise InputError(
+                "offset='tmm' needs the samples"
+                + (f", and design {design!r} names none (no random term, no contrast factor)" if design else "")
+                + ": pass sample_key='sample' (an obs column) or a list of obs columns whose combination identifies "
+                "a sample, e.g. ['donor', 'condition']."
+            )
+        return cols
+    cols = [sample_key] if isinstance(sample_key, str) else list(sample_key)
+    if not cols or not all(isinstance(c, str) for c in cols):
+        raise InputError(f"sample_key must be an obs column name or a list of them, got {sample_key!r}.")
+    return cols
+
+
+def sample_labels(obs: pd.DataFrame, columns: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """Integer code of each cell's sample (the combination of ``columns``) and the sample labels (``a:b``)."""
+    per_col = [category_codes(obs[col]) for col in columns]
+    stacked = np.column_stack([c for c, _ in per_col])
+    used, inverse = np.unique(stacked, axis=0, return_inverse=True)
+    labels = [":".join(str(per_col[k][1][v]) for k, v in enumerate(row)) for row in used]
+    return inverse.reshape(-1).astype(np.int64), labels
+
+
+def pseudobulk_sums(matrix, codes: np.ndarray, n_units: int) -> np.ndarray:
+    """Units × genes sums of a cells × genes matrix (sparse or dense) over the cells of each unit."""
+    ind = sp.csr_matrix((np.ones(codes.size), (codes, np.arange(codes.size))), shape=(n_units, codes.size))
+    out = ind @ matrix
+    return np.asarray(out.toarray() if sp.issparse(out) else out, dtype=float)
+
+
+def tmm_offset(
+    adata: ad.AnnData,
+    matrix,
+    log_total: np.ndarray,
+    samples: str | Sequence[str] | None,
+    groups_key: str | None = None,
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Per-cell offset ``log(total_i) + log(f_s)`` with ``f_s`` the TMM factor of cell i's sample.
+
+    Parameters
+    ----------
+    adata
+        Cell-level AnnData (its obs hold the sample and group columns).
+    matrix
+        Cells × genes counts of the layer, all genes (the same genes as the totals).
+    log_total
+        Log total count of each cell over all genes of the layer.
+    samples
+        obs column(s) whose combination identifies a sample.
+    groups_key
+        obs column (e.g. cell type): factors are computed among the samples of each group, on the group's
+        pseudobulk, as :func:`scmlm.tl.pseudobulk_de` does per group.
+
+    Returns
+    -------
+    The offset (natural log, one value per cell) and a table with one row per group × sample: ``group, sample,
+    n_cells, lib_size`` (pseudobulk column sum over all genes), ``norm_factor`` (edgeR's ``calcNormFactors(method =
+    "TMM")`` on the pseudobulk of all genes; geometric mean 1 within a group) and ``eff_lib_size``
+    (``lib_size * norm_factor``, which equals the sum of ``exp(offset)`` over the sample's cells).
+    """
+    from ..models._edger import tmm_factors
+
+    cols = resolve_samples(samples, None)
+    check_obs_keys(adata, cols, what="sample_key")
+    check_obs_keys(adata, [groups_key], what="groups_key")
+    if groups_key is None:
+        groups = [("all", np.arange(adata.n_obs))]
+    else:
+        gcodes, glevels = category_codes(adata.obs[groups_key])
+        groups = [(str(lev), np.flatnonzero(gcodes == k)) for k, lev in enumerate(glevels)]
+    offset = np.array(log_total, dtype=float, copy=True)
+    rows_out = []
+    for name, rows in groups:
+        if rows.size == 0:
+            continue
+        codes, labels = sample_labels(adata.obs.iloc[rows], cols)
+        sub = matrix[rows] if rows.size != adata.n_obs else matrix
+        pb = pseudobulk_sums(sub, codes, len(labels))  # samples × genes
+        lib = pb.sum(axis=1)
+        factors = tmm_factors(pb.T, lib_size=lib) if len(labels) > 1 else np.ones(1)
+        if not np.all(np.isfinite(factors) & (factors > 0)):
+            bad = [lab for lab, f in zip(labels, factors, strict=True) if not (np.isfinite(f) and f > 0)]
+            raise InputError(
+                f"TMM factors are undefined for sample(s) {_fmt_list(bad)}"
+                + (f" in group {name!r}" if groups_key is not None else "")
+                + "; remove samples without counts or use offset='log_total'."
+            )
+        offset[rows] += np.log(factors)[codes]
+        rows_out.append(
+            pd.DataFrame(
+                {
+                    "group": name,
+                    "sample": labels,
+                    "n_cells": np.bincount(codes, minlength=len(labels)),
+                    "lib_size": lib,
+                    "norm_factor": factors,
+                    "eff_lib_size": lib * factors,
+                }
+            )
+        )
+    return offset, pd.concat(rows_out, ignore_index=True)
