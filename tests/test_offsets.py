@@ -155,7 +155,7 @@ def test_kang_tmm_offset_agrees_with_paired_pseudobulk(kang_monocytes):
     """
     pb, glmm = kang_monocytes
     assert glmm["tmm"].params["offset"] == "tmm"
-    assert glmm["tmm"].params["sample_key"] == ["donor", "sample_id", "condition"]
+    assert glmm["tmm"].params["offset_samples"] == ["donor", "sample_id", "condition"]
     n_called = pb["up"] + pb["down"]
     assert n_called > 100
     pb_up_side = pb["up"] / n_called > 0.5
@@ -204,8 +204,8 @@ def test_glmm_de_tmm_groups_and_params():
             sample_key="donor",
             inplace=False,
         )
-    assert res.params["sample_key"] == ["donor", "condition"]
-    assert explicit.params["sample_key"] == ["donor"]
+    assert res.params["offset_samples"] == ["donor", "condition"]
+    assert explicit.params["offset_samples"] == ["donor"]
     # condition is a donor trait here, so donor × condition and donor are the same samples
     pd.testing.assert_frame_equal(res.table, explicit.table)
 

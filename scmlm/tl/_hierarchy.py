@@ -26,7 +26,7 @@ def _term_variance(term, theta: np.ndarray) -> np.ndarray:
     return np.array([np.trace(term.cov_from_theta(th) @ M) for th in theta])
 
 
-def _prepare(adata, design, family, layer, offset, groups_key, genes):
+def _prepare(adata, design, family, layer, offset, groups_key, genes, samples=None):
     if family not in _FAMILIES:
         raise InputError(f"family={family!r} is not known; use one of {_fmt_list(_FAMILIES)}.")
     check_unique_names(adata)
@@ -36,7 +36,7 @@ def _prepare(adata, design, family, layer, offset, groups_key, genes):
         check_finite(matrix, layer)
     else:
         check_counts(matrix, layer)
-    off = cell_offset(adata, matrix, offset, layer, groups_key=groups_key, design=design)
+    off = cell_offset(adata, matrix, offset, layer, samples=samples, groups_key=groups_key, design=design)
     gene_idx = gene_indices(adata, genes)
     matrix = gene_columns(matrix, gene_idx)  # only the selected genes, in gene_idx order
     return matrix, off, gene_idx, cell_groups(adata, groups_key)
@@ -258,7 +258,10 @@ def random_effects(
     if isinstance(fitted, str):
         design = fitted
     genes = [genes] if isinstance(genes, str) else list(genes)
-    matrix, off, gene_idx, groups = _prepare(adata, design, family, layer, offset, groups_key, genes)
+    # the offset glmm_de used: TMM factors over the same samples
+    samples = params.get("offset_samples") if offset == "tmm" else None
+    samples = list(samples) if samples is not None and not isinstance(samples, str) else samples
+    matrix, off, gene_idx, groups = _prepare(adata, design, family, layer, offset, groups_key, genes, samples)
     from ..models._random import build_Z, term_slices
 
     frames = []
