@@ -80,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["pseudobulk", "glmm"], required=True)
     p.add_argument("--pb-method", choices=["nb_ql", "voom", "pydeseq2"], default="nb_ql")
     p.add_argument("--family", choices=["nb", "poisson", "binomial", "gaussian"], default="nb")
-    p.add_argument("--sample-key", default=None, help="aggregate a cell-level input by this key first (pseudobulk)")
+    p.add_argument(
+        "--sample-key",
+        default=None,
+        help="pseudobulk: the obs column naming the sample; needed (and the input aggregated by it first) when the "
+        "input is cell-level",
+    )
     p.add_argument("--min-cells", type=int, default=10, help="pseudobulk: drop samples with fewer cells")
     p.add_argument("--no-filter", action="store_true", help="pseudobulk: keep all genes (no filterByExpr)")
     p.add_argument("--offset", default="log_total", help="glmm: log_total, an obs column, or none")

@@ -104,7 +104,12 @@ def read(path: str | os.PathLike, *, backed: bool = False) -> ad.AnnData:
     if not path.exists():
         raise InputError(f"input file {str(path)!r} does not exist.")
     if path.suffix == ".h5ad":
-        return ad.read_h5ad(path, backed="r" if backed else None)
+        if path.is_dir():
+            raise InputError(f"input {str(path)!r} is a folder, not an .h5ad file.")
+        try:
+            return ad.read_h5ad(path, backed="r" if backed else None)
+        except (OSError, KeyError) as err:
+            raise InputError(f"cannot read {str(path)!r} as an .h5ad file (is it complete?): {err}") from err
     if path.suffix == ".h5":
         import scanpy as sc
 

@@ -325,6 +325,16 @@ def test_api_variance_partition_accepts_every_count_layout(cells, kind):
     pd.testing.assert_frame_equal(res, ref, check_exact=False, rtol=1e-7)
 
 
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("kind", ["dense int", "csc float"])
+def test_api_gee_de_accepts_every_count_layout(cells, kind):
+    a = cells[:, :4].copy()
+    ref = scmlm.tl.gee_de(a, "~ condition", CONTRAST, layer="counts", offset=None, inplace=False).table
+    a.layers["counts"] = _layer_as(a.layers["counts"], kind)
+    res = scmlm.tl.gee_de(a, "~ condition", CONTRAST, layer="counts", offset=None, inplace=False).table
+    pd.testing.assert_frame_equal(res, ref, check_exact=False, rtol=1e-7)
+
+
 def _zero_cell(a):
     a = a.copy()
     m = a.layers["counts"].tolil()
@@ -459,11 +469,20 @@ def test_api_parquet_without_pyarrow(tmp_path):
 
 @pytest.mark.parametrize(
     ("path", "message"),
-    [("missing.h5ad", r"does not exist"), ("table.xlsx", r"expected an \.h5ad file")],
+    [
+        ("missing.h5ad", r"does not exist"),
+        ("table.xlsx", r"expected an \.h5ad file"),
+        ("text.h5ad", r"cannot read .* as an \.h5ad file"),
+        ("folder.h5ad", r"is a folder, not an \.h5ad file"),
+    ],
 )
 def test_api_read_errors(tmp_path, path, message):
     if path.endswith(".xlsx"):
         (tmp_path / path).write_bytes(b"PK")
+    if path == "text.h5ad":
+        (tmp_path / path).write_text("gene,count\n")
+    if path == "folder.h5ad":
+        (tmp_path / path).mkdir()
     with pytest.raises(InputError, match=message):
         scmlm.io.read(tmp_path / path)
 
