@@ -296,6 +296,29 @@ def _check(rule_name, what, value, limit, fix):
         )
 
 
+_STATIC = []  # (rule, resource, value) requests known before any input exists
+
+
+def check_cluster_limits():
+    """Before the first job is submitted (onstart): every request known in advance fits the largest node."""
+    lim = limits()
+    _check(
+        "fit_glmm",
+        "cpus",
+        int(config["threads"]),
+        lim.get("cpus"),
+        "Lower config.threads.",
+    )
+    for rule_name, what, value in _STATIC:
+        _check(
+            rule_name,
+            what,
+            value,
+            lim.get(what),
+            f"Lower it with --set-resources {rule_name}:{what}=...",
+        )
+
+
 def glmm_threads(wildcards=None):
     """Workers of one GLMM shard job (config.threads), one CPU each."""
     n = int(config["threads"])
@@ -329,6 +352,8 @@ def mem_from_input(rule_name, factor, floor=1000):
 
 
 def fixed_mem(rule_name, mb):
+    _STATIC.append((rule_name, "mem_mb", mb))
+
     def mem_mb(wildcards, attempt):
         return _mem(rule_name, mb, attempt)
 
@@ -342,6 +367,8 @@ def shard_mem_mb(wildcards, attempt):
 
 
 def runtime(rule_name, minutes):
+    _STATIC.append((rule_name, "runtime", minutes))
+
     def runtime_min(wildcards, attempt):
         limit = limits().get("runtime")
         _check(
@@ -354,6 +381,10 @@ def runtime(rule_name, minutes):
         return min(minutes * attempt, limit) if limit else minutes * attempt
 
     return runtime_min
+
+
+onstart:
+    check_cluster_limits()
 
 
 # ---- targets ------------------------------------------------------------------------------------------------------
