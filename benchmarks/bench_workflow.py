@@ -273,6 +273,7 @@ def main() -> int:
         "groups_key": "cell_type" if args.n_cell_types > 1 else None,
         "outdir": "results",
         "shards": args.shards,
+        "threads": args.cores,
         "analyses": chosen,
     }
     import yaml
@@ -286,7 +287,7 @@ def main() -> int:
     env = os.environ.copy()
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(work)]
-    cmd += ["--cores", str(args.cores), "--set-threads", f"fit_glmm={args.cores}"]
+    cmd += ["--configfile", str(work / "config" / "config.yaml"), "--cores", str(args.cores)]
     t0 = time.perf_counter()
     with open(work / "snakemake.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -79,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["pseudobulk", "glmm"], required=True)
     p.add_argument("--pb-method", choices=["nb_ql", "voom", "pydeseq2"], default="nb_ql")
     p.add_argument("--family", choices=["nb", "poisson", "binomial", "gaussian"], default="nb")
-    p.add_argument("--sample-key", default=None, help="aggregate a cell-level input by this key first (pseudobulk)")
+    p.add_argument(
+        "--sample-key",
+        default=None,
+        help="pseudobulk: the obs column naming the sample; needed (and the input aggregated by it first) when the "
+        "input is cell-level",
+    )
     p.add_argument("--min-cells", type=int, default=10, help="pseudobulk: drop samples with fewer cells")
     p.add_argument("--no-filter", action="store_true", help="pseudobulk: keep all genes (no filterByExpr)")
     p.add_argument("--offset", default="log_total", help="glmm: log_total, an obs column, or none")
@@ -136,6 +142,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "simulate":
         from .datasets import simulate
 
+        _check_outputs([args.out])
         adata = simulate(
             n_donors=args.n_donors,
             n_cells=args.n_cells,
@@ -154,6 +161,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "dataset":
         from . import datasets
 
+        _check_outputs([args.out])
         adata = getattr(datasets, args.name)()
         io.write_h5ad(adata, args.out, compression="gzip")
         log.info("wrote %s (%d cells × %d genes)", args.out, adata.n_obs, adata.n_vars)
@@ -162,6 +170,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "pseudobulk":
         from .pp import pseudobulk
 
+        _check_outputs([args.out], args.input)
         adata = io.read(args.input, backed=True)
         try:
             pb = pseudobulk(
@@ -172,6 +181,8 @@ def _run(args: argparse.Namespace) -> int:
                 adata.file.close()
         io.write_h5ad(pb, args.out)
         log.info("wrote %s (%d pseudobulk samples × %d genes)", args.out, pb.n_obs, pb.n_vars)
+        for col, why in pb.uns["pseudobulk"]["dropped_reasons"].items():
+            log.info("obs column %r not carried: %s", col, why)
         return 0
 
     if args.command == "de":
@@ -180,6 +191,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "merge":
         from .results import merge_shards
 
+        _check_outputs([args.out], *args.shards)
         tables = [_read_table(p) for p in args.shards]
         merged = merge_shards(tables, sources=args.shards)
         io.write_csv(merged, args.out)
@@ -192,6 +204,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "plot":
         from .pl._de import save_result_plots
 
+        _check_outdir(args.outdir)
         table = _read_table(args.table)
         kinds = args.kind or ["volcano", "pvalue_hist"]
         paths = save_result_plots(table, args.outdir, kinds=kinds)
@@ -216,7 +229,9 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
 
     from . import io, pl, tl
     from .design import parse_formula
+    from .pl._utils import file_labels
 
+    _check_outdir(args.outdir)
     if not parse_formula(args.design).has_random:
         raise ScmlmError(f"design {args.design!r} has no random terms; the hierarchy needs e.g. '(1|donor)'.")
     table = _read_table(args.results)
@@ -238,8 +253,9 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
     io.write_csv(vp.rename_axis("gene").reset_index(), outdir / "variance_partition.csv")
     groups = [None] if args.groups_key is None else sorted(vp["group"].astype(str).unique())
     written = [outdir / "variance_partition.csv"]
+    group_names = file_labels(g for g in groups if g is not None)
     for g in groups:
-        suffix = "" if g is None else "__" + "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in g)
+        suffix = "" if g is None else "__" + group_names[g]
         sub = vp if g is None else vp[vp["group"].astype(str) == g]
         for kind, func in (("variance_partition", pl.variance_partition), ("icc", pl.icc)):
             path = outdir / f"{kind}{suffix}.png"
@@ -258,8 +274,10 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
         io.write_csv(re, outdir / "random_effects.csv")
         written.append(outdir / "random_effects.csv")
         term = re["term"].iloc[0] if len(re) else None
-        for (gene, group), _ in re[re["term"] == term].groupby(["gene", "group"], sort=False):
-            safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{gene}__{group}")
+        pairs = list(re[re["term"] == term].groupby(["gene", "group"], sort=False).groups)
+        pair_names = file_labels(f"{gene}__{group}" for gene, group in pairs)
+        for gene, group in pairs:
+            safe = pair_names[f"{gene}__{group}"]
             path = outdir / f"shrinkage__{safe}.png"
             ax = pl.shrinkage(re, gene, term=term, group=group, show=False, save=path)
             plt.close(ax.get_figure())
@@ -269,10 +287,53 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_outputs(outputs, *inputs) -> None:
+    """Validate every output path before any work starts; an output may never be one of the inputs."""
+    from . import io
+
+    given = [Path(p).resolve() for p in inputs]
+    for out in outputs:
+        if out is None:
+            continue
+        if Path(out).resolve() in given:
+            raise ScmlmError(
+                f"output {out!r} is also an input; choose another output path (inputs are never overwritten)."
+            )
+        io.check_writable(out, what="output")
+    resolved = [Path(p).resolve() for p in outputs if p is not None]
+    if len(set(resolved)) < len(resolved):
+        raise ScmlmError(f"the same path is given for two outputs: {[str(p) for p in outputs if p is not None]}.")
+
+
+def _check_outdir(path: str) -> None:
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ScmlmError(f"--outdir {path!r} is a file; give a folder.")
+    parent = p
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ScmlmError(f"--outdir {path!r} cannot be created or written: {str(parent)!r} is not a writable folder.")
+
+
 def _run_de(args: argparse.Namespace) -> int:
     from . import io, tl
 
     shard = args.shard
+    _check_outputs([args.out, args.out_h5ad], args.input)
+    if args.method == "pseudobulk" and shard is not None:
+        raise ScmlmError("--shard applies to --method glmm; pseudobulk fits all genes of a group together.")
+    if args.method == "glmm" and args.sample_key is not None:
+        raise ScmlmError(
+            "--sample-key applies to --method pseudobulk (cells are summed per sample first); a GLMM models the "
+            "cells, with the sample as a random term in --design, e.g. '~ condition + (1|donor)'."
+        )
+    if args.n_jobs is not None and args.n_jobs == 0:
+        raise ScmlmError("--n-jobs 0 is not a number of workers; use 1 or more (or -1 for all cores).")
+    if shard is not None:
+        from .results import parse_shard
+
+        parse_shard(shard)
     if args.method == "pseudobulk":
         adata = io.read(args.input)
         if args.sample_key is not None:
@@ -284,8 +345,6 @@ def _run_de(args: argparse.Namespace) -> int:
             layer = "counts"
         else:
             layer = args.layer
-        if shard is not None:
-            raise ScmlmError("--shard applies to --method glmm; pseudobulk fits all genes of a group together.")
         key = args.key_added or "pseudobulk_de"
         res = tl.pseudobulk_de(
             adata,
@@ -337,6 +396,7 @@ def _run_de(args: argparse.Namespace) -> int:
         table = table.copy()
         table["padj"] = float("nan")
         table["shard"] = f"{i}/{n}"
+        table["analysis_id"] = analysis_fingerprint(adata, args, n)
     io.write_csv(table, args.out)
     if args.out_h5ad:
         res.to_uns(adata, key)
@@ -344,6 +404,28 @@ def _run_de(args: argparse.Namespace) -> int:
     counts = table["status"].value_counts().to_dict()
     log.info("wrote %s: %d rows; status %s", args.out, len(table), counts)
     return 0
+
+
+def analysis_fingerprint(adata, args: argparse.Namespace, n_shards: int) -> str:
+    """A short hash of what makes gene shards parts of one analysis: the cells and their obs, and the model.
+
+    The cells (names, obs columns) are the same in every shard of one input; the genes differ by design.
+    """
+    from .results import fingerprint
+
+    spec = {
+        "design": args.design,
+        "contrast": list(args.contrast) if isinstance(args.contrast, tuple) else args.contrast,
+        "method": args.method,
+        "family": args.family,
+        "reml": args.reml,
+        "offset": args.offset,
+        "groups_key": args.groups_key,
+        "layer": args.layer,
+        "n_shards": n_shards,
+    }
+    obs = adata.obs.drop(columns=[c for c in adata.obs.columns if c.startswith("scmlm_")], errors="ignore")
+    return fingerprint(adata.obs_names, obs, spec)
 
 
 _FINE = {"ok", "singular", "filtered"}

@@ -13,7 +13,7 @@ import pandas as pd
 
 from ._errors import InputError
 
-__all__ = ["atomic_path", "iter_row_blocks", "read", "read_genes", "write_csv", "write_h5ad"]
+__all__ = ["atomic_path", "check_writable", "iter_row_blocks", "read", "read_genes", "write_csv", "write_h5ad"]
 
 LOG_TOTAL = "scmlm_log_total"
 """obs column with each cell's log total count over all genes (the GLMM offset when only some genes are loaded)."""
@@ -23,19 +23,58 @@ LOG_TOTAL = "scmlm_log_total"
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
 
-    A crash or an error leaves no half-written file at ``path`` (and removes the temporary file).
+    A crash or an error leaves no half-written file at ``path`` (and removes the temporary file). The file gets the
+    mode that the user's umask gives a new file (``mkstemp`` creates it private, 0600).
     """
     path = Path(path)
+    check_writable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
+        if tmp.exists():
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _umask() -> int:
+    """The process umask (read by setting and restoring it; there is no read-only call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_writable(path: str | os.PathLike, *, what: str = "output") -> Path:
+    """Fail early, with an :class:`InputError` naming ``path``, when an output file cannot be written there.
+
+    Checks that ``path`` is not a folder, that its nearest existing parent is a writable folder, and that a
+    ``.parquet`` table has its engine (pyarrow or fastparquet). Nothing is created.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{what} {str(path)!r} is a folder; give a file name, e.g. {str(path / 'results.csv')!r}.")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{what} {str(path)!r}: {str(parent)!r} is a file, not a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {str(path)!r} cannot be written: folder {str(parent)!r} is not writable.")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InputError(f"{what} {str(path)!r} exists and is read-only; remove it or choose another path.")
+    if path.suffix == ".parquet":
+        import importlib.util
+
+        if importlib.util.find_spec("pyarrow") is None and importlib.util.find_spec("fastparquet") is None:
+            raise InputError(
+                f"{what} {str(path)!r}: writing .parquet needs pyarrow (pip install pyarrow); or write .csv/.tsv."
+            )
+    return path
 
 
 def write_h5ad(adata: ad.AnnData, path: str | os.PathLike, **kwargs) -> None:
@@ -65,7 +104,12 @@ def read(path: str | os.PathLike, *, backed: bool = False) -> ad.AnnData:
     if not path.exists():
         raise InputError(f"input file {str(path)!r} does not exist.")
     if path.suffix == ".h5ad":
-        return ad.read_h5ad(path, backed="r" if backed else None)
+        if path.is_dir():
+            raise InputError(f"input {str(path)!r} is a folder, not an .h5ad file.")
+        try:
+            return ad.read_h5ad(path, backed="r" if backed else None)
+        except (OSError, KeyError) as err:
+            raise InputError(f"cannot read {str(path)!r} as an .h5ad file (is it complete?): {err}") from err
     if path.suffix == ".h5":
         import scanpy as sc
 

@@ -139,10 +139,28 @@ def shard_indices(n_items: int, shard: tuple[int, int] | None) -> np.ndarray:
     return np.arange(bounds[i - 1], bounds[i])
 
 
+def fingerprint(obs_names, obs: pd.DataFrame, spec: dict) -> str:
+    """A 16-hex-digit hash of the cells (names and obs values) and of the analysis ``spec`` (design, contrast, …)."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    h.update(json.dumps(spec, sort_keys=True, default=str).encode())
+    h.update(pd.util.hash_pandas_object(pd.Index(obs_names).astype(str), index=False).to_numpy().tobytes())
+    for col in sorted(map(str, obs.columns)):
+        h.update(col.encode())
+        values = obs[col]
+        values = values.astype(str) if not pd.api.types.is_numeric_dtype(values) else values
+        h.update(pd.util.hash_pandas_object(values, index=False).to_numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def merge_shards(tables: Iterable[pd.DataFrame], *, sources: Sequence[str] | None = None) -> pd.DataFrame:
     """Concatenate shard tables, refusing an incomplete or inconsistent set, and recompute ``padj`` over all genes.
 
-    Every row must carry a ``shard`` column ``"i/n"``; the set must contain each of ``1/n … n/n`` exactly once.
+    Every row must carry a ``shard`` column ``"i/n"``; the set must contain each of ``1/n … n/n`` exactly once. Shards
+    written by ``scmlm de --shard`` also carry ``analysis_id``, a fingerprint of the cells, design, contrast, family
+    and method: shards of different analyses are refused, and so is a gene given by two shards.
     """
     tables = list(tables)
     if not tables:
@@ -164,6 +182,23 @@ def merge_shards(tables: Iterable[pd.DataFrame], *, sources: Sequence[str] | Non
         if i in seen:
             raise InputError(f"shard {i}/{n} is given twice: {seen[i]} and {name}.")
         seen[i] = name
+    ids = {name: _analysis_id(t) for name, t in zip(names, tables, strict=True)}
+    if len(set(ids.values())) > 1:
+        first_name, first_id = next(iter(ids.items()))
+        other = next(name for name, v in ids.items() if v != first_id)
+        raise InputError(
+            f"shards come from different analyses: {other} has analysis_id {ids[other]!r} but {first_name} has "
+            f"{first_id!r} (the fingerprint of data, design, contrast, family and method differs, or one file was "
+            "not written by 'scmlm de --shard'). Merge only the shards of one run."
+        )
+    for col in ("method", "contrast"):
+        vals = {
+            name: tuple(sorted(t[col].dropna().astype(str).unique()))
+            for name, t in zip(names, tables, strict=True)
+            if col in t and len(t)
+        }
+        if len(set(vals.values())) > 1:
+            raise InputError(f"shards differ in {col!r}: {vals}; merge only the shards of one analysis.")
     missing = sorted(set(range(1, total + 1)) - set(seen))
     if missing:
         raise InputError(
@@ -173,5 +208,16 @@ def merge_shards(tables: Iterable[pd.DataFrame], *, sources: Sequence[str] | Non
     order = sorted(seen, key=int)
     by_index = dict(zip([parse_shard(t["shard"].iloc[0])[0] for t in tables], tables, strict=True))
     merged = pd.concat([by_index[i] for i in order], ignore_index=True)
-    merged = merged.drop(columns=["shard"])
+    merged = merged.drop(columns=["shard", "analysis_id"], errors="ignore")
+    keys = ["gene", "group", "contrast"]
+    if set(keys) <= set(merged.columns) and merged.duplicated(keys).any():
+        dup = merged.loc[merged.duplicated(keys), keys].iloc[0].tolist()
+        raise InputError(f"gene {dup[0]!r} (group {dup[1]!r}, contrast {dup[2]!r}) is in more than one shard.")
     return finalize_table(merged)
+
+
+def _analysis_id(t: pd.DataFrame) -> str | None:
+    if "analysis_id" not in t.columns:
+        return None
+    vals = t["analysis_id"].dropna().astype(str).unique()
+    return vals[0] if len(vals) == 1 else "|".join(sorted(vals)) or None

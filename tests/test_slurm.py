@@ -37,9 +37,6 @@ SLURM_ARGS = [
     "0",
     "--latency-wait",
     "10",
-    # the profile asks 4 CPUs per GLMM shard; this node has 2, so one CPU each lets both shards run at once
-    "--set-threads",
-    "fit_glmm=1",
 ]
 
 
@@ -58,7 +55,8 @@ def _logs(workdir: Path) -> str:
 
 
 def snakemake(workdir: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(workdir), *args]
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(workdir)]
+    cmd += ["--configfile", str(workdir / "config" / "config.yaml"), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=workdir, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}\n{_logs(workdir)}"
     return proc
@@ -107,6 +105,11 @@ def test_workflow_through_slurm_equals_local_run(slurm, tmp_path):
         ["squeue", "-h", "-t", "all", "-j", ids, "-o", "%i %T"], capture_output=True, text=True, check=True
     ).stdout.split()
     assert states[1::2] == ["COMPLETED"] * len(submitted), states
+    # every job asked for the CPUs it uses: one per process, `threads` (1 in .test) workers per GLMM shard
+    cpus = subprocess.run(
+        ["squeue", "-h", "-t", "all", "-j", ids, "-o", "%i %C"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert set(cpus[1::2]) == {"1"}, cpus
 
     for name in ("pb", "glmm"):
         a = pd.read_csv(local / "results" / name / "results.csv").sort_values(["group", "gene"], ignore_index=True)
@@ -122,3 +125,22 @@ def test_workflow_through_slurm_equals_local_run(slurm, tmp_path):
     pd.testing.assert_frame_equal(
         pd.read_csv(local.joinpath(*hier)), pd.read_csv(remote.joinpath(*hier)), check_exact=False, rtol=1e-6
     )
+
+
+def test_job_no_node_can_run_is_an_error_not_a_wait(slurm, tmp_path):
+    """A GLMM shard asking more CPUs than any node has stops the run before submitting, naming rule and limit."""
+    workdir = make_workdir(tmp_path / "big")
+    cfg = (workdir / "config" / "config.yaml").read_text().replace("threads: 1", "threads: 64")
+    (workdir / "config" / "config.yaml").write_text(cfg)
+    nodes = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True, check=True).stdout.split()
+    start = time.monotonic()
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(workdir)]
+    cmd += ["--configfile", str(workdir / "config" / "config.yaml"), *SLURM_ARGS]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=workdir, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, log
+    assert time.monotonic() - start < 120
+    largest = max(int(n.rstrip("+")) for n in nodes)
+    assert f"fit_glmm jobs ask for cpus=64 but the largest SLURM node offers {largest}" in log, log
+    assert "Lower config.threads" in log
+    assert "has been submitted with SLURM jobid" not in log, "a job was submitted although it could never run"

@@ -45,8 +45,15 @@ def _job_logs(workdir: Path) -> str:
     return "\n".join(parts)
 
 
+def config_args(workdir: Path, snakefile: Path = SNAKEFILE) -> list[str]:
+    """The workflow reads only the config it is given: pass the run folder's config/config.yaml explicitly."""
+    cfg = workdir / "config" / "config.yaml"
+    return ["--configfile", str(cfg)] if snakefile == SNAKEFILE and cfg.exists() else []
+
+
 def snakemake(workdir: Path, *args: str, snakefile: Path = SNAKEFILE, check: bool = True, timeout: float = 900):
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(snakefile), "--directory", str(workdir), *args]
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(snakefile), "--directory", str(workdir)]
+    cmd += [*([] if "--configfile" in args else config_args(workdir, snakefile)), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -265,6 +272,7 @@ def test_interrupted_run_resumes_without_refitting_finished_shards(tmp_path, loc
     target = "results/glmm/results.csv"
     shard_dir = workdir / "results" / "glmm" / "shards"
     cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(workdir), "--cores", "1", target]
+    cmd += config_args(workdir)
     first_log = tmp_path / "first.log"
     with open(first_log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)

@@ -169,9 +169,12 @@ def save_result_plots(table: pd.DataFrame, outdir: str | os.PathLike, *, kinds=(
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     paths = []
-    combos = table[["group", "contrast"]].astype(str).drop_duplicates().itertuples(index=False)
+    from ._utils import file_labels
+
+    combos = list(table[["group", "contrast"]].astype(str).drop_duplicates().itertuples(index=False))
+    names = file_labels(f"{group}__{contrast}" for group, contrast in combos)
     for group, contrast in combos:
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{group}__{contrast}")
+        safe = names[f"{group}__{contrast}"]
         for kind in kinds:
             path = outdir / f"{kind}__{safe}.png"
             ax = funcs[kind](table, group=group, contrast=contrast, show=False, save=path)

@@ -45,9 +45,10 @@ def pseudobulk(
     -------
     A new AnnData, one row per sample (× group): ``.X`` and ``layers["counts"]`` hold the summed counts (dense
     float64), ``layers["n_expressing"]`` the number of cells with a non-zero count. ``obs`` holds ``sample_key``,
-    ``groups_key``, ``n_cells``, ``total_counts`` and every obs column that is constant within each row's cells;
-    ``uns["pseudobulk"]`` records the parameters, the columns that were not constant (``dropped_columns``) and the rows
-    removed by ``min_cells`` (``dropped_rows``).
+    ``groups_key``, ``n_cells``, ``total_counts`` and every obs column that is constant within each row's cells
+    (missing values ignored: a row whose cells are all NaN gets NaN); ``uns["pseudobulk"]`` records the parameters,
+    the columns that were not constant (``dropped_columns``, with an example row in ``dropped_reasons``) and the rows
+    removed by ``min_cells`` (``dropped_rows``). A DE design that uses a dropped column fails with that reason.
 
     Examples
     --------
@@ -105,6 +106,7 @@ def pseudobulk(
     new_obs["total_counts"] = out[present].sum(axis=1)
 
     carried, dropped_cols = _constant_columns(obs, codes, present, exclude={sample_key, groups_key})
+    row_names = pd.Index(names)
     for col, values in carried.items():
         new_obs[col] = values
 
@@ -133,6 +135,11 @@ def pseudobulk(
         "min_cells": int(min_cells),
         "n_cells_input": int(adata.n_obs),
         "dropped_columns": list(dropped_cols),
+        "dropped_reasons": {
+            col: f"it varies within {sample_key!r}{' × ' + repr(groups_key) if groups_key else ''} rows "
+            f"(e.g. row {row_names[pos]!r} has {vals})"
+            for col, (pos, vals) in dropped_cols.items()
+        },
         "dropped_rows": dropped_rows,
     }
     return pb
@@ -163,26 +170,32 @@ def _aggregate_backed(adata, layer, codes, out, nexpr, chunk_size) -> int:
     return n_bad
 
 
-def _constant_columns(obs: pd.DataFrame, codes: np.ndarray, present: np.ndarray, exclude: set) -> tuple[dict, list]:
-    """Columns of ``obs`` constant within every group of ``codes``, with their per-group value."""
+def _constant_columns(obs: pd.DataFrame, codes: np.ndarray, present: np.ndarray, exclude: set) -> tuple[dict, dict]:
+    """Columns of ``obs`` constant (ignoring NaN) within every group of ``codes``, with their per-group value.
+
+    Dropped columns map to ``(position in present of a row where they vary, a short list of its values)``.
+    """
     carried: dict[str, object] = {}
-    dropped: list[str] = []
+    dropped: dict[str, tuple[int, list]] = {}
     cols = [c for c in obs.columns if c not in exclude]
     if not cols:
         return carried, dropped
     key = pd.Series(codes, index=obs.index)
-    nun = obs[cols].groupby(key.to_numpy(), sort=True, observed=True).nunique(dropna=False)
+    nun = obs[cols].groupby(key.to_numpy(), sort=True, observed=True).nunique(dropna=True)
     first = obs[cols].groupby(key.to_numpy(), sort=True, observed=True).first()
     nun = nun.reindex(present)
     first = first.reindex(present)
     for c in cols:
-        if (nun[c] <= 1).all():
+        varies = nun[c].to_numpy() > 1
+        if varies.any():
+            pos = int(np.flatnonzero(varies)[0])
+            vals = pd.unique(obs[c].to_numpy()[codes == present[pos]])
+            dropped[c] = (pos, [str(v) for v in vals[:3]] + (["…"] if len(vals) > 3 else []))
+        else:
             values = first[c]
             if isinstance(obs[c].dtype, pd.CategoricalDtype):
                 values = pd.Categorical(values, categories=obs[c].cat.categories).remove_unused_categories()
             else:
                 values = values.to_numpy()
             carried[c] = values
-        else:
-            dropped.append(c)
     return carried, dropped

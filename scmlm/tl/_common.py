@@ -90,12 +90,16 @@ def check_finite(matrix, layer) -> None:
 
 
 def gene_columns(matrix, gene_idx: np.ndarray):
-    """Columns ``gene_idx`` of a cells × genes matrix as CSC (sparse input) or a dense array, copying once."""
+    """Columns ``gene_idx`` of a cells × genes matrix (dense, CSR or CSC; integer or float) as a CSC matrix.
+
+    Dense input is stored sparse too, so that the fitting code sees one layout whatever the user's layer holds.
+    """
     all_genes = gene_idx.size == matrix.shape[1] and np.array_equal(gene_idx, np.arange(matrix.shape[1]))
-    if sp.issparse(matrix):
-        sub = matrix if all_genes else matrix[:, gene_idx]
-        return sub if sub.format == "csc" else sp.csc_matrix(sub)
-    return np.asarray(matrix) if all_genes else np.asarray(matrix)[:, gene_idx]
+    if not sp.issparse(matrix):
+        dense = np.asarray(matrix)
+        return sp.csc_matrix(dense if all_genes else dense[:, gene_idx])
+    sub = matrix if all_genes else matrix[:, gene_idx]
+    return sub if sub.format == "csc" else sp.csc_matrix(sub)
 
 
 def cell_rows(matrix, rows: np.ndarray):
@@ -114,6 +118,23 @@ def cell_groups(adata: ad.AnnData, groups_key: str | None) -> list[tuple[str | N
     return [(str(lev), np.flatnonzero(codes == k)) for k, lev in enumerate(levels)]
 
 
+class NotTestable(DesignError):
+    """A group (or the whole data) that cannot be tested; ``status`` is the short reason written in its rows."""
+
+    def __init__(self, status: str, detail: str = "") -> None:
+        super().__init__(f"{status}: {detail}" if detail else status)
+        self.status = status
+
+
+def group_status(err: Exception) -> str:
+    """The status of the rows of a group that failed with ``err`` (e.g. ``no residual df``)."""
+    if isinstance(err, NotTestable):
+        return err.status
+    if isinstance(err, DesignError):
+        return f"not estimable: {err}"
+    return f"failed: {type(err).__name__}: {err}"
+
+
 def fit_groups(
     groups: list[tuple[str | None, np.ndarray]],
     fit: Callable[[str | None, np.ndarray], pd.DataFrame],
@@ -122,27 +143,32 @@ def fit_groups(
     groups_key: str | None,
     tool: str,
 ) -> list[pd.DataFrame]:
-    """Fit every group; a group whose design cannot be fitted keeps rows from ``not_estimable`` and a warning.
+    """Fit every group; a group that cannot be fitted keeps rows from ``not_estimable`` and a warning naming it.
 
-    Without ``groups_key`` a design error is raised as is; if no group can be fitted, the first group's error is
-    raised with its type (e.g. :class:`~scmlm.EstimabilityError`).
+    Any error of one group (a design that cannot be estimated, no residual degrees of freedom, a numerical failure
+    of the fitting library) is confined to that group's rows; the status says why (:func:`group_status`). Without
+    ``groups_key`` the error is raised as is; if no group can be fitted, the first group's error is raised with its
+    type (e.g. :class:`~scmlm.EstimabilityError`).
     """
     tables, failed = [], {}
     for name, rows in groups:
         try:
             tables.append(fit(name, rows))
-        except DesignError as err:
+        except (DesignError, ValueError, ArithmeticError, np.linalg.LinAlgError, RuntimeError) as err:
             if groups_key is None:
                 raise
             failed[name] = err
             tables.append(not_estimable(name, err))
     if groups_key is not None and len(failed) == len(groups):
         first = next(iter(failed.values()))
-        raise type(first)(f"the design cannot be fitted in any group of {groups_key!r}; e.g.: {first}") from first
+        if isinstance(first, DesignError):
+            raise type(first)(f"the design cannot be fitted in any group of {groups_key!r}; e.g.: {first}") from first
+        raise DesignError(f"no group of {groups_key!r} could be fitted; e.g.: {group_status(first)}") from first
     if failed:
+        why = "; ".join(f"{name!r}: {group_status(err)}" for name, err in failed.items())
         warnings.warn(
-            f"{tool}: {len(failed)} group(s) of {groups_key!r} could not be fitted and have status 'not estimable': "
-            f"{_fmt_list(failed)}.",
+            f"{tool}: {len(failed)} group(s) of {groups_key!r} could not be tested and keep rows with the reason in "
+            f"'status': {why}.",
             UserWarning,
             stacklevel=3,
         )

@@ -12,9 +12,14 @@ import pandas as pd
 from .._errors import DesignError, InputError, _fmt_list
 from .._validate import check_counts, check_obs_keys, check_unique_names, get_matrix
 from .._version import __version__
-from ..design import build_design, contrast_label
+from ..design import build_design, contrast_label, parse_formula
+from ..design._design import _variables
 from ..results import DEResult, finalize_table
-from ._common import cell_groups, fit_groups
+from ._common import NotTestable, cell_groups, fit_groups, group_status
+
+# rows that look like cells: no aggregation record, at least this many rows, and this many rows in one design cell
+_CELL_LEVEL_MIN_ROWS = 50
+_CELL_LEVEL_ROWS_PER_CELL = 25
 
 _METHODS = ("nb_ql", "voom", "pydeseq2")
 
@@ -31,6 +36,7 @@ def pseudobulk_de(
     key_added: str = "pseudobulk_de",
     inplace: bool = True,
     copy: bool = False,
+    rows_are_samples: bool = False,
 ) -> DEResult | ad.AnnData | None:
     """Differential expression between samples of a pseudobulk AnnData.
 
@@ -62,6 +68,11 @@ def pseudobulk_de(
         ``pb`` untouched.
     copy
         Write into a copy of ``pb`` and return it.
+    rows_are_samples
+        The rows are samples even though ``pb`` carries no aggregation record (``uns["pseudobulk"]`` or
+        ``obs["n_cells"]`` from :func:`scmlm.pp.pseudobulk`), e.g. bulk RNA-seq with many replicates. Without it, data
+        whose rows look like cells (no record and many rows per design cell) are refused: testing cells as samples is
+        pseudoreplication.
 
     Returns
     -------
@@ -81,6 +92,7 @@ def pseudobulk_de(
         raise InputError(f"method={method!r} is not known; use one of {_fmt_list(_METHODS)}.")
     check_unique_names(pb)
     check_obs_keys(pb, [groups_key], what="groups_key")
+    check_sample_rows(pb, design, groups_key=groups_key, rows_are_samples=rows_are_samples)
     counts_all = get_matrix(pb, layer)
     counts_all = counts_all.toarray() if hasattr(counts_all, "toarray") else np.asarray(counts_all)
     counts_all = counts_all.astype(float, copy=False)
@@ -99,7 +111,7 @@ def pseudobulk_de(
         lambda name, rows: _fit_group(
             pb, counts_all, rows, name, design, contrast, method=method, filter_genes=filter_genes
         ),
-        lambda name, err: _failed_group(pb, name, contrast, method, f"not estimable: {err}"),
+        lambda name, err: _failed_group(pb, name, contrast, method, group_status(err)),
         groups_key=groups_key,
         tool="pseudobulk_de",
     )
@@ -115,6 +127,58 @@ def pseudobulk_de(
         "scmlm_version": __version__,
     }
     return DEResult(table=table, params=params).deliver(pb, key_added, inplace=inplace, copy=copy)
+
+
+def _dropped_columns(pb: ad.AnnData) -> dict[str, str]:
+    """Columns that :func:`scmlm.pp.pseudobulk` did not carry, with the reason (when recorded)."""
+    rec = pb.uns.get("pseudobulk", {})
+    if not isinstance(rec, dict):
+        return {}
+    reasons = dict(rec.get("dropped_reasons", {}) or {})
+    for col in np.atleast_1d(rec.get("dropped_columns", [])):
+        reasons.setdefault(str(col), "it is not constant within the aggregated cells")
+    return {str(k): str(v) for k, v in reasons.items()}
+
+
+def check_sample_rows(pb: ad.AnnData, design: str, *, groups_key: str | None, rows_are_samples: bool = False) -> None:
+    """Refuse cell-level data and designs on columns that the aggregation dropped, with errors that say what to do.
+
+    A design column missing from a pseudobulk ``obs`` because it varied within the aggregated cells (a condition
+    inside each donor) means the aggregation merged its levels; the error names the sample key to aggregate by.
+    """
+    rec = pb.uns.get("pseudobulk", {})
+    sample_key = str(rec.get("sample_key", "")) if isinstance(rec, dict) else ""
+    variables = _variables(parse_formula(design))
+    dropped = _dropped_columns(pb)
+    for v in variables:
+        if v not in pb.obs.columns and v in dropped:
+            by = f"sample_key {sample_key!r}" if sample_key else "the sample key"
+            raise DesignError(
+                f"design {design!r} uses {v!r}, which pp.pseudobulk dropped because {dropped[v]}: aggregating by {by} "
+                f"merged the levels of {v!r}. Aggregate by a sample key that separates them, e.g. "
+                f"adata.obs['sample'] = adata.obs[{sample_key or 'donor'!r}].astype(str) + '_' + "
+                f"adata.obs[{v!r}].astype(str); scmlm.pp.pseudobulk(adata, 'sample', ...)."
+            )
+    if rows_are_samples or "pseudobulk" in pb.uns or "n_cells" in pb.obs.columns:
+        return
+    if pb.n_obs < _CELL_LEVEL_MIN_ROWS:
+        return
+    keys = [v for v in variables if v in pb.obs.columns and not pd.api.types.is_numeric_dtype(pb.obs[v])]
+    if groups_key is not None:
+        keys.append(groups_key)
+    if keys:
+        sizes = pb.obs.groupby(keys, observed=True).size()
+        largest, where = int(sizes.max()), f"one combination of {_fmt_list(keys)} ({sizes.idxmax()!r})"
+    else:
+        largest, where = pb.n_obs, "the single design cell"
+    if largest >= _CELL_LEVEL_ROWS_PER_CELL:
+        raise InputError(
+            f"pseudobulk_de got {pb.n_obs} rows with no aggregation record (uns['pseudobulk'] or obs['n_cells']) and "
+            f"{largest} rows in {where}: the rows look like cells, and testing cells as samples is "
+            "pseudoreplication. Aggregate first: pb = scmlm.pp.pseudobulk(adata, sample_key='donor', "
+            "groups_key=...) (CLI: --sample-key). If the rows really are samples (bulk data), pass "
+            "rows_are_samples=True."
+        )
 
 
 def _failed_group(pb, group, contrast, method, status) -> pd.DataFrame:
@@ -137,6 +201,14 @@ def _fit_group(pb, counts_all, rows, group, design, contrast, *, method, filter_
     counts = counts_all[rows].T  # genes × samples
     d = build_design(obs, design)
     con = d.contrast(contrast)
+    n, rank = d.X.shape[0], int(np.linalg.matrix_rank(d.X))
+    if n - rank < 1:
+        where = "" if group is None else f" in group {group!r}"
+        raise NotTestable(
+            "no residual df",
+            f"{n} samples{where} for {rank} coefficients of design {design!r}; a test needs more samples than "
+            "coefficients",
+        )
     if filter_genes:
         keep = np.asarray(_edger.filter_by_expr(counts, design=d.X), dtype=bool)
     else:
@@ -204,6 +276,11 @@ def _fit_group(pb, counts_all, rows, group, design, contrast, *, method, filter_
             v = out.loc[idx, col].to_numpy(dtype=float)
             v[bad] = np.nan
             out.loc[idx, col] = v
+    # a fit that gave no p-value is not "ok": say why (e.g. no residual df left for a gene)
+    untested = (out["status"] == "ok").to_numpy() & ~np.isfinite(out["pvalue"].to_numpy(dtype=float))
+    if untested.any():
+        df = out["df"].to_numpy(dtype=float)
+        out.loc[untested, "status"] = np.where(df[untested] > 0, "no p-value", "no residual df")
     return out
 
 

@@ -14,8 +14,8 @@ rule aggregate:
         "../../envs/scmlm.yaml"
     threads: 1
     resources:
-        mem_mb=lambda wildcards, attempt: 4000 * attempt,  # streams the input in row blocks
-        runtime=runtime(60),
+        mem_mb=fixed_mem("aggregate", 4000),  # streams the input in row blocks
+        runtime=runtime("aggregate", 60),
     params:
         args=aggregate_args,
     shell:

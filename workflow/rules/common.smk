@@ -4,6 +4,8 @@ import difflib
 import os
 import re
 import shlex
+import shutil
+import subprocess
 
 import jsonschema
 from snakemake.exceptions import WorkflowError
@@ -43,8 +45,19 @@ def _describe(err):
     return f"{where}: {err.message}"
 
 
+def _inside(path, folder):
+    """Whether `path` is `folder` or lies inside it (both relative to the working directory)."""
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def validate_config(cfg):
     """Validate against the schema (filling defaults) and add cross-key checks; fail with one clear line."""
+    if not cfg:
+        raise WorkflowError(
+            "invalid scmlm configuration: no configuration given; pass one with --configfile, e.g. "
+            "--configfile config/config.yaml (the example on bundled data) or your own copy of it (config/README.md)"
+        )
     try:
         validate(cfg, SCHEMA)
     except WorkflowError as e:
@@ -76,8 +89,32 @@ def validate_config(cfg):
             problems.append(
                 f"{where}: random-effect terms in design {a['design']!r} need method glmm"
             )
+    problems += _input_problems(cfg)
     if problems:
         raise WorkflowError(f"invalid scmlm configuration: {'; '.join(problems)}")
+
+
+def _input_problems(cfg):
+    """The workflow writes only inside `outdir`: a created input lives there, a user's input never does."""
+    inp, outdir = cfg["input"], cfg["outdir"]
+    if "create_input" in cfg:
+        if not _inside(inp, outdir) or _inside(outdir, inp):
+            return [
+                f"config.input: {inp!r} is written by create_input, so it must lie inside outdir {outdir!r} "
+                f"(e.g. {os.path.join(outdir, 'data', 'input.h5ad')!r}); the workflow never writes outside outdir"
+            ]
+        return []
+    if _inside(inp, outdir) or _inside(outdir, inp):
+        return [
+            f"config.input: {inp!r} lies inside outdir {outdir!r}, which the workflow writes; keep your data "
+            "outside it or choose another outdir"
+        ]
+    if not os.path.exists(inp):
+        return [
+            f"config.input: {inp!r} does not exist (working directory {os.getcwd()!r}); set input to your .h5ad, or "
+            "add create_input to write a bundled or simulated data set"
+        ]
+    return []
 
 
 validate_config(config)
@@ -178,15 +215,147 @@ def hierarchy_args(wildcards):
 
 
 # ---- resources ----------------------------------------------------------------------------------------------------
-# Defaults sized from the input and doubled on each retry (`--retries`); override per rule with --set-resources or in
-# a profile (see workflow/profiles/slurm).
+# Set here only (the SLURM profile carries executor settings, no resources): every job asks for what it uses. Each
+# process runs one BLAS thread (shell prefix in the Snakefile); a GLMM shard job runs `threads` workers.
+# Memory is sized from the input and, like runtime, multiplied by `attempt` on a retry (`--retries`), capped at the
+# cluster's largest node; a request that no node of the cluster can meet stops the workflow with an error instead of a
+# job that stays pending forever. --set-resources RULE:mem_mb=... still overrides a value for one run.
+
+
+def _slurm_time_min(text):
+    """A SLURM time limit ('infinite', 'MM', 'MM:SS', 'HH:MM:SS', 'D-HH[:MM[:SS]]') in minutes (None: no limit)."""
+    text = text.strip()
+    if not text or text in ("infinite", "UNLIMITED", "n/a"):
+        return None
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:  # D-HH, D-HH:MM, D-HH:MM:SS
+        h, m, sec = (parts + [0, 0])[:3]
+    elif len(parts) == 3:  # HH:MM:SS
+        h, m, sec = parts
+    else:  # MM, MM:SS
+        h, m, sec = 0, parts[0], parts[1] if len(parts) > 1 else 0
+    return (int(days or 0) * 24 + h) * 60 + m + sec / 60
+
+
+_LIMITS = []
+
+
+def limits():
+    """`cluster_limits()`, read once, when the first job's resources are evaluated (the executor is known then)."""
+    if not _LIMITS:
+        _LIMITS.append(cluster_limits())
+    return _LIMITS[0]
+
+
+def cluster_limits():
+    """The largest node of the SLURM cluster: {'cpus', 'mem_mb', 'runtime'} (None entries: unknown or unlimited).
+
+    Read from `sinfo` when the workflow submits to SLURM (or config.cluster_check is "always"); {} otherwise.
+    """
+    check = config.get("cluster_check", "auto")
+    plugin = getattr(workflow, "executor_plugin", None)
+    executor = plugin.name if plugin is not None else ""
+    if check == "never" or (check == "auto" and executor != "slurm"):
+        return {}
+    if shutil.which("sinfo") is None:
+        raise WorkflowError(
+            "cluster check: 'sinfo' is not on PATH, so the cluster's limits cannot be read"
+        )
+    try:
+        lines = subprocess.run(
+            ["sinfo", "-h", "-o", "%c %m %l"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout.split("\n")
+    except (subprocess.SubprocessError, OSError) as err:
+        raise WorkflowError(f"cluster check: 'sinfo' failed: {err}") from None
+    cpus, mem, time_ = [], [], []
+    for line in lines:
+        fields = line.split()
+        if len(fields) != 3:
+            continue
+        cpus.append(int(fields[0].rstrip("+")))
+        mem.append(int(fields[1].rstrip("+")))
+        time_.append(_slurm_time_min(fields[2]))
+    if not cpus:
+        raise WorkflowError(
+            "cluster check: 'sinfo' lists no node; is the SLURM cluster up?"
+        )
+    runtime_max = None if any(t is None for t in time_) else max(time_)
+    return {"cpus": max(cpus), "mem_mb": max(mem), "runtime": runtime_max}
+
+
+def _check(rule_name, what, value, limit, fix):
+    if limit is not None and value > limit:
+        raise WorkflowError(
+            f"{rule_name} jobs ask for {what}={value:g} but the largest SLURM node offers {limit:g}; "
+            f"the job could never start. {fix}"
+        )
+
+
+_STATIC = []  # (rule, resource, value) requests known before any input exists
+
+
+def check_cluster_limits():
+    """Before the first job is submitted (onstart): every request known in advance fits the largest node."""
+    lim = limits()
+    _check(
+        "fit_glmm",
+        "cpus",
+        int(config["threads"]),
+        lim.get("cpus"),
+        "Lower config.threads.",
+    )
+    for rule_name, what, value in _STATIC:
+        _check(
+            rule_name,
+            what,
+            value,
+            lim.get(what),
+            f"Lower it with --set-resources {rule_name}:{what}=...",
+        )
+
+
+def glmm_threads(wildcards=None):
+    """Workers of one GLMM shard job (config.threads), one CPU each."""
+    n = int(config["threads"])
+    _check("fit_glmm", "cpus", n, limits().get("cpus"), "Lower config.threads.")
+    return n
+
+
 def _size_mb(paths):
     return sum(os.path.getsize(p) for p in paths if os.path.isfile(p)) / 2**20
 
 
-def mem_from_input(factor, floor=1000):
+def _mem(rule_name, base_mb, attempt):
+    """`base_mb` for the first attempt (refused if no node has it), more on a retry, at most the largest node."""
+    limit = limits().get("mem_mb")
+    _check(
+        rule_name,
+        "mem_mb",
+        int(base_mb),
+        limit,
+        "Use more gene shards (config.shards) or a smaller input.",
+    )
+    mem = int(base_mb * attempt)
+    return min(mem, limit) if limit else mem
+
+
+def mem_from_input(rule_name, factor, floor=1000):
     def mem_mb(wildcards, input, attempt):
-        return int(max(floor, factor * _size_mb(input)) * attempt)
+        return _mem(rule_name, max(floor, factor * _size_mb(input)), attempt)
+
+    return mem_mb
+
+
+def fixed_mem(rule_name, mb):
+    _STATIC.append((rule_name, "mem_mb", mb))
+
+    def mem_mb(wildcards, attempt):
+        return _mem(rule_name, mb, attempt)
 
     return mem_mb
 
@@ -194,14 +363,28 @@ def mem_from_input(factor, floor=1000):
 def shard_mem_mb(wildcards, attempt):
     """A GLMM shard job holds ~1/n of the input's counts (plus a column-major copy and the workers' data)."""
     size_mb = _size_mb([config["input"]])
-    return int(max(2000, 1000 + 5 * size_mb / int(wildcards.n)) * attempt)
+    return _mem("fit_glmm", max(2000, 1000 + 5 * size_mb / int(wildcards.n)), attempt)
 
 
-def runtime(minutes):
+def runtime(rule_name, minutes):
+    _STATIC.append((rule_name, "runtime", minutes))
+
     def runtime_min(wildcards, attempt):
-        return minutes * attempt
+        limit = limits().get("runtime")
+        _check(
+            rule_name,
+            "runtime",
+            minutes,
+            limit,
+            "Ask your administrators for a partition with a longer limit.",
+        )
+        return min(minutes * attempt, limit) if limit else minutes * attempt
 
     return runtime_min
+
+
+onstart:
+    check_cluster_limits()
 
 
 # ---- targets ------------------------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ if "dataset" in config.get("create_input", {}):
             "../../envs/scmlm.yaml"
         threads: 1
         resources:
-            mem_mb=4000,
-            runtime=30,
+            mem_mb=fixed_mem("bundled_input", 4000),
+            runtime=runtime("bundled_input", 30),
         params:
             name=config["create_input"]["dataset"],
         shell:
@@ -35,8 +35,8 @@ if "simulate" in config.get("create_input", {}):
             "../../envs/scmlm.yaml"
         threads: 1
         resources:
-            mem_mb=4000,
-            runtime=120,
+            mem_mb=fixed_mem("simulate_input", 4000),
+            runtime=runtime("simulate_input", 120),
         params:
             args=simulate_args,
         shell:

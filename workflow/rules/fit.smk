@@ -22,8 +22,8 @@ rule fit_pseudobulk:
         "../../envs/scmlm.yaml"
     threads: 1
     resources:
-        mem_mb=mem_from_input(4, 2000),
-        runtime=runtime(60),
+        mem_mb=mem_from_input("fit_pseudobulk", 4, 2000),
+        runtime=runtime("fit_pseudobulk", 60),
     params:
         args=de_args,
     shell:
@@ -43,8 +43,8 @@ rule split_shards:
         "../../envs/scmlm.yaml"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=runtime(120),
+        mem_mb=fixed_mem("split_shards", 4000),
+        runtime=runtime("split_shards", 120),
     params:
         layer=config["layer"],
     script:
@@ -64,10 +64,10 @@ rule fit_glmm:
         analysis=names_regex("glmm"),
     conda:
         "../../envs/scmlm.yaml"
-    threads: 2
+    threads: glmm_threads
     resources:
         mem_mb=shard_mem_mb,
-        runtime=runtime(240),
+        runtime=runtime("fit_glmm", 240),
     params:
         args=de_args,
     shell:

@@ -24,8 +24,8 @@ rule hierarchy:
         "../../envs/scmlm.yaml"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=runtime(60),
+        mem_mb=fixed_mem("hierarchy", 4000),
+        runtime=runtime("hierarchy", 60),
     params:
         args=hierarchy_args,
     shell:

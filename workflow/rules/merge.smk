@@ -22,7 +22,7 @@ rule merge:
         "../../envs/scmlm.yaml"
     threads: 1
     resources:
-        mem_mb=mem_from_input(5),
-        runtime=runtime(30),
+        mem_mb=mem_from_input("merge", 5),
+        runtime=runtime("merge", 30),
     shell:
         "scmlm -v merge {input:q} --out {output:q} > {log:q} 2>&1"

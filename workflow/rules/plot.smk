@@ -20,8 +20,8 @@ rule plot:
         "../../envs/scmlm.yaml"
     threads: 1
     resources:
-        mem_mb=mem_from_input(5, 2000),
-        runtime=runtime(30),
+        mem_mb=mem_from_input("plot", 5, 2000),
+        runtime=runtime("plot", 30),
     params:
         args=plot_args,
     shell:

@@ -23,8 +23,8 @@ rule summary:
         "../../envs/scmlm.yaml"
     threads: 1
     resources:
-        mem_mb=mem_from_input(5),
-        runtime=runtime(10),
+        mem_mb=mem_from_input("summary", 5),
+        runtime=runtime("summary", 10),
     params:
         analyses=list(ANALYSES),
     script:
