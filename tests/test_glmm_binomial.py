@@ -104,3 +104,81 @@ def test_binomial_through_api_uses_the_offset(detection):
     dcoef = np.abs(t["coef"].to_numpy() - ref["coef"].to_numpy())[good]
     assert np.median(dcoef) <= 0.005
     np.testing.assert_allclose(t["se"].to_numpy()[good], ref["se"].to_numpy()[good], rtol=2e-3)
+
+
+# ---------------------------------------------------------------------------------------------------- separation
+
+
+@pytest.fixture(scope="module")
+def separated_data() -> tuple[ad.AnnData, dict[str, str]]:
+    """8 donors, case-control; constructed genes with no counts (or full detection) in one condition."""
+    a = scmlm.datasets.simulate(n_donors=8, n_cells=100, n_genes=40, seed=3)
+    X = a.X.toarray()
+    case = (a.obs["condition"] == "case").to_numpy()
+    rng = np.random.default_rng(0)
+    for g in range(4):  # no counts in case
+        X[case, g] = 0
+        X[~case, g] = rng.poisson(0.5 + g, (~case).sum())
+    for g in (4, 5):  # no counts in ctrl
+        X[~case, g] = 0
+        X[case, g] = rng.poisson(1.0, case.sum())
+    # one count in case: a large (about -5) but finite log fold change, not separation
+    X[:, 6] = 0
+    X[~case, 6] = rng.poisson(0.5, (~case).sum())
+    X[np.flatnonzero(case)[0], 6] = 1
+    X[:, 7] = rng.poisson(3.0, X.shape[0]) + 1  # detected in every cell: separated for the binomial family only
+    a.X = sp.csr_matrix(X)
+    return a, {"separated": ["g00000", "g00001", "g00002", "g00003", "g00004", "g00005"], "finite": ["g00006"]}
+
+
+@pytest.mark.parametrize("family", ["nb", "poisson", "binomial"])
+def test_separated_genes_are_flagged_not_ok(separated_data, family):
+    adata, genes = separated_data
+    with pytest.warns(UserWarning, match="separated"):
+        t = scmlm.tl.glmm_de(
+            adata, "~ condition + (1|donor)", CONTRAST, family=family, min_cells_expressing=3, inplace=False
+        ).table.set_index("gene")
+    sep = t.loc[genes["separated"]]
+    assert (sep["status"] == "separated").all()
+    assert not sep["converged"].any()
+    assert sep[["coef", "log2fc", "se", "stat", "pvalue", "padj"]].isna().all().all()
+    assert t.loc["g00007", "status"] == ("separated" if family == "binomial" else "ok")
+    finite = t.loc[genes["finite"]]
+    assert finite["status"].isin(["ok", "singular"]).all()
+    assert (finite["coef"] < -3).all() and (finite["se"] < 2).all()
+    # the bar: no valid-looking fit with a coefficient or SE the data cannot carry
+    valid = t[t["status"].isin(["ok", "singular"])]
+    assert (valid["coef"].abs() <= 15).all() and (valid["se"] <= 1e3).all()
+    assert (t["status"] == "separated").sum() == 6 + (family == "binomial")
+
+
+def test_separation_check_needs_a_separating_direction():
+    """The linear program flags a combination of columns (two levels without counts), not a single all-zero cell of
+    an additive two-factor design, which has finite estimates."""
+    from scmlm.models._glmm import _separating_direction
+
+    # rows: intercept, B, C (a three-level factor)
+    Xf = np.array([[1.0, 0, 0], [1, 1, 0], [1, 0, 1]])
+    zero = np.array([False, True, True])
+    assert _separating_direction(Xf, ~zero, zero, np.zeros(3, dtype=bool))
+    # additive 2 x 2 (intercept, a, b): only the (a=1, b=1) cell is all zero -> finite MLE
+    Xf = np.array([[1.0, 0, 0], [1, 1, 0], [1, 0, 1], [1, 1, 1]])
+    zero = np.array([False, False, False, True])
+    assert not _separating_direction(Xf, ~zero, zero, np.zeros(4, dtype=bool))
+    # ... but with (a=1, b=0) also all zero, a -> -inf
+    zero = np.array([False, True, False, True])
+    assert _separating_direction(Xf, ~zero, zero, np.zeros(4, dtype=bool))
+
+
+def test_no_valid_fit_beyond_what_the_data_carry():
+    """Rare genes of a simulated case-control set at min_cells_expressing=3: no ok/singular gene with |coef| > 15 or
+    SE > 1e3, for any count family."""
+    a = scmlm.datasets.simulate(n_donors=6, n_cells=80, n_genes=300, seed=7)
+    for family in ("nb", "poisson", "binomial"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t = scmlm.tl.glmm_de(a, DESIGN, CONTRAST, family=family, min_cells_expressing=3, inplace=False).table
+        valid = t[t["status"].isin(["ok", "singular"])]
+        assert len(valid) > 150
+        assert (valid["coef"].abs() <= 15).all() and (valid["se"] <= 1e3).all()
+        assert (t["status"] == "separated").sum() >= 1

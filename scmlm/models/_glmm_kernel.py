@@ -61,6 +61,7 @@ MAX_ETA_STEP = 4.0  # largest change of a pattern's linear predictor in one inne
 
 # status codes (see _glmm.STATUS)
 ST_OK, ST_SINGULAR, ST_NOCONV, ST_FEW, ST_ZERO, ST_NONFINITE, ST_NOTPD, ST_NONINT, ST_BADY = range(9)
+ST_SEPARATED = 9  # set after the kernel by _glmm.fit_glmm: some fixed effect has no finite estimate
 
 
 def _sigmoid_polys(jmax: int) -> np.ndarray:
