@@ -246,9 +246,10 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
     offset = io.LOG_TOTAL if args.family != "gaussian" else None
     log.info("hierarchy: variance partition of %d genes, shrinkage of %d, %d cells", len(vp_genes), len(re_genes),
              adata.n_obs)  # fmt: skip
+    # the genes were chosen among those the DE run fitted (with its own min_cells_expressing), as for glmm_de below
     vp = tl.variance_partition(
         adata[:, vp_genes].copy(), args.design, family=args.family, offset=offset, groups_key=args.groups_key,
-        n_jobs=args.n_jobs, inplace=False,
+        min_cells_expressing=1, n_jobs=args.n_jobs, inplace=False,
     )  # fmt: skip
     io.write_csv(vp.rename_axis("gene").reset_index(), outdir / "variance_partition.csv")
     groups = [None] if args.groups_key is None else sorted(vp["group"].astype(str).unique())

@@ -133,3 +133,33 @@ def test_within_between_recovers_both_signs():
     with pytest.warns(UserWarning, match="pseudoreplication"):
         pooled = scmlm.tl.glmm_de(adata, "~ x", "x", offset=None, family="nb", inplace=False).table
     assert (pooled["coef"] > 0).all()
+
+
+def test_variance_partition_and_glmm_de_fit_the_same_genes():
+    """One eligibility rule: genes glmm_de refuses are not fitted by variance_partition, and every gene gets the same
+    status from both (same model, REML)."""
+    import warnings
+
+    a = scmlm.datasets.simulate(n_donors=6, n_cells=40, n_genes=120, seed=5)
+    X = a.X.toarray()
+    X[:, 0] = 0
+    X[:4, 0] = 1  # 4 expressing cells: below min_cells_expressing=10
+    X[:, 1] = 0  # all zero
+    X[a.obs["condition"].to_numpy() == "case", 2] = 0  # no counts in one condition: separated
+    a.X = sp.csr_matrix(X)
+    design = "~ condition + (1|donor)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        de = scmlm.tl.glmm_de(a, design, ("condition", "case", "ctrl"), inplace=False).table.set_index("gene")
+        vp = scmlm.tl.variance_partition(a, design, inplace=False)
+    assert de.loc["g00000", "status"] == "too few expressing cells"
+    assert de.loc["g00001", "status"] == "all zero"
+    assert de.loc["g00002", "status"] == "separated"
+    pd.testing.assert_series_equal(vp["status"], de.loc[vp.index, "status"], check_names=False)
+    pd.testing.assert_series_equal(vp["converged"], de.loc[vp.index, "converged"], check_names=False)
+    refused = ~vp["converged"].to_numpy()
+    assert refused.sum() >= 3
+    assert vp.loc[refused, ["donor", "fixed", "residual", "var_donor"]].isna().all().all()
+    # the threshold is a parameter of both, with the same meaning
+    vp3 = scmlm.tl.variance_partition(a, design, min_cells_expressing=3, inplace=False)
+    assert vp3.loc["g00000", "status"] != "too few expressing cells"

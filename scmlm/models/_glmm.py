@@ -24,8 +24,10 @@ Typical use (the engine calls :func:`fit_glmm` on chunks of genes with one share
     tab = glmm_contrast(res, L, df=df)
 
 Statuses (``GLMMResult.status``): ``"ok"``; ``"singular"`` (a variance parameter at zero, a valid converged fit);
-``"not converged"`` (estimates of the last iterate are kept, ``converged`` is False); ``"too few expressing cells"``
-and ``"all zero"`` (not fitted); ``"failed: <reason>"`` (NaN estimates).
+``"not converged"`` (estimates of the last iterate are kept, ``converged`` is False); ``"separated"`` (some fixed
+effect has no finite estimate, or the fitted one is beyond what the data can carry; NaN estimates, see
+:func:`separated_genes`); ``"too few expressing cells"`` and ``"all zero"`` (not fitted); ``"failed: <reason>"``
+(NaN estimates).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ STATUS = {
     K.ST_NOTPD: "failed: Hessian not positive definite",
     K.ST_NONINT: "failed: counts must be non-negative integers",
     K.ST_BADY: "failed: successes exceed trials",
+    K.ST_SEPARATED: "separated",
 }
 """Per-gene status codes of the kernel and their strings."""
 
@@ -58,6 +61,16 @@ NDIRECT = 32
 
 NB_PHI_BOUNDS = (1e-8, 1e3)
 """Range of the NB dispersion; a fit at the lower bound is a Poisson fit."""
+
+SEP_ETA_RANGE = 15.0
+"""A converged fit whose fixed-effect linear predictor (offset excluded) spans more than this between covariate
+patterns (a ratio of e^15 ~ 3e6) is taken as near-separated."""
+
+SEP_SE = 100.0
+"""... as is one where the SE of some pattern's fixed linear predictor, centred at the mean pattern, exceeds this."""
+
+SEP_MAX_ROWS = 256
+"""The exact (linear-programming) separation check runs when the fixed design has at most this many distinct rows."""
 
 
 @dataclass(frozen=True)
@@ -452,6 +465,8 @@ def fit_glmm(
             dcov,
             frozen,
         )
+    sep = separated_genes(indptr, indices, data, design, status, beta, cov)
+    status[sep] = K.ST_SEPARATED
     converged = (status == K.ST_OK) | (status == K.ST_SINGULAR)
     failed = ~converged & (status != K.ST_NOCONV)
     for arr in (beta, cov, theta, phi, ll, rll, b, bse, hpsi, dcov):
@@ -478,6 +493,88 @@ def fit_glmm(
         dcov_beta=dcov,
         psi_at_zero=frozen,
     )
+
+
+def _fixed_rows(design: GLMMDesign) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct rows of the fixed design and the row of each cell."""
+    Xp, pat = design.kernel_arrays[0], design.kernel_arrays[10]
+    Xf, inv = np.unique(Xp, axis=0, return_inverse=True)
+    return Xf, np.asarray(inv).ravel()[pat]
+
+
+def _separating_direction(Xf: np.ndarray, mixed: np.ndarray, fail: np.ndarray, succ: np.ndarray) -> bool:
+    """Whether some ``d != 0`` has ``Xf d = 0`` on ``mixed`` rows, ``<= 0`` on ``fail`` and ``>= 0`` on ``succ`` rows,
+    strictly somewhere: the log-likelihood then increases without bound along ``d`` (Albert & Anderson 1984; the
+    linear program of Konis 2007, R's ``detectseparation``)."""
+    from scipy.optimize import linprog
+
+    nf, ns, p = int(fail.sum()), int(succ.sum()), Xf.shape[1]
+    if nf + ns == 0:
+        return False
+    c = Xf[fail].sum(axis=0) - Xf[succ].sum(axis=0)
+    A_ub = np.vstack([Xf[fail], -Xf[fail], -Xf[succ], Xf[succ]])
+    b_ub = np.concatenate([np.zeros(nf), np.ones(nf), np.zeros(ns), np.ones(ns)])
+    A_eq = Xf[mixed] if mixed.any() else None
+    b_eq = np.zeros(int(mixed.sum())) if mixed.any() else None
+    res = linprog(c, A_ub=A_ub, b_ub=b_ub, A_eq=A_eq, b_eq=b_eq, bounds=[(None, None)] * p, method="highs")
+    return bool(res.status == 0 and res.fun < -1e-7)
+
+
+def separated_genes(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    design: GLMMDesign,
+    status: np.ndarray,
+    beta: np.ndarray,
+    cov: np.ndarray,
+) -> np.ndarray:
+    """Genes whose fixed effects have no finite estimate (separation) or whose fit is beyond what the data carry.
+
+    * Exact check on the data (count families, for every fitted gene): a linear combination of the fixed effects that
+      is zero on the covariate patterns with non-zero counts and negative on some all-zero pattern (binomial: also
+      positive on patterns where every trial is a success) makes the likelihood increase without bound, e.g. a
+      contrast level in which the gene has no counts at all. Random effects are penalised and do not change this.
+      Run when the fixed design has at most :data:`SEP_MAX_ROWS` distinct rows.
+    * Near-separation (converged fits): the fixed-effect linear predictor spans more than :data:`SEP_ETA_RANGE`
+      across patterns, or its SE at some pattern (centred at the mean pattern) exceeds :data:`SEP_SE`.
+
+    Returns a boolean mask over genes.
+    """
+    fam = design.family
+    G = status.size
+    sep = np.zeros(G, dtype=bool)
+    if fam.code == GAUSSIAN or G == 0:
+        return sep
+    Xf, row = _fixed_rows(design)
+    F, n = Xf.shape[0], design.n_obs
+    conv = (status == K.ST_OK) | (status == K.ST_SINGULAR)
+    if conv.any():
+        with np.errstate(invalid="ignore", over="ignore"):
+            eta = beta[conv] @ Xf.T
+            span = np.max(eta, axis=1) - np.min(eta, axis=1)
+            w = np.bincount(row, minlength=F) / n
+            Xc = Xf - w @ Xf
+            se = np.sqrt(np.max(np.abs(np.einsum("ri,gij,rj->gr", Xc, cov[conv], Xc)), axis=1))
+        sep[conv] = ~(np.isfinite(span) & (span <= SEP_ETA_RANGE) & np.isfinite(se) & (se <= SEP_SE))
+    if F > SEP_MAX_ROWS or F < 2:
+        return sep
+    fitted = ~np.isin(status, (K.ST_FEW, K.ST_ZERO, K.ST_NONINT, K.ST_BADY))
+    Y = sp.csc_matrix((data, indices, indptr), shape=(n, G))
+    trials = design.kernel_arrays[12]
+    binomial = fam.code == BINOMIAL
+    if binomial and trials.size == 0:
+        Y.data = (Y.data != 0).astype(np.float64)
+        trials = np.ones(n)
+    A = sp.csr_matrix((np.ones(n), (row, np.arange(n))), shape=(F, n))
+    S = np.asarray((A @ Y).todense())
+    T = A @ (trials if binomial else np.ones(n))
+    fail = S == 0
+    succ = (S >= T[:, None] - 1e-9) if binomial else np.zeros_like(fail)
+    for g in np.flatnonzero(fitted & (fail | succ).any(axis=0)):
+        if not sep[g] and _separating_direction(Xf, ~fail[:, g] & ~succ[:, g], fail[:, g], succ[:, g]):
+            sep[g] = True
+    return sep
 
 
 def _variance_components(terms: tuple[RandomTerm, ...], theta: np.ndarray) -> dict[str, np.ndarray]:

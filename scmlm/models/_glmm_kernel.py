@@ -57,9 +57,11 @@ LOG2PI = math.log(2.0 * math.pi)
 DEC_TOL = 1e-7  # outer convergence: predicted gain of the Newton step (log-likelihood units)
 SHIFT_TOL = 0.02  # modes this close to the Taylor centres: the surrogate is exact to ~1e-12 there
 SNAP_SD = 0.01  # SDs below this (times the scale) are tried at exactly zero
+MAX_ETA_STEP = 4.0  # largest change of a pattern's linear predictor in one inner Newton step (damping)
 
 # status codes (see _glmm.STATUS)
 ST_OK, ST_SINGULAR, ST_NOCONV, ST_FEW, ST_ZERO, ST_NONFINITE, ST_NOTPD, ST_NONINT, ST_BADY = range(9)
+ST_SEPARATED = 9  # set after the kernel by _glmm.fit_glmm: some fixed effect has no finite estimate
 
 
 def _sigmoid_polys(jmax: int) -> np.ndarray:
@@ -492,6 +494,25 @@ def penalised(cf, gd, gamma, psi, level, dz, ws):
 
 
 @njit(cache=True)
+def max_eta_change(step, av, dz, npar):
+    """Largest ``|change of e_p|`` over the patterns for a step in ``gamma`` (``av`` at the current ``psi``)."""
+    Xp = dz[0]
+    Zc = dz[1]
+    P = Xp.shape[0]
+    m = Zc.shape[1]
+    out = 0.0
+    for p in range(P):
+        s = 0.0
+        for c in range(npar):
+            s += Xp[p, c] * step[c]
+        for j in range(m):
+            s += av[p, j] * step[npar + Zc[p, j]]
+        if abs(s) > out:
+            out = abs(s)
+    return out
+
+
+@njit(cache=True)
 def inner_solve(cf, gd, gamma, psi, dz, ws, max_iter):
     """Newton iterations for the conditional modes (of ``(beta, u)``, or of ``u`` alone when ``la``).
 
@@ -527,6 +548,15 @@ def inner_solve(cf, gd, gamma, psi, dz, ws, max_iter):
             for i in range(d):
                 gamma[i] += step[i]
             return True, it + 1
+        # damping: a step that moves some linear predictor by more than MAX_ETA_STEP is shortened. Far from the
+        # mode a logit fit can be saturated (all p near 0 or 1); the Newton step there is huge, and its halves land
+        # on the other flat side, where the Hessian vanishes. The mode itself is unchanged.
+        smax = max_eta_change(step, ws[1], dz, npar)
+        if smax > MAX_ETA_STEP:
+            sc = MAX_ETA_STEP / smax
+            for i in range(d):
+                step[i] *= sc
+            dec *= sc
         alpha = 1.0
         ok = False
         for _ in range(40):
@@ -1131,9 +1161,12 @@ def _init_values(fam, has_tau, nth, npar, q, dz, Yp, S1, S2, nzp, nzo, nzy, psi,
             e0[p] = math.log((Yp[p] + 1.0) / (Mp[p] + 1.0 / rate0))
             om[p] = Yp[p] + 1.0
     elif fam == BINOMIAL:
+        lin_co = dz[5][:, 5]
         for p in range(P):
             mp = lin_c[p]
-            e0[p] = math.log((Yp[p] + 0.5) / (mp - Yp[p] + 0.5))
+            # logit of the pattern's success rate minus its mean offset: with offsets such as log library size
+            # (~7) the rate alone would start every cell at p ~ 1
+            e0[p] = math.log((Yp[p] + 0.5) / (mp - Yp[p] + 0.5)) - (lin_co[p] / mp if mp > 0 else 0.0)
             om[p] = (Yp[p] + 0.5) * (mp - Yp[p] + 0.5) / (mp + 1.0)
     else:
         for p in range(P):

@@ -175,6 +175,31 @@ def fit_groups(
     return tables
 
 
+def gene_eligibility(sub, family: str, min_cells_expressing: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which genes of a cells × genes block (CSC or dense) are fitted, the same rule for every cell-level tool.
+
+    A gene with no counts gets status ``"all zero"`` (count families), one with fewer than ``min_cells_expressing``
+    cells with a non-zero value ``"too few expressing cells"``; the others ``"ok"`` (to be fitted).
+
+    Returns
+    -------
+    ``(status, n_expressing, column_sums)``, each of length ``n_genes``.
+    """
+    if sp.issparse(sub):
+        n_expr = np.diff(sub.indptr) if sub.nnz == sub.count_nonzero() else np.asarray((sub != 0).sum(axis=0)).ravel()
+        colsum = np.asarray(sub.sum(axis=0)).ravel()
+    else:
+        n_expr = (sub != 0).sum(axis=0)
+        colsum = sub.sum(axis=0)
+    n_expr = np.asarray(n_expr).ravel()
+    colsum = np.asarray(colsum, dtype=float).ravel()
+    status = np.full(n_expr.size, "ok", dtype=object)
+    zero = (colsum == 0) if family != "gaussian" else np.zeros(n_expr.size, dtype=bool)
+    status[(n_expr < min_cells_expressing) & ~zero] = "too few expressing cells"
+    status[zero] = "all zero"
+    return status, n_expr, colsum
+
+
 def residual_variance(family: str, phi: np.ndarray, mean_count: np.ndarray) -> np.ndarray:
     """Distribution-specific residual variance on the latent scale (Nakagawa, Johnson & Schielzeth 2017).
 

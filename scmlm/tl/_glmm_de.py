@@ -26,6 +26,7 @@ from ._common import (
     check_finite,
     fit_groups,
     gene_columns,
+    gene_eligibility,
     gene_indices,
     residual_variance,
 )
@@ -153,7 +154,9 @@ def glmm_de(
     log), ``log2fc, se, stat, df, pvalue, padj, base_mean, method, converged, status, dispersion, var_<term>,
     icc_<term>`` (latent scale), ``n_iter``. Status: ``ok``, ``singular`` (a variance estimated at zero; the fit is
     valid), ``not testable`` (no replication at the contrast's level; coef and se are kept), ``not converged``,
-    ``too few expressing cells``, ``all zero``, ``failed: …``. Failed genes keep their row with NaN statistics.
+    ``separated`` (a fixed effect without a finite estimate, e.g. no counts in one condition, or a fit beyond what the
+    data carry), ``too few expressing cells``, ``all zero``, ``failed: …``. Failed and separated genes keep their row
+    with NaN statistics.
 
     Examples
     --------
@@ -337,14 +340,11 @@ def _fit_group(
         df = kernel.contrast_df(d.X, d.terms, con.L)
     sub = cell_rows(matrix, rows)  # matrix holds only the selected genes
     size_factor = np.exp(offset[rows] - offset[rows].mean()) if offset is not None else np.ones(rows.size)
+    eligible, _, colsum = gene_eligibility(sub, family, min_cells_expressing)  # the rule variance_partition uses
     if sp.issparse(sub):
-        n_expr = np.diff(sub.indptr) if sub.nnz == sub.count_nonzero() else np.asarray((sub != 0).sum(axis=0)).ravel()
-        colsum = np.asarray(sub.sum(axis=0)).ravel()
         # a vector of the matrix's own dtype: a float64 vector would make scipy copy the whole matrix to float64
         base_mean = np.asarray(sub.T @ (1.0 / size_factor).astype(sub.dtype)).ravel().astype(float) / rows.size
     else:
-        n_expr = (sub != 0).sum(axis=0)
-        colsum = sub.sum(axis=0)
         base_mean = (sub / size_factor[:, None]).mean(axis=0)
     n_genes = gene_idx.size
     out = pd.DataFrame(
@@ -358,12 +358,8 @@ def _fit_group(
             "status": "ok",
         }
     )
-    status = out["status"].to_numpy(dtype=object)
-    zero = (colsum == 0) if family != "gaussian" else np.zeros(n_genes, dtype=bool)
-    few = (n_expr < min_cells_expressing) & ~zero
-    status[zero] = "all zero"
-    status[few] = "too few expressing cells"
-    fit = np.flatnonzero(~zero & ~few)
+    status = eligible.copy()
+    fit = np.flatnonzero(eligible == "ok")
     gdesign = kernel.prepare_glmm(
         d.X,
         d.terms,

@@ -14,7 +14,16 @@ from .._validate import check_counts, check_obs_keys, check_unique_names, get_ma
 from .._version import __version__
 from ..design import build_design
 from ..engine import gene_chunks, run_chunks
-from ._common import cell_groups, cell_offset, cell_rows, check_finite, gene_columns, gene_indices, residual_variance
+from ._common import (
+    cell_groups,
+    cell_offset,
+    cell_rows,
+    check_finite,
+    gene_columns,
+    gene_eligibility,
+    gene_indices,
+    residual_variance,
+)
 from ._glmm_de import _FAMILIES
 
 
@@ -48,17 +57,24 @@ def _fit_chunk(Y, *, gdesign, method):
     return _glmm.fit_glmm(Y, gdesign, method=method, min_nonzero=1)
 
 
-def _fit_genes(matrix, rows, gene_idx, d, off, family, method, n_jobs):
-    """Fit the GLMM of design ``d`` on cells ``rows`` for genes ``gene_idx``; returns (results per chunk, chunks)."""
+def _fit_genes(matrix, rows, gene_idx, d, off, family, method, n_jobs, min_cells_expressing):
+    """Fit the GLMM of design ``d`` on cells ``rows`` for the eligible genes of ``gene_idx`` (glmm_de's rule).
+
+    Returns (cells × genes block, results per chunk, chunks as positions in ``gene_idx``, status of every gene:
+    ``"ok"`` when fitted, otherwise why not).
+    """
     import functools
 
     from ..models import _glmm
 
     sub = cell_rows(matrix, rows)  # matrix holds the selected genes
+    eligible, _, _ = gene_eligibility(sub, family, min_cells_expressing)
+    fit = np.flatnonzero(eligible == "ok")
     gdesign = _glmm.prepare_glmm(d.X, d.terms, None if off is None else off[rows], family=family)
-    chunks = gene_chunks(gene_idx.size)
-    results = run_chunks(functools.partial(_fit_chunk, gdesign=gdesign, method=method), sub, chunks, n_jobs=n_jobs)
-    return sub, results, chunks
+    chunks = [fit[c] for c in gene_chunks(fit.size)] if fit.size else []
+    fit_chunk = functools.partial(_fit_chunk, gdesign=gdesign, method=method)
+    results = run_chunks(fit_chunk, sub, chunks, n_jobs=n_jobs) if chunks else []
+    return sub, results, chunks, eligible
 
 
 def variance_partition(
@@ -70,6 +86,7 @@ def variance_partition(
     offset: str | None = "log_total",
     groups_key: str | None = None,
     genes=None,
+    min_cells_expressing: int = 10,
     n_jobs: int | None = None,
     key_added: str = "variance_partition",
     inplace: bool = True,
@@ -99,8 +116,9 @@ def variance_partition(
         Cell-level AnnData with raw counts (count families) or normalised values (Gaussian).
     design
         Formula with random terms (at least one), e.g. ``"~ (1|donor) + (1|batch) + condition"``.
-    family, layer, offset, groups_key, genes, n_jobs
-        As in :func:`scmlm.tl.glmm_de`.
+    family, layer, offset, groups_key, genes, min_cells_expressing, n_jobs
+        As in :func:`scmlm.tl.glmm_de`; genes are fitted by the same rule (``"all zero"`` and ``"too few expressing
+        cells"`` are not fitted and keep NaN values).
     key_added
         Key in ``adata.uns`` for ``{"params": …, "results": DataFrame}``.
     inplace, copy
@@ -115,9 +133,10 @@ def variance_partition(
     Examples
     --------
     >>> import scmlm
-    >>> adata = scmlm.datasets.simulate(n_donors=8, n_cells=50, n_genes=30, seed=2)
+    >>> adata = scmlm.datasets.simulate(n_donors=8, n_cells=50, n_genes=100, seed=2)
     >>> vp = scmlm.tl.variance_partition(adata, "~ (1|donor) + (1|batch) + condition", inplace=False)
-    >>> bool(((vp[["donor", "batch", "fixed", "residual"]].sum(axis=1) - 1).abs() < 1e-9).all())
+    >>> fitted = vp[vp["converged"]]
+    >>> bool(((fitted[["donor", "batch", "fixed", "residual"]].sum(axis=1) - 1).abs() < 1e-9).all())
     True
     """
     from ..models._random import term_slices
@@ -133,7 +152,9 @@ def variance_partition(
     frames = []
     for group, rows in groups:
         d = build_design(adata.obs.iloc[rows], design)
-        sub, results, chunks = _fit_genes(matrix, rows, gene_idx, d, off, family, "REML", n_jobs)
+        sub, results, chunks, status = _fit_genes(
+            matrix, rows, gene_idx, d, off, family, "REML", n_jobs, min_cells_expressing
+        )
         names = [t.name if t.k == 1 else f"{t.name}({'+'.join(t.col_names)})" for t in d.terms]
         if len(set(names)) != len(names):
             names = [f"{n}_{i}" for i, n in enumerate(names)]
@@ -143,7 +164,6 @@ def variance_partition(
         var = {n: np.full(G, np.nan) for n in names}
         var_fixed = np.full(G, np.nan)
         phi = np.full(G, np.nan)
-        status = np.empty(G, dtype=object)
         conv = np.zeros(G, dtype=bool)
         fixed_cols = [j for j, c in enumerate(d.columns) if c != "(Intercept)"]
         Xf = d.X[:, fixed_cols]
@@ -190,6 +210,7 @@ def variance_partition(
         "layer": layer,
         "offset": offset,
         "groups_key": groups_key,
+        "min_cells_expressing": int(min_cells_expressing),
         "scmlm_version": __version__,
     }
     if not inplace and not copy:
@@ -267,7 +288,8 @@ def random_effects(
     frames = []
     for group, rows in groups:
         d = build_design(adata.obs.iloc[rows], per_group.get("all" if group is None else group, design))
-        sub, results, chunks = _fit_genes(matrix, rows, gene_idx, d, off, family, method, n_jobs)
+        min_expr = int(params.get("min_cells_expressing", 10))
+        sub, results, chunks, _ = _fit_genes(matrix, rows, gene_idx, d, off, family, method, n_jobs, min_expr)
         Z = build_Z(d.terms, rows.size)
         Ysub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
         for idx, res in zip(chunks, results, strict=True):
