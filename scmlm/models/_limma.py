@@ -12,8 +12,9 @@ This module re-implements, for pseudobulk count matrices (genes in rows, samples
   Coefficients and standard errors are returned on the natural-log scale (limma works in log2).
 
 With random-effect ``terms``, ``voom_limma`` follows variancePartition's ``dream``: voom weights, then a per-gene
-precision-weighted linear mixed model (:func:`scmlm.models._lmm.fit_weighted_lmm`) with Satterthwaite degrees of
-freedom, and no empirical-Bayes moderation (``dream``'s default).
+precision-weighted linear mixed model (:func:`scmlm.models._lmm.fit_weighted_lmm`) with Kenward–Roger degrees of
+freedom below 20 samples and Satterthwaite from 20 on (``dream``'s ``ddf = "adaptive"``), and no empirical-Bayes
+moderation (``dream``'s default).
 """
 
 from __future__ import annotations

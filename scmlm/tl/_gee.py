@@ -40,6 +40,8 @@ Kauermann–Carroll with the Bell–McCaffrey df (default) / with the cluster-co
     10 donors x 300 cells      0.045 / 0.047        unequal: 0.040 / 0.048
     20 donors x 60 cells       0.039 / 0.040
     20 donors x 300 cells      unequal: 0.036 / 0.037 (1,000 genes)
+    20 donors x 2,000 cells    0.037 / 0.037 (300 genes)
+    6 donors x 300 cells, condition within donors: 0.054 / 0.054
 
 Mancl–DeRouen was conservative everywhere (0.014–0.031 with the cluster-count df), no correction liberal
 (0.05–0.15). Kauermann–Carroll with the cluster-count df is anti-conservative once donors are unequal (0.090 with 6
