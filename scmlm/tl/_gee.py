@@ -418,30 +418,32 @@ def fit_chunk(data: GEEData, Y) -> dict[str, np.ndarray]:
     converged = fit["converged"]
     beta, cov = fit["beta"], fit["cov"]
     L = data.L
-    for j, g in enumerate(todo):
-        if status[j] != "ok":
-            out["status"][g] = status[j]
-            continue
+    fine = status == "ok"
+    out["status"][todo[~fine]] = status[~fine]
+    conv = fine & converged
+    out["converged"][todo] = conv
+    out["status"][todo[fine & ~converged]] = "not converged"
+    if not data.ftest:
+        with np.errstate(invalid="ignore"):
+            est = beta @ L[0]
+            se = np.sqrt(np.maximum(np.einsum("a,gab,b->g", L[0], cov, L[0]), 0.0))
+        g = todo[fine]
+        out["coef"][g], out["se"][g] = est[fine], se[fine]
+        test = conv & (se > 0)
+        t = est[test] / se[test]
+        out["stat"][todo[test]] = t
+        out["pvalue"][todo[test]] = 2.0 * stats.t.sf(np.abs(t), out["df"][todo[test]])
+        return out
+    k = L.shape[0]
+    for j in np.flatnonzero(conv):
         est = L @ beta[j]
         V = L @ cov[j] @ L.T
-        conv = bool(converged[j])
-        out["converged"][g] = conv
-        if not data.ftest:
-            se = math.sqrt(max(float(V[0, 0]), 0.0))
-            out["coef"][g], out["se"][g] = float(est[0]), se
-            if conv and se > 0:
-                t = float(est[0]) / se
-                out["stat"][g], out["pvalue"][g] = t, float(2.0 * stats.t.sf(abs(t), out["df"][g]))
-        elif conv:
-            try:
-                w = float(est @ np.linalg.solve(V, est))
-            except np.linalg.LinAlgError:
-                out["status"][g], out["converged"][g] = "singular contrast covariance", False
-                continue
-            k = L.shape[0]
-            out["stat"][g], out["pvalue"][g] = w / k, float(stats.f.sf(w / k, k, data.df))
-        if not conv:
-            out["status"][g] = "not converged"
+        try:
+            w = float(est @ np.linalg.solve(V, est))
+        except np.linalg.LinAlgError:
+            out["status"][todo[j]], out["converged"][todo[j]] = "singular contrast covariance", False
+            continue
+        out["stat"][todo[j]], out["pvalue"][todo[j]] = w / k, float(stats.f.sf(w / k, k, data.df))
     return out
 
 
