@@ -322,3 +322,28 @@ def test_batched_single_term_fit_equals_gene_by_gene():
         np.testing.assert_allclose(r.df[i], one["df"], rtol=1e-4)
         np.testing.assert_allclose(r.fitted[i], one["fitted"], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(r.sigma2[i], one["sigma2"], rtol=1e-5)
+
+
+def test_kenward_roger_matches_lmertest_two_random_terms():
+    """The gene-by-gene path (two random intercepts, batch variance on the boundary) and the batched one-term path.
+    R 4.2.2, lme4 1.1-31, lmerTest 3.1-3, pbkrtest 0.5.2, on ``lmertest_data()`` in the weighted model's unweighted
+    form (``ys = sqrt(w) y``, ``x0, x1, x2 = sqrt(w) X``):
+    m <- lmer(ys ~ 0 + x0 + x1 + x2 + (0 + sw | donor) + (0 + sw | batch), d, REML = TRUE)
+    summary(m, ddf = "Kenward-Roger"): x1 -0.8846150514 0.6447502974 df 5.841045654 p 0.220413349406;
+    x2 0.4623397886 0.1489286593 df 32.821293117 p 0.003910080450
+    m1 (donor only): x1 -0.8846151035 0.6394379501 df 5.842707676 p 0.217070800953;
+    x2 0.4623397582 0.1450071868 df 33.517223658 p 0.003095645224
+    """
+    y, X, donor, batch, x, w = lmertest_data()
+    two = (intercept_term("donor", donor), intercept_term("batch", batch))
+    one = (intercept_term("donor", donor),)
+    expected = {
+        (2, 1): [-0.8846150514, 0.6447502974, 5.841045654, 0.220413349406],
+        (2, 2): [0.4623397886, 0.1489286593, 32.821293117, 0.003910080450],
+        (1, 1): [-0.8846151035, 0.6394379501, 5.842707676, 0.217070800953],
+        (1, 2): [0.4623397582, 0.1450071868, 33.517223658, 0.003095645224],
+    }
+    for (nterms, col), ref in expected.items():
+        L = np.eye(3)[col]
+        r = fit_weighted_lmm(y, X, two if nterms == 2 else one, w, L, ddf="kenward-roger")
+        np.testing.assert_allclose([r.coef[0], r.se[0], r.df[0], r.pvalue[0]], ref, rtol=2e-6)
