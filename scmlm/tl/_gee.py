@@ -76,6 +76,7 @@ _FAMILIES = ("nb", "poisson", "binomial")
 _SMALL_SAMPLE = ("kc", "md", "none")
 _DF_METHODS = ("satterthwaite", "clusters")
 _ALPHA_MIN, _ALPHA_MAX = 1e-8, 1e4
+_BLOCK_ELEMENTS = 2_000_000  # cells × genes per vectorised block (~16 MB per dense array)
 _BETA_MAX = 30.0  # |coefficient| on the link scale beyond which a fit has run off to infinity (exp(30) ~ 1e13)
 _STAT_COLS = ("coef", "se", "stat", "df", "pvalue", "base_mean", "dispersion", "working_corr", "n_iter")
 
@@ -411,7 +412,11 @@ def fit_chunk(data: GEEData, Y) -> dict[str, np.ndarray]:
     todo = np.flatnonzero(~few)
     if todo.size == 0:
         return out
-    fit = gee_fit_batch(Yd[:, todo], data)
+    # genes fitted together in sub-blocks of about _BLOCK_ELEMENTS cells × genes (bounded memory for many cells;
+    # the fits are per gene, so the blocking does not change any result)
+    step = max(1, _BLOCK_ELEMENTS // max(Yd.shape[0], 1))
+    parts = [gee_fit_batch(Yd[:, todo[i : i + step]], data) for i in range(0, todo.size, step)]
+    fit = {k: np.concatenate([pt[k] for pt in parts]) for k in parts[0]}
     for k in ("dispersion", "working_corr", "n_iter", "df"):
         out[k][todo] = fit[k]
     status = fit["status"]
@@ -488,12 +493,13 @@ def _glm_start(Y, X, off, family: str, maxiter: int = 50):
     else:
         eta = np.log(np.maximum(mu, 1e-8))
     beta = np.zeros((G, p))
+    # compact working copies of the genes still moving; written back when the set shrinks (column copies of
+    # cells × genes arrays are the main cost, so they are made only when a quarter of the genes has settled)
     active = np.arange(G)
-    eta_w = eta
+    Ya, mua, etaa, ba = Y, mu, eta, beta.copy()
     for it in range(maxiter):
-        mu_a = mu[:, active]
-        dmu = mu_a * (1.0 - mu_a) if family == "binomial" else mu_a
-        z = eta_w[:, active] - off[:, None] + (Y[:, active] - mu_a) / np.maximum(dmu, 1e-300)
+        dmu = mua * (1.0 - mua) if family == "binomial" else mua
+        z = etaa - off[:, None] + (Ya - mua) / np.maximum(dmu, 1e-300)
         w = dmu  # canonical link: dmu^2 / V(mu) = dmu
         XtWX = (w.T @ XX).reshape(-1, p, p)
         XtWz = (w * z).T @ X
@@ -501,17 +507,18 @@ def _glm_start(Y, X, off, family: str, maxiter: int = 50):
             new = np.linalg.solve(XtWX, XtWz[:, :, None])[:, :, 0]
         except np.linalg.LinAlgError:
             new = np.stack([np.linalg.lstsq(A, b, rcond=None)[0] for A, b in zip(XtWX, XtWz, strict=True)])
-        step = np.max(np.abs(new - beta[active]), axis=1) if it > 0 else np.full(active.size, 1.0)
-        beta[active] = new
-        eta_a = X @ new.T + off[:, None]
-        mu[:, active] = _mean_funcs(family, eta_a, None)[0]
-        if it == 0:
-            eta_w = np.empty_like(eta)
-        eta_w[:, active] = eta_a
+        step = np.max(np.abs(new - ba), axis=1) if it > 0 else np.full(active.size, 1.0)
+        ba = new
+        etaa = X @ new.T + off[:, None]
+        mua = _mean_funcs(family, etaa, None)[0]
         moving = ~((step < 1e-10) | ~np.isfinite(step) | (np.max(np.abs(new), axis=1) > 2 * _BETA_MAX))
-        active = active[moving]
-        if active.size == 0:
-            break
+        done = ~moving.any() or it == maxiter - 1
+        if done or moving.sum() < 0.75 * moving.size:
+            beta[active] = ba
+            mu[:, active] = mua
+            if done:
+                break
+            active, Ya, mua, etaa, ba = active[moving], Ya[:, moving], mua[:, moving], etaa[:, moving], ba[moving]
     return beta, mu
 
 
@@ -557,11 +564,15 @@ def _cluster_terms(Yc, Xc, offc, beta, alpha, family, cl: _Clusters):
     Sdr = np.empty((K, G, p))
     dt2 = dt * dt
     dtr = dt * rt
+
+    def times(x, A):  # x[:, None] * A, skipped for a column of ones (the intercept)
+        return A if np.all(x == 1.0) else x[:, None] * A
+
     for a in range(p):
-        Sd[:, :, a] = cl.sums(Xc[:, a, None] * dt)
-        Sdr[:, :, a] = cl.sums(Xc[:, a, None] * dtr)
+        Sd[:, :, a] = cl.sums(times(Xc[:, a], dt))
+        Sdr[:, :, a] = cl.sums(times(Xc[:, a], dtr))
         for b in range(a + 1):
-            Sww[:, :, a, b] = cl.sums((Xc[:, a] * Xc[:, b])[:, None] * dt2)
+            Sww[:, :, a, b] = cl.sums(times(Xc[:, a] * Xc[:, b], dt2))
             Sww[:, :, b, a] = Sww[:, :, a, b]
     T = cl.sums(rt)
     ssr = cl.sums(rt * rt)
