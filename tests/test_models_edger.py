@@ -9,9 +9,10 @@ does (sum per donor, or per donor × condition; samples ordered by sorted key; d
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import statsmodels.api as sm
-from helpers import null_pseudobulk, read_reference_table, reference_pseudobulk, unit_contrast
+from helpers import REFERENCE, null_pseudobulk, read_reference_table, reference_pseudobulk, unit_contrast
 from scipy import stats
 from threadpoolctl import threadpool_limits
 
@@ -24,6 +25,7 @@ from scmlm.models._edger import (
     nb_ql,
     tmm_factors,
 )
+from scmlm.models._limma import fit_f_dist_robustly
 
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers shared with test_models_limma.py (kept local: test modules do not import each other)
@@ -103,6 +105,51 @@ def test_nb_ql_outputs_are_consistent(edger_case):
     assert np.all(res.pvalue >= stats.f.sf(res.stat, res.df1, res.df2) - 1e-12)
     # a 1-df QL Wald z from coef/se tracks the F statistic
     assert stats.spearmanr((res.coef / res.se) ** 2, res.stat)[0] > 0.95
+
+
+def test_nb_ql_matches_edger_with_infinite_prior_df():
+    """A paired null (6 donors × 2 conditions, ``~ donor + condition``) where ``glmQLFit(robust = TRUE)`` gives
+    ``df.prior = Inf`` for every tested gene, some of them with reduced residual df (zero fitted values): the robust
+    prior then sits in limma's infinite-df branch, whose F tail functions are the chi-square limit."""
+    base = REFERENCE / "paired_null_edger"
+    counts = pd.read_csv(base / "counts.csv", index_col="gene")
+    samples = pd.read_csv(base / "samples.csv", index_col="sample")
+    ref = pd.read_csv(base / "pb_edgeR_QL.csv", index_col="gene")
+    assert list(samples.index) == list(counts.columns)
+    donor = samples["donor"].astype(str).to_numpy()
+    levels = np.unique(donor)
+    X = np.column_stack(
+        [np.ones(len(samples))]
+        + [(donor == lev).astype(float) for lev in levels[1:]]
+        + [(samples["condition"] == "case").to_numpy(float)]
+    )
+    Y = counts.to_numpy(float)
+    keep = filter_by_expr(Y, design=X)
+    assert np.array_equal(counts.index[keep], ref.index)
+    y = Y[keep]
+    with threadpool_limits(1):
+        res = nb_ql(y, X, np.eye(X.shape[1])[-1], norm_factors=tmm_factors(y))
+    assert np.isinf(ref["df_prior"]).mean() > 0.5  # the fixture exercises the infinite branch
+    np.testing.assert_array_equal(np.isinf(res.df_prior), np.isinf(ref["df_prior"].to_numpy()))
+    np.testing.assert_allclose(res.s2_post, ref["s2_post"], rtol=1e-6)
+    np.testing.assert_allclose(res.coef, ref["logFC"], atol=1e-6)
+    dlog = np.abs(np.log10(res.pvalue) - np.log10(ref["pvalue"].to_numpy()))
+    assert dlog.max() < 1e-5, dlog.max()
+
+
+def test_fit_f_dist_robustly_infinite_df_uses_the_chi_square_limit():
+    """Residual variances less spread than scaled chi-square(df1)/df1 (quantiles of chi-square(8)/8 with df1 = 4,
+    every 40th with df1 = 3): the prior df is infinite, and the variances with 3 residual df are mapped onto df1 = 4
+    through the chi-square limit (scipy's F with df2 = inf gives NaN, which used to drop the robust fit back to the
+    non-robust scale 0.79996). The expected scale is limma 3.54.1's
+    ``fitFDistRobustly(0.8 * qchisq((1:2000 - 0.5) / 2000, 8) / 8, df1)``."""
+    n = 2000
+    df1 = np.full(n, 4.0)
+    df1[::40] = 3.0
+    x = 0.8 * stats.chi2.ppf((np.arange(n) + 0.5) / n, 8) / 8
+    scale, df2, shrunk = fit_f_dist_robustly(x, df1)
+    assert np.isinf(df2) and np.all(np.isinf(shrunk))
+    np.testing.assert_allclose(scale, 0.916569936126578, rtol=1e-10)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

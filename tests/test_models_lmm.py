@@ -253,3 +253,97 @@ def test_batch_of_genes_with_failures_reports_status():
     assert not res.converged[1] and "non-finite" in res.status[1]
     assert not res.converged[2] and "weight" in res.status[2]
     assert np.isnan(res.pvalue[1]) and np.isfinite(res.pvalue[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Kenward-Roger (dream below 20 samples) against lmerTest / pbkrtest
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _kr_fixture():
+    from helpers import REFERENCE
+
+    base = REFERENCE / "dream_kr"
+    E = pd.read_csv(base / "logcpm.csv", index_col="gene")
+    W = pd.read_csv(base / "weights.csv", index_col="gene")
+    s = pd.read_csv(base / "samples.csv", index_col="sample")
+    ref = pd.read_csv(base / "lmer_kr.csv", index_col="gene")
+    assert list(E.columns) == list(s.index) == list(W.columns)
+    X = np.column_stack([np.ones(len(s)), (s["condition"] == "case").to_numpy(float)])
+    return E.to_numpy(), W.to_numpy(), X, pd.Categorical(s["batch"]).codes.astype(int), ref
+
+
+def test_kenward_roger_matches_lmertest():
+    """dream's per-gene model on 12 pseudobulk samples with a 3-level random batch and voom weights: coef, SE
+    (pbkrtest's adjusted covariance), df and p against ``summary(lmer(..., weights = w), ddf = "Kenward-Roger")``
+    fitted in the equivalent unweighted form (``tests/data/reference/R/run_lmer_kr.R``)."""
+    E, W, X, batch, ref = _kr_fixture()
+    r = fit_weighted_lmm(E, X, (intercept_term("batch", batch),), W, np.array([0.0, 1.0]), ddf="kenward-roger")
+    assert r.converged.all()
+    np.testing.assert_allclose(r.coef, ref["coef"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(r.se, ref["se"], rtol=1e-4)
+    np.testing.assert_allclose(r.df, ref["df"], rtol=1e-5)
+    np.testing.assert_allclose(r.pvalue, ref["p"], rtol=1e-4)
+    np.testing.assert_allclose(r.var_components["batch"], ref["var_batch"], rtol=1e-3, atol=1e-6)
+    # pbkrtest 0.5.2 on the weighted lmer call leaves the weights out of its covariance: df of 100+ with 12 samples
+    assert (ref["df_naive"] > 20).any() and (r.df < 12).all()
+
+
+def test_kenward_roger_equals_satterthwaite_in_a_balanced_one_way_layout():
+    """Balanced one-way random effects, contrast on a between-group covariate: both give k - 2 df, and KR's adjusted
+    variance equals the unadjusted one (no small-sample bias to correct in this layout)."""
+    rng = np.random.default_rng(5)
+    k, m = 8, 4
+    groups = np.repeat(np.arange(k), m)
+    X = np.column_stack([np.ones(k * m), (groups % 2).astype(float)])
+    y = X @ [1.0, 0.5] + rng.normal(0, 1.0, k)[groups] + rng.normal(0, 0.7, k * m)
+    terms = (intercept_term("g", groups),)
+    kr = fit_weighted_lmm(y, X, terms, None, np.array([0.0, 1.0]), ddf="kenward-roger")
+    sat = fit_weighted_lmm(y, X, terms, None, np.array([0.0, 1.0]))
+    np.testing.assert_allclose(kr.df[0], k - 2, rtol=1e-6)
+    np.testing.assert_allclose(kr.se[0], sat.se[0], rtol=1e-6)
+    np.testing.assert_allclose(kr.pvalue[0], sat.pvalue[0], rtol=1e-6)
+
+
+def test_batched_single_term_fit_equals_gene_by_gene():
+    """The vectorised golden-section path for one random intercept gives the per-gene optimiser's answer."""
+    from scmlm.models._lmm import _fit_gene, _LambdaMap
+    from scmlm.models._random import build_Z
+
+    E, W, X, batch, _ = _kr_fixture()
+    terms = (intercept_term("batch", batch),)
+    L = np.array([0.0, 1.0])
+    r = fit_weighted_lmm(E, X, terms, W, L)
+    Z = build_Z(terms, X.shape[0]).toarray()
+    for i in range(0, E.shape[0], 7):
+        one = _fit_gene(E[i], X, Z, W[i], terms, _LambdaMap(terms), L[:, None])
+        np.testing.assert_allclose(r.reml_deviance[i], one["dev"], rtol=1e-9)
+        np.testing.assert_allclose(r.coef[i], one["est"][0], rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(r.df[i], one["df"], rtol=1e-4)
+        np.testing.assert_allclose(r.fitted[i], one["fitted"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(r.sigma2[i], one["sigma2"], rtol=1e-5)
+
+
+def test_kenward_roger_matches_lmertest_two_random_terms():
+    """The gene-by-gene path (two random intercepts, batch variance on the boundary) and the batched one-term path.
+    R 4.2.2, lme4 1.1-31, lmerTest 3.1-3, pbkrtest 0.5.2, on ``lmertest_data()`` in the weighted model's unweighted
+    form (``ys = sqrt(w) y``, ``x0, x1, x2 = sqrt(w) X``):
+    m <- lmer(ys ~ 0 + x0 + x1 + x2 + (0 + sw | donor) + (0 + sw | batch), d, REML = TRUE)
+    summary(m, ddf = "Kenward-Roger"): x1 -0.8846150514 0.6447502974 df 5.841045654 p 0.220413349406;
+    x2 0.4623397886 0.1489286593 df 32.821293117 p 0.003910080450
+    m1 (donor only): x1 -0.8846151035 0.6394379501 df 5.842707676 p 0.217070800953;
+    x2 0.4623397582 0.1450071868 df 33.517223658 p 0.003095645224
+    """
+    y, X, donor, batch, x, w = lmertest_data()
+    two = (intercept_term("donor", donor), intercept_term("batch", batch))
+    one = (intercept_term("donor", donor),)
+    expected = {
+        (2, 1): [-0.8846150514, 0.6447502974, 5.841045654, 0.220413349406],
+        (2, 2): [0.4623397886, 0.1489286593, 32.821293117, 0.003910080450],
+        (1, 1): [-0.8846151035, 0.6394379501, 5.842707676, 0.217070800953],
+        (1, 2): [0.4623397582, 0.1450071868, 33.517223658, 0.003095645224],
+    }
+    for (nterms, col), ref in expected.items():
+        L = np.eye(3)[col]
+        r = fit_weighted_lmm(y, X, two if nterms == 2 else one, w, L, ddf="kenward-roger")
+        np.testing.assert_allclose([r.coef[0], r.se[0], r.df[0], r.pvalue[0]], ref, rtol=2e-6)

@@ -12,8 +12,9 @@ This module re-implements, for pseudobulk count matrices (genes in rows, samples
   Coefficients and standard errors are returned on the natural-log scale (limma works in log2).
 
 With random-effect ``terms``, ``voom_limma`` follows variancePartition's ``dream``: voom weights, then a per-gene
-precision-weighted linear mixed model (:func:`scmlm.models._lmm.fit_weighted_lmm`) with Satterthwaite degrees of
-freedom, and no empirical-Bayes moderation (``dream``'s default).
+precision-weighted linear mixed model (:func:`scmlm.models._lmm.fit_weighted_lmm`) with Kenward–Roger degrees of
+freedom below 20 samples and Satterthwaite from 20 on (``dream``'s ``ddf = "adaptive"``), and no empirical-Bayes
+moderation (``dream``'s default).
 """
 
 from __future__ import annotations
@@ -329,6 +330,27 @@ def _rank_average(x: np.ndarray) -> np.ndarray:
     return stats.rankdata(x, method="average")
 
 
+class _f_dist:
+    """F(df1, df2) tail functions that also take ``df2 = inf`` (the chi-square limit ``chi2(df1) / df1``, as R's
+    ``pf``/``qf`` do; scipy's F distribution returns NaN there)."""
+
+    def __init__(self, df2: float):
+        self.df2 = float(df2)
+        self.inf = not np.isfinite(self.df2)
+
+    def logsf(self, x, df1):
+        return stats.chi2.logsf(x * df1, df1) if self.inf else stats.f.logsf(x, df1, self.df2)
+
+    def logcdf(self, x, df1):
+        return stats.chi2.logcdf(x * df1, df1) if self.inf else stats.f.logcdf(x, df1, self.df2)
+
+    def isf(self, q, df1):
+        return stats.chi2.isf(q, df1) / df1 if self.inf else stats.f.isf(q, df1, self.df2)
+
+    def ppf(self, q, df1):
+        return stats.chi2.ppf(q, df1) / df1 if self.inf else stats.f.ppf(q, df1, self.df2)
+
+
 def fit_f_dist_robustly(
     x: np.ndarray,
     df1: np.ndarray | float,
@@ -372,12 +394,12 @@ def fit_f_dist_robustly(
     if i.any():
         s = nr_scale if cov is None else np.asarray(nr_scale)[i]
         fv = x[i] / s
-        pupper = stats.f.logsf(fv, df1[i], nr_df2)
-        plower = stats.f.logcdf(fv, df1[i], nr_df2)
+        pupper = _f_dist(nr_df2).logsf(fv, df1[i])
+        plower = _f_dist(nr_df2).logcdf(fv, df1[i])
         up = pupper < plower
         fnew = np.empty_like(fv)
-        fnew[up] = stats.f.isf(np.exp(pupper[up]), df1max, nr_df2)
-        fnew[~up] = stats.f.ppf(np.exp(plower[~up]), df1max, nr_df2)
+        fnew[up] = _f_dist(nr_df2).isf(np.exp(pupper[up]), df1max)
+        fnew[~up] = _f_dist(nr_df2).ppf(np.exp(plower[~up]), df1max)
         x = x.copy()
         x[i] = fnew * s
     d1 = float(df1max)
