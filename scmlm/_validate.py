@@ -12,20 +12,21 @@ import scipy.sparse as sp
 from ._errors import InputError, _fmt_list
 
 
-def check_obs_keys(adata: ad.AnnData, keys: Sequence[str | None], *, what: str = "obs key") -> None:
-    """Every non-None key must be an obs column without missing values."""
+def check_obs_keys(adata: ad.AnnData | pd.DataFrame, keys: Sequence[str | None], *, what: str = "obs key") -> None:
+    """Every non-None key must be an obs column without missing values (``adata``: an AnnData or its obs)."""
+    obs = adata if isinstance(adata, pd.DataFrame) else adata.obs
     for key in keys:
         if key is None:
             continue
-        if key not in adata.obs.columns:
+        if key not in obs.columns:
             raise InputError(
-                f"{what} {key!r} is not a column of adata.obs; available columns: {_fmt_list(adata.obs.columns)}."
+                f"{what} {key!r} is not a column of adata.obs; available columns: {_fmt_list(obs.columns)}."
             )
-        col = adata.obs[key]
+        col = obs[key]
         n_na = int(col.isna().sum())
         if n_na:
             raise InputError(
-                f"obs column {key!r} has {n_na} missing value(s) (NaN) in {adata.n_obs} cells; fill them or subset "
+                f"obs column {key!r} has {n_na} missing value(s) (NaN) in {len(obs)} cells; fill them or subset "
                 f"the cells first, e.g. adata = adata[adata.obs[{key!r}].notna()].copy()."
             )
 

@@ -83,12 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sample-key",
         default=None,
-        help="pseudobulk: the obs column naming the sample; needed (and the input aggregated by it first) when the "
-        "input is cell-level",
+        help="the obs column naming the sample. pseudobulk: needed (and the input aggregated by it first) when the "
+        "input is cell-level; glmm: the unit of replication of a paired contrast and of the TMM factors",
     )
     p.add_argument("--min-cells", type=int, default=10, help="pseudobulk: drop samples with fewer cells")
     p.add_argument("--no-filter", action="store_true", help="pseudobulk: keep all genes (no filterByExpr)")
-    p.add_argument("--offset", default="log_total", help="glmm: log_total, an obs column, or none")
+    p.add_argument(
+        "--offset",
+        default="auto",
+        help="glmm: auto (tmm for nb/poisson, else log_total), tmm, log_total, an obs column, or none",
+    )
+    p.add_argument(
+        "--replication",
+        choices=["auto", "as_written"],
+        default="auto",
+        help="glmm: add the sample-level term a paired contrast needs (auto) or fit the design as written",
+    )
     p.add_argument("--reml", choices=["REML", "ML"], default="REML", help="glmm: variance-component estimation")
     p.add_argument("--shard", default=None, help="fit only gene shard i of n ('i/n', 1-based)")
 
@@ -107,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", choices=["nb", "poisson", "binomial", "gaussian"], default="nb")
     p.add_argument("--groups-key", default=None)
     p.add_argument("--layer", default=None)
+    p.add_argument("--offset", default="auto", help="as for 'scmlm de --method glmm' (computed on all genes)")
+    p.add_argument("--sample-key", default=None, help="as for 'scmlm de --method glmm'")
     p.add_argument("--n-genes", type=int, default=200, help="variance partition of the N most expressed genes")
     p.add_argument("--n-shrinkage", type=int, default=3, help="shrinkage plots of the N most significant genes")
     p.add_argument("--n-jobs", type=int, default=None)
@@ -242,8 +254,14 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     genes = list(dict.fromkeys(vp_genes + re_genes))
-    adata = io.read_genes(args.input, genes, layer=args.layer)
-    offset = io.LOG_TOTAL if args.family != "gaussian" else None
+    resolved = _resolve_offset(args.offset, args.family)
+    tmm = None
+    if resolved == "tmm":
+        contrast = list(args.contrast) if isinstance(args.contrast, tuple) else args.contrast
+        tmm = {"design": args.design, "contrast": contrast, "sample_key": args.sample_key}
+        tmm["groups_key"] = args.groups_key
+    adata = io.read_genes(args.input, genes, layer=args.layer, tmm=tmm)
+    offset = {"tmm": io.TMM_OFFSET, "log_total": io.LOG_TOTAL, "none": None}.get(resolved, resolved)
     log.info("hierarchy: variance partition of %d genes, shrinkage of %d, %d cells", len(vp_genes), len(re_genes),
              adata.n_obs)  # fmt: skip
     # the genes were chosen among those the DE run fitted (with its own min_cells_expressing), as for glmm_de below
@@ -286,6 +304,40 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
     for path in written:
         log.info("wrote %s", path)
     return 0
+
+
+def _resolve_offset(offset: str, family: str) -> str:
+    """``auto`` as ``glmm_de`` resolves it: TMM for the NB and Poisson families, the log total count otherwise."""
+    offset = str(offset)
+    if offset.lower() == "none":
+        return "none"
+    if offset == "auto":
+        return "tmm" if family in ("nb", "poisson") else "log_total"
+    return offset
+
+
+def _glmm_offset(adata, offset: str, family: str):
+    """The offset argument of glmm_de for a file read by the CLI.
+
+    A workflow gene shard (or a ``read_genes`` subset) holds counts for some genes only: offsets over all genes were
+    stored with it (``scmlm_log_total``, and the analysis' TMM offset as an obs column, which the rule passes by
+    name). Computing ``log_total``/``tmm`` from its columns would be silently wrong, so they map to the stored columns.
+    """
+    from . import io
+
+    resolved = _resolve_offset(offset, family)
+    if resolved == "none":
+        return None
+    if io.LOG_TOTAL in adata.obs.columns and resolved in ("log_total", "tmm"):
+        col = io.LOG_TOTAL if resolved == "log_total" else io.TMM_OFFSET
+        if col not in adata.obs.columns:
+            raise ScmlmError(
+                f"the input holds counts of some genes only (obs has {io.LOG_TOTAL!r}), so offset={resolved!r} cannot "
+                f"be computed from it; pass --offset with the obs column holding that analysis' offset over all genes "
+                f"(the workflow's split_shards writes 'scmlm_offset_<analysis>'), or --offset {io.LOG_TOTAL}."
+            )
+        return col
+    return offset
 
 
 def _check_outputs(outputs, *inputs) -> None:
@@ -373,7 +425,7 @@ def _run_de(args: argparse.Namespace) -> int:
                 )  # fmt: skip
             else:
                 log.info("shard %d/%d: no genes (only %d genes for %d shards)", i, n, adata.n_vars, n)
-        offset = None if str(args.offset).lower() == "none" else args.offset
+        offset = _glmm_offset(adata, args.offset, args.family)
         res = tl.glmm_de(
             adata,
             args.design,
@@ -384,6 +436,8 @@ def _run_de(args: argparse.Namespace) -> int:
             groups_key=args.groups_key,
             n_jobs=args.n_jobs,
             shard=shard,
+            sample_key=args.sample_key,
+            replication=args.replication,
             method=args.reml,
             key_added=key,
             inplace=False,
@@ -421,6 +475,8 @@ def analysis_fingerprint(adata, args: argparse.Namespace, n_shards: int) -> str:
         "family": args.family,
         "reml": args.reml,
         "offset": args.offset,
+        "sample_key": getattr(args, "sample_key", None),
+        "replication": getattr(args, "replication", None),
         "groups_key": args.groups_key,
         "layer": args.layer,
         "n_shards": n_shards,

@@ -168,7 +168,18 @@ def iter_row_blocks(
         start = stop
 
 
-def read_genes(path: str | os.PathLike, genes, *, layer: str | None = None, block_nnz: int = 20_000_000) -> ad.AnnData:
+TMM_OFFSET = "scmlm_offset_tmm"
+"""obs column with each cell's TMM offset computed on all genes (``read_genes(..., tmm=...)``)."""
+
+
+def read_genes(
+    path: str | os.PathLike,
+    genes,
+    *,
+    layer: str | None = None,
+    block_nnz: int = 20_000_000,
+    tmm: dict | None = None,
+) -> ad.AnnData:
     """Load only some genes of an h5ad, streaming row blocks, with the all-gene log totals in ``obs``.
 
     Memory is bounded by the selected genes' counts plus one row block. ``obs["scmlm_log_total"]`` holds the log of
@@ -186,6 +197,9 @@ def read_genes(path: str | os.PathLike, genes, *, layer: str | None = None, bloc
         Layer with the counts; ``None`` reads ``X``. The result holds them in ``.X``.
     block_nnz
         Stored entries per streamed row block.
+    tmm
+        ``{"design", "contrast", "sample_key", "groups_key"}`` of a GLMM analysis: also store in
+        ``obs["scmlm_offset_tmm"]`` the offset ``glmm_de(..., offset="tmm")`` computes on all genes.
     """
     import h5py
     import numpy as np
@@ -207,13 +221,27 @@ def read_genes(path: str | os.PathLike, genes, *, layer: str | None = None, bloc
         if missing:
             raise InputError(f"genes not in {str(path)!r}: {missing[:10]}{' …' if len(missing) > 10 else ''}.")
         n_obs, n_vars = len(obs), len(var)
+        acc = None
+        if tmm is not None:
+            from .tl._offsets import streamed_tmm
+
+            acc = streamed_tmm(obs, tmm, n_vars)
         blocks, totals = [], np.zeros(n_obs)
         for start, block in iter_row_blocks(f[key], n_obs, n_vars, block_nnz=block_nnz):
             totals[start : start + block.shape[0]] = np.asarray(block.sum(axis=1), dtype=float).ravel()
             blocks.append(sp.csr_matrix(block[:, pos]))
+            if acc is not None:
+                acc.add(start, block)
     X = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((n_obs, len(pos)))
     obs = obs.copy()
     if LOG_TOTAL not in obs:
         with np.errstate(divide="ignore"):
             obs[LOG_TOTAL] = np.log(totals)
+    if acc is not None:
+        if np.any(totals <= 0):
+            raise InputError(
+                f"{int((totals <= 0).sum())} cell(s) have zero total counts in {str(path)!r}, so the TMM offset is "
+                "undefined; remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1)."
+            )
+        obs[TMM_OFFSET] = acc.offset(np.log(totals))[0]
     return ad.AnnData(X=X, obs=obs, var=var.iloc[pos].copy())

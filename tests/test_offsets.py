@@ -280,3 +280,29 @@ def test_known_composition_shift_is_removed():
     assert fp <= 0.05, got
     null_med, de_med, fp = got["log_total"]
     assert null_med < -0.5 and abs(de_med - 3.0) > 0.5 and fp > 0.3, got
+
+
+def test_streamed_tmm_equals_in_memory(tmp_path):
+    """The workflow's shards and `scmlm hierarchy` stream the input once: the TMM offset they store equals glmm_de's.
+
+    Row blocks of a backed h5ad (CSR, several blocks) accumulate the same pseudobulk, so read_genes(tmm=...) gives
+    the offset glmm_de(offset="tmm") computes on the whole matrix, per group, and a gene-subset file refuses to
+    compute log_total/tmm from its own columns through the CLI.
+    """
+    from scmlm import io
+    from scmlm.cli import _glmm_offset
+
+    adata = scmlm.datasets.kang2018()
+    spec = {"design": "~ condition + (1|donor)", "contrast": list(STIM), "sample_key": None, "groups_key": "cell_type"}
+    path = tmp_path / "kang.h5ad"
+    adata.write_h5ad(path)
+    genes = list(adata.var_names[:7])
+    sub = io.read_genes(path, genes, tmm=spec, block_nnz=5_000)  # many row blocks
+    samples = resolve_samples(None, spec["design"], STIM, adata.obs)
+    expect, _ = tmm_offset(adata, adata.X, _log_total(adata), samples, "cell_type")
+    np.testing.assert_allclose(sub.obs[io.TMM_OFFSET].to_numpy(), expect, rtol=0, atol=1e-12)
+    assert _glmm_offset(sub, "auto", "nb") == io.TMM_OFFSET
+    assert _glmm_offset(sub, "log_total", "nb") == io.LOG_TOTAL
+    del sub.obs[io.TMM_OFFSET]
+    with pytest.raises(scmlm.ScmlmError, match="counts of some genes only"):
+        _glmm_offset(sub, "tmm", "nb")

@@ -185,7 +185,7 @@ def test_glmm_shards_partition_genes_and_padj_is_computed_after_merging(local_ru
 
 
 def test_glmm_equals_one_unsharded_cli_call(local_run, tmp_path):
-    """Splitting the input into gene shards (with the all-gene log total as offset) changes nothing."""
+    """Splitting the input into gene shards (TMM offsets computed on all genes while splitting) changes nothing."""
     cfg = yaml.safe_load(TEST_CONFIG.read_text())
     glmm = next(a for a in cfg["analyses"] if a["method"] == "glmm")
     direct = tmp_path / "direct.csv"

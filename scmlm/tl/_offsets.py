@@ -94,6 +94,56 @@ def pseudobulk_sums(matrix, codes: np.ndarray, n_units: int) -> np.ndarray:
     return np.asarray(out.toarray() if sp.issparse(out) else out, dtype=float)
 
 
+def tmm_units(obs: pd.DataFrame, samples: str | Sequence[str], groups_key: str | None = None):
+    """The group × sample unit of each cell: integer codes and the table of units (``group``, ``sample``).
+
+    TMM factors are computed among the samples of each group (``groups_key``), as :func:`scmlm.tl.pseudobulk_de`
+    normalises per group; with ``groups_key=None`` every cell is in group ``"all"``.
+    """
+    cols = resolve_samples(samples, None)
+    check_obs_keys(obs, cols, what="sample_key")
+    check_obs_keys(obs, [groups_key], what="groups_key")
+    if groups_key is None:
+        keys = cols
+        gname = np.full(len(obs), "all", dtype=object)
+    else:
+        keys = [groups_key, *cols]
+        gname = obs[groups_key].astype(str).to_numpy(dtype=object)
+    codes, labels = sample_labels(obs, keys)
+    first = np.zeros(len(labels), dtype=np.int64)
+    first[codes[::-1]] = np.arange(codes.size)[::-1]  # a cell of each unit
+    sample = [":".join(str(obs[c].iloc[i]) for c in cols) for i in first]
+    units = pd.DataFrame({"group": gname[first], "sample": sample})
+    units["n_cells"] = np.bincount(codes, minlength=len(labels))
+    return codes, units
+
+
+def tmm_offset_from_sums(
+    log_total: np.ndarray, codes: np.ndarray, units: pd.DataFrame, sums: np.ndarray
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Offsets ``log(total_i) + log(f_s)`` from the units × genes pseudobulk ``sums`` of :func:`tmm_units`' units.
+
+    The sums may be accumulated block by block (the workflow streams a backed h5ad once); the factors are edgeR's
+    ``calcNormFactors`` among the samples of each group.
+    """
+    from ..models._edger import tmm_factors
+
+    factors = np.ones(len(units))
+    lib = sums.sum(axis=1)
+    for name, idx in units.groupby("group", sort=False).indices.items():
+        if idx.size > 1:
+            factors[idx] = tmm_factors(sums[idx].T, lib_size=lib[idx])
+        bad = idx[~(np.isfinite(factors[idx]) & (factors[idx] > 0))]
+        if bad.size:
+            raise InputError(
+                f"TMM factors are undefined for sample(s) {_fmt_list(units['sample'].iloc[bad])}"
+                + (f" in group {name!r}" if name != "all" else "")
+                + "; remove samples without counts or use offset='log_total'."
+            )
+    table = units.assign(lib_size=lib, norm_factor=factors, eff_lib_size=lib * factors)
+    return np.asarray(log_total, dtype=float) + np.log(factors)[codes], table
+
+
 def tmm_offset(
     adata: ad.AnnData,
     matrix,
@@ -124,44 +174,40 @@ def tmm_offset(
     "TMM")`` on the pseudobulk of all genes; geometric mean 1 within a group) and ``eff_lib_size``
     (``lib_size * norm_factor``, which equals the sum of ``exp(offset)`` over the sample's cells).
     """
-    from ..models._edger import tmm_factors
+    codes, units = tmm_units(adata.obs, samples, groups_key)
+    sums = pseudobulk_sums(matrix, codes, len(units))
+    return tmm_offset_from_sums(log_total, codes, units, sums)
 
-    cols = resolve_samples(samples, None)
-    check_obs_keys(adata, cols, what="sample_key")
-    check_obs_keys(adata, [groups_key], what="groups_key")
-    if groups_key is None:
-        groups = [("all", np.arange(adata.n_obs))]
-    else:
-        gcodes, glevels = category_codes(adata.obs[groups_key])
-        groups = [(str(lev), np.flatnonzero(gcodes == k)) for k, lev in enumerate(glevels)]
-    offset = np.array(log_total, dtype=float, copy=True)
-    rows_out = []
-    for name, rows in groups:
-        if rows.size == 0:
-            continue
-        codes, labels = sample_labels(adata.obs.iloc[rows], cols)
-        sub = matrix[rows] if rows.size != adata.n_obs else matrix
-        pb = pseudobulk_sums(sub, codes, len(labels))  # samples × genes
-        lib = pb.sum(axis=1)
-        factors = tmm_factors(pb.T, lib_size=lib) if len(labels) > 1 else np.ones(1)
-        if not np.all(np.isfinite(factors) & (factors > 0)):
-            bad = [lab for lab, f in zip(labels, factors, strict=True) if not (np.isfinite(f) and f > 0)]
-            raise InputError(
-                f"TMM factors are undefined for sample(s) {_fmt_list(bad)}"
-                + (f" in group {name!r}" if groups_key is not None else "")
-                + "; remove samples without counts or use offset='log_total'."
-            )
-        offset[rows] += np.log(factors)[codes]
-        rows_out.append(
-            pd.DataFrame(
-                {
-                    "group": name,
-                    "sample": labels,
-                    "n_cells": np.bincount(codes, minlength=len(labels)),
-                    "lib_size": lib,
-                    "norm_factor": factors,
-                    "eff_lib_size": lib * factors,
-                }
-            )
-        )
-    return offset, pd.concat(rows_out, ignore_index=True)
+
+class StreamedTMM:
+    """TMM offsets from a matrix seen in row blocks (a backed h5ad streamed once).
+
+    Accumulates the units × genes pseudobulk of :func:`tmm_units`' units over the blocks given to :meth:`add`;
+    :meth:`offset` then gives what :func:`tmm_offset` gives on the whole matrix.
+    """
+
+    def __init__(self, obs: pd.DataFrame, samples: str | Sequence[str], groups_key: str | None, n_vars: int):
+        self.codes, self.units = tmm_units(obs, samples, groups_key)
+        self.sums = np.zeros((len(self.units), n_vars))
+
+    def add(self, start: int, block) -> None:
+        """Add the rows ``start, start + 1, …`` of the cells × genes matrix (sparse or dense)."""
+        codes = self.codes[start : start + block.shape[0]]
+        self.sums += pseudobulk_sums(block, codes, len(self.units))
+
+    def offset(self, log_total: np.ndarray) -> tuple[np.ndarray, pd.DataFrame]:
+        """The per-cell offset and the factor table, as :func:`tmm_offset`."""
+        return tmm_offset_from_sums(log_total, self.codes, self.units, self.sums)
+
+
+def streamed_tmm(obs: pd.DataFrame, spec: dict, n_vars: int) -> StreamedTMM:
+    """A :class:`StreamedTMM` for one analysis ``spec``: ``design``, ``contrast``, ``sample_key``, ``groups_key``.
+
+    The samples are resolved as ``glmm_de(..., offset="tmm")`` resolves them, so that an offset streamed here (the
+    workflow's gene shards, ``scmlm hierarchy``) equals the one ``glmm_de`` computes on the whole matrix.
+    """
+    contrast = spec.get("contrast")
+    if isinstance(contrast, list):
+        contrast = tuple(contrast)
+    samples = resolve_samples(spec.get("sample_key"), spec["design"], contrast, obs)
+    return StreamedTMM(obs, samples, spec.get("groups_key"), n_vars)

@@ -166,7 +166,41 @@ def de_args(wildcards):
         args += ["--pb-method", a.get("pb_method", "nb_ql")]
     else:
         args += ["--family", a.get("family", "nb")]
+        args += ["--replication", a.get("replication", "auto")]
+        if a.get("sample_key"):
+            args += ["--sample-key", a["sample_key"]]
     return shlex.join(args)
+
+
+def glmm_offset(name):
+    """The offset a GLMM analysis uses: `offset` (default auto: tmm for nb/poisson, log_total otherwise)."""
+    a = ANALYSES[name]
+    offset = a.get("offset", "auto")
+    if offset == "auto":
+        return "tmm" if a.get("family", "nb") in ("nb", "poisson") else "log_total"
+    return offset
+
+
+def tmm_specs(wildcards):
+    """What split_shards needs to compute each TMM analysis' offset on all genes while it streams the input."""
+    specs = {}
+    for name, a in ANALYSES.items():
+        if a["method"] == "glmm" and glmm_offset(name) == "tmm":
+            specs[name] = {
+                "design": a["design"],
+                "contrast": list(a["contrast"]),
+                "sample_key": a.get("sample_key"),
+                "groups_key": config["groups_key"] or None,
+            }
+    return specs
+
+
+def shard_offset(name):
+    """obs column of a shard file holding the analysis' offset over all genes (split_shards writes them)."""
+    offset = glmm_offset(name)
+    if offset == "tmm":
+        return f"scmlm_offset_{name}"
+    return {"log_total": "scmlm_log_total"}.get(offset, offset)
 
 
 def aggregate_args(wildcards):
@@ -209,6 +243,9 @@ def hierarchy_args(wildcards):
         args += ["--groups-key", config["groups_key"]]
     if config["layer"]:
         args += ["--layer", config["layer"]]
+    args += ["--offset", glmm_offset(wildcards.analysis)]
+    if a.get("sample_key"):
+        args += ["--sample-key", a["sample_key"]]
     args += ["--n-genes", str(hierarchy_genes(wildcards.analysis))]
     args += ["--n-shrinkage", str(int(a.get("shrinkage_genes", 3)))]
     return shlex.join(args)

@@ -47,6 +47,7 @@ rule split_shards:
         runtime=runtime("split_shards", 120),
     params:
         layer=config["layer"],
+        tmm=tmm_specs,
     script:
         "../scripts/split_shards.py"
 
@@ -70,7 +71,8 @@ rule fit_glmm:
         runtime=runtime("fit_glmm", 240),
     params:
         args=de_args,
+        offset=lambda w: shard_offset(w.analysis),
     shell:
         "scmlm -v de {input:q}/{wildcards.i}-of-{wildcards.n}.h5ad {params.args}"
-        " --offset scmlm_log_total --shard {wildcards.i}/{wildcards.n}"
+        " --offset {params.offset} --shard {wildcards.i}/{wildcards.n}"
         " --n-jobs {threads} --out {output:q} > {log:q} 2>&1"

@@ -3,7 +3,9 @@
 Shard ``i`` of ``n`` is written to ``{outdir}/{i}-of-{n}.h5ad``: every cell and every gene of the input, but counts only
 in the columns of that shard's genes (``scmlm.results.shard_indices``, the blocks ``scmlm de --shard i/n`` fits), so a
 fit job reads and holds ~1/n of the data instead of all of it. The log total counts over *all* genes, which the
-default offset of ``scmlm de`` needs, are stored in ``obs["scmlm_log_total"]``.
+log total-count offset needs, are stored in ``obs["scmlm_log_total"]``, and each GLMM analysis with a TMM offset gets
+its per-cell offset computed on all genes (``scmlm.tl._offsets.StreamedTMM``, the same samples and factors as
+``glmm_de(..., offset="tmm")`` on the whole matrix) in ``obs["scmlm_offset_<analysis>"]``.
 """
 
 import os
@@ -29,11 +31,12 @@ def _columns(block: sp.csr_matrix, lo: int, hi: int) -> sp.csr_matrix:
     return sp.csr_matrix((block.data[keep], block.indices[keep], indptr), shape=block.shape)
 
 
-def split(path: str, outdir: str, n: int, layer: str | None) -> None:
+def split(path: str, outdir: str, n: int, layer: str | None, tmm: dict | None = None) -> None:
     from anndata.io import read_elem, sparse_dataset, write_elem
 
     from scmlm.io import iter_row_blocks
     from scmlm.results import shard_indices
+    from scmlm.tl._offsets import streamed_tmm
 
     out = Path(outdir)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -46,6 +49,7 @@ def split(path: str, outdir: str, n: int, layer: str | None) -> None:
             have = sorted(f["layers"].keys()) if "layers" in f else []
             raise SystemExit(f"layer {layer!r} is not in {path}; available layers: {have}")
         n_obs, n_vars = len(obs), len(var)
+        tmm_acc = {name: streamed_tmm(obs, spec, n_vars) for name, spec in (tmm or {}).items()}
         bounds = []
         for i in range(1, n + 1):
             idx = shard_indices(n_vars, (i, n))
@@ -58,6 +62,8 @@ def split(path: str, outdir: str, n: int, layer: str | None) -> None:
                 block = sp.csr_matrix(block)
                 block.sort_indices()
                 totals[start : start + block.shape[0]] = np.asarray(block.sum(axis=1), dtype=float).ravel()
+                for acc in tmm_acc.values():
+                    acc.add(start, block)
                 for k, (lo, hi) in enumerate(bounds):
                     part = _columns(block, lo, hi)
                     if matrices[k] is None:
@@ -74,6 +80,8 @@ def split(path: str, outdir: str, n: int, layer: str | None) -> None:
                 )
             obs = obs.copy()
             obs[OFFSET] = np.log(totals)
+            for name, acc in tmm_acc.items():
+                obs[f"scmlm_offset_{name}"] = acc.offset(obs[OFFSET].to_numpy())[0]
             for fh in files:
                 write_elem(fh, "obs", obs)
                 write_elem(fh, "var", var)
@@ -97,7 +105,7 @@ if __name__ == "__main__":
     with open(smk.log[0], "w") as log:
         sys.stderr = log
         try:
-            split(smk.input[0], smk.output[0], int(smk.wildcards.n), smk.params.layer)
+            split(smk.input[0], smk.output[0], int(smk.wildcards.n), smk.params.layer, dict(smk.params.tmm))
         except (SystemExit, ScmlmError) as err:
             print(f"split_shards: error: {err}", file=log)
             raise SystemExit(1) from None
