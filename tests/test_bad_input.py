@@ -126,7 +126,7 @@ def _dup_names(a):
 
 
 PSEUDOBULK_ERRORS = [
-    ("missing sample_key", lambda a: (a, {"sample_key": "sample"}), r"sample_key 'sample' is not a column"),
+    ("missing sample_key", lambda a: (a, {"sample_key": "patient"}), r"sample_key 'patient' is not a column"),
     ("sample_key not a str", lambda a: (a, {"sample_key": ["donor"]}), r"sample_key must be the name of an obs column"),
     (
         "groups_key == sample_key",
@@ -562,7 +562,7 @@ CLI_DE_ERRORS = [
     ("unknown design column", "pb", ["--design", "~ treatment"], r"'treatment'"),
     ("unknown layer", "cells", ["--sample-key", "donor", "--layer", "raw"], r"layer 'raw'"),
     ("unknown groups key", "pb", ["--groups-key", "celltype"], r"'celltype' is not a column"),
-    ("unknown sample key", "cells", ["--sample-key", "sample"], r"sample_key 'sample' is not a column"),
+    ("unknown sample key", "cells", ["--sample-key", "patient"], r"sample_key 'patient' is not a column"),
     ("missing input", "missing", [], r"does not exist"),
 ]
 
