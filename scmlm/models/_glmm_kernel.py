@@ -150,7 +150,7 @@ def v_eval(p, v, K, out, work, dz):
     cell_c = dz[9]
     for k in range(K + 1):
         out[k] = 0.0
-    if vmode[p] == 1:
+    if vmode[p] >= 1:
         for ii in range(cell_ptr[p], cell_ptr[p + 1]):
             softplus_derivs(v + cell_o[ii], K, work)
             c = cell_c[ii]
@@ -219,6 +219,9 @@ def fam_eval(fam, e, tau, level, Yp, ucen, ucoef, S1, S2, dz, FE, work):
     """
     npat = dz[5][:, 0]
     Mp = dz[5][:, 1]
+    vmode = dz[6][:, 0]
+    o1 = dz[5][:, 6]  # the offset of a single-cell pattern
+    c1 = dz[5][:, 4]  # its weight (binomial trials)
     P = e.shape[0]
     vout = work[0]
     uout = work[1]
@@ -229,6 +232,23 @@ def fam_eval(fam, e, tau, level, Yp, ucen, ucoef, S1, S2, dz, FE, work):
         r = math.exp(-tau)
         for p in range(P):
             v = e[p] + tau
+            if vmode[p] == 2:
+                # one cell: U_p = y softplus(v + o), V_p = softplus(v + o), exact
+                softplus_derivs(v + o1[p], K, vout)
+                y = Yp[p]
+                a = y + r
+                F = y * e[p] - a * vout[0]
+                FE[p, 0] = F
+                total += F
+                if level >= 1:
+                    FE[p, 1] = y - a * vout[1]
+                    FE[p, 2] = -a * vout[2]
+                if level >= 2:
+                    FE[p, 3] = -a * vout[3]
+                    FE[p, 4] = -y * vout[1] + r * (vout[0] - vout[1])
+                    FE[p, 5] = -y * vout[2] + r * (vout[1] - vout[2])
+                    FE[p, 6] = -y * vout[3] + r * (vout[2] - vout[3])
+                continue
             v_eval(p, v, K, vout, tmp, dz)
             if Yp[p] > 0:
                 u_eval(p, v, uout, ucen, ucoef)
@@ -260,7 +280,12 @@ def fam_eval(fam, e, tau, level, Yp, ucen, ucoef, S1, S2, dz, FE, work):
             FE[p, 6] = 0.0
     elif fam == BINOMIAL:
         for p in range(P):
-            v_eval(p, e[p], K, vout, tmp, dz)
+            if vmode[p] == 2:
+                softplus_derivs(e[p] + o1[p], K, vout)
+                for k in range(K + 1):
+                    vout[k] *= c1[p]
+            else:
+                v_eval(p, e[p], K, vout, tmp, dz)
             F = Yp[p] * e[p] - vout[0]
             FE[p, 0] = F
             total += F
@@ -470,8 +495,9 @@ def assemble(FE, av, gamma, dz, npar, q, g, H):
 #   covariate of each slot; 3 TI (terms, 6) [k, first slot, first theta, correlated, first column, levels];
 #   4 THI (n_theta, 3) [term, row j, column i of the Cholesky factor]; 5 PF (P, 18) [n_p, M_p, vlo, vhi, sum c,
 #   sum c o, sum o, sum o^2, sum c w^k (k = 1..5), sum c w^-k (k = 1..5)]; 6 PI (P + 1, 3) [V mode (0 table,
-#   1 direct), first table row, first cell]; 7 V tables; 8, 9 offsets and weights of the cells sorted by pattern;
-#   10 pattern of each cell; 11 offset of each cell; 12 binomial trials (empty: 0/1 detection).
+#   1 direct, 2 one cell: U_p and V_p exact, no surrogate), first table row, first cell]; 7 V tables; 8, 9 offsets
+#   and weights of the cells sorted by pattern; 10 pattern of each cell; 11 offset of each cell; 12 binomial trials
+#   (empty: 0/1 detection).
 
 
 @njit(cache=True)
@@ -717,12 +743,15 @@ def recentre(cf, gd, gamma, psi, dz, ws):
     nth, npar = cf[3], cf[4]
     Yp, ucen, ucoef, nzp, nzo, nzy = gd[0], gd[1], gd[2], gd[6], gd[7], gd[8]
     av, e, work = ws[1], ws[4][0], ws[2]
+    vmode = dz[6][:, 0]
     tau = psi[nth] if cf[2] else 0.0
     lam_values(psi[:nth], dz, av)
     lin_pred(gamma, av, dz, npar, e)
     P = e.shape[0]
     shift = 0.0
     for p in range(P):
+        if vmode[p] == 2:
+            continue  # evaluated exactly
         c = e[p] + tau
         if Yp[p] > 0:
             dd = abs(c - ucen[p])
@@ -734,6 +763,8 @@ def recentre(cf, gd, gamma, psi, dz, ws):
     w = work[2]
     for i in range(nzp.shape[0]):
         p = nzp[i]
+        if vmode[p] == 2:
+            continue
         softplus_derivs(ucen[p] + nzo[i], KU, w)
         y = nzy[i]
         for k in range(KU + 1):
@@ -853,8 +884,9 @@ def settle(cf, gd, gamma, psi, dz, ws, inner_max):
         lam_values(psi[:nth], dz, ws[1])
         lin_pred(gamma, ws[1], dz, npar, e)
         gap = 0.0
+        vmode = dz[6][:, 0]
         for p in range(e.shape[0]):
-            if Yp[p] > 0:
+            if Yp[p] > 0 and vmode[p] != 2:
                 gp = abs(e[p] + tau - ucen[p])
                 if gp > gap:
                     gap = gp
