@@ -295,7 +295,10 @@ def prepare_glmm(
     omin = np.full(P, np.inf)
     np.maximum.at(omax, pat, off)
     np.minimum.at(omin, pat, off)
+    # V mode: 0 table, 1 direct sum over the pattern's cells, 2 a single cell (evaluated exactly, no U_p surrogate)
     vmode = np.where(counts <= NDIRECT, 1, 0).astype(np.int64) if needs_v else np.ones(P, dtype=np.int64)
+    if needs_v:
+        vmode[counts == 1] = 2
     vlo = -K.TAIL - omax
     vhi = K.TAIL - omin
     tab_n = np.where(vmode == 0, np.ceil((vhi - vlo) / K.HV).astype(np.int64) + 1, 0).astype(np.int64)

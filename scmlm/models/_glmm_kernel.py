@@ -29,7 +29,9 @@ from the Hessian in all fixed parameters, its standard errors.
 
 Cost per gene: O(nnz) per re-centring pass (a handful per fit) plus pattern-level algebra; a design whose patterns
 are few (categorical fixed effects and random intercepts) therefore costs about the same at 4,000 and 40,000 cells.
-A continuous cell-level covariate makes every cell a pattern: still linear in cells, but ~100x slower per gene.
+A continuous cell-level covariate makes every cell a pattern (one cell: evaluated exactly, no surrogate): still
+linear in cells, but every Newton step is then O(cells); ``benchmarks/bench_glmm_slope.py`` measures
+``~ x + (1 + x|donor)`` against categorical designs on the same data.
 The compilation (first use in a new environment) takes ~25 s of CPU.
 
 Why numba: one fit is a long chain of tiny dense operations (q x q with q = donors + batches) with data-dependent
@@ -152,7 +154,7 @@ def v_eval(p, v, K, out, work, dz):
     cell_c = dz[9]
     for k in range(K + 1):
         out[k] = 0.0
-    if vmode[p] == 1:
+    if vmode[p] >= 1:
         for ii in range(cell_ptr[p], cell_ptr[p + 1]):
             softplus_derivs(v + cell_o[ii], K, work)
             c = cell_c[ii]
@@ -221,6 +223,9 @@ def fam_eval(fam, e, tau, level, Yp, ucen, ucoef, S1, S2, dz, FE, work):
     """
     npat = dz[5][:, 0]
     Mp = dz[5][:, 1]
+    vmode = dz[6][:, 0]
+    o1 = dz[5][:, 6]  # the offset of a single-cell pattern
+    c1 = dz[5][:, 4]  # its weight (binomial trials)
     P = e.shape[0]
     vout = work[0]
     uout = work[1]
@@ -231,6 +236,23 @@ def fam_eval(fam, e, tau, level, Yp, ucen, ucoef, S1, S2, dz, FE, work):
         r = math.exp(-tau)
         for p in range(P):
             v = e[p] + tau
+            if vmode[p] == 2:
+                # one cell: U_p = y softplus(v + o), V_p = softplus(v + o), exact
+                softplus_derivs(v + o1[p], K, vout)
+                y = Yp[p]
+                a = y + r
+                F = y * e[p] - a * vout[0]
+                FE[p, 0] = F
+                total += F
+                if level >= 1:
+                    FE[p, 1] = y - a * vout[1]
+                    FE[p, 2] = -a * vout[2]
+                if level >= 2:
+                    FE[p, 3] = -a * vout[3]
+                    FE[p, 4] = -y * vout[1] + r * (vout[0] - vout[1])
+                    FE[p, 5] = -y * vout[2] + r * (vout[1] - vout[2])
+                    FE[p, 6] = -y * vout[3] + r * (vout[2] - vout[3])
+                continue
             v_eval(p, v, K, vout, tmp, dz)
             if Yp[p] > 0:
                 u_eval(p, v, uout, ucen, ucoef)
@@ -262,7 +284,12 @@ def fam_eval(fam, e, tau, level, Yp, ucen, ucoef, S1, S2, dz, FE, work):
             FE[p, 6] = 0.0
     elif fam == BINOMIAL:
         for p in range(P):
-            v_eval(p, e[p], K, vout, tmp, dz)
+            if vmode[p] == 2:
+                softplus_derivs(e[p] + o1[p], K, vout)
+                for k in range(K + 1):
+                    vout[k] *= c1[p]
+            else:
+                v_eval(p, e[p], K, vout, tmp, dz)
             F = Yp[p] * e[p] - vout[0]
             FE[p, 0] = F
             total += F
@@ -472,8 +499,9 @@ def assemble(FE, av, gamma, dz, npar, q, g, H):
 #   covariate of each slot; 3 TI (terms, 6) [k, first slot, first theta, correlated, first column, levels];
 #   4 THI (n_theta, 3) [term, row j, column i of the Cholesky factor]; 5 PF (P, 18) [n_p, M_p, vlo, vhi, sum c,
 #   sum c o, sum o, sum o^2, sum c w^k (k = 1..5), sum c w^-k (k = 1..5)]; 6 PI (P + 1, 3) [V mode (0 table,
-#   1 direct), first table row, first cell]; 7 V tables; 8, 9 offsets and weights of the cells sorted by pattern;
-#   10 pattern of each cell; 11 offset of each cell; 12 binomial trials (empty: 0/1 detection).
+#   1 direct, 2 one cell: U_p and V_p exact, no surrogate), first table row, first cell]; 7 V tables; 8, 9 offsets
+#   and weights of the cells sorted by pattern; 10 pattern of each cell; 11 offset of each cell; 12 binomial trials
+#   (empty: 0/1 detection).
 
 
 @njit(cache=True)
@@ -525,8 +553,12 @@ def inner_solve(cf, gd, gamma, psi, dz, ws, max_iter):
         b0 = cf[3] + cf[2]
         for i in range(npar):
             gamma[i] = psi[b0 + i]
+    fresh = False  # ws[0] already holds F and its derivatives at gamma (the accepted full step), h its value
+    h = 0.0
     for it in range(max_iter):
-        h = penalised(cf, gd, gamma, psi, LEVEL[1], dz, ws)
+        if not fresh:
+            h = penalised(cf, gd, gamma, psi, LEVEL[1], dz, ws)
+        fresh = False
         if not np.isfinite(h):
             return False, it
         assemble(ws[0], ws[1], gamma, dz, npar, q, g, H)
@@ -559,18 +591,22 @@ def inner_solve(cf, gd, gamma, psi, dz, ws, max_iter):
             dec *= sc
         alpha = 1.0
         ok = False
-        for _ in range(40):
+        for ls in range(40):
             for i in range(d):
                 gtry[i] = gamma[i] + alpha * step[i]
-            ht = penalised(cf, gd, gtry, psi, LEVEL[0], dz, ws)
+            # the full step is usually accepted: evaluate it with the derivatives the next iteration needs
+            ht = penalised(cf, gd, gtry, psi, LEVEL[1] if ls == 0 else LEVEL[0], dz, ws)
             if np.isfinite(ht) and ht >= h + 1e-4 * alpha * dec:
                 ok = True
+                fresh = ls == 0
                 break
             alpha *= 0.5
         if not ok:
             return dec < 1e-9 * (1.0 + abs(h)), it + 1
         for i in range(d):
             gamma[i] = gtry[i]
+        if fresh:
+            h = ht
     return False, max_iter
 
 
@@ -747,12 +783,15 @@ def recentre(cf, gd, gamma, psi, dz, ws):
     nth, npar = cf[3], cf[4]
     Yp, ucen, ucoef, nzp, nzo, nzy = gd[0], gd[1], gd[2], gd[6], gd[7], gd[8]
     av, e, work = ws[1], ws[4][0], ws[2]
+    vmode = dz[6][:, 0]
     tau = psi[nth] if cf[2] else 0.0
     lam_values(psi[:nth], dz, av)
     lin_pred(gamma, av, dz, npar, e)
     P = e.shape[0]
     shift = 0.0
     for p in range(P):
+        if vmode[p] == 2:
+            continue  # evaluated exactly
         c = e[p] + tau
         if Yp[p] > 0:
             dd = abs(c - ucen[p])
@@ -764,6 +803,8 @@ def recentre(cf, gd, gamma, psi, dz, ws):
     w = work[2]
     for i in range(nzp.shape[0]):
         p = nzp[i]
+        if vmode[p] == 2:
+            continue
         softplus_derivs(ucen[p] + nzo[i], KU, w)
         y = nzy[i]
         for k in range(KU + 1):
@@ -875,6 +916,14 @@ def settle(cf, gd, gamma, psi, dz, ws, inner_max):
     Yp, ucen = gd[0], gd[1]
     tau = psi[nth] if cf[2] else 0.0
     e = ws[4][0]
+    vmode = dz[6][:, 0]
+    surrogate = False
+    for p in range(e.shape[0]):
+        if Yp[p] > 0 and vmode[p] != 2:
+            surrogate = True
+            break
+    if not surrogate:
+        return True  # every pattern with counts is a single cell, evaluated exactly: nothing to re-centre
     for _ in range(6):
         recentre(cf, gd, gamma, psi, dz, ws)
         ok, _ = inner_solve(cf, gd, gamma, psi, dz, ws, inner_max)
@@ -884,7 +933,7 @@ def settle(cf, gd, gamma, psi, dz, ws, inner_max):
         lin_pred(gamma, ws[1], dz, npar, e)
         gap = 0.0
         for p in range(e.shape[0]):
-            if Yp[p] > 0:
+            if Yp[p] > 0 and vmode[p] != 2:
                 gp = abs(e[p] + tau - ucen[p])
                 if gp > gap:
                     gap = gp
