@@ -174,4 +174,12 @@ def merge_shards(tables: Iterable[pd.DataFrame], *, sources: Sequence[str] | Non
     by_index = dict(zip([parse_shard(t["shard"].iloc[0])[0] for t in tables], tables, strict=True))
     merged = pd.concat([by_index[i] for i in order], ignore_index=True)
     merged = merged.drop(columns=["shard"])
-    return finalize_table(merged)
+    return finalize_table(_finish_moderation(merged))
+
+
+def _finish_moderation(table: pd.DataFrame) -> pd.DataFrame:
+    """Moderated GLMM tests of a sharded run: the prior is estimated over all genes once the shards are together
+    (rows with ``moderation == "pending"``; see :mod:`scmlm.models._moderate`)."""
+    from .models._moderate import moderate_table
+
+    return moderate_table(table)
