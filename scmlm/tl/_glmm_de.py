@@ -335,8 +335,8 @@ def _fit_chunk(
         else:
             gene_df = np.where(np.isfinite(sdf), np.minimum(df, sdf), df)
         con = _glmm.glmm_contrast(res, L, df=gene_df)
-        if unit_level:
-            return res, con, (gene_tau2(Y, res, con.se, X, terms, offset, family, trials, L, df), sdf)
+        tau2 = gene_tau2(Y, res, con.se, X, terms, offset, family, trials, L, df) if unit_level else np.nan
+        return res, con, (tau2, sdf)
     return res, con, None
 
 
@@ -364,6 +364,7 @@ def _fit_group(
     df = containment_df(d, con.L)
     between = df is not None  # a random term's levels contain the contrast
     unit_level = between and df >= 1
+    coarse = coarser_terms(d.X, d.terms, con.L) if unit_level and moderate else []
     paired = df is not None and within_parent(d, con.L)
     if df is None:
         df = kernel.contrast_df(d.X, d.terms, con.L)
@@ -426,7 +427,7 @@ def _fit_group(
             trials=None if trials is None else trials[rows],
             min_nonzero=1,
             n_units=unit_scale(d.X, [t.codes for t in d.terms], con.L)[1] if unit_level else None,
-            unit_level=unit_level and moderate,
+            unit_level=unit_level and moderate and not coarse,
         )
         # chunks index the columns of sub directly: no copy of the fitted genes' counts
         chunks = [fit[c] for c in gene_chunks(fit.size)]
@@ -465,7 +466,6 @@ def _fit_group(
     for name in comp:
         out[f"icc_{name}"] = icc[name]
     out["n_iter"] = n_iter
-    coarse = coarser_terms(d.X, d.terms, con.L) if unit_level and moderate else []
     _moderation_columns(out, d, con.L, df if unit_level else None, moderate and unit_level, tau2, between, coarse)
     out["df_satterthwaite"] = satt
     return out
