@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="glmm: add the sample-level term a paired contrast needs (auto) or fit the design as written",
     )
     p.add_argument("--reml", choices=["REML", "ML"], default="REML", help="glmm: variance-component estimation")
+    p.add_argument(
+        "--no-moderate",
+        action="store_true",
+        help="glmm: per-gene tests instead of the empirical-Bayes moderated tests of between-unit contrasts",
+    )
     p.add_argument("--shard", default=None, help="fit only gene shard i of n ('i/n', 1-based)")
 
     p = sub.add_parser("merge", help="merge gene-shard tables; recompute BH per group and contrast")
@@ -438,6 +443,7 @@ def _run_de(args: argparse.Namespace) -> int:
             shard=shard,
             sample_key=args.sample_key,
             replication=args.replication,
+            moderate=not args.no_moderate,
             method=args.reml,
             key_added=key,
             inplace=False,
@@ -477,6 +483,7 @@ def analysis_fingerprint(adata, args: argparse.Namespace, n_shards: int) -> str:
         "offset": args.offset,
         "sample_key": getattr(args, "sample_key", None),
         "replication": getattr(args, "replication", None),
+        "moderate": not getattr(args, "no_moderate", False),
         "groups_key": args.groups_key,
         "layer": args.layer,
         "n_shards": n_shards,

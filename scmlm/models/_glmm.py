@@ -786,13 +786,18 @@ def glmm_lrt(
     df: float | None = None,
     full: GLMMResult | None = None,
     min_nonzero: int = 3,
+    n_units: int | None = None,
 ) -> ContrastResult:
     """Likelihood-ratio test of ``L' beta = 0`` (Laplace ML fits of the full and the constrained model).
 
     The constrained model uses ``X N`` with ``N`` an orthonormal basis of the null space of ``L'``. The statistic is
-    ``2 (loglik_full - loglik_reduced)``; the p-value is chi-square(1) when ``df`` is ``None``, otherwise from
-    ``F(1, df)`` (a small-sample version with the same denominator df as the Wald t test). ``coef``/``se`` are the
-    Wald values of the full ML fit; ``stat`` is the signed root of the LR statistic.
+    ``LR = 2 (loglik_full - loglik_reduced)``; the p-value is chi-square(1) when ``df`` is ``None``. With ``df`` (the
+    contrast's residual df at its level) and ``n_units`` (the number of units it is replicated by, e.g. donors) the
+    LR is turned into the F statistic it is a function of in a normal linear model of the ``n_units`` unit means,
+    ``F = df (exp(LR / n_units) - 1)``, referred to ``F(1, df)``; without ``n_units``, ``F = LR``. Referring LR
+    itself to F(1, df) is far too conservative with few units (LR grows only like ``n log(1 + t²/df)``), and
+    chi-square(1) anticonservative (ML variances are biased down). ``coef``/``se`` are the Wald values of the full
+    ML fit; ``stat`` is the signed root of the LR statistic.
 
     Parameters
     ----------
@@ -804,6 +809,8 @@ def glmm_lrt(
         Length-``p`` contrast vector.
     df
         Denominator df, or ``None`` for the chi-square reference.
+    n_units
+        Number of units replicating the contrast (see above); ``None`` for a cell-level contrast.
     full
         An ML fit of the full model of the same genes, if already available.
     min_nonzero
@@ -834,6 +841,7 @@ def glmm_lrt(
         pvalue[ok] = stats.chi2.sf(lr[ok], 1)
         dfa = np.full(G, np.inf)
     else:
-        pvalue[ok] = stats.f.sf(lr[ok], 1, df)
+        fstat = lr[ok] if not n_units else float(df) * np.expm1(lr[ok] / float(n_units))
+        pvalue[ok] = stats.f.sf(fstat, 1, df)
         dfa = np.full(G, float(df))
     return ContrastResult(coef=wald.coef, se=wald.se, stat=stat, df=dfa, pvalue=pvalue)
