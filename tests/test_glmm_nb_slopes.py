@@ -121,6 +121,8 @@ def test_glmm_de_random_slope_matches_glmmtmb_reml(slope_data):
             slope_data,
             "~ condition + (1 + condition|donor)",
             ("condition", "case", "ctrl"),
+            offset="log_total",  # the reference's offset(log total)
+            moderate=False,  # per-gene REML inference, as glmmTMB's
             n_jobs=1,
             inplace=False,
         ).table.set_index("gene")
