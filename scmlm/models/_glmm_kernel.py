@@ -43,7 +43,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+
+from .._jit import jit
 
 NB, POISSON, BINOMIAL, GAUSSIAN = 0, 1, 2, 3
 
@@ -87,7 +88,7 @@ LEVEL = np.arange(3, dtype=np.int64)
 # scalar helpers
 
 
-@njit(cache=True)
+@jit
 def softplus_derivs(x, K, out):
     """``out[k] = d^k softplus(x) / dx^k`` for ``k = 0..K``, accurate in both tails.
 
@@ -124,7 +125,7 @@ def softplus_derivs(x, K, out):
             out[k] = -out[k]
 
 
-@njit(cache=True)
+@jit
 def _taylor(c, kmax, d, k):
     """``sum_{j=k}^{kmax} c[j] d^(j-k) / (j-k)!``."""
     acc = c[kmax]
@@ -133,7 +134,7 @@ def _taylor(c, kmax, d, k):
     return acc
 
 
-@njit(cache=True)
+@jit
 def v_eval(p, v, K, out, work, dz):
     """``out[k] = V_p^(k)(v)`` for ``k = 0..K`` (K <= 3): table, tail series or direct sum over the cells."""
     vmode = dz[6][:, 0]
@@ -187,7 +188,7 @@ def v_eval(p, v, K, out, work, dz):
         out[k] = _taylor(row, KV, d, k)
 
 
-@njit(cache=True)
+@jit
 def u_eval(p, v, out, ucen, ucoef):
     """``out[k] = U_p^(k)(v)``, ``k = 0..3``, from the Taylor surrogate (quadratic continuation past TRUST)."""
     d = v - ucen[p]
@@ -211,7 +212,7 @@ def u_eval(p, v, out, ucen, ucoef):
 # pattern-level family evaluation
 
 
-@njit(cache=True)
+@jit
 def fam_eval(fam, e, tau, level, Yp, ucen, ucoef, S1, S2, dz, FE, work):
     """Fill ``FE[p] = (F, F', F'', F''', dF/dtau, dF'/dtau, dF''/dtau)`` (derivatives in ``e``) and return sum F.
 
@@ -290,7 +291,7 @@ def fam_eval(fam, e, tau, level, Yp, ucen, ucoef, S1, S2, dz, FE, work):
     return total
 
 
-@njit(cache=True)
+@jit
 def nb_D(cj, tau):
     """``D(tau) = sum_j c_j log1p(j phi)`` and its derivative in ``tau``."""
     phi = math.exp(tau)
@@ -310,7 +311,7 @@ def nb_D(cj, tau):
 # small dense linear algebra
 
 
-@njit(cache=True)
+@jit
 def chol(A, L, d):
     """Lower Cholesky factor of the leading ``d x d`` block of ``A`` into ``L``; False if not positive definite."""
     for j in range(d):
@@ -331,7 +332,7 @@ def chol(A, L, d):
     return True
 
 
-@njit(cache=True)
+@jit
 def chol_solve(L, b, x, d):
     for i in range(d):
         s = b[i]
@@ -345,7 +346,7 @@ def chol_solve(L, b, x, d):
         x[i] = s / L[i, i]
 
 
-@njit(cache=True)
+@jit
 def chol_logdet(L, d):
     s = 0.0
     for i in range(d):
@@ -353,7 +354,7 @@ def chol_logdet(L, d):
     return 2.0 * s
 
 
-@njit(cache=True)
+@jit
 def chol_inverse(L, Ainv, d, work):
     """``Ainv = (L L')^{-1}``; ``work`` is a ``d x d`` scratch array (holds ``L^{-1}``)."""
     for j in range(d):
@@ -378,7 +379,7 @@ def chol_inverse(L, Ainv, d, work):
 # model pieces
 
 
-@njit(cache=True)
+@jit
 def lam_values(theta, dz, av):
     """Values of ``Lambda' z_p`` at the slots of ``Z`` (``av``, P x m)."""
     Zv = dz[2]
@@ -405,7 +406,7 @@ def lam_values(theta, dz, av):
                     av[p, s0 + i] = theta[h0 + i] * Zv[p, s0 + i]
 
 
-@njit(cache=True)
+@jit
 def lin_pred(gamma, av, dz, npar, e):
     Xp = dz[0]
     Zc = dz[1]
@@ -420,7 +421,7 @@ def lin_pred(gamma, av, dz, npar, e):
         e[p] = s
 
 
-@njit(cache=True)
+@jit
 def assemble(FE, av, gamma, dz, npar, q, g, H):
     """Gradient ``g`` and negative Hessian ``H`` of ``h`` in ``gamma = (beta, u)``."""
     Xp = dz[0]
@@ -474,7 +475,7 @@ def assemble(FE, av, gamma, dz, npar, q, g, H):
 #   10 pattern of each cell; 11 offset of each cell; 12 binomial trials (empty: 0/1 detection).
 
 
-@njit(cache=True)
+@jit
 def penalised(cf, gd, gamma, psi, level, dz, ws):
     """``h(gamma)`` at the variance parameters in ``psi`` (without the gene constant); fills ws[0] at ``level``."""
     fam, nth, npar, q = cf[0], cf[3], cf[4], cf[5]
@@ -491,7 +492,7 @@ def penalised(cf, gd, gamma, psi, level, dz, ws):
     return h
 
 
-@njit(cache=True)
+@jit
 def inner_solve(cf, gd, gamma, psi, dz, ws, max_iter):
     """Newton iterations for the conditional modes (of ``(beta, u)``, or of ``u`` alone when ``la``).
 
@@ -544,7 +545,7 @@ def inner_solve(cf, gd, gamma, psi, dz, ws, max_iter):
     return False, max_iter
 
 
-@njit(cache=True)
+@jit
 def objective_grad(cf, gd, want_grad, gamma, psi, dz, ws, grad, out):
     """Laplace (ML) or restricted-Laplace (REML) criterion at the modes ``gamma`` and its gradient in ``psi``.
 
@@ -711,7 +712,7 @@ def objective_grad(cf, gd, want_grad, gamma, psi, dz, ws, grad, out):
     return obj
 
 
-@njit(cache=True)
+@jit
 def recentre(cf, gd, gamma, psi, dz, ws):
     """Move the Taylor centres of ``U_p`` to the current ``v_p = e_p + tau``; return the largest move."""
     nth, npar = cf[3], cf[4]
@@ -741,7 +742,7 @@ def recentre(cf, gd, gamma, psi, dz, ws):
     return shift
 
 
-@njit(cache=True)
+@jit
 def _modified_newton_step(Hs, grad, free, n, step):
     """Ascent step ``(-Hs)^{-1} grad`` on the free coordinates, with eigenvalues made positive."""
     nf = 0
@@ -797,7 +798,7 @@ def _modified_newton_step(Hs, grad, free, n, step):
     return dec
 
 
-@njit(cache=True)
+@jit
 def snap_zero(cf, gd, gamma, psi, obj, dz, ws, gk, info, snap_sd, frozen):
     """Set near-zero SDs of intercept / uncorrelated terms to exactly zero when that does not lower the criterion.
 
@@ -835,7 +836,7 @@ def snap_zero(cf, gd, gamma, psi, obj, dz, ws, gk, info, snap_sd, frozen):
     return nsnap
 
 
-@njit(cache=True)
+@jit
 def settle(cf, gd, gamma, psi, dz, ws, inner_max):
     """Conditional modes at ``psi`` with the ``U_p`` surrogate centred at them (exact there). Returns success."""
     ok, _ = inner_solve(cf, gd, gamma, psi, dz, ws, inner_max)
@@ -863,7 +864,7 @@ def settle(cf, gd, gamma, psi, dz, ws, inner_max):
     return True
 
 
-@njit(cache=True)
+@jit
 def fit_gene(cf, gd, dz, psi, gamma, tau_lo, tau_hi, max_outer, ws, grad, info, snap_sd, Hs, dC, frozen):
     """Optimise the criterion over ``psi`` (in place, with ``gamma``). Returns (status, outer iterations).
 
@@ -1013,7 +1014,7 @@ def fit_gene(cf, gd, dz, psi, gamma, tau_lo, tau_hi, max_outer, ws, grad, info, 
     return ST_NOCONV, max_outer
 
 
-@njit(cache=True)
+@jit
 def ml_cov_beta(Hs, nps, npar, out):
     """``[(-Hs)^{-1}]_beta`` for psi = (variance parameters, beta), via the Schur complement with a pseudo-inverse
     of the variance-parameter block (flat directions at a boundary carry no information). False if not PD."""
@@ -1056,7 +1057,7 @@ def ml_cov_beta(Hs, nps, npar, out):
     return True
 
 
-@njit(cache=True)
+@jit
 def make_workspace(P, m, npar, q):
     """Scratch arrays of one fit: (FE, av, work, d-vectors, P-vectors, d x d matrices, q x q matrices)."""
     d = npar + q
@@ -1076,7 +1077,7 @@ def make_workspace(P, m, npar, q):
 # design-level tables
 
 
-@njit(cache=True)
+@jit
 def build_tables(cell_ptr, cell_o, cell_c, vmode, vlo, tab_start, tab_n, tab):
     """Taylor coefficients (derivatives 0..KV) of ``V_p`` at the grid nodes of every tabulated pattern."""
     w = np.zeros(KV + 2)
@@ -1099,7 +1100,7 @@ def build_tables(cell_ptr, cell_o, cell_c, vmode, vlo, tab_start, tab_n, tab):
 # one chunk of genes
 
 
-@njit(cache=True)
+@jit
 def _init_values(fam, has_tau, nth, npar, q, dz, Yp, S1, S2, nzp, nzo, nzy, psi, gamma):
     """Starting values: saturated pattern means, weighted least squares for beta, moment estimates for the rest.
 
@@ -1228,7 +1229,7 @@ def _init_values(fam, has_tau, nth, npar, q, dz, Yp, S1, S2, nzp, nzo, nzy, psi,
     return scale
 
 
-@njit(cache=True)
+@jit
 def _config(fam, reml, has_tau, nth, npar, q, la):
     cf = np.zeros(7, dtype=np.int64)
     cf[0] = fam
@@ -1241,7 +1242,7 @@ def _config(fam, reml, has_tau, nth, npar, q, la):
     return cf
 
 
-@njit(cache=True)
+@jit
 def fit_chunk(
     fam,
     reml,
