@@ -21,6 +21,7 @@ per kernel covers every input and the warm-up compiles exactly what later calls 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -95,7 +96,7 @@ def warmup(cache_dir: str | os.PathLike | None = None, *, verbose: bool = False)
         sees; later processes must set the same ``NUMBA_CACHE_DIR``. ``None``: numba's default (``__pycache__``
         next to the installed modules, or the user's cache directory if the installation is read-only).
     verbose
-        Print one line per step.
+        Print one line per step (on stderr).
 
     Returns
     -------
@@ -122,7 +123,7 @@ def warmup(cache_dir: str | os.PathLike | None = None, *, verbose: bool = False)
             warnings.simplefilter("ignore")
             fn()
         if verbose:
-            print(f"scmlm warmup: {name} ({time.perf_counter() - t:.1f} s)", flush=True)
+            print(f"scmlm warmup: {name} ({time.perf_counter() - t:.1f} s)", file=sys.stderr, flush=True)
 
     a = datasets.simulate(n_donors=4, n_cells=30, n_genes=12, n_batches=2, frac_de=0.5, seed=0)
     a = a[np.asarray(a.X.sum(axis=1)).ravel() > 0].copy()
