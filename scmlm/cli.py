@@ -129,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-jobs", type=int, default=None)
     p.add_argument("--outdir", required=True)
 
+    p = sub.add_parser(
+        "warmup",
+        help="compile every numba kernel once into numba's cache (run after installing, or once per workflow run)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="numba cache directory (NUMBA_CACHE_DIR) shared by later jobs; default: next to the installed package,"
+        " or the user's cache directory for a read-only installation",
+    )
+
     p = sub.add_parser("plot", help="plots of a result table → PNG files")
     p.add_argument("table", help="result table (.csv)")
     p.add_argument("--outdir", required=True)
@@ -155,6 +166,17 @@ def _read_table(path: str):
 
 def _run(args: argparse.Namespace) -> int:
     from . import io
+
+    if args.command == "warmup":
+        from ._jit import warmup
+
+        info = warmup(args.cache_dir, verbose=args.verbose > 0)
+        print(
+            f"scmlm warmup: {info['kernels']} kernels, {info['signatures']} specialisations "
+            f"({info['compiled']} compiled, {info['loaded']} loaded from the cache) in {info['seconds']:.1f} s; "
+            f"cache: {info['cache_dir'] or 'numba default (next to the package, else the user cache)'}"
+        )
+        return 0
 
     if args.command == "simulate":
         from .datasets import simulate

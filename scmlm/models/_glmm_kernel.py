@@ -45,7 +45,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+
+from .._jit import jit
 
 NB, POISSON, BINOMIAL, GAUSSIAN = 0, 1, 2, 3
 
@@ -91,7 +92,7 @@ LEVEL = np.arange(3, dtype=np.int64)
 # scalar helpers
 
 
-@njit(cache=True)
+@jit
 def softplus_derivs(x, K, out):
     """``out[k] = d^k softplus(x) / dx^k`` for ``k = 0..K``, accurate in both tails.
 
@@ -128,7 +129,7 @@ def softplus_derivs(x, K, out):
             out[k] = -out[k]
 
 
-@njit(cache=True)
+@jit
 def _taylor(c, kmax, d, k):
     """``sum_{j=k}^{kmax} c[j] d^(j-k) / (j-k)!``."""
     acc = c[kmax]
@@ -137,7 +138,7 @@ def _taylor(c, kmax, d, k):
     return acc
 
 
-@njit(cache=True)
+@jit
 def v_eval(p, v, K, out, work, dz):
     """``out[k] = V_p^(k)(v)`` for ``k = 0..K`` (K <= 3): table, tail series or direct sum over the cells."""
     vmode = dz[6][:, 0]
@@ -191,7 +192,7 @@ def v_eval(p, v, K, out, work, dz):
         out[k] = _taylor(row, KV, d, k)
 
 
-@njit(cache=True)
+@jit
 def u_eval(p, v, out, ucen, ucoef):
     """``out[k] = U_p^(k)(v)``, ``k = 0..3``, from the Taylor surrogate (quadratic continuation past TRUST)."""
     d = v - ucen[p]
@@ -215,7 +216,7 @@ def u_eval(p, v, out, ucen, ucoef):
 # pattern-level family evaluation
 
 
-@njit(cache=True)
+@jit
 def fam_eval(fam, e, tau, level, Yp, ucen, ucoef, S1, S2, dz, FE, work):
     """Fill ``FE[p] = (F, F', F'', F''', dF/dtau, dF'/dtau, dF''/dtau)`` (derivatives in ``e``) and return sum F.
 
@@ -319,7 +320,7 @@ def fam_eval(fam, e, tau, level, Yp, ucen, ucoef, S1, S2, dz, FE, work):
     return total
 
 
-@njit(cache=True)
+@jit
 def nb_D(cj, tau):
     """``D(tau) = sum_j c_j log1p(j phi)`` and its derivative in ``tau``."""
     phi = math.exp(tau)
@@ -339,7 +340,7 @@ def nb_D(cj, tau):
 # small dense linear algebra
 
 
-@njit(cache=True)
+@jit
 def chol(A, L, d):
     """Lower Cholesky factor of the leading ``d x d`` block of ``A`` into ``L``; False if not positive definite."""
     for j in range(d):
@@ -360,7 +361,7 @@ def chol(A, L, d):
     return True
 
 
-@njit(cache=True)
+@jit
 def chol_solve(L, b, x, d):
     for i in range(d):
         s = b[i]
@@ -374,7 +375,7 @@ def chol_solve(L, b, x, d):
         x[i] = s / L[i, i]
 
 
-@njit(cache=True)
+@jit
 def chol_logdet(L, d):
     s = 0.0
     for i in range(d):
@@ -382,7 +383,7 @@ def chol_logdet(L, d):
     return 2.0 * s
 
 
-@njit(cache=True)
+@jit
 def chol_inverse(L, Ainv, d, work):
     """``Ainv = (L L')^{-1}``; ``work`` is a ``d x d`` scratch array (holds ``L^{-1}``)."""
     for j in range(d):
@@ -407,7 +408,7 @@ def chol_inverse(L, Ainv, d, work):
 # model pieces
 
 
-@njit(cache=True)
+@jit
 def lam_values(theta, dz, av):
     """Values of ``Lambda' z_p`` at the slots of ``Z`` (``av``, P x m)."""
     Zv = dz[2]
@@ -434,7 +435,7 @@ def lam_values(theta, dz, av):
                     av[p, s0 + i] = theta[h0 + i] * Zv[p, s0 + i]
 
 
-@njit(cache=True)
+@jit
 def lin_pred(gamma, av, dz, npar, e):
     Xp = dz[0]
     Zc = dz[1]
@@ -449,7 +450,7 @@ def lin_pred(gamma, av, dz, npar, e):
         e[p] = s
 
 
-@njit(cache=True)
+@jit
 def assemble(FE, av, gamma, dz, npar, q, g, H):
     """Gradient ``g`` and negative Hessian ``H`` of ``h`` in ``gamma = (beta, u)``."""
     Xp = dz[0]
@@ -504,7 +505,7 @@ def assemble(FE, av, gamma, dz, npar, q, g, H):
 #   (empty: 0/1 detection).
 
 
-@njit(cache=True)
+@jit
 def penalised(cf, gd, gamma, psi, level, dz, ws):
     """``h(gamma)`` at the variance parameters in ``psi`` (without the gene constant); fills ws[0] at ``level``."""
     fam, nth, npar, q = cf[0], cf[3], cf[4], cf[5]
@@ -521,7 +522,7 @@ def penalised(cf, gd, gamma, psi, level, dz, ws):
     return h
 
 
-@njit(cache=True)
+@jit
 def max_eta_change(step, av, dz, npar):
     """Largest ``|change of e_p|`` over the patterns for a step in ``gamma`` (``av`` at the current ``psi``)."""
     Xp = dz[0]
@@ -540,7 +541,7 @@ def max_eta_change(step, av, dz, npar):
     return out
 
 
-@njit(cache=True)
+@jit
 def inner_solve(cf, gd, gamma, psi, dz, ws, max_iter):
     """Newton iterations for the conditional modes (of ``(beta, u)``, or of ``u`` alone when ``la``).
 
@@ -610,7 +611,7 @@ def inner_solve(cf, gd, gamma, psi, dz, ws, max_iter):
     return False, max_iter
 
 
-@njit(cache=True)
+@jit
 def objective_grad(cf, gd, want_grad, gamma, psi, dz, ws, grad, out):
     """Laplace (ML) or restricted-Laplace (REML) criterion at the modes ``gamma`` and its gradient in ``psi``.
 
@@ -777,7 +778,7 @@ def objective_grad(cf, gd, want_grad, gamma, psi, dz, ws, grad, out):
     return obj
 
 
-@njit(cache=True)
+@jit
 def recentre(cf, gd, gamma, psi, dz, ws):
     """Move the Taylor centres of ``U_p`` to the current ``v_p = e_p + tau``; return the largest move."""
     nth, npar = cf[3], cf[4]
@@ -812,7 +813,7 @@ def recentre(cf, gd, gamma, psi, dz, ws):
     return shift
 
 
-@njit(cache=True)
+@jit
 def _modified_newton_step(Hs, grad, free, n, step):
     """Ascent step ``(-Hs)^{-1} grad`` on the free coordinates, with eigenvalues made positive."""
     nf = 0
@@ -868,7 +869,7 @@ def _modified_newton_step(Hs, grad, free, n, step):
     return dec
 
 
-@njit(cache=True)
+@jit
 def snap_zero(cf, gd, gamma, psi, obj, dz, ws, gk, info, snap_sd, frozen):
     """Set near-zero SDs of intercept / uncorrelated terms to exactly zero when that does not lower the criterion.
 
@@ -906,7 +907,7 @@ def snap_zero(cf, gd, gamma, psi, obj, dz, ws, gk, info, snap_sd, frozen):
     return nsnap
 
 
-@njit(cache=True)
+@jit
 def settle(cf, gd, gamma, psi, dz, ws, inner_max):
     """Conditional modes at ``psi`` with the ``U_p`` surrogate centred at them (exact there). Returns success."""
     ok, _ = inner_solve(cf, gd, gamma, psi, dz, ws, inner_max)
@@ -942,7 +943,7 @@ def settle(cf, gd, gamma, psi, dz, ws, inner_max):
     return True
 
 
-@njit(cache=True)
+@jit
 def fit_gene(cf, gd, dz, psi, gamma, tau_lo, tau_hi, max_outer, ws, grad, info, snap_sd, Hs, dC, frozen):
     """Optimise the criterion over ``psi`` (in place, with ``gamma``). Returns (status, outer iterations).
 
@@ -1092,7 +1093,7 @@ def fit_gene(cf, gd, dz, psi, gamma, tau_lo, tau_hi, max_outer, ws, grad, info, 
     return ST_NOCONV, max_outer
 
 
-@njit(cache=True)
+@jit
 def ml_cov_beta(Hs, nps, npar, out):
     """``[(-Hs)^{-1}]_beta`` for psi = (variance parameters, beta), via the Schur complement with a pseudo-inverse
     of the variance-parameter block (flat directions at a boundary carry no information). False if not PD."""
@@ -1135,7 +1136,7 @@ def ml_cov_beta(Hs, nps, npar, out):
     return True
 
 
-@njit(cache=True)
+@jit
 def make_workspace(P, m, npar, q):
     """Scratch arrays of one fit: (FE, av, work, d-vectors, P-vectors, d x d matrices, q x q matrices)."""
     d = npar + q
@@ -1155,7 +1156,7 @@ def make_workspace(P, m, npar, q):
 # design-level tables
 
 
-@njit(cache=True)
+@jit
 def build_tables(cell_ptr, cell_o, cell_c, vmode, vlo, tab_start, tab_n, tab):
     """Taylor coefficients (derivatives 0..KV) of ``V_p`` at the grid nodes of every tabulated pattern."""
     w = np.zeros(KV + 2)
@@ -1178,7 +1179,7 @@ def build_tables(cell_ptr, cell_o, cell_c, vmode, vlo, tab_start, tab_n, tab):
 # one chunk of genes
 
 
-@njit(cache=True)
+@jit
 def _init_values(fam, has_tau, nth, npar, q, dz, Yp, S1, S2, nzp, nzo, nzy, psi, gamma):
     """Starting values: saturated pattern means, weighted least squares for beta, moment estimates for the rest.
 
@@ -1310,7 +1311,7 @@ def _init_values(fam, has_tau, nth, npar, q, dz, Yp, S1, S2, nzp, nzo, nzy, psi,
     return scale
 
 
-@njit(cache=True)
+@jit
 def _config(fam, reml, has_tau, nth, npar, q, la):
     cf = np.zeros(7, dtype=np.int64)
     cf[0] = fam
@@ -1323,7 +1324,7 @@ def _config(fam, reml, has_tau, nth, npar, q, la):
     return cf
 
 
-@njit(cache=True)
+@jit
 def fit_chunk(
     fam,
     reml,
