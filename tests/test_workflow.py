@@ -298,13 +298,17 @@ def test_interrupted_run_resumes_without_refitting_finished_shards(tmp_path, loc
     for p in shard_dir.glob("*.csv"):  # whatever exists is a complete table
         t = pd.read_csv(p)
         assert len(t) == N_GENES // 4 * len(GROUPS) and t["status"].notna().all()
-    stamps = {name: (shard_dir / name).stat().st_mtime_ns for name in finished}
+    # a shard may complete while the interrupt is handled, before its "Finished job" line is logged: Snakemake may
+    # then keep it or refit it; a shard logged as finished is never refitted, and a missing one always is
+    present = {p.name for p in shard_dir.glob("*.csv")}
+    stamps = {name: (shard_dir / name).stat().st_mtime_ns for name in present}
 
     proc = snakemake(workdir, "--cores", "2", target)
     log = proc.stdout + proc.stderr
     refitted = {p.name for p in shard_dir.glob("*.csv") if stamps.get(p.name) != p.stat().st_mtime_ns}
-    assert refitted == {f"{i}-of-4.csv" for i in range(1, 5)} - finished
-    assert log.count("rule fit_glmm:") == 4 - len(finished), log
+    assert not refitted & finished, (refitted, finished)
+    assert refitted >= {f"{i}-of-4.csv" for i in range(1, 5)} - present, (refitted, present)
+    assert log.count("rule fit_glmm:") == len(refitted), log
     # 4 shards give the same table as the 2 shards of the reference run
     assert_same_results(read_results(workdir / target), read_results(local_run / target))
 

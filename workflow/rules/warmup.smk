@@ -16,7 +16,7 @@ rule warmup:
         "../../envs/scmlm.yaml"
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=runtime(60),
+        mem_mb=fixed_mem("warmup", 2000),
+        runtime=runtime("warmup", 60),
     shell:
         "scmlm -v warmup > {output:q} 2> {log:q}"
