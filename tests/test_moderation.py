@@ -9,7 +9,14 @@ import pandas as pd
 import pytest
 
 import scmlm
-from scmlm.models._moderate import moderate, unit_scale
+from scmlm.models._moderate import (
+    BOUNDARY_DF_MIN,
+    _boundary_df,
+    coarser_terms,
+    moderate,
+    moderated_df,
+    unit_scale,
+)
 
 CONTRAST = ("condition", "case", "ctrl")
 GENES = 1500
@@ -142,18 +149,44 @@ def test_shards_merge_equal_unsharded():
     assert (merged["moderation"] == full["moderation"]).all()
 
 
-def test_nested_batch_falls_back_to_per_gene_tests(capsys):
+def test_nested_batch_moderated_on_reduced_df(capsys):
     # donors nested in 3 batches with unequal case/control counts: the contrast's variance rests on the batch
-    # variance too (3 levels), which a prior for the donor term does not moderate; the per-gene test stays
-    adata = scmlm.datasets.simulate(n_donors=10, n_cells=60, n_genes=800, null=True, n_batches=3, seed=1)
+    # variance too (3 levels, treated as known by the REML standard error); tau2 is moderated on the df of the unit
+    # design with batch fixed (10 donors - 4 = 6), not on the containment df (8)
+    adata = scmlm.datasets.simulate(n_donors=10, n_cells=60, n_genes=GENES, null=True, n_batches=3, seed=1)
     t = _fit(adata, "~ condition + (1|donor) + (1|batch)").table
     tested = t["pvalue"].notna()
-    assert t.loc[tested, "moderation"].str.contains(r"\(1\|batch\)").all()
-    assert t["df_prior"].isna().all()
+    assert tested.mean() > 0.8
+    assert (t.loc[tested, "moderation"] == "moderated").all()
+    # boundary fits may get fewer (the df of their moment estimate of tau2), never more
+    assert (t.loc[tested, "df_resid"] <= 6).all() and t.loc[tested, "df_resid"].median() == 6
+    np.testing.assert_allclose(t.loc[tested, "df"], t.loc[tested, "df_resid"] + t.loc[tested, "df_prior"])
     frac = float((t.loc[tested, "pvalue"] < 0.05).mean())
+    sing = tested & (t["status"] == "singular")
+    fsing = float((t.loc[sing, "pvalue"] < 0.05).mean())
     with capsys.disabled():
-        print(f"\nnested batch, per-gene fallback: {frac:.4f} of {int(tested.sum())} at p<0.05")
-    assert 0.03 <= frac <= 0.065
+        print(
+            f"\nnested batch, moderated on df 6: {frac:.4f} of {int(tested.sum())} at p<0.05; singular "
+            f"{int(sing.sum())}, {fsing:.4f}; df_prior {t['df_prior'].median():.2f}"
+        )
+    assert 0.035 <= frac <= 0.06
+    assert 0.035 <= fsing <= 0.065
+
+
+def test_moderated_df_nested_and_crossed():
+    # 10 donors in 3 batches (donor % 3), case = odd donors: batch is not balanced over the contrast
+    donor = np.repeat(np.arange(10), 5)
+    X = np.column_stack([np.ones(50), donor % 2])
+
+    class T:
+        def __init__(self, name, codes):
+            self.name, self.codes = name, codes
+
+    terms = [T("donor", donor), T("batch", donor % 3)]
+    L = np.array([0.0, 1.0])
+    assert coarser_terms(X, terms, L) == ["batch"]
+    assert moderated_df(X, terms, L, ["batch"], 8.0) == 6.0
+    assert moderated_df(X, terms, L, [], 8.0) == 8.0
 
 
 def test_cell_level_contrast_not_moderated():
@@ -197,3 +230,17 @@ def test_lrt_calibrated_null(capsys):
         print(f"\nLRT (F = df (exp(LR/units) - 1) on F(1, df)): {frac:.4f} of {p.size} at p<0.05")
     assert p.size > 450
     assert 0.03 <= frac <= 0.07
+
+
+def test_boundary_df_equal_and_unequal_units():
+    # the Satterthwaite df of a boundary fit's tau2: d for equal units, far fewer when a few units carry the
+    # information (20-2,000 cells per donor), floored at BOUNDARY_DF_MIN
+    Xu = np.column_stack([np.ones(10), np.arange(10) % 2])
+    L = np.array([0.0, 1.0])
+    equal = _boundary_df(Xu, L, np.full((10, 1), 50.0), np.array([8.0]), 8.0)
+    assert equal[0] == pytest.approx(8.0)
+    cells = np.array([1231, 1026, 51, 1709, 24, 179, 25, 525, 32, 24], dtype=float)
+    unequal = _boundary_df(Xu, L, (cells * 0.05)[:, None], np.array([8.0]), 8.0)
+    assert unequal[0] == pytest.approx(BOUNDARY_DF_MIN)
+    raw = _boundary_df(Xu, L, (cells * 0.05)[:, None], np.array([40.0]), 8.0)
+    assert BOUNDARY_DF_MIN <= raw[0] < 4
