@@ -14,7 +14,6 @@ from scmlm.models._moderate import (
     _boundary_df,
     coarser_terms,
     moderate,
-    moderated_df,
     unit_scale,
 )
 
@@ -149,32 +148,19 @@ def test_shards_merge_equal_unsharded():
     assert (merged["moderation"] == full["moderation"]).all()
 
 
-def test_nested_batch_moderated_on_reduced_df(capsys):
+def test_nested_batch_falls_back_to_per_gene_tests(capsys):
     # donors nested in 3 batches with unequal case/control counts: the contrast's variance rests on the batch
-    # variance too (3 levels, treated as known by the REML standard error); tau2 is moderated on the df of the unit
-    # design with batch fixed (10 donors - 4 = 6), not on the containment df (8)
-    adata = scmlm.datasets.simulate(n_donors=10, n_cells=60, n_genes=GENES, null=True, n_batches=3, seed=1)
+    # variance too (3 levels), which a prior for the donor term does not moderate; the per-gene test stays
+    adata = scmlm.datasets.simulate(n_donors=10, n_cells=60, n_genes=800, null=True, n_batches=3, seed=1)
     t = _fit(adata, "~ condition + (1|donor) + (1|batch)").table
     tested = t["pvalue"].notna()
-    assert tested.mean() > 0.8
-    assert (t.loc[tested, "moderation"] == "moderated").all()
-    # boundary fits may get fewer (the df of their moment estimate of tau2), never more
-    assert (t.loc[tested, "df_resid"] <= 6).all() and t.loc[tested, "df_resid"].median() == 6
-    np.testing.assert_allclose(t.loc[tested, "df"], t.loc[tested, "df_resid"] + t.loc[tested, "df_prior"])
+    assert t.loc[tested, "moderation"].str.contains(r"\(1\|batch\)").all()
+    assert t["df_prior"].isna().all()
     frac = float((t.loc[tested, "pvalue"] < 0.05).mean())
-    sing = tested & (t["status"] == "singular")
-    fsing = float((t.loc[sing, "pvalue"] < 0.05).mean())
     with capsys.disabled():
-        print(
-            f"\nnested batch, moderated on df 6: {frac:.4f} of {int(tested.sum())} at p<0.05; singular "
-            f"{int(sing.sum())}, {fsing:.4f}; df_prior {t['df_prior'].median():.2f}"
-        )
-    assert 0.035 <= frac <= 0.06
-    assert 0.035 <= fsing <= 0.065
-
-
-def test_moderated_df_nested_and_crossed():
-    # 10 donors in 3 batches (donor % 3), case = odd donors: batch is not balanced over the contrast
+        print(f"\nnested batch, per-gene fallback: {frac:.4f} of {int(tested.sum())} at p<0.05")
+    assert 0.03 <= frac <= 0.065
+    # donors nested in batches not balanced over case/control: the coarser term is found
     donor = np.repeat(np.arange(10), 5)
     X = np.column_stack([np.ones(50), donor % 2])
 
@@ -182,11 +168,7 @@ def test_moderated_df_nested_and_crossed():
         def __init__(self, name, codes):
             self.name, self.codes = name, codes
 
-    terms = [T("donor", donor), T("batch", donor % 3)]
-    L = np.array([0.0, 1.0])
-    assert coarser_terms(X, terms, L) == ["batch"]
-    assert moderated_df(X, terms, L, ["batch"], 8.0) == 6.0
-    assert moderated_df(X, terms, L, [], 8.0) == 8.0
+    assert coarser_terms(X, [T("donor", donor), T("batch", donor % 3)], np.array([0.0, 1.0])) == ["batch"]
 
 
 def test_cell_level_contrast_not_moderated():
