@@ -6,11 +6,32 @@ Data: ``scmlm.datasets.simulate`` with 10 % DE genes:
 For each: ``glmm_de`` with ``moderate=True`` (default) and ``moderate=False``, and pseudobulk ``nb_ql`` on donor sums
 (``~ batch + condition`` / ``~ condition``). In the between case donors are nested in 3 batches with unequal
 case/control counts, so with ``(1|batch)`` the default falls back to per-gene tests (the contrast's variance rests on
-a 3-level batch variance that no prior for the donor term moderates); the same data with batch as a fixed effect,
-``~ condition + batch + (1|donor)``, is moderated. Prints the AUC of p-values for the true DE genes (genes without a
-p-value count as p = 1), the number of genes at BH padj < 0.05, the TPR and the observed FDR there, the prior df,
-and the wall time of each GLMM fit (the moderation itself takes well under a second; ``--timing`` fits 2,000 genes ×
-4,000 cells with ``(1|donor)+(1|batch)`` with and without it).
+a 3-level batch variance that no prior for the donor term moderates: moderated, it was calibrated on some nulls and
+not on others, see ``scmlm.models._moderate``); the same data with batch as a fixed effect,
+``~ condition + batch + (1|donor)``, is moderated. Prints the AUC of p-values for the true DE genes
+(genes without a p-value count as p = 1), the number of genes at BH padj < 0.05, the TPR and the observed FDR there,
+the prior df, and the wall time of each GLMM fit (the first fit includes compiling the kernels; ``--timing`` fits
+2,000 genes × 4,000 cells with ``(1|donor)+(1|batch)`` and with a crossed ``(1|lane)``, with and without moderation).
+Figures (seed 0, ``--n-jobs 2``, 2,000 genes):
+
+  between donors, 4,000 cells, 200 DE
+    (1|donor)+(1|batch) (per gene)      AUC 0.8801  calls 37  TPR 0.180  FDR 0.027
+    batch + (1|donor) moderated         AUC 0.8907  calls 49  TPR 0.240  FDR 0.020  (df_prior 5.83)
+    batch + (1|donor) per gene          AUC 0.8718  calls 13  TPR 0.060  FDR 0.077
+    pseudobulk nb_ql                    AUC 0.8563  calls 49  TPR 0.240  FDR 0.020
+  unbalanced donors, 2,989 cells, 200 DE
+    (1|donor) moderated                 AUC 0.8773  calls 23  TPR 0.115  FDR 0.000  (df_prior 5.29)
+    (1|donor) per gene                  AUC 0.8586  calls 10  TPR 0.050  FDR 0.000
+    pseudobulk nb_ql                    AUC 0.6507  calls 34  TPR 0.165  FDR 0.029
+  timing, 2,000 genes × 4,000 cells (kernels compiled): (1|donor)+(1|batch) 3.7 s per gene tests, 2.9 s with
+    moderation on (falls back); (1|donor)+(1|lane) (moderated) 7.1 s and 5.7 s
+
+The unbalanced moderated test calls fewer genes than nb_ql: with one unit scale ``c`` for all genes it called 29
+(FDR 0.034) but boundary fits were anticonservative on unbalanced nulls (13-16 % of p < 0.05); the per-gene scale
+and the boundary fits' df that fix this cost the difference (see ``scmlm.models._moderate``).
+The issue's AUC bar (0.93) is out of reach on this simulation: ranking the genes by the z statistic of an estimate
+with known variances (donor and sampling variance only, no batch) gives AUC 0.925 averaged over 20 draws (0.914
+with a share of the batch variance).
 Bars (issue): between AUC ≥ 0.93, TPR ≥ 0.35, FDR ≤ 0.05; unbalanced calls ≥ nb_ql's with FDR ≤ 0.05.
 
     python benchmarks/bench_moderation.py [--genes 2000] [--cells 400] [--seed 0] [--n-jobs 1]
@@ -58,7 +79,7 @@ def _case(title: str, adata, formulas: list[str], pb_formula: str, n_jobs: int) 
             tab = scmlm.tl.glmm_de(adata, formula, CONTRAST, moderate=moderate, n_jobs=n_jobs, inplace=False).table
         dt = time.perf_counter() - t
         extra = f"  ({dt:.1f} s"
-        if moderate:
+        if moderate and tab["df_prior"].notna().any():
             extra += f", df_prior {np.nanmedian(tab['df_prior']):.2f}"
         sing = (tab["status"] == "singular").to_numpy()
         extra += f", {sing.mean():.0%} singular; {tab['moderation'].iloc[0][:40]})"

@@ -9,7 +9,13 @@ import pandas as pd
 import pytest
 
 import scmlm
-from scmlm.models._moderate import moderate, unit_scale
+from scmlm.models._moderate import (
+    BOUNDARY_DF_MIN,
+    _boundary_df,
+    coarser_terms,
+    moderate,
+    unit_scale,
+)
 
 CONTRAST = ("condition", "case", "ctrl")
 GENES = 1500
@@ -154,6 +160,15 @@ def test_nested_batch_falls_back_to_per_gene_tests(capsys):
     with capsys.disabled():
         print(f"\nnested batch, per-gene fallback: {frac:.4f} of {int(tested.sum())} at p<0.05")
     assert 0.03 <= frac <= 0.065
+    # donors nested in batches not balanced over case/control: the coarser term is found
+    donor = np.repeat(np.arange(10), 5)
+    X = np.column_stack([np.ones(50), donor % 2])
+
+    class T:
+        def __init__(self, name, codes):
+            self.name, self.codes = name, codes
+
+    assert coarser_terms(X, [T("donor", donor), T("batch", donor % 3)], np.array([0.0, 1.0])) == ["batch"]
 
 
 def test_cell_level_contrast_not_moderated():
@@ -197,3 +212,17 @@ def test_lrt_calibrated_null(capsys):
         print(f"\nLRT (F = df (exp(LR/units) - 1) on F(1, df)): {frac:.4f} of {p.size} at p<0.05")
     assert p.size > 450
     assert 0.03 <= frac <= 0.07
+
+
+def test_boundary_df_equal_and_unequal_units():
+    # the Satterthwaite df of a boundary fit's tau2: d for equal units, far fewer when a few units carry the
+    # information (20-2,000 cells per donor), floored at BOUNDARY_DF_MIN
+    Xu = np.column_stack([np.ones(10), np.arange(10) % 2])
+    L = np.array([0.0, 1.0])
+    equal = _boundary_df(Xu, L, np.full((10, 1), 50.0), np.array([8.0]), 8.0)
+    assert equal[0] == pytest.approx(8.0)
+    cells = np.array([1231, 1026, 51, 1709, 24, 179, 25, 525, 32, 24], dtype=float)
+    unequal = _boundary_df(Xu, L, (cells * 0.05)[:, None], np.array([8.0]), 8.0)
+    assert unequal[0] == pytest.approx(BOUNDARY_DF_MIN)
+    raw = _boundary_df(Xu, L, (cells * 0.05)[:, None], np.array([40.0]), 8.0)
+    assert BOUNDARY_DF_MIN <= raw[0] < 4

@@ -7,17 +7,17 @@ the latent scale, the unit means of gene ``g`` vary with
     τ²_g = σ²_unit,g + (within-unit sampling variance of a unit mean),
 
 and the squared standard error of the contrast is ``SE²_g = c · τ̂²_g`` with ``c = L (X_u' X_u)⁻¹ L'`` from the
-unit-level design ``X_u`` (one row per unit; gene-independent). In a balanced Gaussian LMM this is exact:
-``SE² = c · MS_between / m`` with ``m`` cells per unit, and ``τ̂²`` is a variance on ``d`` degrees of freedom,
-``d`` the contrast's containment df at its level (units minus unit-level coefficients). Each gene alone therefore
-tests on ``d`` df (8 with 10 donors). With the unit variance estimated at zero (a boundary fit, part of the
-``singular`` genes) ``SE² / c`` is only the sampling part ``τ0²``: in the balanced LMM REML gives
-``τ̂² = max(MS_between, MS_within) / m``, a truncated value.
+unit-level design ``X_u`` (one row per unit; per gene ``c_g`` when units weigh differently, below). In a balanced
+Gaussian LMM this is exact: ``SE² = c · MS_between / m`` with ``m`` cells per unit, and ``τ̂²`` is a variance on ``d``
+degrees of freedom, ``d`` the contrast's containment df at its level (units minus unit-level coefficients). Each gene
+alone therefore tests on ``d`` df (8 with 10 donors). With the unit variance estimated at zero (a boundary fit, part of
+the ``singular`` genes) ``SE² / c`` is only the sampling part ``τ0²``: in the balanced LMM REML gives ``τ̂² =
+max(MS_between, MS_within) / m``, a truncated value.
 
 Moderation borrows strength across the genes of one group and contrast, as limma's ``eBayes`` does: ``τ̂²_g`` on
 ``d`` df are squeezed toward a trend in ``log(base_mean)`` with the robust ``squeezeVar`` (Phipson et al. 2016),
 giving prior df ``d0`` and prior variance ``s0²_g``; ``τ̃²_g = (d τ̂²_g + d0 s0²_g) / (d + d0)``; the moderated
-``SE = sqrt(c τ̃²_g)``, ``t = coef / SE`` on ``d + d0`` df (at most the pooled df of all genes, as limma caps it).
+``SE = sqrt(c_g τ̃²_g)``, ``t = coef / SE`` on ``d_g + d0`` df (at most the pooled df of all genes, as limma caps it).
 
 Design choices and the measurements behind them (``scmlm.datasets.simulate`` nulls, 1,000–1,500 genes; figures are
 fractions of p < 0.05; ``tests/test_moderation.py`` and ``benchmarks/bench_moderation.py`` print them):
@@ -25,17 +25,39 @@ fractions of p < 0.05; ``tests/test_moderation.py`` and ``benchmarks/bench_moder
 * ``d`` is the containment df, not the gene's Satterthwaite df. Satterthwaite df fall below 1 for genes whose
   variance is near, not at, zero (2e-11 at worst), and squeezing on ``min(d, Satterthwaite)`` did not cure any
   of the excess below (10-donor ``(1|donor)+(1|batch)`` null: 6.7–7.8 % for every combination tried).
-* Boundary fits enter the prior with the untruncated ``τ0² · X²/d`` (:func:`gene_tau2`, :func:`unit_dispersion`),
+* Boundary fits enter the prior with the untruncated ``τ0² · X²/d`` (:func:`gene_tau2`; equal units),
   a Pearson statistic of the unit scores that is ``MS_between / m`` in the balanced LMM: a variance on ``d`` df, as
   the prior model assumes. Singular fits then borrow from the prior like the others (pooled over six null designs:
-  4.8 % of 2,941 singular fits).
+  4.8 % of 2,941 singular fits before the change below, 4.3 % of 2,948 after).
+* Unequal units (20–2,000 cells per donor). The unit scale is per gene, ``c_g = Σ a_u²`` for the unit weights the
+  gene's fit uses (``1/(σ̂² + 1/I_u)``; a boundary fit weighs donors by their information, a fit with a large
+  ``σ̂²`` weighs them alike), so that ``τ̂² = se²/c_g`` is comparable between genes (dream weighs observations by
+  precision weights and squeezes the weighted residual variance; here the weights come from each gene's fit). A
+  boundary fit's ``τ̂²`` is ``V(0)/c_g + σ̂²`` with the moment estimate ``σ̂² = (X² - d)/T``, and its df is that
+  estimate's Satterthwaite df (:func:`_boundary_df`), not ``d``: the Pearson statistic rests on the few large
+  donors (0.6–2.7 df for 8). Four unbalanced nulls of 2,000 genes (seeds 2, 12, 22, 32), fraction of p < 0.05
+  among boundary fits: 15.8, 13.5, 15.1, 14.3 % before (``c`` and ``d`` for all); 14.4 and 12.8 % (seeds 2, 12)
+  with ``c_g`` alone; 4.7, 3.8, 2.8, 4.8 % (4.2 % of 624) with the boundary df floored at
+  :data:`BOUNDARY_DF_MIN`; all genes 4.9, 4.6, 4.5, 5.9 %.
 * Where the contrast's variance also rests on a coarser random term not balanced over the contrast (donors nested
-  in 3 batches with unequal case/control counts, ``(1|donor)+(1|batch)``), moderating the donor-level variance
-  gave 7.0–7.9 % on a 10-donor null whatever was squeezed: the conditional standard error ignores the
-  uncertainty of a variance estimated from 3 batches (REML SEs condition on the variance parameters), which the
-  per-gene t on ``d`` df happened to cover (5.3 %). Such contrasts keep the per-gene test and say so in
-  ``moderation``; with ``batch`` as a fixed effect the same null is moderated at 5.7 %. A balanced coarser term
-  (the donor of a paired design) cancels from the contrast and does not block moderation.
+  in 3 batches with unequal case/control counts, ``(1|donor)+(1|batch)``), ``se²`` carries the batch variance,
+  estimated from 3 levels and treated as known by the REML standard error, which no prior for the donor term
+  reaches. Moderating ``τ̂² = se²/c`` on the containment df (8) or on the residual df of the unit design with the
+  batches fixed (6) gave, on 10-donor nulls: 60 cells, seed 1: 5.92 % / 5.71 %; seed 21: 4.84 % / 4.27 %;
+  400 cells, seed 5: 6.26 % / 5.66 %; the benchmark's 1,800 non-DE genes 6.35 % / 5.63 % (64 calls at FDR 0.047
+  against 37 per gene); but 100 cells, seed 12 (``tests/test_glmm_de.py``): 7.79 % / 7.27 % (5, 4 and 3 df:
+  6.33, 6.27, 6.60 %), where the per-gene test gives 5.74 %. Such contrasts keep the per-gene test and say so in
+  ``moderation``; with ``batch`` as a fixed effect the design is moderated. A balanced coarser term (the donor of a
+  paired design) cancels from the contrast and does not block moderation.
+* ``tests/test_moderation.py`` nulls (1,500 genes; all genes, then boundary fits): 10 donors 4.65 % (4.55 % of
+  264), within-donor 5.06 % (4.36 % of 780), unbalanced 20–2,000 cells 4.01 % (2.08 % of 144), crossed donor + lane
+  with a donor-level covariate 4.43 % (4.89 % of 1,003), 3 vs 3 4.51 % (4.60 % of 326), 2 vs 2 3.52 % (3.25 % of
+  431); boundary fits pooled over the six cases 4.31 % of 2,948.
+* Power (``benchmarks/bench_moderation.py``, 2,000 genes, 10 % DE, calls at BH 0.05): between donors with
+  ``batch`` fixed 49 calls, TPR 0.240, FDR 0.020 (per-gene ``(1|batch)`` 37, nb_ql 49); unbalanced 23 calls,
+  TPR 0.115, FDR 0 (per gene 10, nb_ql 34). With one scale ``c`` for all genes the unbalanced set gave 29 calls but
+  the nulls above were anticonservative (all genes up to 7.0 %, boundary fits 13–16 %). On this simulator an AUC
+  of 0.93 is out of reach: the z statistic with known donor and sampling variances ranks the genes at 0.925.
 * Genes are moderated per group (``groups_key``) and per contrast: each has its own prior. A group with fewer than
   :data:`MIN_GENES` usable genes keeps per-gene tests.
 
@@ -55,6 +77,10 @@ from ._limma import squeeze_var
 
 MIN_GENES = 10
 """Fewest genes of a group and contrast with a usable unmoderated test for a prior to be estimated."""
+
+BOUNDARY_DF_MIN = 2.0
+"""Floor of a boundary fit's df (:func:`_boundary_df`). Unbalanced nulls (20–2,000 cells per donor, 4 sets of 2,000
+genes, 624 boundary fits): 3.5 % of their p < 0.05 with a floor of 1, 4.2 % with 2, 5.8 % with 3, 13.1 % on ``d``."""
 
 PENDING = "pending"
 """``moderation`` value of a gene of a sharded run: finished when the shards are merged."""
@@ -87,7 +113,8 @@ def coarser_terms(X: np.ndarray, terms, L: np.ndarray) -> list[str]:
     """Random terms other than the contrast's unit term whose levels hold whole units and are not balanced over the
     contrast (e.g. ``batch`` over donors nested in batches with unequal case/control counts; not ``donor`` over the
     two samples of each donor in a paired design, which cancels). The contrast's variance then rests on their
-    variance too, estimated from few levels; a prior for the unit term does not moderate that part."""
+    variance too, estimated from few levels; a prior for the unit term does not moderate that part (see the module
+    docstring): such contrasts keep the per-gene test."""
     terms = tuple(terms)
     X = np.asarray(X, dtype=float)
     L = np.asarray(L, dtype=float).ravel()
@@ -115,57 +142,123 @@ def coarser_terms(X: np.ndarray, terms, L: np.ndarray) -> list[str]:
     return out
 
 
-def gene_tau2(Y, res, se: np.ndarray, X: np.ndarray, terms, offset, family: str, trials, L, df: float) -> np.ndarray:
-    """Per-gene between-unit variance ``τ̂²`` of a unit-level contrast from one chunk's fits (``res``).
+def gene_tau2(
+    Y, res, se: np.ndarray, X: np.ndarray, terms, offset, family: str, trials, L, df: float, *, weighted: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-gene between-unit variance ``τ̂²`` of a unit-level contrast, its unit scale ``c_g`` (``se² = c_g τ̂²``)
+    and its df, from one chunk's fits (``res``).
 
-    ``se² / c`` where the unit's variance is estimated above zero. Where it is at zero (a boundary fit) ``se² / c``
-    is only the within-unit sampling part ``τ0²`` (in a balanced LMM, REML gives ``τ̂² = max(MS_between,
-    MS_within) / m``): it is multiplied by :func:`unit_dispersion`, which makes it ``MS_between / m`` in that LMM,
-    a variance on ``d`` df as the prior assumes. Measured on 10-donor nulls (``(1|donor)+(1|batch)``, 54 %
-    singular), squeezing the truncated values estimated ``d0 ≈ 16`` for a distribution the prior does not fit.
+    ``weighted=False`` (or a unit term with slopes): ``c_g = c`` of :func:`unit_scale` for every gene. Otherwise the
+    unit design is weighted as the gene's fit weighs the units: ``w_u = 1 / (σ̂² + 1/I_u)`` with ``I_u`` the
+    information of unit ``u`` (:func:`unit_scores`) and ``σ̂²`` the gene's unit variance; the contrast is
+    ``Σ a_u b̂_u`` with ``a = W X_u (X_u' W X_u)⁻¹ L`` and ``c_g = Σ a_u²`` (``c`` for equal units), so that
+    ``τ̂² = se² / c_g`` is ``σ̂²`` plus a weighted mean of the sampling variances ``1/I_u``: comparable between genes
+    whose fits lean on different units (with 20–2,000 cells per donor a fit at the boundary weighs donors by their
+    cells, one with a large ``σ̂²`` weighs them alike).
+
+    Where the unit variance is at zero (a boundary fit) ``se² / c_g`` is only the sampling part; it gets the
+    moment estimate ``σ̂² = (X² - d) / T`` of :func:`unit_dispersion` (untruncated; ``X²/d`` times the sampling part
+    where ``X² < d``), a variance on ``d`` df as the prior assumes (``MS_between / m`` in a balanced LMM). Measured
+    on 10-donor nulls (``(1|donor)+(1|batch)``, 54 % singular), squeezing the truncated values estimated
+    ``d0 ≈ 16`` for a distribution the prior does not fit.
     """
     terms = tuple(terms)
     c, _, k = unit_scale(X, [t.codes for t in terms], L)
-    tau2 = np.asarray(se, dtype=float) ** 2 / c
+    se2 = np.asarray(se, dtype=float) ** 2
+    G = se2.size
+    tau2 = se2 / c
+    scale = np.full(G, c)
     if k < 0:
-        return tau2
+        return tau2, scale, np.full(G, float(df))
     names = terms[k].component_names()
-    zero = np.asarray(res.converged, dtype=bool) & np.isfinite(tau2)
+    conv = np.asarray(res.converged, dtype=bool) & np.isfinite(tau2)
+    zero = conv.copy()
     for name in names:
         zero &= np.asarray(res.var[name]) <= 0
-    if zero.any():
-        idx = np.flatnonzero(zero)
-        Ysub = Y[:, idx] if Y.shape[0] == X.shape[0] else Y[idx]
-        ratio = unit_dispersion(
-            Ysub, X, terms, offset, res.beta[idx], res.b[idx], np.asarray(res.phi)[idx], family, trials,
-            np.unique(terms[k].codes, return_inverse=True)[1], df,
-        )  # fmt: skip
-        tau2[idx] = tau2[idx] * ratio
-    return tau2
+    weighted = weighted and len(names) == 1
+    idx = np.flatnonzero(conv if weighted else zero)
+    if not idx.size:
+        return tau2, scale, np.full(G, float(df))
+    codes = np.unique(terms[k].codes, return_inverse=True)[1]
+    Ysub = Y[:, idx] if Y.shape[0] == X.shape[0] else Y[idx]
+    S, info_u = unit_scores(
+        Ysub, X, terms, offset, res.beta[idx], res.b[idx], np.asarray(res.phi)[idx], family, trials, codes
+    )
+    Xu, Lu = _unit_design(X, codes, L)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x2 = np.sum(np.where(info_u > 0, S**2 / info_u, 0.0), axis=0)
+    z = zero[idx]
+    if weighted:
+        s2 = np.where(z, 0.0, np.asarray(res.var[names[0]], dtype=float)[idx])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            w = np.where(info_u > 0, 1.0 / (s2[None, :] + 1.0 / info_u), 0.0).T  # genes × units
+        cg = _weighted_scale(Xu, Lu, w)
+        ok = np.isfinite(cg) & (cg > 0)
+        scale[idx[ok]] = cg[ok]
+        tau2[idx[ok]] = se2[idx[ok]] / cg[ok]
+    dfg = np.full(G, float(df))
+    if z.any():
+        zi = idx[z]
+        ratio = np.where(x2[z] > df, _moment_inflation(Xu, Lu, info_u[:, z], x2[z], df), x2[z] / df)
+        tau2[zi] = tau2[zi] * ratio
+        dfg[zi] = _boundary_df(Xu, Lu, info_u[:, z], x2[z], df)
+    return tau2, scale, dfg
 
 
-def unit_dispersion(
-    Y,
-    X: np.ndarray,
-    terms,
-    offset: np.ndarray | None,
-    beta: np.ndarray,
-    b: np.ndarray,
-    phi: np.ndarray,
-    family: str,
-    trials: np.ndarray | None,
-    unit_codes: np.ndarray,
-    df: float,
-) -> np.ndarray:
-    """Inflation of the contrast's variance over its value with the unit variance at zero, per gene.
+def _boundary_df(Xu: np.ndarray, Lu: np.ndarray, info_u: np.ndarray, x2: np.ndarray, df: float) -> np.ndarray:
+    """Satterthwaite df of a boundary fit's ``τ̂² = V(0)/Σa² + (X² - d)/T`` (:func:`_moment_inflation`), at
+    ``σ² = max((X² - d)/T, 0)``, within ``[BOUNDARY_DF_MIN, d]``.
 
-    ``1 + (X²/d - 1) r`` where ``X²/d > 1``, else ``X²/d``. ``X² = Σ_u S_u² / I_u`` with
-    ``S_u = Σ_{i∈u} (y_i - μ_i) μ'_i / V_i`` the score of a random effect of unit ``u`` at zero and
-    ``I_u = Σ_{i∈u} μ'_i² / V_i`` its information, from the fitted means ``μ`` of the gene's model
-    (``E X² = d (1 + σ² I)`` for equal units); ``r = (Σ I_u² / Σ I_u) / mean(I_u)`` (1 for equal units), since an
-    information-weighted contrast leans on the large units. Unbalanced nulls (20–2,000 cells per donor): boundary
-    fits at 9.9 % of p < 0.05 with ``r = 1``, 9.3 % with it (151 genes).
+    ``X² = Σ λ_k χ²_1`` with ``λ`` the eigenvalues of ``B = W½ (I - P)(σ² I + W⁻¹)(I - P)' W½``:
+    ``df = 2 E(τ̂²)² / Var(τ̂²)`` with ``Var = 2 tr(B²) / T²``. Equal units give ``d``. With 20–2,000 cells per donor the
+    Pearson statistic rests on the few large donors: 0.6–2.7 df instead of 8, and boundary fits squeezed as if on 8
+    df gave 13–16 % of null p < 0.05.
     """
+    W = info_u.T  # genes × units
+    A = np.einsum("gu,ui,uj->gij", W, Xu, Xu)
+    Ainv = np.linalg.pinv(A)
+    AL = Ainv @ Lu
+    v0 = AL @ Lu
+    a = W * (AL @ Xu.T)
+    sa = np.sum(a**2, axis=1)
+    n = Xu.shape[0]
+    P = np.einsum("ui,gij,vj,gv->guv", Xu, Ainv, Xu, W)
+    M = np.eye(n)[None] - P
+    T = np.einsum("gu,guv->g", W, M**2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s2 = np.maximum((x2 - df) / T, 0.0)
+        Sig = s2[:, None, None] * np.eye(n)[None] + np.einsum("uv,gu->guv", np.eye(n), 1.0 / W)
+        rw = np.sqrt(W)
+        B = rw[:, :, None] * np.einsum("guv,gvw,gxw->gux", M, Sig, M) * rw[:, None, :]
+        mean = v0 / sa + (np.einsum("guu->g", B) - df) / T
+        var = 2.0 * np.sum(B**2, axis=(1, 2)) / T**2
+        out = 2.0 * mean**2 / var
+    return np.clip(np.where(np.isfinite(out), out, df), min(BOUNDARY_DF_MIN, df), df)
+
+
+def _unit_design(X: np.ndarray, codes: np.ndarray, L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One row per unit of the columns of ``X`` constant within units, and the matching entries of ``L``."""
+    X = np.asarray(X, dtype=float)
+    L = np.asarray(L, dtype=float).ravel()
+    _, first, inv = np.unique(codes, return_index=True, return_inverse=True)
+    const = [j for j in range(X.shape[1]) if np.allclose(X[:, j], X[first, j][inv])]
+    return X[np.ix_(first, const)], L[const]
+
+
+def _weighted_scale(Xu: np.ndarray, Lu: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``Σ_u a_u²`` per gene for unit weights ``w`` (genes × units), ``a = W X_u (X_u' W X_u)⁻¹ L``; invariant to the
+    scale of ``w``, ``c = L (X_u' X_u)⁻¹ L'`` for equal weights."""
+    A = np.einsum("gu,ui,uj->gij", w, Xu, Xu)
+    AL = np.linalg.pinv(A) @ Lu
+    a = w * (AL @ Xu.T)
+    return np.sum(a**2, axis=1)
+
+
+def unit_scores(
+    Y, X: np.ndarray, terms, offset, beta: np.ndarray, b: np.ndarray, phi: np.ndarray, family: str, trials, unit_codes
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(S, I)``, units × genes: the score ``S_u`` of a random effect of unit ``u`` at zero and its information
+    ``I_u`` (see :func:`unit_dispersion`), from the fitted means of each gene's model."""
     from ._families import get_family
     from ._random import build_Z
 
@@ -195,17 +288,66 @@ def unit_dispersion(
         score = (Yd - eta) / phi[None, :]
         info = np.broadcast_to(1.0 / phi[None, :], eta.shape)
     n_units = int(unit_codes.max()) + 1
-    S = np.zeros((n_units, score.shape[1]))
-    info_u = np.zeros((n_units, score.shape[1]))
-    np.add.at(S, unit_codes, score)
-    np.add.at(info_u, unit_codes, info)
+    ind = np.zeros((n_units, n))
+    ind[unit_codes, np.arange(n)] = 1.0
+    return ind @ score, ind @ info
+
+
+def unit_dispersion(
+    Y,
+    X: np.ndarray,
+    terms,
+    offset: np.ndarray | None,
+    beta: np.ndarray,
+    b: np.ndarray,
+    phi: np.ndarray,
+    family: str,
+    trials: np.ndarray | None,
+    unit_codes: np.ndarray,
+    df: float,
+    L: np.ndarray | None = None,
+) -> np.ndarray:
+    """Inflation of the contrast's variance over its value with the unit variance at zero, per gene.
+
+    ``1 + (X²/d - 1) r`` where ``X²/d > 1``, else ``X²/d``. ``X² = Σ_u S_u² / I_u`` with
+    ``S_u = Σ_{i∈u} (y_i - μ_i) μ'_i / V_i`` the score of a random effect of unit ``u`` at zero and
+    ``I_u = Σ_{i∈u} μ'_i² / V_i`` its information, from the fitted means ``μ`` of the gene's model
+    (``E X² = d (1 + σ² I)`` for equal units); ``r = (Σ I_u² / Σ I_u) / mean(I_u)`` (1 for equal units), since an
+    information-weighted contrast leans on the large units. Unbalanced nulls (20–2,000 cells per donor): boundary
+    fits at 9.9 % of p < 0.05 with ``r = 1``, 9.3 % with it (151 genes).
+    """
+    S, info_u = unit_scores(Y, X, terms, offset, beta, b, phi, family, trials, unit_codes)
     with np.errstate(divide="ignore", invalid="ignore"):
-        x2 = np.sum(np.where(info_u > 0, S**2 / info_u, 0.0), axis=0) / df
-        present = info_u > 0
-        # unequal units: the excess (σ² I_u on average) inflates the variance of the information-weighted contrast by
-        # the size-weighted mean information over the plain mean (1 for equal units)
-        r = (np.sum(info_u**2, axis=0) / np.sum(info_u, axis=0)) / (np.sum(info_u, axis=0) / present.sum(axis=0))
-    return np.where(x2 > 1, 1.0 + (x2 - 1.0) * np.where(np.isfinite(r), r, 1.0), x2)
+        x2 = np.sum(np.where(info_u > 0, S**2 / info_u, 0.0), axis=0)
+    if L is None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            present = info_u > 0
+            r = (np.sum(info_u**2, axis=0) / np.sum(info_u, axis=0)) / (np.sum(info_u, axis=0) / present.sum(axis=0))
+        x2 = x2 / df
+        return np.where(x2 > 1, 1.0 + (x2 - 1.0) * np.where(np.isfinite(r), r, 1.0), x2)
+    return np.where(x2 > df, _moment_inflation(*_unit_design(X, unit_codes, L), info_u, x2, df), x2 / df)
+
+
+def _moment_inflation(Xu: np.ndarray, Lu: np.ndarray, info_u: np.ndarray, x2: np.ndarray, df: float) -> np.ndarray:
+    """``V(σ̂²) / V(0)`` for the information-weighted contrast of a boundary fit, per gene.
+
+    With unit weights ``w_u = I_u`` the contrast is ``Σ_u a_u b̂_u`` (``a = W X_u A⁻¹ L``, ``A = X_u' W X_u``), whose
+    variance is ``V(0) + σ² Σ a_u²`` with ``V(0) = L A⁻¹ L'``. The unit Pearson statistic has ``E X² = d + σ² T``,
+    ``T = tr(W (I - P)(I - P)')`` with ``P = X_u A⁻¹ X_u' W``; ``σ̂² = (X² - d) / T``. Equal units give
+    ``1 + (X²/d - 1)``, the balanced LMM's ``MS_between / MS_within``.
+    """
+    W = info_u.T  # genes × units
+    A = np.einsum("gu,ui,uj->gij", W, Xu, Xu)
+    Ainv = np.linalg.pinv(A)
+    AL = Ainv @ Lu  # g × p
+    v0 = AL @ Lu
+    a = W * (AL @ Xu.T)  # g × units
+    P = np.einsum("ui,gij,vj,gv->guv", Xu, Ainv, Xu, W)
+    M = np.eye(Xu.shape[0])[None] - P
+    T = np.einsum("gu,guv->g", W, M**2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = 1.0 + (x2 - df) / T * np.sum(a**2, axis=1) / v0
+    return np.where(np.isfinite(ratio) & (ratio > 0), ratio, 1.0)
 
 
 def moderate(
@@ -213,7 +355,7 @@ def moderate(
     tau2: np.ndarray,
     df_resid: np.ndarray,
     base_mean: np.ndarray,
-    scale: float,
+    scale: float | np.ndarray,
     usable: np.ndarray,
 ) -> dict[str, np.ndarray]:
     """Moderated t tests for one group and contrast.
@@ -227,7 +369,7 @@ def moderate(
     base_mean
         Per-gene mean normalised expression (the trend covariate, on the log scale).
     scale
-        The unit scale ``c`` (see the module docstring).
+        The unit scale ``c_g`` of each gene, or one for all (:func:`gene_tau2`): ``se² = c_g τ²``.
     usable
         Genes whose fit can enter the prior (converged, finite ``tau2 > 0`` and ``df_resid >= 1``).
 
@@ -256,7 +398,7 @@ def moderate(
         why[idx] = f"not moderated: prior not estimable ({err})"
         return {**out, "moderation": why}
     df_total = np.minimum(d[idx] + d0, d[idx].sum())  # limma caps the total df at the pooled residual df
-    se_mod = np.sqrt(scale * post)
+    se_mod = np.sqrt(np.broadcast_to(np.asarray(scale, dtype=float), (G,))[idx] * post)
     stat = coef[idx] / se_mod
     out["se"][idx] = se_mod
     out["stat"][idx] = stat
@@ -289,7 +431,7 @@ def moderate_table(table: pd.DataFrame) -> pd.DataFrame:
         if not rows.size:
             continue
         sub = table.iloc[rows]
-        scale = float(sub["unit_scale"].iloc[0])
+        scale = sub["unit_scale"].to_numpy(dtype=float)
         res = moderate(
             sub["coef"].to_numpy(dtype=float),
             sub["tau2"].to_numpy(dtype=float),
