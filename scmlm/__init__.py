@@ -8,7 +8,7 @@ Use it like scanpy::
     scmlm.get.de_df(pb, key="pseudobulk_de", padj_max=0.05)
 """
 
-from . import datasets, get, pl, pp, tl
+from . import datasets, get, pl, pp, report, tl
 from ._errors import DesignError, EstimabilityError, InputError, ScmlmError
 from ._settings import settings
 from ._version import __version__
@@ -23,6 +23,7 @@ __all__ = [
     "get",
     "pl",
     "pp",
+    "report",
     "settings",
     "tl",
 ]
