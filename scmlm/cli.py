@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="PNG figures of analysis NAME in folder DIR (repeatable; a result folder's plots/ and hierarchy/ are "
         "always read)",
     )
+    p.add_argument(
+        "--input",
+        default=None,
+        help="the cell-level .h5ad the analyses were fitted on: for each GLMM analysis whose --params give design and "
+        "contrast, the report also lists the fitted design (with the sample-level term replication=auto adds)",
+    )
     p.add_argument("--title", default="scmlm results")
     p.add_argument("--alpha", type=float, default=0.05, help="padj threshold of a called gene")
     p.add_argument("--n-top", type=int, default=20, help="genes per group in the top-gene tables")
@@ -296,6 +302,8 @@ def _run_report(args: argparse.Namespace) -> int:
         unknown = sorted(set(given_names) - set(names))
         if unknown:
             raise ScmlmError(f"{option} names analyses {unknown} that are not in the report: {names}.")
+    if args.input is not None:
+        _add_fitted_designs(analyses, args.input)
     if args.n_top < 0:
         raise ScmlmError(f"--n-top {args.n_top} must be 0 or more.")
     if not 0 < args.alpha < 1:
@@ -303,6 +311,28 @@ def _run_report(args: argparse.Namespace) -> int:
     write_report(args.out, analyses, title=args.title, alpha=args.alpha, n_top=args.n_top)
     log.info("wrote %s (%d analyses, %d figures)", args.out, len(analyses), sum(len(a.figures) for a in analyses))
     return 0
+
+
+def _add_fitted_designs(analyses, path: str) -> None:
+    """``design_fitted`` of each GLMM analysis, from the input's obs (read backed: no counts are loaded)."""
+    from . import io
+    from .report import fitted_design
+
+    adata = io.read(path, backed=True)
+    try:
+        obs = adata.obs
+    finally:
+        if adata.isbacked:
+            adata.file.close()
+    for a in analyses:
+        p = a.params
+        if p.get("method") != "glmm" or "design" not in p or "contrast" not in p:
+            continue
+        spec = p["contrast"]
+        a.params["design_fitted"] = fitted_design(
+            obs, p["design"], tuple(spec) if isinstance(spec, list) else spec, groups_key=p.get("groups_key"),
+            sample_key=p.get("sample_key"), replication=p.get("replication", "auto"),
+        )  # fmt: skip
 
 
 def _top_genes(table, n: int, by: str, ascending: bool) -> list[str]:

@@ -23,7 +23,7 @@ from ._errors import InputError
 from ._version import __version__
 from .pl._utils import _slug, file_labels
 
-__all__ = ["Analysis", "analysis_from_folder", "render_report", "summarise", "write_report"]
+__all__ = ["Analysis", "analysis_from_folder", "fitted_design", "render_report", "summarise", "write_report"]
 
 #: Parameters shown under "Methods", in this order (others follow alphabetically).
 _PARAM_ORDER = [
@@ -129,6 +129,41 @@ def _as_analysis(name: str, value) -> Analysis:
     )
 
 
+def fitted_design(
+    obs: pd.DataFrame,
+    design: str,
+    contrast,
+    *,
+    groups_key: str | None = None,
+    sample_key: str | None = None,
+    replication: str = "auto",
+) -> str | dict[str, str]:
+    """The design ``tl.glmm_de`` fits for these cells: ``design``, plus the sample-level term a paired contrast needs.
+
+    Read from the cells' obs only (no counts), per group when ``groups_key`` is given; one formula when every group
+    fits the same, else ``{group: formula}``. A group whose design cannot be built is left out.
+    """
+    from ._errors import ScmlmError
+    from .tl._glmm_de import _resolve_design
+
+    contrast = tuple(contrast) if isinstance(contrast, list) else contrast
+    if groups_key is None:
+        parts = {"all": obs}
+    else:
+        parts = {str(g): sub for g, sub in obs.groupby(groups_key, observed=True, sort=True)}
+    formulas = {}
+    for group, sub in parts.items():
+        try:
+            d, _, _, _ = _resolve_design(sub, design, contrast, None, sample_key, replication)
+        except ScmlmError:
+            continue
+        formulas[group] = d.formula
+    values = set(formulas.values())
+    if not values:
+        return design
+    return values.pop() if len(values) == 1 else formulas
+
+
 # ---------------------------------------------------------------- numbers
 
 
@@ -231,18 +266,16 @@ def _e(text) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _table(df: pd.DataFrame, *, cls: str = "sortable", links: dict[int, str] | None = None) -> str:
+def _table(df: pd.DataFrame, *, cls: str = "sortable") -> str:
     head = "".join(f'<th class="n">{_e(c)}</th>' if c in _NUMERIC else f"<th>{_e(c)}</th>" for c in df.columns)
     rows = []
-    for i, (_, row) in enumerate(df.iterrows()):
+    for _, row in df.iterrows():
         cells = []
         for c in df.columns:
             text, key = _fmt(row[c], c)
             klass = "n" if c in _NUMERIC else ""
             if c == "log2fc" and key:
                 klass += " up" if float(key) > 0 else " down"
-            if c == "gene" and links and i in links:
-                text = f'<a href="#{links[i]}">{text}</a>'
             cells.append(f'<td class="{klass.strip()}" data-v="{key}">{text}</td>')
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import logging
 from html.parser import HTMLParser
 from pathlib import Path
@@ -237,3 +238,22 @@ def test_volcano_legend_does_not_cover_gene_labels():
     assert not any(legend.overlaps(b) for b in labels)
     assert not any(legend.contains(x, y) for x, y in points)
     plt.close(fig)
+
+
+def test_fitted_design_is_the_design_glmm_de_fits(tmp_path, results):
+    paired = scmlm.datasets.simulate(n_donors=6, n_cells=40, n_genes=100, n_cell_types=2, design="within", seed=0)
+    design, contrast = "~ condition + (1|donor)", ("condition", "case", "ctrl")
+    with pytest.warns(UserWarning, match="gene fits"):
+        res = scmlm.tl.glmm_de(paired, design, contrast, groups_key="cell_type", inplace=False)
+    got = scmlm.report.fitted_design(paired.obs, design, contrast, groups_key="cell_type")
+    assert got == res.params["design_fitted"] == "~ condition + (1|donor) + (1|donor:condition)"
+    assert scmlm.report.fitted_design(paired.obs, design, contrast, replication="as_written") == design
+    between = scmlm.datasets.simulate(n_donors=6, n_cells=10, n_genes=20, seed=0)
+    assert scmlm.report.fitted_design(between.obs, design, contrast) == design
+    # scmlm report --input reads the obs and lists the fitted design of a GLMM analysis
+    scmlm.io.write_h5ad(paired, tmp_path / "cells.h5ad")
+    out = tmp_path / "r.html"
+    params = json.dumps({"pb": {"method": "glmm", "design": design, "contrast": list(contrast)}})
+    argv = ["report", str(out), str(results), "--params", params, "--input", str(tmp_path / "cells.h5ad")]
+    assert cli.main(argv) == 0
+    assert "<dt>design_fitted</dt><dd>~ condition + (1|donor) + (1|donor:condition)</dd>" in out.read_text()

@@ -251,6 +251,8 @@ def test_landing_report(local_run):
     n_png = sum(1 for _ in (local_run / "results").glob("*/*/*.png"))
     assert html.count('src="data:image/png;base64,') == n_png > 0
     assert "<dt>offset</dt><dd>tmm</dd>" in html  # the GLMM's resolved offset is listed
+    # and the design it fitted (a donor-level contrast: no term added)
+    assert "<dt>design_fitted</dt><dd>~ condition + (1|donor) + (1|batch)</dd>" in html
 
 
 def test_html_report(local_run):

@@ -260,9 +260,11 @@ def hierarchy_dirs():
 def report_params(name):
     """What the report lists under an analysis' methods, from its configuration."""
     a = ANALYSES[name]
-    factor, level, ref = a["contrast"]
-    params = {"method": a["method"], "design": a["design"]}
-    params["contrast"] = f"{factor}: {level} vs {ref}"
+    params = {
+        "method": a["method"],
+        "design": a["design"],
+        "contrast": list(a["contrast"]),
+    }
     if a["method"] == "pseudobulk":
         params["pb_method"] = a.get("pb_method", "nb_ql")
         params["normalisation"] = {
@@ -288,6 +290,7 @@ def report_params(name):
 def report_args(wildcards):
     args = [f"{name}={out(name)}" for name in ANALYSES]
     args += ["--params", json.dumps({name: report_params(name) for name in ANALYSES})]
+    args += ["--input", config["input"]]
     args += ["--title", f"scmlm results: {os.path.basename(config['input'])}"]
     return shlex.join(args)
 

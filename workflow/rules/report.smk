@@ -35,6 +35,7 @@ rule summary:
 
 rule report_html:
     input:
+        data=config["input"],
         results=expand(out("{analysis}/results.csv"), analysis=ANALYSES),
         plots=expand(out("{analysis}/plots"), analysis=ANALYSES),
         hierarchy=hierarchy_dirs(),
@@ -53,7 +54,7 @@ rule report_html:
         "../../envs/scmlm.yaml"
     threads: 1
     resources:
-        mem_mb=mem_from_input("report_html", 5),
+        mem_mb=fixed_mem("report_html", 4000),
         runtime=runtime("report_html", 10),
     params:
         args=report_args,
