@@ -10,7 +10,7 @@ Use it like scanpy::
 ``scmlm.warmup()`` (``scmlm warmup``) compiles the numba kernels once per installation, so that no later call does.
 """
 
-from . import datasets, get, pl, pp, tl
+from . import datasets, get, pl, pp, report, tl
 from ._errors import DesignError, EstimabilityError, InputError, ScmlmError
 from ._jit import warmup
 from ._settings import settings
@@ -26,6 +26,7 @@ __all__ = [
     "get",
     "pl",
     "pp",
+    "report",
     "settings",
     "tl",
     "warmup",

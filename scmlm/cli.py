@@ -140,6 +140,40 @@ def build_parser() -> argparse.ArgumentParser:
         " or the user's cache directory for a read-only installation",
     )
 
+    p = sub.add_parser(
+        "report", help="one self-contained HTML page: genes called per analysis and group, top genes, figures, methods"
+    )
+    p.add_argument("out", help="the HTML file to write")
+    p.add_argument(
+        "analyses",
+        nargs="+",
+        metavar="[NAME=]RESULT",
+        help="a result folder (results.csv with plots/ and hierarchy/, as the workflow writes) or a result table; "
+        "NAME defaults to the folder's name",
+    )
+    p.add_argument(
+        "--params",
+        default=None,
+        help="JSON file (or JSON text) {analysis: {design: ..., contrast: ..., offset: ...}} shown under Methods",
+    )
+    p.add_argument(
+        "--figures",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="PNG figures of analysis NAME in folder DIR (repeatable; a result folder's plots/ and hierarchy/ are "
+        "always read)",
+    )
+    p.add_argument(
+        "--input",
+        default=None,
+        help="the cell-level .h5ad the analyses were fitted on: for each GLMM analysis whose --params give design and "
+        "contrast, the report also lists the fitted design (with the sample-level term replication=auto adds)",
+    )
+    p.add_argument("--title", default="scmlm results")
+    p.add_argument("--alpha", type=float, default=0.05, help="padj threshold of a called gene")
+    p.add_argument("--n-top", type=int, default=20, help="genes per group in the top-gene tables")
+
     p = sub.add_parser("plot", help="plots of a result table → PNG files")
     p.add_argument("table", help="result table (.csv)")
     p.add_argument("--outdir", required=True)
@@ -240,6 +274,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "hierarchy":
         return _run_hierarchy(args)
 
+    if args.command == "report":
+        return _run_report(args)
+
     if args.command == "plot":
         from .pl._de import save_result_plots
 
@@ -252,6 +289,77 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     raise ScmlmError(f"unknown command {args.command!r}")
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    import json
+
+    from .report import analysis_from_folder, write_report
+
+    given = [a.split("=", 1)[1] if "=" in a and not Path(a).exists() else a for a in args.analyses]
+    _check_outputs([args.out], *[p for p in given if Path(p).is_file()])
+    params = {}
+    if args.params:
+        text = args.params
+        if not text.lstrip().startswith("{"):
+            if not Path(text).is_file():
+                raise ScmlmError(f"--params {text!r} is neither a JSON file nor JSON text.")
+            text = Path(text).read_text()
+        try:
+            params = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ScmlmError(f"--params is not valid JSON: {err}.") from None
+        if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
+            raise ScmlmError("--params must map each analysis name to an object of parameters.")
+    figure_dirs: dict[str, list[str]] = {}
+    for spec in args.figures:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise ScmlmError(f"--figures {spec!r} must be NAME=DIR (an analysis name and a folder of PNG files).")
+        figure_dirs.setdefault(name, []).append(folder)
+    analyses = []
+    for arg, path in zip(args.analyses, given, strict=True):
+        name = arg.split("=", 1)[0] if path != arg else None
+        key = name or (Path(path).name if Path(path).is_dir() else Path(path).stem)
+        a = analysis_from_folder(path, name=name, figure_dirs=figure_dirs.get(key, ()))
+        a.params = dict(params.get(a.name, {}))
+        analyses.append(a)
+    names = [a.name for a in analyses]
+    for option, given_names in (("--params", params), ("--figures", figure_dirs)):
+        unknown = sorted(set(given_names) - set(names))
+        if unknown:
+            raise ScmlmError(f"{option} names analyses {unknown} that are not in the report: {names}.")
+    if args.input is not None:
+        _add_fitted_designs(analyses, args.input)
+    if args.n_top < 0:
+        raise ScmlmError(f"--n-top {args.n_top} must be 0 or more.")
+    if not 0 < args.alpha < 1:
+        raise ScmlmError(f"--alpha {args.alpha} must lie between 0 and 1.")
+    write_report(args.out, analyses, title=args.title, alpha=args.alpha, n_top=args.n_top)
+    log.info("wrote %s (%d analyses, %d figures)", args.out, len(analyses), sum(len(a.figures) for a in analyses))
+    return 0
+
+
+def _add_fitted_designs(analyses, path: str) -> None:
+    """``design_fitted`` of each GLMM analysis, from the input's obs (read backed: no counts are loaded)."""
+    from . import io
+    from .report import fitted_design
+
+    adata = io.read(path, backed=True)
+    try:
+        obs = adata.obs
+    finally:
+        if adata.isbacked:
+            adata.file.close()
+    for a in analyses:
+        p = a.params
+        if p.get("method") != "glmm" or "design" not in p or "contrast" not in p:
+            continue
+        spec = p["contrast"]
+        a.params["design_fitted"] = fitted_design(
+            obs, p["design"], tuple(spec) if isinstance(spec, list) else spec, groups_key=p.get("groups_key"),
+            sample_key=p.get("sample_key"), replication=p.get("replication", "auto"),
+        )  # fmt: skip
 
 
 def _top_genes(table, n: int, by: str, ascending: bool) -> list[str]:
@@ -275,7 +383,9 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
         raise ScmlmError(f"design {args.design!r} has no random terms; the hierarchy needs e.g. '(1|donor)'.")
     table = _read_table(args.results)
     vp_genes = _top_genes(table, args.n_genes, "base_mean", ascending=False)
-    re_genes = _top_genes(table, args.n_shrinkage, "pvalue", ascending=True)
+    term = _shrinkage_term(args.design)
+    chosen = _shrinkage_pairs(table, args.n_shrinkage, term)
+    re_genes = list(dict.fromkeys(gene for gene, _ in chosen))
     if not vp_genes:
         raise ScmlmError(f"{args.results!r} has no fitted gene (status ok or singular) to describe.")
     outdir = Path(args.outdir)
@@ -319,8 +429,11 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
         re = tl.random_effects(re_data, genes=re_genes, inplace=False)
         io.write_csv(re, outdir / "random_effects.csv")
         written.append(outdir / "random_effects.csv")
-        term = re["term"].iloc[0] if len(re) else None
-        pairs = list(re[re["term"] == term].groupby(["gene", "group"], sort=False).groups)
+        if term not in set(re["term"].astype(str)):
+            term = re["term"].iloc[0] if len(re) else None
+        fitted = list(re[re["term"] == term].groupby(["gene", "group"], sort=False).groups)
+        # each group's own chosen genes (a gene chosen in one group may have a zero variance in another)
+        pairs = [p for p in fitted if (str(p[0]), str(p[1])) in chosen] or fitted
         pair_names = file_labels(f"{gene}__{group}" for gene, group in pairs)
         for gene, group in pairs:
             safe = pair_names[f"{gene}__{group}"]
@@ -331,6 +444,38 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
     for path in written:
         log.info("wrote %s", path)
     return 0
+
+
+def _shrinkage_term(design: str) -> str:
+    """The random term whose BLUPs the shrinkage plots show: the first one of the design (e.g. ``donor``)."""
+    from .design import parse_formula
+
+    return parse_formula(design).random[0].group_name
+
+
+def _shrinkage_pairs(table, n: int, term: str) -> list[tuple[str, str]]:
+    """(gene, group) pairs for shrinkage plots: per group, the ``n`` most significant genes with ``var_<term> > 0``.
+
+    A zero variance makes every BLUP 0 and the plot empty, so such genes are passed over. A group where no gene has a
+    positive variance (or a table without the ``var_<term>`` column) falls back to its most significant genes, and a
+    log line says so.
+    """
+    col = f"var_{term}"
+    groups = table["group"].astype(str) if "group" in table.columns else None
+    pairs = []
+    for group in [None] if groups is None else list(dict.fromkeys(groups)):
+        sub = table if group is None else table[groups == group]
+        genes = []
+        if col in sub.columns:
+            genes = _top_genes(sub[sub[col].astype(float) > 0], n, "pvalue", ascending=True)
+            if not genes:
+                log.info("hierarchy: no fitted gene of group %s has %s > 0; shrinkage plots show its most "
+                         "significant genes", group, col)  # fmt: skip
+        else:
+            log.info("hierarchy: the results have no %r column; shrinkage plots show the most significant genes", col)
+        genes = genes or _top_genes(sub, n, "pvalue", ascending=True)
+        pairs += [(gene, str(group)) for gene in genes]
+    return pairs
 
 
 def _resolve_offset(offset: str, family: str) -> str:

@@ -57,7 +57,8 @@ def volcano(
     ax.set_xlabel("log2 fold change")
     ax.set_ylabel("−log10 p-value")
     ax.set_title(_title(df, "volcano"), fontsize=9)
-    ax.legend(frameon=False, fontsize=7, loc="upper left")
+    # below the axes: inside, it would hide the labels of the most significant genes, which sit at the top
+    ax.legend(frameon=False, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     return finish(ax, show, save, "volcano.png")
 
 

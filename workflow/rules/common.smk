@@ -1,6 +1,7 @@
 """Configuration checks, paths and input functions shared by the rules (no rules here)."""
 
 import difflib
+import json
 import os
 import re
 import shlex
@@ -251,6 +252,49 @@ def hierarchy_args(wildcards):
     return shlex.join(args)
 
 
+def hierarchy_dirs():
+    """The hierarchy folders of the GLMM analyses that have a hierarchy step."""
+    return [out(name, "hierarchy") for name in ANALYSES if hierarchy_genes(name) > 0]
+
+
+def report_params(name):
+    """What the report lists under an analysis' methods, from its configuration."""
+    a = ANALYSES[name]
+    params = {
+        "method": a["method"],
+        "design": a["design"],
+        "contrast": list(a["contrast"]),
+    }
+    if a["method"] == "pseudobulk":
+        params["pb_method"] = a.get("pb_method", "nb_ql")
+        params["normalisation"] = {
+            "nb_ql": "TMM (edgeR calcNormFactors) on the pseudobulk samples",
+            "voom": "TMM (edgeR calcNormFactors) on the pseudobulk samples",
+            "pydeseq2": "DESeq2 median-of-ratios size factors",
+        }[params["pb_method"]]
+        params["sample_key"] = config["sample_key"]
+    else:
+        params["family"] = a.get("family", "nb")
+        params["offset"] = glmm_offset(name)
+        params["replication"] = a.get("replication", "auto")
+        if a.get("sample_key"):
+            params["sample_key"] = a["sample_key"]
+        params["shards"] = n_shards(name)
+    if config["groups_key"]:
+        params["groups_key"] = config["groups_key"]
+    if config["layer"]:
+        params["layer"] = config["layer"]
+    return params
+
+
+def report_args(wildcards):
+    args = [f"{name}={out(name)}" for name in ANALYSES]
+    args += ["--params", json.dumps({name: report_params(name) for name in ANALYSES})]
+    args += ["--input", config["input"]]
+    args += ["--title", f"scmlm results: {os.path.basename(config['input'])}"]
+    return shlex.join(args)
+
+
 # ---- resources ----------------------------------------------------------------------------------------------------
 # Set here only (the SLURM profile carries executor settings, no resources): every job asks for what it uses. Each
 # process runs one BLAS thread (shell prefix in the Snakefile); a GLMM shard job runs `threads` workers.
@@ -426,7 +470,7 @@ onstart:
 
 # ---- targets ------------------------------------------------------------------------------------------------------
 def final_outputs():
-    targets = [out("summary.csv")]
+    targets = [out("summary.csv"), out("report.html")]
     for name in ANALYSES:
         targets += [out(name, "results.csv"), out(name, "plots")]
         if hierarchy_genes(name) > 0:
