@@ -402,8 +402,9 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
     log.info("hierarchy: variance partition of %d genes, shrinkage of %d, %d cells", len(vp_genes), len(re_genes),
              adata.n_obs)  # fmt: skip
     # the genes were chosen among those the DE run fitted (with its own min_cells_expressing), as for glmm_de below
+    vp_design = _fitted_design(adata.obs, args.design, args.contrast, args.sample_key)
     vp = tl.variance_partition(
-        adata[:, vp_genes].copy(), args.design, family=args.family, offset=offset, groups_key=args.groups_key,
+        adata[:, vp_genes].copy(), vp_design, family=args.family, offset=offset, groups_key=args.groups_key,
         min_cells_expressing=1, n_jobs=args.n_jobs, inplace=False,
     )  # fmt: skip
     io.write_csv(vp.rename_axis("gene").reset_index(), outdir / "variance_partition.csv")
@@ -478,6 +479,21 @@ def _shrinkage_pairs(table, n: int, term: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def _fitted_design(obs, design: str, contrast, sample_key) -> str:
+    """The design glmm_de fits (``replication="auto"`` may add a sample-level term), so that the variance partition
+    of the hierarchy step has a component for every level the DE model has."""
+    from .tl._glmm_de import _resolve_design
+
+    try:
+        *_, added = _resolve_design(obs, design, contrast, None, sample_key, "auto")
+    except ScmlmError:  # e.g. a design that is estimable only within each group: the groups' fits say more
+        return design
+    if added:
+        log.info("hierarchy: variance partition of %r (the term glmm_de adds for the contrast)", f"{design} + {added}")
+        return f"{design} + {added}"
+    return design
+
+
 def _resolve_offset(offset: str, family: str) -> str:
     """``auto`` as ``glmm_de`` resolves it: TMM for the NB and Poisson families, the log total count otherwise."""
     offset = str(offset)
@@ -548,11 +564,6 @@ def _run_de(args: argparse.Namespace) -> int:
     _check_outputs([args.out, args.out_h5ad], args.input)
     if args.method == "pseudobulk" and shard is not None:
         raise ScmlmError("--shard applies to --method glmm; pseudobulk fits all genes of a group together.")
-    if args.method == "glmm" and args.sample_key is not None:
-        raise ScmlmError(
-            "--sample-key applies to --method pseudobulk (cells are summed per sample first); a GLMM models the "
-            "cells, with the sample as a random term in --design, e.g. '~ condition + (1|donor)'."
-        )
     if args.n_jobs is not None and args.n_jobs == 0:
         raise ScmlmError("--n-jobs 0 is not a number of workers; use 1 or more (or -1 for all cores).")
     if shard is not None:

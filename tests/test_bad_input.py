@@ -555,7 +555,7 @@ CLI_DE_ERRORS = [
     ("--out is the input", "pb", ["--out", "{pb}"], r"is also an input"),
     ("--out-h5ad is --out", "pb", ["--out-h5ad", "{tmp}/r.csv"], r"same path is given for two outputs"),
     ("--shard with pseudobulk", "pb", ["--shard", "1/2"], r"--shard applies to --method glmm"),
-    ("--sample-key with glmm", "cells", ["--method", "glmm", "--sample-key", "donor"], r"--sample-key applies to"),
+    ("unknown --sample-key with glmm", "cells", ["--method", "glmm", "--sample-key", "nosuch"], r"'nosuch' is not a"),
     ("bad --shard", "cells", ["--method", "glmm", "--shard", "5/3"], r"out of range"),
     ("--n-jobs 0", "cells", ["--method", "glmm", "--n-jobs", "0"], r"--n-jobs 0"),
     ("unknown contrast level", "pb", ["--contrast", "condition:case:wt"], r"'wt'"),

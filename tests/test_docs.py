@@ -16,6 +16,7 @@ import pkgutil
 import re
 import subprocess
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -26,7 +27,8 @@ import scmlm
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 FENCE = re.compile(
-    r"(?:<!--\s*not run:(?P<why>[^>]*)-->\s*\n)?^```(?P<lang>[\w-]*)[^\n]*\n(?P<code>.*?)^```", re.M | re.S
+    r"(?:<!--\s*not run:(?P<why>[^>]*)-->\s*\n)?^(?P<ind>[ ]*)```(?P<lang>[\w-]*)[^\n]*\n(?P<code>.*?)^(?P=ind)```",
+    re.M | re.S,
 )
 
 #: Snippets that are not run, by page and first line, with the reason given in the page.
@@ -42,7 +44,8 @@ def snippets(page: Path, lang: str) -> list[tuple[str, str | None]]:
     for m in FENCE.finditer(page.read_text()):
         if m.group("lang") == lang:
             why = m.group("why")
-            out.append((m.group("code"), why.strip() if why is not None else None))
+            # a block indented inside a list item runs as written, without its indentation
+            out.append((textwrap.dedent(m.group("code")), why.strip() if why is not None else None))
     return out
 
 

@@ -194,8 +194,11 @@ def glmm_de(
     >>> res = scmlm.tl.glmm_de(adata, "~ condition + (1|donor)", ("condition", "case", "ctrl"), inplace=False)
     >>> list(res.table.columns[:10])
     ['gene', 'group', 'contrast', 'coef', 'log2fc', 'se', 'stat', 'df', 'pvalue', 'padj']
-    >>> res.params["offset"], bool(res.table["df"].max() <= 6 - 2)  # TMM of the donor samples; donor-level df
+    >>> res.params["offset"], bool(res.table["df_resid"].max() <= 6 - 2)  # TMM of the donor samples; donor-level df
     ('tmm', True)
+    >>> t = res.table[res.table["moderation"] == "moderated"]
+    >>> bool((t["df"] > t["df_resid"]).all())  # the moderated test adds the prior's df
+    True
 
     Paired samples: the default adds the sample-level term.
 

@@ -71,6 +71,13 @@ def resolve_samples(
                 + ": pass sample_key='sample' (an obs column) or a list of obs columns whose combination identifies "
                 "a sample, e.g. ['donor', 'condition']."
             )
+        if obs is not None:
+            missing = [c for c in cols if c not in obs.columns]
+            if missing:
+                raise InputError(
+                    f"design {design!r} uses {_fmt_list(missing)}, not among the columns of adata.obs: "
+                    f"{_fmt_list(obs.columns)}."
+                )
         return cols
     cols = [sample_key] if isinstance(sample_key, str) else list(sample_key)
     if not cols or not all(isinstance(c, str) for c in cols):
