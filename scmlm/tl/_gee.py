@@ -160,10 +160,10 @@ def gee_de(
 
     Returns
     -------
-    ``None``, the copy, or the result (see ``inplace``/``copy``). One row per gene × group: ``gene, group, contrast,
-    coef`` (natural-log / log-odds scale), ``log2fc, se, stat, df, pvalue, padj, base_mean`` (mean count per cell),
-    ``method="gee", converged, status``, plus ``dispersion`` (NB2 alpha; NaN for other families), ``working_corr``
-    (estimated exchangeable correlation) and ``n_iter``.
+    ``None``, the copy, or the result (see ``inplace``/``copy``). One row per gene × group × contrast: ``gene,
+    group, contrast, coef`` (natural-log / log-odds scale), ``log2fc, se, stat, df, pvalue, padj, base_mean`` (mean
+    count per cell), ``method="gee", converged, status``, plus ``dispersion`` (NB2 alpha; NaN for other families),
+    ``working_corr`` (estimated exchangeable correlation) and ``n_iter``.
 
     Examples
     --------

@@ -85,8 +85,8 @@ def pseudobulk_de(
 
     Returns
     -------
-    ``None``, the copy, or the result (see ``inplace``/``copy``). The table has one row per gene × group with columns
-    ``gene, group, contrast, coef`` (natural log), ``log2fc, se, stat, df, pvalue, padj, base_mean, method,
+    ``None``, the copy, or the result (see ``inplace``/``copy``). The table has one row per gene × group × contrast
+    with columns ``gene, group, contrast, coef`` (natural log), ``log2fc, se, stat, df, pvalue, padj, base_mean, method,
     converged, status`` and ``dispersion``.
 
     Examples
@@ -283,9 +283,7 @@ def _fit_group(pb, counts_all, rows, group, design, contrast, *, method, filter_
             }
             per_contrast.append((stats, np.asarray(r.converged, dtype=bool), r.status, r.var_components))
     else:
-        for stats, conv in _pydeseq2(
-            y, obs, design, [c.name for c in cons], parse_contrasts(contrast), pb.var_names[keep]
-        ):
+        for stats, conv in _pydeseq2(y, obs, design, parse_contrasts(contrast), pb.var_names[keep]):
             per_contrast.append((stats, conv, None, None))
     for out, (stats, conv, status, var_components) in zip(outs, per_contrast, strict=True):
         if status is not None:
@@ -323,7 +321,7 @@ def _fill(out: pd.DataFrame, idx: np.ndarray, stats: dict, conv: np.ndarray) -> 
         out.loc[untested, "status"] = np.where(df[untested] > 0, "no p-value", "no residual df")
 
 
-def _pydeseq2(y, obs, design, names, specs, genes):
+def _pydeseq2(y, obs, design, specs, genes):
     """PyDESeq2: one ``deseq2()`` fit, then a Wald test (``DeseqStats``) per contrast; ``(stats, converged)`` each."""
     try:
         from pydeseq2.dds import DeseqDataSet
