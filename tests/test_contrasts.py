@@ -376,3 +376,19 @@ def test_workflow_config_refuses_a_bad_contrast_mapping(tmp_path):
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "invalid scmlm configuration" in line]
     assert proc.returncode != 0 and len(lines) == 1, proc.stdout + proc.stderr
     assert "config.analyses[2].contrast" in lines[0] and "mapping name -> contrast" in lines[0]
+
+
+def test_tmm_samples_cross_the_random_factors_with_every_contrast_factor():
+    from scmlm.tl._offsets import design_samples, streamed_tmm, tmm_units
+
+    obs = pd.DataFrame({"donor": list("aabb"), "condition": ["x", "y", "x", "y"], "sex": list("FFMM")})
+    design = "~ condition + sex + (1|donor)"
+    assert design_samples(design, ("condition", "y", "x"), obs) == ["donor", "condition"]
+    both = [("condition", "y", "x"), ("sex", "M", "F")]
+    assert design_samples(design, both, obs) == ["donor", "condition", "sex"]
+    assert design_samples(design, {"c": "condition:y:x", "s": ("sex", "M", "F")}, obs) == ["donor", "condition", "sex"]
+    # the workflow's stored form (a list of "f:t:r") resolves to the same samples
+    spec = {"design": design, "contrast": ["condition:y:x", "sex:M:F"], "sample_key": None, "groups_key": None}
+    codes, units = tmm_units(obs, ["donor", "condition", "sex"])
+    streamed = streamed_tmm(obs, spec, 3)
+    assert streamed.units.equals(units) and np.array_equal(streamed.codes, codes)
