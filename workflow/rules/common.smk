@@ -37,7 +37,7 @@ def _describe(err):
         return f"{where}: missing required key {missing[0]!r}"
     if "contrast" in list(err.absolute_path):
         return (
-            f"{where}: contrast must be [factor, level, reference level], a list of such lists, or a mapping "
+            f"{where}: must be [factor, level, reference level], a list of such lists, or a mapping "
             f"name -> contrast ([factor, level, reference level], a coefficient name, or 'coefA,coefB' for a "
             f"joint F test; names without '=', ',', ':' or spaces), got {err.instance!r}"
         )
