@@ -297,6 +297,7 @@ def glmm_de(
                 "method": f"glmm_{family}",
                 "converged": False,
                 "status": f"not estimable: {err}",
+                "moderation": "not moderated: the group's design is not estimable",
             }
         )
 
