@@ -392,3 +392,35 @@ def test_tmm_samples_cross_the_random_factors_with_every_contrast_factor():
     codes, units = tmm_units(obs, ["donor", "condition", "sex"])
     streamed = streamed_tmm(obs, spec, 3)
     assert streamed.units.equals(units) and np.array_equal(streamed.codes, codes)
+
+
+def test_one_fit_serves_every_contrast(monkeypatch, dose_pb, paired_cells):
+    """The expensive per-gene fit runs once per chunk of genes (GLMM) and once per group (edgeR's dispersions and
+    QL fit, voom + lmFit), however many contrasts are tested: counted by wrapping the real functions."""
+    from scmlm.models import _edger, _glmm, _limma
+
+    calls = {"fit_glmm": 0, "estimate_disp": 0, "voom_weights": 0}
+
+    def counting(name, func):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return func(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(_glmm, "fit_glmm", counting("fit_glmm", _glmm.fit_glmm))
+    monkeypatch.setattr(_edger, "estimate_disp", counting("estimate_disp", _edger.estimate_disp))
+    monkeypatch.setattr(_limma, "voom_weights", counting("voom_weights", _limma.voom_weights))
+    contrast = {
+        "cond": ("condition", "case", "ctrl"),
+        "sex": ("sex", "M", "F"),
+        "both": ["condition[T.case]", "sex[T.M]"],
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        scmlm.tl.glmm_de(paired_cells, "~ condition + sex + (1|donor)", contrast, n_jobs=1, inplace=False)
+    assert calls["fit_glmm"] == 1  # 60 genes: one chunk
+    doses = {"a": ("dose", "mid", "low"), "b": ("dose", "high", "low"), "F": ["dose[T.mid]", "dose[T.high]"]}
+    for method in ("nb_ql", "voom"):
+        scmlm.tl.pseudobulk_de(dose_pb, "~ dose", doses, method=method, inplace=False, rows_are_samples=True)
+    assert calls["estimate_disp"] == 1 and calls["voom_weights"] == 1
