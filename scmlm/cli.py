@@ -18,22 +18,65 @@ from ._version import __version__
 log = logging.getLogger("scmlm")
 
 
-def _contrast(text: str):
-    parts = text.split(":")
-    if len(parts) == 3:
-        return tuple(parts)
-    return text
+_CONTRAST_HELP = (
+    "repeatable: factor:test:reference (e.g. condition:case:ctrl), a coefficient name, or NAME=one of those; "
+    "NAME=coefA,coefB (coefficient names) is one joint F test, e.g. doses=dose[T.mid],dose[T.high]; "
+    "NAME=0,1,-1 a numeric vector over the design's columns"
+)
+
+
+def _contrast_item(text: str):
+    """One ``--contrast`` value: ``(name or None, specification, joint)``."""
+    name, sep, spec = text.partition("=")
+    if not sep:
+        name, spec = None, text
+    elif not name.strip() or not spec.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: write NAME=CONTRAST with both parts, e.g. dose=dose:high:low")
+    else:
+        name = name.strip()
+    if "," in spec:
+        parts = [p.strip() for p in spec.split(",")]
+        if any(not p for p in parts):
+            raise argparse.ArgumentTypeError(f"{text!r}: an empty item in the comma-separated list")
+        try:
+            vec = [float(p) for p in parts]
+        except ValueError:
+            vec = None
+        if name is None:
+            what = "a numeric vector" if vec is not None else "a joint F test"
+            raise argparse.ArgumentTypeError(f"{text!r} is {what} and needs a name: --contrast NAME={spec}")
+        if vec is not None:
+            return name, vec, False
+        return name, [tuple(p.split(":")) if p.count(":") == 2 else p for p in parts], True
+    if spec.count(":") == 2:
+        return name, tuple(spec.split(":")), False
+    return name, spec, False
+
+
+def contrast_arg(items) -> object:
+    """The ``contrast=`` of the API from the (repeated) ``--contrast`` values: one contrast as it is, several
+    unnamed ones as a list, and a dict as soon as one is named (unnamed ones get their usual label)."""
+    from .design import contrast_label
+
+    if not isinstance(items, list):  # set programmatically
+        return items
+    if len(items) == 1 and items[0][0] is None:
+        return items[0][1]
+    if all(name is None for name, _, _ in items):
+        return [spec for _, spec, _ in items]
+    out = {}
+    for name, spec, _ in items:
+        key = name if name is not None else contrast_label(spec)
+        if key in out:
+            raise ScmlmError(f"--contrast name {key!r} is given twice; give each contrast its own name.")
+        out[key] = spec
+    return out
 
 
 def _add_common_de(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="cell-level or pseudobulk .h5ad")
     p.add_argument("--design", required=True, help='model formula, e.g. "~ condition + (1|donor)"')
-    p.add_argument(
-        "--contrast",
-        required=True,
-        type=_contrast,
-        help="factor:test:reference (e.g. condition:case:ctrl) or a coefficient name",
-    )
+    p.add_argument("--contrast", required=True, type=_contrast_item, action="append", help=_CONTRAST_HELP)
     p.add_argument("--groups-key", default=None, help="obs column: one fit per group (e.g. cell_type)")
     p.add_argument("--layer", default=None, help="layer with raw counts (default .X)")
     p.add_argument("--out", required=True, help="result table (.csv, .tsv or .parquet)")
@@ -118,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="cell-level .h5ad (only the selected genes are loaded, streamed in row blocks)")
     p.add_argument("--results", required=True, help="the GLMM result table of the same analysis (scmlm de/merge)")
     p.add_argument("--design", required=True, help="the analysis design, with random terms")
-    p.add_argument("--contrast", required=True, type=_contrast)
+    p.add_argument("--contrast", required=True, type=_contrast_item, action="append", help=_CONTRAST_HELP)
     p.add_argument("--family", choices=["nb", "poisson", "binomial", "gaussian"], default="nb")
     p.add_argument("--groups-key", default=None)
     p.add_argument("--layer", default=None)
@@ -211,6 +254,8 @@ def _run(args: argparse.Namespace) -> int:
             f"cache: {info['cache_dir'] or 'numba default (next to the package, else the user cache)'}"
         )
         return 0
+    if hasattr(args, "contrast"):
+        args.contrast = contrast_arg(args.contrast)
 
     if args.command == "simulate":
         from .datasets import simulate
@@ -394,8 +439,9 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
     resolved = _resolve_offset(args.offset, args.family)
     tmm = None
     if resolved == "tmm":
-        contrast = list(args.contrast) if isinstance(args.contrast, tuple) else args.contrast
-        tmm = {"design": args.design, "contrast": contrast, "sample_key": args.sample_key}
+        from .design import contrast_param
+
+        tmm = {"design": args.design, "contrast": contrast_param(args.contrast), "sample_key": args.sample_key}
         tmm["groups_key"] = args.groups_key
     adata = io.read_genes(args.input, genes, layer=args.layer, tmm=tmm)
     offset = {"tmm": io.TMM_OFFSET, "log_total": io.LOG_TOTAL, "none": None}.get(resolved, resolved)
@@ -489,8 +535,9 @@ def _fitted_design(obs, design: str, contrast, sample_key) -> str:
     except ScmlmError:  # e.g. a design that is estimable only within each group: the groups' fits say more
         return design
     if added:
-        log.info("hierarchy: variance partition of %r (the term glmm_de adds for the contrast)", f"{design} + {added}")
-        return f"{design} + {added}"
+        fitted = " + ".join([design, *added])
+        log.info("hierarchy: variance partition of %r (the terms glmm_de adds for the contrasts)", fitted)
+        return fitted
     return design
 
 
@@ -650,11 +697,12 @@ def analysis_fingerprint(adata, args: argparse.Namespace, n_shards: int) -> str:
 
     The cells (names, obs columns) are the same in every shard of one input; the genes differ by design.
     """
+    from .design import contrast_param
     from .results import fingerprint
 
     spec = {
         "design": args.design,
-        "contrast": list(args.contrast) if isinstance(args.contrast, tuple) else args.contrast,
+        "contrast": contrast_param(args.contrast),
         "method": args.method,
         "family": args.family,
         "reml": args.reml,

@@ -415,6 +415,8 @@ def moderate_table(table: pd.DataFrame) -> pd.DataFrame:
 
     Reads ``coef``, ``tau2``, ``df_resid``, ``unit_scale``, ``base_mean`` and ``converged``; writes ``se``,
     ``stat``, ``df``, ``pvalue``, ``df_prior``, ``var_prior`` and ``moderation``. ``padj`` is left to the caller.
+    Rows of a joint F test of ``q = df_num`` rows (``glmm_de``) carry the per-gene Wald ``f_raw`` and their
+    between-unit variance ``tau2`` (``unit_scale`` 1); the moderated F is ``f_raw · tau2 / τ̃²`` on ``F(q, d + d0)``.
     Genes that cannot be moderated keep their per-gene test and say why in ``moderation``; rows of other genes are
     returned unchanged.
     """
@@ -440,6 +442,14 @@ def moderate_table(table: pd.DataFrame) -> pd.DataFrame:
             scale,
             sub["converged"].to_numpy(dtype=bool),
         )
+        if "df_num" in sub and np.nanmax(sub["df_num"].to_numpy(dtype=float), initial=1.0) > 1:
+            # a joint F test of q rows: F_raw · τ̂² / τ̃² on F(q, d + d0); no single estimate, so no se
+            q = float(np.nanmax(sub["df_num"].to_numpy(dtype=float)))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                post = res["se"] ** 2 / scale
+                res["stat"] = sub["f_raw"].to_numpy(dtype=float) * sub["tau2"].to_numpy(dtype=float) / post
+                res["pvalue"] = stats.f.sf(res["stat"], q, res["df"])
+            res["se"] = np.full(len(sub), np.nan)
         done = res["moderation"] == "moderated"  # the others keep their per-gene test and say why
         for col in ("se", "stat", "df", "pvalue", "df_prior", "var_prior"):
             vals = sub[col].to_numpy(dtype=float).copy()

@@ -160,7 +160,9 @@ def _title(df: pd.DataFrame, what: str) -> str:
 
 
 def save_result_plots(table: pd.DataFrame, outdir: str | os.PathLike, *, kinds=("volcano", "pvalue_hist")) -> list:
-    """Write one PNG per plot kind, group and contrast of a result table into ``outdir``; return the paths."""
+    """Write one PNG per plot kind, group and contrast of a result table into ``outdir``; return the paths.
+
+    A joint F test (no fold change) gets only the p-value plots (``pvalue_hist``, ``qq``)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -176,7 +178,16 @@ def save_result_plots(table: pd.DataFrame, outdir: str | os.PathLike, *, kinds=(
     names = file_labels(f"{group}__{contrast}" for group, contrast in combos)
     for group, contrast in combos:
         safe = names[f"{group}__{contrast}"]
+        rows = (table["group"].astype(str) == group) & (table["contrast"].astype(str) == contrast)
+        # a joint F test has no fold change: no volcano or MA plot, only the p-value plots
+        joint = (
+            "log2fc" in table
+            and not table.loc[rows, "log2fc"].notna().any()
+            and table.loc[rows, "pvalue"].notna().any()
+        )
         for kind in kinds:
+            if joint and kind in ("volcano", "ma"):
+                continue
             path = outdir / f"{kind}__{safe}.png"
             ax = funcs[kind](table, group=group, contrast=contrast, show=False, save=path)
             plt.close(ax.get_figure())

@@ -34,7 +34,9 @@ Steps (all genes of a chunk at once, vectorised over genes; design, offsets, clu
    ``"md"`` and ``"none"``.
 5. Tests: ``t = L'beta / se`` against ``t(K - q)`` (``df="clusters"``, default), or against t with the Bell–McCaffrey
    degrees of freedom of the corrected variance (``df="satterthwaite"``: Satterthwaite under the working model, as
-   R's clubSandwich for CR2), capped at ``K - q``. Several contrast rows: ``F = W / k`` against ``F(k, K - q)``.
+   R's clubSandwich for CR2), capped at ``K - q``. A joint test of several contrast rows: ``F = W / k`` against
+   ``F(k, K - q)``. Several contrasts in one call share each gene's fit; each contrast gets its own ``md_scaled``
+   factor.
 
 Calibration (NB, ``~ condition``; null simulations from ``scmlm.datasets.simulate(null=True, n_batches=1)``, so that
 donors are independent clusters; fraction of p < 0.05 over 1,300-2,000 tested genes unless noted; "unequal": each
@@ -94,7 +96,7 @@ from .._errors import DesignError, InputError, _fmt_list
 from .._settings import settings
 from .._validate import category_codes, check_counts, check_obs_keys, check_unique_names, get_matrix
 from .._version import __version__
-from ..design import build_design, contrast_label
+from ..design import build_design, contrast_names, contrast_param
 from ..engine import gene_chunks, run_chunks
 from ..results import DEResult, finalize_table
 from ._common import cell_groups, cell_offset, fit_groups, gene_indices
@@ -147,8 +149,10 @@ def gee_de(
         the cluster is given by ``groups``.
     contrast
         ``(factor, test_level, reference_level)``, a coefficient name or a numeric vector over the design's columns
-        (a t test); or a list of such specifications / a 2-D array of rows (a joint Wald F test; ``coef`` and ``se``
-        are then NaN and ``stat`` is F).
+        (a t test). Several contrasts in one call: a list of tuples or names, or a dict ``{name: contrast}``
+        (numeric vectors need a name); one GEE fit per gene serves all of them, each with its own df. A dict value
+        that lists several contrasts or is a 2-D array of rows is a joint Wald F test (``coef`` and ``se`` are then
+        NaN and ``stat`` is F).
     groups
         obs column defining the clusters (donors). Cells of a cluster are correlated; clusters are independent.
     family
@@ -192,10 +196,10 @@ def gee_de(
 
     Returns
     -------
-    ``None``, the copy, or the result (see ``inplace``/``copy``). One row per gene × group: ``gene, group, contrast,
-    coef`` (natural-log / log-odds scale), ``log2fc, se, stat, df, pvalue, padj, base_mean`` (mean count per cell),
-    ``method="gee", converged, status``, plus ``dispersion`` (NB2 alpha; NaN for other families), ``working_corr``
-    (estimated exchangeable correlation) and ``n_iter``.
+    ``None``, the copy, or the result (see ``inplace``/``copy``). One row per gene × group × contrast: ``gene,
+    group, contrast, coef`` (natural-log / log-odds scale), ``log2fc, se, stat, df, pvalue, padj, base_mean`` (mean
+    count per cell), ``method="gee", converged, status``, plus ``dispersion`` (NB2 alpha; NaN for other families),
+    ``working_corr`` (estimated exchangeable correlation) and ``n_iter``.
 
     Examples
     --------
@@ -236,8 +240,9 @@ def gee_de(
             f"fits fixed effects only. Write design={full.parsed.fixed!r}, groups='donor', or use scmlm.tl.glmm_de "
             "for cluster-specific effects."
         )
+    names = contrast_names(contrast)  # clear errors for a malformed list or dict before any fitting
     if groups_key is None:
-        _contrast_matrix(full, contrast)  # clear errors before any fitting
+        _contrast_matrices(full, contrast)
 
     def fit(name, rows):
         return _fit_group(
@@ -246,14 +251,18 @@ def gee_de(
         )  # fmt: skip
 
     def not_estimable(name, err):
-        return _failed_rows(adata.var_names[gene_idx], name, _label(contrast), f"not estimable: {err}")
+        return pd.concat(
+            [_failed_rows(adata.var_names[gene_idx], name, c, f"not estimable: {err}") for c in names],
+            ignore_index=True,
+        )
 
     tables = fit_groups(cell_groups(adata, groups_key), fit, not_estimable, groups_key=groups_key, tool="gee_de")
     table = finalize_table(pd.concat(tables, ignore_index=True))
     params = {
         "tool": "gee_de",
         "design": design,
-        "contrast": _contrast_param(contrast),
+        "contrast": contrast_param(contrast),
+        "contrasts": names,
         "groups": groups,
         "family": family,
         "layer": layer,
@@ -274,45 +283,9 @@ def gee_de(
 # ---------------------------------------------------------------- validation and shared work
 
 
-def _is_multi(contrast) -> bool:
-    if isinstance(contrast, np.ndarray):
-        return contrast.ndim == 2
-    return (
-        isinstance(contrast, list | tuple)
-        and len(contrast) > 0
-        and all(isinstance(c, list | tuple | np.ndarray) for c in contrast)
-    )
-
-
-def _label(contrast) -> str:
-    if _is_multi(contrast):
-        return (
-            "F(" + ", ".join(contrast_label(c) if not isinstance(c, np.ndarray) else "custom" for c in contrast) + ")"
-        )
-    return contrast_label(contrast)
-
-
-def _contrast_param(contrast):
-    if isinstance(contrast, str):
-        return contrast
-    if _is_multi(contrast):
-        return [str(list(np.atleast_1d(c))) if isinstance(c, np.ndarray) else str(c) for c in contrast]
-    return [str(c) for c in np.atleast_1d(np.asarray(contrast, dtype=object))]
-
-
-def _contrast_matrix(d, contrast) -> tuple[str, np.ndarray]:
-    """``(name, L)`` with ``L`` of shape (k, p): one row for a t test, several for an F test."""
-    if not _is_multi(contrast):
-        c = d.contrast(contrast)
-        return c.name, c.L[None, :]
-    rows = [d.contrast(c if not isinstance(c, np.ndarray) else np.asarray(c, dtype=float)) for c in contrast]
-    L = np.vstack([r.L for r in rows])
-    if np.linalg.matrix_rank(L) < L.shape[0]:
-        raise DesignError(
-            f"the {L.shape[0]} contrast rows {_fmt_list(r.name for r in rows)} are linearly dependent; drop redundant "
-            "rows for the F test."
-        )
-    return "F(" + ", ".join(r.name for r in rows) + ")", L
+def _contrast_matrices(d, contrast) -> list[tuple[str, np.ndarray]]:
+    """``(name, L)`` per contrast, ``L`` of shape (k, p): one row for a t test, several for a joint F test."""
+    return [(c.name, np.atleast_2d(c.L)) for c in d.contrasts(contrast)]
 
 
 def _donor_df(X: np.ndarray, clusters: np.ndarray, n_clusters: int) -> tuple[int, int, np.ndarray]:
@@ -379,7 +352,7 @@ def _fit_group(
 ) -> pd.DataFrame:
     obs = adata.obs.iloc[rows]
     d = build_design(obs, design)
-    name, L = _contrast_matrix(d, contrast)
+    cons = _contrast_matrices(d, contrast)
     clusters, levels = category_codes(obs[groups])
     n_clusters = len(levels)
     df, n_between, const = _donor_df(d.X, clusters, n_clusters)
@@ -396,31 +369,33 @@ def _fit_group(
         X=np.ascontiguousarray(d.X, dtype=float),
         offset=None if off_all is None else off_all[rows],
         clusters=clusters,
-        L=L,
+        Ls=tuple(L for _, L in cons),
         df=float(df),
-        md_scale=_md_scale(L, const, n_clusters),
+        md_scales=tuple(_md_scale(L, const, n_clusters) for _, L in cons),
         family=family,
         min_cells=min_cells,
         small_sample=small_sample,
         df_method=df_method,
-        ftest=_is_multi(contrast),
     )
     chunks = gene_chunks(len(gene_idx), settings.chunk_size)
     parts = run_chunks(functools.partial(fit_chunk, data), sub, chunks, n_jobs=n_jobs, desc=f"GEE {group or ''}")
     res = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    out = pd.DataFrame(
-        {
-            "gene": adata.var_names[gene_idx].to_numpy(dtype=object),
-            "group": group if group is not None else "all",
-            "contrast": name,
-            "method": "gee",
-            "converged": res.pop("converged"),
-            "status": res.pop("status"),
-        }
-    )
-    for col in _STAT_COLS:
-        out[col] = res[col]
-    return out
+    outs = []
+    for j, (name, _) in enumerate(cons):
+        out = pd.DataFrame(
+            {
+                "gene": adata.var_names[gene_idx].to_numpy(dtype=object),
+                "group": group if group is not None else "all",
+                "contrast": name,
+                "method": "gee",
+                "converged": res["converged"][:, j],
+                "status": res["status"][:, j],
+            }
+        )
+        for col in _STAT_COLS:
+            out[col] = res[col][:, j] if res[col].ndim == 2 else res[col]
+        outs.append(out)
+    return pd.concat(outs, ignore_index=True)
 
 
 # ---------------------------------------------------------------- per-gene kernel (ndarrays only)
@@ -433,14 +408,15 @@ class GEEData:
     X: np.ndarray
     offset: np.ndarray | None
     clusters: np.ndarray
-    L: np.ndarray
+    Ls: tuple[np.ndarray, ...]
+    """Per contrast its rows (k × p): one row for a t test, several for a joint F test."""
     df: float
     family: str
     min_cells: int
     small_sample: str = "md_scaled"
     df_method: str = "clusters"
-    md_scale: float = 1.0
-    ftest: bool = False
+    md_scales: tuple[float, ...] = ()
+    """Per contrast, the factor of the ``"md_scaled"`` sandwich (:func:`_md_scale`); empty: 1 for every contrast."""
     maxiter: int = 100
 
 
@@ -452,9 +428,12 @@ def fit_chunk(data: GEEData, Y) -> dict[str, np.ndarray]:
     Yd = Y.toarray() if sp.issparse(Y) else np.asarray(Y)
     Yd = np.asarray(Yd, dtype=float)
     n_genes = Yd.shape[1]
-    out = {c: np.full(n_genes, np.nan) for c in _STAT_COLS}
-    out["converged"] = np.zeros(n_genes, dtype=bool)
-    out["status"] = np.full(n_genes, "ok", dtype=object)
+    k = len(data.Ls)
+    # per contrast (columns): what the tests give; the fit's own quantities stay one per gene
+    out = {c: np.full((n_genes, k), np.nan) for c in ("coef", "se", "stat", "df", "pvalue")}
+    out.update({c: np.full(n_genes, np.nan) for c in ("base_mean", "dispersion", "working_corr", "n_iter")})
+    out["converged"] = np.zeros((n_genes, k), dtype=bool)
+    out["status"] = np.full((n_genes, k), "ok", dtype=object)
     out["base_mean"] = Yd.mean(axis=0)
     out["df"][:] = data.df
     n_expr = np.count_nonzero(Yd, axis=0)
@@ -469,42 +448,45 @@ def fit_chunk(data: GEEData, Y) -> dict[str, np.ndarray]:
     if todo.size == 0:
         return out
     # genes fitted together in sub-blocks of about _BLOCK_ELEMENTS cells × genes (bounded memory for many cells;
-    # the fits are per gene, so the blocking does not change any result)
+    # the fits are per gene, so the blocking does not change any result); one fit serves every contrast
     step = max(1, _BLOCK_ELEMENTS // max(Yd.shape[0], 1))
     parts = [gee_fit_batch(Yd[:, todo[i : i + step]], data) for i in range(0, todo.size, step)]
-    fit = {k: np.concatenate([pt[k] for pt in parts]) for k in parts[0]}
-    for k in ("dispersion", "working_corr", "n_iter", "df"):
-        out[k][todo] = fit[k]
+    fit = {key: np.concatenate([pt[key] for pt in parts]) for key in parts[0]}
+    for key in ("dispersion", "working_corr", "n_iter", "df"):
+        out[key][todo] = fit[key]
     status = fit["status"]
     converged = fit["converged"]
     beta, cov = fit["beta"], fit["cov"]
-    L = data.L
     fine = status == "ok"
-    out["status"][todo[~fine]] = status[~fine]
     conv = fine & converged
-    out["converged"][todo] = conv
-    out["status"][todo[fine & ~converged]] = "not converged"
-    if not data.ftest:
-        with np.errstate(invalid="ignore"):
-            est = beta @ L[0]
-            se = np.sqrt(np.maximum(np.einsum("a,gab,b->g", L[0], cov, L[0]), 0.0))
-        g = todo[fine]
-        out["coef"][g], out["se"][g] = est[fine], se[fine]
-        test = conv & (se > 0)
-        t = est[test] / se[test]
-        out["stat"][todo[test]] = t
-        out["pvalue"][todo[test]] = 2.0 * stats.t.sf(np.abs(t), out["df"][todo[test]])
-        return out
-    k = L.shape[0]
-    for j in np.flatnonzero(conv):
-        est = L @ beta[j]
-        V = L @ cov[j] @ L.T
-        try:
-            w = float(est @ np.linalg.solve(V, est))
-        except np.linalg.LinAlgError:
-            out["status"][todo[j]], out["converged"][todo[j]] = "singular contrast covariance", False
+    for j, L in enumerate(data.Ls):
+        scale = data.md_scales[j] if data.small_sample == "md_scaled" and data.md_scales else 1.0
+        st = out["status"][:, j]
+        st[todo[~fine]] = status[~fine]
+        out["converged"][todo, j] = conv
+        st[todo[fine & ~converged]] = "not converged"
+        if L.shape[0] == 1:
+            with np.errstate(invalid="ignore"):
+                est = beta @ L[0]
+                se = np.sqrt(np.maximum(scale * np.einsum("a,gab,b->g", L[0], cov, L[0]), 0.0))
+            g = todo[fine]
+            out["coef"][g, j], out["se"][g, j] = est[fine], se[fine]
+            test = conv & (se > 0)
+            t = est[test] / se[test]
+            out["stat"][todo[test], j] = t
+            out["pvalue"][todo[test], j] = 2.0 * stats.t.sf(np.abs(t), out["df"][todo[test], j])
             continue
-        out["stat"][todo[j]], out["pvalue"][todo[j]] = w / k, float(stats.f.sf(w / k, k, data.df))
+        q = L.shape[0]
+        for i in np.flatnonzero(conv):
+            est = L @ beta[i]
+            V = scale * (L @ cov[i] @ L.T)
+            try:
+                w = float(est @ np.linalg.solve(V, est))
+            except np.linalg.LinAlgError:
+                st[todo[i]], out["converged"][todo[i], j] = "singular contrast covariance", False
+                continue
+            out["stat"][todo[i], j] = w / q
+            out["pvalue"][todo[i], j] = float(stats.f.sf(w / q, q, data.df))
     return out
 
 
@@ -781,17 +763,22 @@ def gee_fit_batch(Y: np.ndarray, data: GEEData) -> dict[str, np.ndarray]:
     converged = (last_step < 1e-6) & (status == "ok")
 
     cov = np.full((G, p, p), np.nan)
-    df = np.full(G, data.df)
+    df = np.full((G, len(data.Ls)), data.df)
     fine = np.flatnonzero(status == "ok")
     if fine.size:
         a_alpha = None if alpha is None else alpha[fine]
         Sww, Sd, Sdr, T, ssr = _cluster_terms(Yc[:, fine], Xc, offc, beta[fine], a_alpha, fam, cl)
         A, g = _blocks(Sww, Sd, Sdr, T, rho[fine], sizes)
-        c_vec = data.L[0] if (data.df_method == "satterthwaite" and not data.ftest) else None
-        c, ok, dfs = sandwich_from_blocks(A, g, data.small_sample, c_vec, md_scale=data.md_scale)
+        c_vecs = [L[0] if (data.df_method == "satterthwaite" and L.shape[0] == 1) else None for L in data.Ls]
+        # the Bell-McCaffrey df does not change with a scalar factor: md_scaled's factor is applied per contrast
+        c, ok, dfs = sandwich_from_blocks(A, g, data.small_sample, c_vecs[0], md_scale=1.0)
         cov[fine] = c
-        if c_vec is not None:
-            df[fine] = np.minimum(dfs, data.df)
+        for j, c_vec in enumerate(c_vecs):
+            if c_vec is None:
+                continue
+            if j > 0:  # each t test has its own df (the covariance is the same)
+                dfs = sandwich_from_blocks(A, g, data.small_sample, c_vec)[2]
+            df[fine, j] = np.minimum(dfs, data.df)
         status[fine[~ok]] = "singular sandwich: one donor determines a coefficient"
     return {
         "beta": beta,
