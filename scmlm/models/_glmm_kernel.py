@@ -65,7 +65,7 @@ DEC_TOL = 1e-7  # outer convergence: predicted gain of the Newton step (log-like
 SHIFT_TOL = 0.02  # modes this close to the Taylor centres: the surrogate is exact to ~1e-12 there
 SNAP_SD = 0.01  # SDs below this (times the scale) are tried at exactly zero
 MAX_ETA_STEP = 4.0  # largest change of a pattern's linear predictor in one inner Newton step (damping)
-KS = 7  # total order of the bivariate Taylor surrogates of a group (cell-level continuous covariate)
+KS = 6  # total order of the bivariate Taylor surrogates of a group (cell-level continuous covariate)
 NCG = (KS + 1) * (KS + 2) // 2  # their moments per group
 TRUSTG = 1.0  # largest change of a cell's linear predictor where a group's surrogate is used; re-centred beyond
 
@@ -867,7 +867,7 @@ def recentre(cf, gd, gamma, psi, dz, ws):
 # ``e_i = theta_g0 + t_i theta_g1``, so the NB log-likelihood of the group is a function of ``(s, c) = (theta_g0 + tau,
 # theta_g1)``: ``F_g = theta_g0 Y_g + theta_g1 sum y t - U_g(s, c) - r V_g(s, c)`` with ``U_g = sum_{y > 0} y
 # softplus(s + c t + o)`` and ``V_g = sum softplus(s + c t + o)`` over all the group's cells. Both are replaced by
-# their bivariate Taylor polynomials of total order KS around the centre ``(s, c)`` at the current modes (moments
+# their bivariate Taylor polynomials of total order KS (6) around the centre ``(s, c)`` at the current modes (moments
 # ``sum w softplus^(a) t^b`` from one O(cells) pass per re-centring), so every other pass costs O(groups). A group
 # asked for a point beyond TRUSTG (in units of the largest change of a cell's linear predictor) is re-centred there
 # (one pass over its cells). At convergence the centre is the mode, where the polynomial's value and derivatives up
@@ -907,14 +907,21 @@ def _grp_cells(g, s, c, K, ysort, dz, U, uo, V, vo, w):
         softplus_derivs(s + c * t + cell_o[ii], K, w)
         y = ysort[ii]
         idx = 0
-        for k in range(K + 1):
-            a = w[k]
-            for _j in range(k + 1):
-                V[vo + idx] += a
-                if y > 0.0:
+        if y > 0.0:
+            for k in range(K + 1):
+                a = w[k]
+                for _j in range(k + 1):
+                    V[vo + idx] += a
                     U[uo + idx] += y * a
-                a *= t
-                idx += 1
+                    a *= t
+                    idx += 1
+        else:
+            for k in range(K + 1):
+                a = w[k]
+                for _j in range(k + 1):
+                    V[vo + idx] += a
+                    a *= t
+                    idx += 1
 
 
 @jit
