@@ -204,8 +204,10 @@ def _line_groups(X: np.ndarray, terms: tuple[RandomTerm, ...], P: int):
     slope = np.zeros_like(base)
     t = np.zeros(n)
     tabs = np.zeros(G)
+    by_group = np.argsort(grp, kind="stable")
+    ptr = np.concatenate([[0], np.cumsum(np.bincount(grp, minlength=G))])
     for g in range(G):
-        idx = np.flatnonzero(grp == g)
+        idx = by_group[ptr[g] : ptr[g + 1]]
         C = A[np.ix_(idx, cont)]
         mu = C.mean(axis=0)
         D = C - mu
