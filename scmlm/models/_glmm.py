@@ -59,6 +59,10 @@ STATUS = {
 NDIRECT = 32
 """Patterns with at most this many cells evaluate ``V_p`` directly instead of from a table."""
 
+GROUP_MIN_PATTERNS = 64
+"""NB designs with more covariate patterns than this (a cell-level continuous covariate) are tried as groups of cells
+on a line (see :func:`_line_groups`)."""
+
 NB_PHI_BOUNDS = (1e-8, 1e3)
 """Range of the NB dispersion; a fit at the lower bound is a Poisson fit."""
 
@@ -178,6 +182,54 @@ def _theta_map(terms: tuple[RandomTerm, ...]) -> tuple[np.ndarray, np.ndarray, n
     return as_int(th_term), as_int(th_j), as_int(th_i), names
 
 
+def _line_groups(X: np.ndarray, terms: tuple[RandomTerm, ...], P: int):
+    """Groups of cells whose design rows lie on a line, ``row_i = B0_g + t_i B1_g``, or ``None``.
+
+    Cells share a group when they share the random-term levels and the columns with few distinct values
+    (categorical); the remaining (continuous) columns must be affine in one standardised covariate ``t`` within each
+    group, as for ``~ x + (1 + x|donor)``. Used when there are at least 8 patterns per group row.
+    Returns ``(group of each cell, B0 rows, B1 rows, t of each cell, max |t| per group)`` over ``[X, covariates]``.
+    """
+    n = X.shape[0]
+    A = np.hstack([X] + [np.asarray(t.covariates, dtype=np.float64) for t in terms])
+    disc = np.array([np.unique(A[:, j]).size <= 16 for j in range(A.shape[1])], dtype=bool)
+    key = np.hstack([np.asarray(t.codes, dtype=np.float64)[:, None] for t in terms] + [A[:, disc]])
+    _, gfirst, grp = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    grp = np.asarray(grp, dtype=np.int64).ravel()
+    G = gfirst.size
+    if 16 * G > P:
+        return None
+    cont = np.flatnonzero(~disc)
+    base = A[gfirst].copy()
+    slope = np.zeros_like(base)
+    t = np.zeros(n)
+    tabs = np.zeros(G)
+    by_group = np.argsort(grp, kind="stable")
+    ptr = np.concatenate([[0], np.cumsum(np.bincount(grp, minlength=G))])
+    for g in range(G):
+        idx = by_group[ptr[g] : ptr[g + 1]]
+        C = A[np.ix_(idx, cont)]
+        mu = C.mean(axis=0)
+        D = C - mu
+        base[g, cont] = mu
+        scale = max(float(np.abs(C).max(initial=0.0)), 1.0)
+        if np.abs(D).max(initial=0.0) <= 1e-12 * scale:
+            continue
+        _, s, vt = np.linalg.svd(D, full_matrices=False)
+        if s.size > 1 and s[1] > 1e-9 * s[0]:
+            return None  # two or more continuous directions
+        tg = D @ vt[0]
+        sd = float(tg.std())
+        tg /= sd
+        b1 = vt[0] * sd
+        if np.abs(D - np.outer(tg, b1)).max() > 1e-9 * scale:
+            return None
+        slope[g, cont] = b1
+        t[idx] = tg
+        tabs[g] = np.abs(tg).max()
+    return grp, base, slope, t, tabs
+
+
 def prepare_glmm(
     X: np.ndarray,
     terms: tuple[RandomTerm, ...] | list[RandomTerm],
@@ -238,6 +290,26 @@ def prepare_glmm(
     pat = np.asarray(pat, dtype=np.int64).ravel()
     P = first.size
     Xp = np.ascontiguousarray(X[first])
+    Xp_cells, pat_cells = Xp, pat
+    row_codes = [np.asarray(t.codes, dtype=np.int64)[first] for t in terms]
+    row_cov = [np.asarray(t.covariates, dtype=np.float64)[first] for t in terms]
+    groups = _line_groups(X, terms, P) if (fam.code == NB and P > GROUP_MIN_PATTERNS) else None
+    if groups is not None:
+        # a cell-level continuous covariate: group g is represented by its rows B0 (pattern 2g) and B1 (2g + 1)
+        grp, base, slope, cell_t, tabs = groups
+        G = base.shape[0]
+        rows = np.empty((2 * G, base.shape[1]))
+        rows[0::2] = base
+        rows[1::2] = slope
+        gfirst = np.unique(grp, return_index=True)[1]
+        Xp = np.ascontiguousarray(rows[:, :p])
+        col = p
+        for ti, t in enumerate(terms):
+            row_codes[ti] = np.repeat(np.asarray(t.codes, dtype=np.int64)[gfirst], 2)
+            row_cov[ti] = rows[:, col : col + t.k]
+            col += t.k
+        pat = 2 * grp
+        P = 2 * G
 
     # Z structure per pattern: slots (term t occupies k_t slots)
     q = q_total(terms)
@@ -248,8 +320,8 @@ def prepare_glmm(
     slot = 0
     for t, (zs, ts) in zip(terms, term_slices(terms), strict=True):
         k = t.k
-        codes = np.asarray(t.codes, dtype=np.int64)[first]
-        cov = np.asarray(t.covariates, dtype=np.float64)[first]
+        codes = row_codes[len(tk)]
+        cov = row_cov[len(tk)]
         for j in range(k):
             Zc[:, slot + j] = zs.start + codes * k + j
             Zv[:, slot + j] = cov[:, j]
@@ -299,8 +371,10 @@ def prepare_glmm(
     vmode = np.where(counts <= NDIRECT, 1, 0).astype(np.int64) if needs_v else np.ones(P, dtype=np.int64)
     if needs_v:
         vmode[counts == 1] = 2
-    vlo = -K.TAIL - omax
-    vhi = K.TAIL - omin
+    if groups is not None:
+        vmode[:] = 3  # groups: exact sums and bivariate Taylor surrogates in the kernel, no tables
+    vlo = np.where(np.isfinite(omax), -K.TAIL - omax, 0.0)
+    vhi = np.where(np.isfinite(omin), K.TAIL - omin, 0.0)
     tab_n = np.where(vmode == 0, np.ceil((vhi - vlo) / K.HV).astype(np.int64) + 1, 0).astype(np.int64)
     tab_start = np.zeros(P, dtype=np.int64)
     tab_start[1:] = np.cumsum(tab_n)[:-1]
@@ -331,6 +405,12 @@ def prepare_glmm(
         pat,
         np.ascontiguousarray(off),
         np.ascontiguousarray(tr),
+        np.ascontiguousarray(cell_t[order]) if groups is not None else np.zeros(0),
+        np.ascontiguousarray(cell_t) if groups is not None else np.zeros(0),
+        np.ascontiguousarray(tabs) if groups is not None else np.zeros(0),
+        Xp_cells,
+        pat_cells,
+        np.argsort(order).astype(np.int64) if groups is not None else np.zeros(0, dtype=np.int64),
     )
     comp_names = tuple(c for t in terms for c in t.component_names())
     return GLMMDesign(
@@ -500,7 +580,7 @@ def fit_glmm(
 
 def _fixed_rows(design: GLMMDesign) -> tuple[np.ndarray, np.ndarray]:
     """Distinct rows of the fixed design and the row of each cell."""
-    Xp, pat = design.kernel_arrays[0], design.kernel_arrays[10]
+    Xp, pat = design.kernel_arrays[16], design.kernel_arrays[17]
     Xf, inv = np.unique(Xp, axis=0, return_inverse=True)
     return Xf, np.asarray(inv).ravel()[pat]
 

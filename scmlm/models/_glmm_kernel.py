@@ -29,9 +29,13 @@ from the Hessian in all fixed parameters, its standard errors.
 
 Cost per gene: O(nnz) per re-centring pass (a handful per fit) plus pattern-level algebra; a design whose patterns
 are few (categorical fixed effects and random intercepts) therefore costs about the same at 4,000 and 40,000 cells.
-A continuous cell-level covariate makes every cell a pattern (one cell: evaluated exactly, no surrogate): still
-linear in cells, but every Newton step is then O(cells); ``benchmarks/bench_glmm_slope.py`` measures
-``~ x + (1 + x|donor)`` against categorical designs on the same data.
+A continuous cell-level covariate would make every cell a pattern, and every Newton step O(cells). For the NB
+family such cells are grouped instead (``_glmm._line_groups``): the design rows of a group (same random-term levels
+and categorical columns) lie on a line ``B0_g + t_i B1_g``, so the group's log-likelihood is a function of two
+numbers, and its sums over cells are replaced by bivariate Taylor polynomials re-centred at the modes like ``U_p``
+(see ``fam_eval_grp``): O(cells) per re-centring, O(groups) per pass. Designs that do not group (two continuous
+covariates, other families) keep one pattern per cell, evaluated exactly. ``benchmarks/bench_glmm_slope.py``
+measures ``~ x + (1 + x|donor)`` against categorical designs on the same data.
 The compilation (first use in a new environment) takes ~25 s of CPU.
 
 Why numba: one fit is a long chain of tiny dense operations (q x q with q = donors + batches) with data-dependent
@@ -61,6 +65,9 @@ DEC_TOL = 1e-7  # outer convergence: predicted gain of the Newton step (log-like
 SHIFT_TOL = 0.02  # modes this close to the Taylor centres: the surrogate is exact to ~1e-12 there
 SNAP_SD = 0.01  # SDs below this (times the scale) are tried at exactly zero
 MAX_ETA_STEP = 4.0  # largest change of a pattern's linear predictor in one inner Newton step (damping)
+KS = 6  # total order of the bivariate Taylor surrogates of a group (cell-level continuous covariate)
+NCG = (KS + 1) * (KS + 2) // 2  # their moments per group
+TRUSTG = 1.0  # largest change of a cell's linear predictor where a group's surrogate is used; re-centred beyond
 
 # status codes (see _glmm.STATUS)
 ST_OK, ST_SINGULAR, ST_NOCONV, ST_FEW, ST_ZERO, ST_NONFINITE, ST_NOTPD, ST_NONINT, ST_BADY = range(9)
@@ -86,6 +93,7 @@ def _sigmoid_polys(jmax: int) -> np.ndarray:
 SIGP = _sigmoid_polys(KV)
 # runtime (non-literal) small integers: literal arguments would make numba compile one specialisation per value
 LEVEL = np.arange(3, dtype=np.int64)
+GOFF = np.array([0, 19, 29, KS], dtype=np.int64)  # columns of a group's U and V moments in FG, KS (fam_eval_grp)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -494,7 +502,9 @@ def assemble(FE, av, gamma, dz, npar, q, g, H):
 #   cf = [fam, reml, has_tau, nth, npar, q, la]   model configuration (int64 array). la = 1: Laplace-ML beta, i.e.
 #        beta is an outer parameter with the variance parameters and only u is integrated (glmmTMB's ML); la = 0:
 #        beta is found with u at the joint mode (REML, and the first stage of ML).
-#   gd = (Yp, ucen, ucoef, S1, S2, cj, nzp, nzo, nzy)   the gene's data and its U_p surrogate.
+#   gd = (Yp, ucen, ucoef, S1, S2, cj, nzp, nzo, nzy, nzx, ysort)   the gene's data and its U_p surrogate (with
+#        groups, see fam_eval_grp: nzx the covariate t of the non-zero cells, ysort the counts of the cells in the
+#        order of dz[8]).
 # psi = (theta, [tau], [beta if la]).
 # dz (built by _glmm.prepare_glmm): 0 Xp (P, p) pattern rows of X; 1 Zc (P, m) u column of each Z slot; 2 Zv (P, m)
 #   covariate of each slot; 3 TI (terms, 6) [k, first slot, first theta, correlated, first column, levels];
@@ -502,7 +512,10 @@ def assemble(FE, av, gamma, dz, npar, q, g, H):
 #   sum c o, sum o, sum o^2, sum c w^k (k = 1..5), sum c w^-k (k = 1..5)]; 6 PI (P + 1, 3) [V mode (0 table,
 #   1 direct, 2 one cell: U_p and V_p exact, no surrogate), first table row, first cell]; 7 V tables; 8, 9 offsets
 #   and weights of the cells sorted by pattern; 10 pattern of each cell; 11 offset of each cell; 12 binomial trials
-#   (empty: 0/1 detection).
+#   (empty: 0/1 detection); 13 t of the cells sorted by pattern, 14 t of each cell, 15 max |t| per group (all empty
+#   without groups; with groups, rows 2g and 2g + 1 of 0-2 are the group's B0 and B1, its cells are listed under
+#   pattern 2g in 6, 8 and 9, and 10 maps a cell to 2g; PI mode 3); 16, 17 the distinct rows of X and the row of each
+#   cell (= 0 and 10 without groups); 18 position of each cell in the order of 8 (empty without groups).
 
 
 @jit
@@ -513,7 +526,10 @@ def penalised(cf, gd, gamma, psi, level, dz, ws):
     tau = psi[nth] if cf[2] else 0.0
     lam_values(psi[:nth], dz, av)
     lin_pred(gamma, av, dz, npar, e)
-    h = fam_eval(fam, e, tau, level, gd[0], gd[1], gd[2], gd[3], gd[4], dz, FE, work)
+    if dz[15].shape[0] > 0:
+        h = fam_eval_grp(e, tau, level, gd, dz, ws[7], work)
+    else:
+        h = fam_eval(fam, e, tau, level, gd[0], gd[1], gd[2], gd[3], gd[4], dz, FE, work)
     for i in range(npar, npar + q):
         h -= 0.5 * gamma[i] * gamma[i]
     if fam == NB:
@@ -529,13 +545,22 @@ def max_eta_change(step, av, dz, npar):
     Zc = dz[1]
     P = Xp.shape[0]
     m = Zc.shape[1]
+    tabs = dz[15]
+    grp = tabs.shape[0] > 0
     out = 0.0
+    s0 = 0.0
     for p in range(P):
         s = 0.0
         for c in range(npar):
             s += Xp[p, c] * step[c]
         for j in range(m):
             s += av[p, j] * step[npar + Zc[p, j]]
+        if grp:
+            # a group: cells move by s0 + t s1 with |t| <= tabs
+            if p % 2 == 0:
+                s0 = s
+                continue
+            s = abs(s0) + abs(s) * tabs[p // 2]
         if abs(s) > out:
             out = abs(s)
     return out
@@ -556,13 +581,18 @@ def inner_solve(cf, gd, gamma, psi, dz, ws, max_iter):
             gamma[i] = psi[b0 + i]
     fresh = False  # ws[0] already holds F and its derivatives at gamma (the accepted full step), h its value
     h = 0.0
+    grp = dz[15].shape[0] > 0
+    n_rec = 0
     for it in range(max_iter):
         if not fresh:
             h = penalised(cf, gd, gamma, psi, LEVEL[1], dz, ws)
         fresh = False
         if not np.isfinite(h):
             return False, it
-        assemble(ws[0], ws[1], gamma, dz, npar, q, g, H)
+        if dz[15].shape[0] > 0:
+            assemble_grp(ws[7], ws[1], gamma, dz, npar, q, g, H)
+        else:
+            assemble(ws[0], ws[1], gamma, dz, npar, q, g, H)
         if la:
             for i in range(npar):
                 g[i] = 0.0
@@ -603,6 +633,12 @@ def inner_solve(cf, gd, gamma, psi, dz, ws, max_iter):
                 break
             alpha *= 0.5
         if not ok:
+            if grp and n_rec < 3:
+                # across the trust boundary of a group surrogate (exact on one side, polynomial on the other) the
+                # small mismatch can stall the line search near the mode: centre the surrogates here and go on
+                recentre_grp(cf, gd, gamma, psi, dz, ws)
+                n_rec += 1
+                continue
             return dec < 1e-9 * (1.0 + abs(h)), it + 1
         for i in range(d):
             gamma[i] = gtry[i]
@@ -636,7 +672,11 @@ def objective_grad(cf, gd, want_grad, gamma, psi, dz, ws, grad, out):
     d = npar + q
     tau = psi[nth] if has_tau else 0.0
     h = penalised(cf, gd, gamma, psi, LEVEL[2], dz, ws)
-    assemble(FE, av, gamma, dz, npar, q, g, H)
+    grp = dz[15].shape[0] > 0
+    if grp:
+        assemble_grp(ws[7], av, gamma, dz, npar, q, g, H)
+    else:
+        assemble(FE, av, gamma, dz, npar, q, g, H)
     out[3] = 0.0
     if not np.isfinite(h) or not chol(H, L, d):
         return -np.inf
@@ -662,6 +702,9 @@ def objective_grad(cf, gd, want_grad, gamma, psi, dz, ws, grad, out):
     chol_inverse(L, Hinv, d, tmpd)
     if q > 0:
         chol_inverse(Luu, Huinv, q, tmpd)
+    if grp:
+        _grad_grp(cf, gd, gamma, psi, dz, ws, grad)
+        return obj
     # rho_p = a_S' H_S^{-1} a_S with S = everything (REML) or the u block (ML)
     na = npar + m
     for p in range(P):
@@ -781,6 +824,8 @@ def objective_grad(cf, gd, want_grad, gamma, psi, dz, ws, grad, out):
 @jit
 def recentre(cf, gd, gamma, psi, dz, ws):
     """Move the Taylor centres of ``U_p`` to the current ``v_p = e_p + tau``; return the largest move."""
+    if dz[15].shape[0] > 0:
+        return recentre_grp(cf, gd, gamma, psi, dz, ws)
     nth, npar = cf[3], cf[4]
     Yp, ucen, ucoef, nzp, nzo, nzy = gd[0], gd[1], gd[2], gd[6], gd[7], gd[8]
     av, e, work = ws[1], ws[4][0], ws[2]
@@ -811,6 +856,383 @@ def recentre(cf, gd, gamma, psi, dz, ws):
         for k in range(KU + 1):
             ucoef[p, k] += y * w[k]
     return shift
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# groups: a cell-level continuous covariate (e.g. ``~ x + (1 + x|donor)``)
+#
+# Cells whose design rows lie on one line, ``row_i = B0_g + t_i B1_g`` (same random-term levels and categorical
+# columns, ``t`` the standardised continuous covariate), form a group ``g`` represented by two rows: pattern ``2g``
+# (``B0``) and ``2g + 1`` (``B1``). Their linear predictors ``theta_g = (e_2g, e_2g+1)`` give every cell's
+# ``e_i = theta_g0 + t_i theta_g1``, so the NB log-likelihood of the group is a function of ``(s, c) = (theta_g0 + tau,
+# theta_g1)``: ``F_g = theta_g0 Y_g + theta_g1 sum y t - U_g(s, c) - r V_g(s, c)`` with ``U_g = sum_{y > 0} y
+# softplus(s + c t + o)`` and ``V_g = sum softplus(s + c t + o)`` over all the group's cells. Both are replaced by
+# their bivariate Taylor polynomials of total order KS (6) around the centre ``(s, c)`` at the current modes (moments
+# ``sum w softplus^(a) t^b`` from one O(cells) pass per re-centring), so every other pass costs O(groups). A group
+# asked for a point beyond TRUSTG (in units of the largest change of a cell's linear predictor) is re-centred there
+# (one pass over its cells). At convergence the centre is the mode, where the polynomial's value and derivatives up
+# to order 3 are the exact sums.
+# FG (ws[7]) per group: 0 F, 1-2 dF/dtheta_r, 3-5 d2F (j = number of theta_1 derivatives), 6-9 d3F, 10 dF/dtau,
+# 11-12 d2F/dtau dtheta_r, 13-15 d3F/dtau dtheta dtheta, 16-18 (R00, R01, R11) = a_r' H_S^{-1} a_s, 19-28 U moments,
+# 29-38 V moments (index k (k + 1) / 2 + j for derivative k <= 3 and power j <= k), 39 spare.
+
+
+@jit
+def _grp_poly(C, ds, dc, K, out, o0, ps, pc):
+    """``out[o0 + k(k+1)/2 + j] = d^k/ds^(k-j) dc^j`` of the bivariate Taylor polynomial with moments ``C``."""
+    ps[0] = 1.0
+    pc[0] = 1.0
+    for a in range(1, KS + 1):
+        ps[a] = ps[a - 1] * ds / a
+        pc[a] = pc[a - 1] * dc / a
+    for k in range(K + 1):
+        for j in range(k + 1):
+            acc = 0.0
+            for n in range(KS - k + 1):
+                base = (k + n) * (k + n + 1) // 2 + j
+                for ll in range(n + 1):
+                    acc += ps[n - ll] * pc[ll] * C[base + ll]
+            out[o0 + k * (k + 1) // 2 + j] = acc
+
+
+@jit
+def _grp_cells(g, s, c, K, ysort, dz, U, uo, V, vo, w):
+    """Add ``sum y softplus^(k)(s + c t + o) t^j`` to ``U[uo + k(k+1)/2 + j]`` and the same with weight 1 to ``V``
+    over the cells of group ``g``, ``k <= K``, ``j <= k``."""
+    cell_ptr = dz[6][:, 2]
+    cell_o = dz[8]
+    tsort = dz[13]
+    for ii in range(cell_ptr[2 * g], cell_ptr[2 * g + 1]):
+        t = tsort[ii]
+        softplus_derivs(s + c * t + cell_o[ii], K, w)
+        y = ysort[ii]
+        idx = 0
+        if y > 0.0:
+            for k in range(K + 1):
+                a = w[k]
+                for _j in range(k + 1):
+                    V[vo + idx] += a
+                    U[uo + idx] += y * a
+                    a *= t
+                    idx += 1
+        else:
+            for k in range(K + 1):
+                a = w[k]
+                for _j in range(k + 1):
+                    V[vo + idx] += a
+                    a *= t
+                    idx += 1
+
+
+@jit
+def fam_eval_grp(e, tau, level, gd, dz, FG, work):
+    """NB family on groups: fill FG (columns 0-15 up to the derivatives of ``level``) and return sum F."""
+    Yp, ucen, ucoef = gd[0], gd[1], gd[2]
+    tabs = dz[15]
+    G = tabs.shape[0]
+    K = 0 if level == 0 else (2 if level == 1 else 3)
+    r = math.exp(-tau)
+    ps, pc, w = work[0], work[1], work[2]
+    for g in range(G):
+        p0 = 2 * g
+        ds = e[p0] + tau - ucen[p0]
+        dc = e[p0 + 1] - ucen[p0 + 1]
+        for k in range(19, 39):
+            FG[g, k] = 0.0
+        if abs(ds) + abs(dc) * tabs[g] > TRUSTG:
+            # beyond the trust region: re-centre this group's surrogates here (one pass over its cells)
+            ucen[p0] = e[p0] + tau
+            ucen[p0 + 1] = e[p0 + 1]
+            for k in range(NCG):
+                ucoef[p0, k] = 0.0
+                ucoef[p0 + 1, k] = 0.0
+            _grp_cells(g, ucen[p0], ucen[p0 + 1], GOFF[3], gd[10], dz, ucoef[p0], GOFF[0], ucoef[p0 + 1], GOFF[0], w)
+            ds = 0.0
+            dc = 0.0
+        if Yp[p0] > 0:
+            _grp_poly(ucoef[p0], ds, dc, K, FG[g], GOFF[1], ps, pc)
+        _grp_poly(ucoef[p0 + 1], ds, dc, K, FG[g], GOFF[2], ps, pc)
+    total = 0.0
+    for g in range(G):
+        p0 = 2 * g
+        U = FG[g, 19:29]
+        V = FG[g, 29:39]
+        F = e[p0] * Yp[p0] + e[p0 + 1] * Yp[p0 + 1] - U[0] - r * V[0]
+        FG[g, 0] = F
+        total += F
+        if level >= 1:
+            FG[g, 1] = Yp[p0] - U[1] - r * V[1]
+            FG[g, 2] = Yp[p0 + 1] - U[2] - r * V[2]
+            for j in range(3):
+                FG[g, 3 + j] = -U[3 + j] - r * V[3 + j]
+        if level >= 2:
+            for j in range(4):
+                FG[g, 6 + j] = -U[6 + j] - r * V[6 + j]
+            FG[g, 10] = -U[1] + r * (V[0] - V[1])
+            for j in range(2):
+                FG[g, 11 + j] = -U[3 + j] + r * (V[1 + j] - V[3 + j])
+            for j in range(3):
+                FG[g, 13 + j] = -U[6 + j] + r * (V[3 + j] - V[6 + j])
+    return total
+
+
+@jit
+def _add_row(vec, f, p, Xp, Zc, av, npar, m):
+    """``vec += f a_p`` (the design vector of pattern ``p`` in ``gamma`` coordinates)."""
+    for c in range(npar):
+        vec[c] += f * Xp[p, c]
+    for j in range(m):
+        vec[npar + Zc[p, j]] += f * av[p, j]
+
+
+@jit
+def _dot_row(vec, p, Xp, Zc, av, npar, m):
+    s = 0.0
+    for c in range(npar):
+        s += Xp[p, c] * vec[c]
+    for j in range(m):
+        s += av[p, j] * vec[npar + Zc[p, j]]
+    return s
+
+
+@jit
+def assemble_grp(FG, av, gamma, dz, npar, q, g, H):
+    """Gradient and negative Hessian of ``h`` in ``gamma`` on groups (2 x 2 blocks of rows ``2g, 2g + 1``)."""
+    Xp = dz[0]
+    Zc = dz[1]
+    m = Zc.shape[1]
+    d = npar + q
+    G = dz[15].shape[0]
+    for i in range(d):
+        g[i] = 0.0
+        for j in range(d):
+            H[i, j] = 0.0
+    for i in range(npar, d):
+        g[i] = -gamma[i]
+        H[i, i] = 1.0
+    na = npar + m
+    for gg in range(G):
+        for r in range(2):
+            p = 2 * gg + r
+            F1 = FG[gg, 1 + r]
+            for a in range(na):
+                if a < npar:
+                    ia = a
+                    va = Xp[p, a]
+                else:
+                    ia = npar + Zc[p, a - npar]
+                    va = av[p, a - npar]
+                if va == 0.0:
+                    continue
+                g[ia] += F1 * va
+                for s in range(2):
+                    p2 = 2 * gg + s
+                    wa = -FG[gg, 3 + r + s] * va
+                    for b in range(na):
+                        if b < npar:
+                            ib = b
+                            vb = Xp[p2, b]
+                        else:
+                            ib = npar + Zc[p2, b - npar]
+                            vb = av[p2, b - npar]
+                        H[ia, ib] += wa * vb
+
+
+@jit
+def _quad_rows(Hinv, Huinv, reml, npar, p1, p2, Xp, Zc, av, m):
+    """``a_p1' S a_p2`` with ``S = H^{-1}`` (REML) or ``H_uu^{-1}`` on the u entries (ML)."""
+    na = npar + m
+    s = 0.0
+    for a in range(na):
+        if a < npar:
+            if not reml:
+                continue
+            ia = a
+            va = Xp[p1, a]
+        else:
+            ia = npar + Zc[p1, a - npar]
+            va = av[p1, a - npar]
+        if va == 0.0:
+            continue
+        for b in range(na):
+            if b < npar:
+                if not reml:
+                    continue
+                ib = b
+                vb = Xp[p2, b]
+            else:
+                ib = npar + Zc[p2, b - npar]
+                vb = av[p2, b - npar]
+            if reml:
+                s += va * vb * Hinv[ia, ib]
+            else:
+                s += va * vb * Huinv[ia - npar, ib - npar]
+    return s
+
+
+@jit
+def _grad_grp(cf, gd, gamma, psi, dz, ws, grad):
+    """Gradient of the criterion in ``psi`` on groups (as in objective_grad, with 2 x 2 blocks per group)."""
+    fam, reml, has_tau, nth, npar, q, la = cf[0], cf[1], cf[2], cf[3], cf[4], cf[5], cf[6]
+    FG, av = ws[7], ws[1]
+    Hinv = ws[5][2]
+    Huinv = ws[6][1]
+    rvec, gdot, ee = ws[3][3], ws[3][4], ws[4][3]
+    Xp = dz[0]
+    Zc = dz[1]
+    Zv = dz[2]
+    tslot = dz[3][:, 1]
+    th_term = dz[4][:, 0]
+    th_j = dz[4][:, 1]
+    th_i = dz[4][:, 2]
+    P = Xp.shape[0]
+    m = Zc.shape[1]
+    d = npar + q
+    G = dz[15].shape[0]
+    tau = psi[nth] if has_tau else 0.0
+    for gg in range(G):
+        p0 = 2 * gg
+        FG[gg, 16] = _quad_rows(Hinv, Huinv, reml, npar, p0, p0, Xp, Zc, av, m)
+        FG[gg, 17] = _quad_rows(Hinv, Huinv, reml, npar, p0, p0 + 1, Xp, Zc, av, m)
+        FG[gg, 18] = _quad_rows(Hinv, Huinv, reml, npar, p0 + 1, p0 + 1, Xp, Zc, av, m)
+    nps = nth + has_tau
+    ntot = nps + (npar if la else 0)
+    D1 = 0.0
+    if fam == NB:
+        _, D1 = nb_D(gd[5], tau)
+    for k in range(ntot):
+        for i in range(d):
+            rvec[i] = 0.0
+        dh = 0.0
+        kind = 0 if k < nth else (1 if k < nps else 2)
+        jb = k - nps
+        slot = 0
+        jslot = 0
+        if kind == 0:
+            t = th_term[k]
+            slot = tslot[t] + th_i[k]
+            jslot = tslot[t] + th_j[k]
+        for p in range(P):
+            if kind == 0:
+                ee[p] = Zv[p, jslot] * gamma[npar + Zc[p, slot]]
+            elif kind == 1:
+                ee[p] = 0.0
+            else:
+                ee[p] = Xp[p, jb]
+        for gg in range(G):
+            p0 = 2 * gg
+            if kind == 1:
+                dh += FG[gg, 10]
+                for s in range(2):
+                    _add_row(rvec, FG[gg, 11 + s], p0 + s, Xp, Zc, av, npar, m)
+            else:
+                dh += FG[gg, 1] * ee[p0] + FG[gg, 2] * ee[p0 + 1]
+                for s in range(2):
+                    f = FG[gg, 3 + s] * ee[p0] + FG[gg, 4 + s] * ee[p0 + 1]
+                    _add_row(rvec, f, p0 + s, Xp, Zc, av, npar, m)
+                if kind == 0:
+                    for r in range(2):
+                        p = p0 + r
+                        rvec[npar + Zc[p, slot]] += FG[gg, 1 + r] * Zv[p, jslot]
+        if kind == 1:
+            dh += D1
+        if la:
+            for i in range(npar):
+                gdot[i] = 0.0
+            for i in range(q):
+                s = 0.0
+                for j in range(q):
+                    s += Huinv[i, j] * rvec[npar + j]
+                gdot[npar + i] = s
+        else:
+            for i in range(d):
+                s = 0.0
+                for j in range(d):
+                    s += Hinv[i, j] * rvec[j]
+                gdot[i] = s
+        tr = 0.0
+        for gg in range(G):
+            p0 = 2 * gg
+            t0 = ee[p0] + _dot_row(gdot, p0, Xp, Zc, av, npar, m)
+            t1 = ee[p0 + 1] + _dot_row(gdot, p0 + 1, Xp, Zc, av, npar, m)
+            R00 = FG[gg, 16]
+            R01 = FG[gg, 17]
+            R11 = FG[gg, 18]
+            Q0 = FG[gg, 6] * R00 + 2.0 * FG[gg, 7] * R01 + FG[gg, 8] * R11
+            Q1 = FG[gg, 7] * R00 + 2.0 * FG[gg, 8] * R01 + FG[gg, 9] * R11
+            tr -= t0 * Q0 + t1 * Q1
+            if kind == 1:
+                tr -= FG[gg, 13] * R00 + 2.0 * FG[gg, 14] * R01 + FG[gg, 15] * R11
+            if kind == 0:
+                for s in range(2):
+                    ps_ = p0 + s
+                    cd = Zv[ps_, jslot]
+                    if cd == 0.0:
+                        continue
+                    col = Zc[ps_, slot]
+                    for r in range(2):
+                        pr = p0 + r
+                        sa = 0.0
+                        for a in range(npar + m):
+                            if a < npar:
+                                if reml:
+                                    sa += Hinv[npar + col, a] * Xp[pr, a]
+                            else:
+                                c2 = Zc[pr, a - npar]
+                                if reml:
+                                    sa += Hinv[npar + col, npar + c2] * av[pr, a - npar]
+                                else:
+                                    sa += Huinv[col, c2] * av[pr, a - npar]
+                        tr += 2.0 * (-FG[gg, 3 + r + s]) * cd * sa
+        grad[k] = dh - 0.5 * tr
+
+
+@jit
+def recentre_grp(cf, gd, gamma, psi, dz, ws):
+    """Move the centres of the group surrogates to the current modes (one pass over the cells)."""
+    nth, npar = cf[3], cf[4]
+    ucen, ucoef = gd[1], gd[2]
+    av, e, work = ws[1], ws[4][0], ws[2]
+    tabs = dz[15]
+    G = tabs.shape[0]
+    tau = psi[nth] if cf[2] else 0.0
+    lam_values(psi[:nth], dz, av)
+    lin_pred(gamma, av, dz, npar, e)
+    w = work[2]
+    shift = 0.0
+    for g in range(G):
+        p0 = 2 * g
+        s = e[p0] + tau
+        c = e[p0 + 1]
+        dd = abs(s - ucen[p0]) + abs(c - ucen[p0 + 1]) * tabs[g]
+        if dd > shift:
+            shift = dd
+        ucen[p0] = s
+        ucen[p0 + 1] = c
+        for k in range(NCG):
+            ucoef[p0, k] = 0.0
+            ucoef[p0 + 1, k] = 0.0
+        _grp_cells(g, s, c, GOFF[3], gd[10], dz, ucoef[p0], GOFF[0], ucoef[p0 + 1], GOFF[0], w)
+    return shift
+
+
+@jit
+def grp_gap(cf, gd, gamma, psi, dz, ws):
+    """Largest change of a cell's ``v`` between the group surrogates' centres and the current modes."""
+    nth, npar = cf[3], cf[4]
+    ucen = gd[1]
+    av, e = ws[1], ws[4][0]
+    tabs = dz[15]
+    tau = psi[nth] if cf[2] else 0.0
+    lam_values(psi[:nth], dz, av)
+    lin_pred(gamma, av, dz, npar, e)
+    gap = 0.0
+    for g in range(tabs.shape[0]):
+        p0 = 2 * g
+        dd = abs(e[p0] + tau - ucen[p0]) + abs(e[p0 + 1] - ucen[p0 + 1]) * tabs[g]
+        if dd > gap:
+            gap = dd
+    return gap
 
 
 @jit
@@ -918,18 +1340,25 @@ def settle(cf, gd, gamma, psi, dz, ws, inner_max):
     tau = psi[nth] if cf[2] else 0.0
     e = ws[4][0]
     vmode = dz[6][:, 0]
-    surrogate = False
+    grp = dz[15].shape[0] > 0
+    surrogate = grp
     for p in range(e.shape[0]):
         if Yp[p] > 0 and vmode[p] != 2:
             surrogate = True
             break
     if not surrogate:
         return True  # every pattern with counts is a single cell, evaluated exactly: nothing to re-centre
+    if grp and grp_gap(cf, gd, gamma, psi, dz, ws) < SHIFT_TOL:
+        return True  # the modes are at the centres already (the surrogates are exact to rounding there)
     for _ in range(6):
         recentre(cf, gd, gamma, psi, dz, ws)
         ok, _ = inner_solve(cf, gd, gamma, psi, dz, ws, inner_max)
         if not ok:
             return False
+        if grp:
+            if grp_gap(cf, gd, gamma, psi, dz, ws) < SHIFT_TOL:
+                return True
+            continue
         lam_values(psi[:nth], dz, ws[1])
         lin_pred(gamma, ws[1], dz, npar, e)
         gap = 0.0
@@ -1137,8 +1566,8 @@ def ml_cov_beta(Hs, nps, npar, out):
 
 
 @jit
-def make_workspace(P, m, npar, q):
-    """Scratch arrays of one fit: (FE, av, work, d-vectors, P-vectors, d x d matrices, q x q matrices)."""
+def make_workspace(P, m, npar, q, G):
+    """Scratch arrays of one fit: (FE, av, work, d-vectors, P-vectors, d x d matrices, q x q matrices, FG)."""
     d = npar + q
     qq = max(q, 1)
     return (
@@ -1149,6 +1578,7 @@ def make_workspace(P, m, npar, q):
         np.zeros((5, P)),  # 4 e, rho, (spare), ee, (spare)
         np.zeros((4, d, d)),  # 5 H, L, Hinv, scratch
         np.zeros((2, qq, qq)),  # 6 Luu, Huinv
+        np.zeros((max(G, 1), 40)),  # 7 FG: per-group derivatives (groups only)
     )
 
 
@@ -1200,14 +1630,21 @@ def _init_values(fam, has_tau, nth, npar, q, dz, Yp, S1, S2, nzp, nzo, nzy, psi,
     P = Xp.shape[0]
     e0 = np.zeros(P)
     om = np.zeros(P)
+    grp = dz[15].shape[0] > 0  # rows 2g + 1 are the slopes of the groups: start them at zero
     if fam == NB or fam == POISSON:
         sy = 0.0
         sm = 0.0
         for p in range(P):
+            if grp and p % 2 == 1:
+                continue
             sy += Yp[p]
             sm += Mp[p]
         rate0 = sy / sm
         for p in range(P):
+            if grp and p % 2 == 1:
+                e0[p] = 0.0
+                om[p] = Yp[p - 1] + 1.0
+                continue
             e0[p] = math.log((Yp[p] + 1.0) / (Mp[p] + 1.0 / rate0))
             om[p] = Yp[p] + 1.0
     elif fam == BINOMIAL:
@@ -1369,7 +1806,12 @@ def fit_chunk(
     sum_o2 = dz[5][:, 7]
     trials = dz[12]
     detection = trials.shape[0] == 0
-    ws = make_workspace(P, m, npar, q)
+    tabs = dz[15]
+    n_grp = tabs.shape[0]
+    cell_t = dz[14]
+    cell_rank = dz[18]
+    ysort = np.zeros(cell_rank.shape[0])
+    ws = make_workspace(P, m, npar, q, n_grp)
     d = npar + q
     n_psi = nth + (1 if has_tau else 0)
     G = indptr.shape[0] - 1
@@ -1377,7 +1819,7 @@ def fit_chunk(
     S1 = np.zeros(P)
     S2 = np.zeros(P)
     ucen = np.zeros(P)
-    ucoef = np.zeros((P, KU + 1))
+    ucoef = np.zeros((P, max(KU + 1, NCG)))
     psi = np.zeros(n_psi)
     gamma = np.zeros(d)
     grad = np.zeros(n_psi)
@@ -1415,6 +1857,7 @@ def fit_chunk(
         nzp = np.empty(nnz, dtype=np.int64)
         nzo = np.empty(nnz)
         nzy = np.empty(nnz)
+        nzx = np.empty(nnz if n_grp > 0 else 0)
         kk = 0
         for j in range(lo, hi):
             y = data[j]
@@ -1423,7 +1866,14 @@ def fit_chunk(
                 nzp[kk] = pat[c]
                 nzo[kk] = off[c]
                 nzy[kk] = 1.0 if (fam == BINOMIAL and detection) else y
+                if n_grp > 0:
+                    nzx[kk] = cell_t[c]
                 kk += 1
+        if n_grp > 0:
+            for i in range(ysort.shape[0]):
+                ysort[i] = 0.0
+            for j in range(lo, hi):
+                ysort[cell_rank[indices[j]]] = data[j]
         for p in range(P):
             Yp[p] = 0.0
             S1[p] = -sum_o[p]
@@ -1433,6 +1883,8 @@ def fit_chunk(
             p = nzp[i]
             y = nzy[i]
             Yp[p] += y
+            if n_grp > 0:
+                Yp[p + 1] += y * nzx[i]  # the group's slope row: sum y t
             if fam == GAUSSIAN:
                 S1[p] += y
                 S2[p] += y * y - 2.0 * y * nzo[i]
@@ -1473,7 +1925,7 @@ def fit_chunk(
         for p in range(P):
             ucen[p] = 0.0
         cf = _config(fam, reml, has_tau, nth, npar, q, False)
-        gd = (Yp, ucen, ucoef, S1, S2, cj, nzp, nzo, nzy)
+        gd = (Yp, ucen, ucoef, S1, S2, cj, nzp, nzo, nzy, nzx, ysort)
         # stage 0: joint modes of (beta, u); stage 1 (ML only): Laplace-ML beta, i.e. beta joins the outer
         # parameters and only u is integrated, as glmmTMB; its Hessian gives cov(beta) as glmmTMB's sdreport
         ml_cov = False
