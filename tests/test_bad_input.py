@@ -903,6 +903,7 @@ def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
 
 
+@pytest.mark.slow
 def test_workflow_without_configfile_is_an_error(tmp_path):
     """The example config/config.yaml in the working folder is not read unless it is given."""
     (tmp_path / "config").mkdir()
@@ -913,6 +914,7 @@ def test_workflow_without_configfile_is_an_error(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["config"]
 
 
+@pytest.mark.slow
 def test_workflow_user_config_is_not_layered_on_the_example(tmp_path, files):
     """The data-loss case: a user config beside an example config with create_input; -F must not plan to write the
     user's input, and the example's keys must not leak in."""
@@ -932,6 +934,7 @@ def test_workflow_user_config_is_not_layered_on_the_example(tmp_path, files):
     guard.check()
 
 
+@pytest.mark.slow
 def test_workflow_typo_in_input_is_an_error(tmp_path):
     cfg = _config(input="data/typo.h5ad")
     (tmp_path / "my.yaml").write_text(yaml.safe_dump(cfg))
