@@ -43,6 +43,7 @@ def _add_common_de(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Build the ``scmlm`` argument parser with one subcommand per tool (``scmlm --help`` lists them)."""
     parser = argparse.ArgumentParser(
         prog="scmlm",
         description="Multilevel models for multi-donor single-cell data: pseudobulk DE, cell-level GLMMs, workflow.",
@@ -498,6 +499,7 @@ def _log_gene_statuses(table) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``scmlm`` command line on ``argv`` (default: ``sys.argv[1:]``) and return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
