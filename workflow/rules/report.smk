@@ -20,7 +20,7 @@ rule summary:
     benchmark:
         out("benchmarks/summary.tsv")
     conda:
-        "../../envs/scmlm.yaml"
+        "../envs/scmlm.yaml"
     threads: 1
     resources:
         mem_mb=mem_from_input("summary", 5),
