@@ -39,7 +39,9 @@ print("min-versions: every dependency installed at its floor")
 PY
 echo "min-versions: installed in $((SECONDS - t0)) s"
 
-# the fast loop (no end-to-end workflow, no SLURM); warnings stay errors except deprecations of old dependencies
-# that newer releases removed, which the code cannot avoid on both ends
-"$VENV/bin/python" -m pytest -q -m "not slow and not slurm" -p no:cacheprovider ${PYTEST_ARGS:-} tests
+# the fast loop (no end-to-end workflow, no SLURM). Warnings are shown, not errors as in the default suite: an old
+# floor warns on its own or next to the newest release of one of its dependencies (anndata 0.11.0 on copying an
+# empty slice, matplotlib 3.7 calling pyparsing 3.3's deprecated names), which says nothing about scmlm; warnings that
+# scmlm causes are errors in the default suite on current releases.
+"$VENV/bin/python" -m pytest -q -m "not slow and not slurm" -p no:cacheprovider -W default ${PYTEST_ARGS:-} tests
 echo "min-versions: passed in $((SECONDS - t0)) s"
