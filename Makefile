@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
+	$(VENV)/bin/scmlm warmup  # compile the numba kernels once, here, not in the first call or workflow job
 	@touch $(STAMP)
 
 venv: $(STAMP)

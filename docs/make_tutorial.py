@@ -187,7 +187,7 @@ def main() -> None:
         'scmlm.tl.glmm_de(gbm, "~ condition + (1|donor)", ("condition", "panobinostat", "ctrl"), layer="counts",\n'
         '                 sample_key="sample_id")   # adds (1|sample_id)'
     )
-    w(f're = scmlm.tl.random_effects(gbm, genes=["{top[0]}"])')
+    w(f're = scmlm.tl.random_effects(gbm, genes=["{top[0]}"], inplace=False)   # a table, not written to gbm.uns')
     w(f'scmlm.pl.shrinkage(re, "{top[0]}", term="donor")\n```\n')
     w("Genes at BH-adjusted p < 0.05 (300 genes):\n")
     w("| model | genes |\n|---|---|")

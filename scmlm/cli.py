@@ -18,22 +18,68 @@ from ._version import __version__
 log = logging.getLogger("scmlm")
 
 
-def _contrast(text: str):
-    parts = text.split(":")
-    if len(parts) == 3:
-        return tuple(parts)
-    return text
+_CONTRAST_HELP = (
+    "repeatable: factor:test:reference (e.g. condition:case:ctrl), a coefficient name, or NAME=one of those; "
+    "NAME=coefA,coefB (coefficient names) is one joint F test, e.g. doses=dose[T.mid],dose[T.high]; "
+    "NAME=0,1,-1 a numeric vector over the design's columns"
+)
+
+
+def _contrast_item(text: str):
+    """One ``--contrast`` value: ``(name or None, specification, joint)``."""
+    name, sep, spec = text.partition("=")
+    if not sep:
+        name, spec = None, text
+    elif not name.strip() or not spec.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: write NAME=CONTRAST with both parts, e.g. dose=dose:high:low")
+    else:
+        name = name.strip()
+    if "," in spec:
+        parts = [p.strip() for p in spec.split(",")]
+        if any(not p for p in parts):
+            raise argparse.ArgumentTypeError(f"{text!r}: an empty item in the comma-separated list")
+        try:
+            vec = [float(p) for p in parts]
+        except ValueError:
+            vec = None
+        if name is None:
+            what = "a numeric vector" if vec is not None else "a joint F test"
+            raise argparse.ArgumentTypeError(f"{text!r} is {what} and needs a name: --contrast NAME={spec}")
+        if vec is not None:
+            return name, vec, False
+        return name, [tuple(p.split(":")) if p.count(":") == 2 else p for p in parts], True
+    if spec.count(":") == 2:
+        return name, tuple(spec.split(":")), False
+    return name, spec, False
+
+
+def contrast_arg(items) -> object:
+    """The ``contrast=`` of the API from the (repeated) ``--contrast`` values.
+
+    One contrast as it is, several unnamed ones as a list, and a dict as soon as one is named (unnamed ones get their
+    usual label).
+    """
+    from .design import contrast_label
+
+    if not isinstance(items, list):  # set programmatically
+        return items
+    if len(items) == 1 and items[0][0] is None:
+        return items[0][1]
+    if all(name is None for name, _, _ in items):
+        return [spec for _, spec, _ in items]
+    out = {}
+    for name, spec, _ in items:
+        key = name if name is not None else contrast_label(spec)
+        if key in out:
+            raise ScmlmError(f"--contrast name {key!r} is given twice; give each contrast its own name.")
+        out[key] = spec
+    return out
 
 
 def _add_common_de(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="cell-level or pseudobulk .h5ad")
     p.add_argument("--design", required=True, help='model formula, e.g. "~ condition + (1|donor)"')
-    p.add_argument(
-        "--contrast",
-        required=True,
-        type=_contrast,
-        help="factor:test:reference (e.g. condition:case:ctrl) or a coefficient name",
-    )
+    p.add_argument("--contrast", required=True, type=_contrast_item, action="append", help=_CONTRAST_HELP)
     p.add_argument("--groups-key", default=None, help="obs column: one fit per group (e.g. cell_type)")
     p.add_argument("--layer", default=None, help="layer with raw counts (default .X)")
     p.add_argument("--out", required=True, help="result table (.csv, .tsv or .parquet)")
@@ -101,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="glmm: add the sample-level term a paired contrast needs (auto) or fit the design as written",
     )
     p.add_argument("--reml", choices=["REML", "ML"], default="REML", help="glmm: variance-component estimation")
+    p.add_argument(
+        "--no-moderate",
+        action="store_true",
+        help="glmm: per-gene tests instead of the empirical-Bayes moderated tests of between-unit contrasts",
+    )
     p.add_argument("--shard", default=None, help="fit only gene shard i of n ('i/n', 1-based)")
 
     p = sub.add_parser("merge", help="merge gene-shard tables; recompute BH per group and contrast")
@@ -114,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="cell-level .h5ad (only the selected genes are loaded, streamed in row blocks)")
     p.add_argument("--results", required=True, help="the GLMM result table of the same analysis (scmlm de/merge)")
     p.add_argument("--design", required=True, help="the analysis design, with random terms")
-    p.add_argument("--contrast", required=True, type=_contrast)
+    p.add_argument("--contrast", required=True, type=_contrast_item, action="append", help=_CONTRAST_HELP)
     p.add_argument("--family", choices=["nb", "poisson", "binomial", "gaussian"], default="nb")
     p.add_argument("--groups-key", default=None)
     p.add_argument("--layer", default=None)
@@ -124,6 +175,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-shrinkage", type=int, default=3, help="shrinkage plots of the N most significant genes")
     p.add_argument("--n-jobs", type=int, default=None)
     p.add_argument("--outdir", required=True)
+
+    p = sub.add_parser(
+        "warmup",
+        help="compile every numba kernel once into numba's cache (run after installing, or once per workflow run)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="numba cache directory (NUMBA_CACHE_DIR) shared by later jobs; default: next to the installed package,"
+        " or the user's cache directory for a read-only installation",
+    )
+
+    p = sub.add_parser(
+        "report", help="one self-contained HTML page: genes called per analysis and group, top genes, figures, methods"
+    )
+    p.add_argument("out", help="the HTML file to write")
+    p.add_argument(
+        "analyses",
+        nargs="+",
+        metavar="[NAME=]RESULT",
+        help="a result folder (results.csv with plots/ and hierarchy/, as the workflow writes) or a result table; "
+        "NAME defaults to the folder's name",
+    )
+    p.add_argument(
+        "--params",
+        default=None,
+        help="JSON file (or JSON text) {analysis: {design: ..., contrast: ..., offset: ...}} shown under Methods",
+    )
+    p.add_argument(
+        "--figures",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="PNG figures of analysis NAME in folder DIR (repeatable; a result folder's plots/ and hierarchy/ are "
+        "always read)",
+    )
+    p.add_argument(
+        "--input",
+        default=None,
+        help="the cell-level .h5ad the analyses were fitted on: for each GLMM analysis whose --params give design and "
+        "contrast, the report also lists the fitted design (with the sample-level term replication=auto adds)",
+    )
+    p.add_argument("--title", default="scmlm results")
+    p.add_argument("--alpha", type=float, default=0.05, help="padj threshold of a called gene")
+    p.add_argument("--n-top", type=int, default=20, help="genes per group in the top-gene tables")
 
     p = sub.add_parser("plot", help="plots of a result table → PNG files")
     p.add_argument("table", help="result table (.csv)")
@@ -151,6 +247,19 @@ def _read_table(path: str):
 
 def _run(args: argparse.Namespace) -> int:
     from . import io
+
+    if args.command == "warmup":
+        from ._jit import warmup
+
+        info = warmup(args.cache_dir, verbose=args.verbose > 0)
+        print(
+            f"scmlm warmup: {info['kernels']} kernels, {info['signatures']} specialisations "
+            f"({info['compiled']} compiled, {info['loaded']} loaded from the cache) in {info['seconds']:.1f} s; "
+            f"cache: {info['cache_dir'] or 'numba default (next to the package, else the user cache)'}"
+        )
+        return 0
+    if hasattr(args, "contrast"):
+        args.contrast = contrast_arg(args.contrast)
 
     if args.command == "simulate":
         from .datasets import simulate
@@ -214,6 +323,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "hierarchy":
         return _run_hierarchy(args)
 
+    if args.command == "report":
+        return _run_report(args)
+
     if args.command == "plot":
         from .pl._de import save_result_plots
 
@@ -226,6 +338,77 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     raise ScmlmError(f"unknown command {args.command!r}")
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    import json
+
+    from .report import analysis_from_folder, write_report
+
+    given = [a.split("=", 1)[1] if "=" in a and not Path(a).exists() else a for a in args.analyses]
+    _check_outputs([args.out], *[p for p in given if Path(p).is_file()])
+    params = {}
+    if args.params:
+        text = args.params
+        if not text.lstrip().startswith("{"):
+            if not Path(text).is_file():
+                raise ScmlmError(f"--params {text!r} is neither a JSON file nor JSON text.")
+            text = Path(text).read_text()
+        try:
+            params = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ScmlmError(f"--params is not valid JSON: {err}.") from None
+        if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
+            raise ScmlmError("--params must map each analysis name to an object of parameters.")
+    figure_dirs: dict[str, list[str]] = {}
+    for spec in args.figures:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise ScmlmError(f"--figures {spec!r} must be NAME=DIR (an analysis name and a folder of PNG files).")
+        figure_dirs.setdefault(name, []).append(folder)
+    analyses = []
+    for arg, path in zip(args.analyses, given, strict=True):
+        name = arg.split("=", 1)[0] if path != arg else None
+        key = name or (Path(path).name if Path(path).is_dir() else Path(path).stem)
+        a = analysis_from_folder(path, name=name, figure_dirs=figure_dirs.get(key, ()))
+        a.params = dict(params.get(a.name, {}))
+        analyses.append(a)
+    names = [a.name for a in analyses]
+    for option, given_names in (("--params", params), ("--figures", figure_dirs)):
+        unknown = sorted(set(given_names) - set(names))
+        if unknown:
+            raise ScmlmError(f"{option} names analyses {unknown} that are not in the report: {names}.")
+    if args.input is not None:
+        _add_fitted_designs(analyses, args.input)
+    if args.n_top < 0:
+        raise ScmlmError(f"--n-top {args.n_top} must be 0 or more.")
+    if not 0 < args.alpha < 1:
+        raise ScmlmError(f"--alpha {args.alpha} must lie between 0 and 1.")
+    write_report(args.out, analyses, title=args.title, alpha=args.alpha, n_top=args.n_top)
+    log.info("wrote %s (%d analyses, %d figures)", args.out, len(analyses), sum(len(a.figures) for a in analyses))
+    return 0
+
+
+def _add_fitted_designs(analyses, path: str) -> None:
+    """``design_fitted`` of each GLMM analysis, from the input's obs (read backed: no counts are loaded)."""
+    from . import io
+    from .report import fitted_design
+
+    adata = io.read(path, backed=True)
+    try:
+        obs = adata.obs
+    finally:
+        if adata.isbacked:
+            adata.file.close()
+    for a in analyses:
+        p = a.params
+        if p.get("method") != "glmm" or "design" not in p or "contrast" not in p:
+            continue
+        spec = p["contrast"]
+        a.params["design_fitted"] = fitted_design(
+            obs, p["design"], tuple(spec) if isinstance(spec, list) else spec, groups_key=p.get("groups_key"),
+            sample_key=p.get("sample_key"), replication=p.get("replication", "auto"),
+        )  # fmt: skip
 
 
 def _top_genes(table, n: int, by: str, ascending: bool) -> list[str]:
@@ -249,7 +432,9 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
         raise ScmlmError(f"design {args.design!r} has no random terms; the hierarchy needs e.g. '(1|donor)'.")
     table = _read_table(args.results)
     vp_genes = _top_genes(table, args.n_genes, "base_mean", ascending=False)
-    re_genes = _top_genes(table, args.n_shrinkage, "pvalue", ascending=True)
+    term = _shrinkage_term(args.design)
+    chosen = _shrinkage_pairs(table, args.n_shrinkage, term)
+    re_genes = list(dict.fromkeys(gene for gene, _ in chosen))
     if not vp_genes:
         raise ScmlmError(f"{args.results!r} has no fitted gene (status ok or singular) to describe.")
     outdir = Path(args.outdir)
@@ -258,16 +443,18 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
     resolved = _resolve_offset(args.offset, args.family)
     tmm = None
     if resolved == "tmm":
-        contrast = list(args.contrast) if isinstance(args.contrast, tuple) else args.contrast
-        tmm = {"design": args.design, "contrast": contrast, "sample_key": args.sample_key}
+        from .design import contrast_param
+
+        tmm = {"design": args.design, "contrast": contrast_param(args.contrast), "sample_key": args.sample_key}
         tmm["groups_key"] = args.groups_key
     adata = io.read_genes(args.input, genes, layer=args.layer, tmm=tmm)
     offset = {"tmm": io.TMM_OFFSET, "log_total": io.LOG_TOTAL, "none": None}.get(resolved, resolved)
     log.info("hierarchy: variance partition of %d genes, shrinkage of %d, %d cells", len(vp_genes), len(re_genes),
              adata.n_obs)  # fmt: skip
     # the genes were chosen among those the DE run fitted (with its own min_cells_expressing), as for glmm_de below
+    vp_design = _fitted_design(adata.obs, args.design, args.contrast, args.sample_key)
     vp = tl.variance_partition(
-        adata[:, vp_genes].copy(), args.design, family=args.family, offset=offset, groups_key=args.groups_key,
+        adata[:, vp_genes].copy(), vp_design, family=args.family, offset=offset, groups_key=args.groups_key,
         min_cells_expressing=1, n_jobs=args.n_jobs, inplace=False,
     )  # fmt: skip
     io.write_csv(vp.rename_axis("gene").reset_index(), outdir / "variance_partition.csv")
@@ -293,8 +480,11 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
         re = tl.random_effects(re_data, genes=re_genes, inplace=False)
         io.write_csv(re, outdir / "random_effects.csv")
         written.append(outdir / "random_effects.csv")
-        term = re["term"].iloc[0] if len(re) else None
-        pairs = list(re[re["term"] == term].groupby(["gene", "group"], sort=False).groups)
+        if term not in set(re["term"].astype(str)):
+            term = re["term"].iloc[0] if len(re) else None
+        fitted = list(re[re["term"] == term].groupby(["gene", "group"], sort=False).groups)
+        # each group's own chosen genes (a gene chosen in one group may have a zero variance in another)
+        pairs = [p for p in fitted if (str(p[0]), str(p[1])) in chosen] or fitted
         pair_names = file_labels(f"{gene}__{group}" for gene, group in pairs)
         for gene, group in pairs:
             safe = pair_names[f"{gene}__{group}"]
@@ -305,6 +495,56 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
     for path in written:
         log.info("wrote %s", path)
     return 0
+
+
+def _shrinkage_term(design: str) -> str:
+    """The random term whose BLUPs the shrinkage plots show: the first one of the design (e.g. ``donor``)."""
+    from .design import parse_formula
+
+    return parse_formula(design).random[0].group_name
+
+
+def _shrinkage_pairs(table, n: int, term: str) -> list[tuple[str, str]]:
+    """(gene, group) pairs for shrinkage plots: per group, the ``n`` most significant genes with ``var_<term> > 0``.
+
+    A zero variance makes every BLUP 0 and the plot empty, so such genes are passed over. A group where no gene has a
+    positive variance (or a table without the ``var_<term>`` column) falls back to its most significant genes, and a
+    log line says so.
+    """
+    col = f"var_{term}"
+    groups = table["group"].astype(str) if "group" in table.columns else None
+    pairs = []
+    for group in [None] if groups is None else list(dict.fromkeys(groups)):
+        sub = table if group is None else table[groups == group]
+        genes = []
+        if col in sub.columns:
+            genes = _top_genes(sub[sub[col].astype(float) > 0], n, "pvalue", ascending=True)
+            if not genes:
+                log.info("hierarchy: no fitted gene of group %s has %s > 0; shrinkage plots show its most "
+                         "significant genes", group, col)  # fmt: skip
+        else:
+            log.info("hierarchy: the results have no %r column; shrinkage plots show the most significant genes", col)
+        genes = genes or _top_genes(sub, n, "pvalue", ascending=True)
+        pairs += [(gene, str(group)) for gene in genes]
+    return pairs
+
+
+def _fitted_design(obs, design: str, contrast, sample_key) -> str:
+    """The design glmm_de fits (``replication="auto"`` may add a sample-level term).
+
+    The variance partition of the hierarchy step then has a component for every level the DE model has.
+    """
+    from .tl._glmm_de import _resolve_design
+
+    try:
+        *_, added = _resolve_design(obs, design, contrast, None, sample_key, "auto")
+    except ScmlmError:  # e.g. a design that is estimable only within each group: the groups' fits say more
+        return design
+    if added:
+        fitted = " + ".join([design, *added])
+        log.info("hierarchy: variance partition of %r (the terms glmm_de adds for the contrasts)", fitted)
+        return fitted
+    return design
 
 
 def _resolve_offset(offset: str, family: str) -> str:
@@ -377,11 +617,6 @@ def _run_de(args: argparse.Namespace) -> int:
     _check_outputs([args.out, args.out_h5ad], args.input)
     if args.method == "pseudobulk" and shard is not None:
         raise ScmlmError("--shard applies to --method glmm; pseudobulk fits all genes of a group together.")
-    if args.method == "glmm" and args.sample_key is not None:
-        raise ScmlmError(
-            "--sample-key applies to --method pseudobulk (cells are summed per sample first); a GLMM models the "
-            "cells, with the sample as a random term in --design, e.g. '~ condition + (1|donor)'."
-        )
     if args.n_jobs is not None and args.n_jobs == 0:
         raise ScmlmError("--n-jobs 0 is not a number of workers; use 1 or more (or -1 for all cores).")
     if shard is not None:
@@ -439,6 +674,7 @@ def _run_de(args: argparse.Namespace) -> int:
             shard=shard,
             sample_key=args.sample_key,
             replication=args.replication,
+            moderate=not args.no_moderate,
             method=args.reml,
             key_added=key,
             inplace=False,
@@ -467,17 +703,19 @@ def analysis_fingerprint(adata, args: argparse.Namespace, n_shards: int) -> str:
 
     The cells (names, obs columns) are the same in every shard of one input; the genes differ by design.
     """
+    from .design import contrast_param
     from .results import fingerprint
 
     spec = {
         "design": args.design,
-        "contrast": list(args.contrast) if isinstance(args.contrast, tuple) else args.contrast,
+        "contrast": contrast_param(args.contrast),
         "method": args.method,
         "family": args.family,
         "reml": args.reml,
         "offset": args.offset,
         "sample_key": getattr(args, "sample_key", None),
         "replication": getattr(args, "replication", None),
+        "moderate": not getattr(args, "no_moderate", False),
         "groups_key": args.groups_key,
         "layer": args.layer,
         "n_shards": n_shards,

@@ -36,7 +36,7 @@ def main(outdir: str = "demo_results") -> int:
     t0 = time.perf_counter()
     print(f"scmlm demo: Snakemake workflow on the bundled pig airway data (CFTR-KO vs WT) → {out}")
     subprocess.run([*smk, "--cores", "2", "--quiet", "rules"], check=True, env=env)
-    subprocess.run([*smk, "--report", str(out / "report.html"), "--quiet", "all"], check=True, env=env)
+    subprocess.run([*smk, "--report", str(out / "snakemake_report.html"), "--quiet", "all"], check=True, env=env)
     print(f"\ndone in {time.perf_counter() - t0:.0f} s")
     for name in ("pb", "glmm"):
         table = out / name / "results.csv"
@@ -50,7 +50,8 @@ def main(outdir: str = "demo_results") -> int:
             if (out / name / "hierarchy").exists():
                 print(f"  {name:5s} hierarchy (variance partition, ICC, shrinkage): {out / name / 'hierarchy'}")
     print(f"  summary      : {out / 'summary.csv'}")
-    print(f"  HTML report  : {out / 'report.html'}")
+    print(f"  results page : {out / 'report.html'}   (genes called, top genes, figures, methods: start here)")
+    print(f"  Snakemake report: {out / 'snakemake_report.html'}")
     return 0
 
 

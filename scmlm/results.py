@@ -218,7 +218,18 @@ def merge_shards(tables: Iterable[pd.DataFrame], *, sources: Sequence[str] | Non
     if set(keys) <= set(merged.columns) and merged.duplicated(keys).any():
         dup = merged.loc[merged.duplicated(keys), keys].iloc[0].tolist()
         raise InputError(f"gene {dup[0]!r} (group {dup[1]!r}, contrast {dup[2]!r}) is in more than one shard.")
-    return finalize_table(merged)
+    return finalize_table(_finish_moderation(merged))
+
+
+def _finish_moderation(table: pd.DataFrame) -> pd.DataFrame:
+    """Moderated GLMM tests of a sharded run.
+
+    The prior is estimated over all genes once the shards are together (rows with ``moderation == "pending"``; see
+    :mod:`scmlm.models._moderate`).
+    """
+    from .models._moderate import moderate_table
+
+    return moderate_table(table)
 
 
 def _analysis_id(t: pd.DataFrame) -> str | None:

@@ -126,7 +126,7 @@ def _dup_names(a):
 
 
 PSEUDOBULK_ERRORS = [
-    ("missing sample_key", lambda a: (a, {"sample_key": "sample"}), r"sample_key 'sample' is not a column"),
+    ("missing sample_key", lambda a: (a, {"sample_key": "patient"}), r"sample_key 'patient' is not a column"),
     ("sample_key not a str", lambda a: (a, {"sample_key": ["donor"]}), r"sample_key must be the name of an obs column"),
     (
         "groups_key == sample_key",
@@ -555,14 +555,14 @@ CLI_DE_ERRORS = [
     ("--out is the input", "pb", ["--out", "{pb}"], r"is also an input"),
     ("--out-h5ad is --out", "pb", ["--out-h5ad", "{tmp}/r.csv"], r"same path is given for two outputs"),
     ("--shard with pseudobulk", "pb", ["--shard", "1/2"], r"--shard applies to --method glmm"),
-    ("--sample-key with glmm", "cells", ["--method", "glmm", "--sample-key", "donor"], r"--sample-key applies to"),
+    ("unknown --sample-key with glmm", "cells", ["--method", "glmm", "--sample-key", "nosuch"], r"'nosuch' is not a"),
     ("bad --shard", "cells", ["--method", "glmm", "--shard", "5/3"], r"out of range"),
     ("--n-jobs 0", "cells", ["--method", "glmm", "--n-jobs", "0"], r"--n-jobs 0"),
     ("unknown contrast level", "pb", ["--contrast", "condition:case:wt"], r"'wt'"),
     ("unknown design column", "pb", ["--design", "~ treatment"], r"'treatment'"),
     ("unknown layer", "cells", ["--sample-key", "donor", "--layer", "raw"], r"layer 'raw'"),
     ("unknown groups key", "pb", ["--groups-key", "celltype"], r"'celltype' is not a column"),
-    ("unknown sample key", "cells", ["--sample-key", "sample"], r"sample_key 'sample' is not a column"),
+    ("unknown sample key", "cells", ["--sample-key", "patient"], r"sample_key 'patient' is not a column"),
     ("missing input", "missing", [], r"does not exist"),
 ]
 

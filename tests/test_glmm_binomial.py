@@ -162,7 +162,9 @@ def test_separated_genes_are_flagged_not_ok(separated_data, family):
     assert (sep["status"] == "separated").all()
     assert not sep["converged"].any()
     assert sep[["coef", "log2fc", "se", "stat", "pvalue", "padj"]].isna().all().all()
-    assert t.loc["g00007", "status"] == ("separated" if family == "binomial" else "ok")
+    # detected in every cell: separated for the binomial; a valid fit (its donor variance may be zero) otherwise
+    expected = {"separated"} if family == "binomial" else {"ok", "singular"}
+    assert t.loc["g00007", "status"] in expected
     finite = t.loc[genes["finite"]]
     assert finite["status"].isin(["ok", "singular"]).all()
     assert (finite["coef"] < -3).all() and (finite["se"] < 2).all()

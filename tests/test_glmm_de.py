@@ -111,7 +111,7 @@ def test_within_donor_contrast_gets_sample_level_df():
     adata = scmlm.datasets.simulate(n_donors=6, n_cells=100, n_genes=40, design="within", seed=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        res = scmlm.tl.glmm_de(adata, "~ condition + (1|donor)", CONTRAST, inplace=False)
+        res = scmlm.tl.glmm_de(adata, "~ condition + (1|donor)", CONTRAST, moderate=False, inplace=False)
         written = scmlm.tl.glmm_de(adata, "~ condition + (1|donor)", CONTRAST, replication="as_written", inplace=False)
     # the condition is constant within the 12 donor × condition samples: the default fits (1|donor:condition) and
     # tests at the sample level (per-gene Satterthwaite df, about the 5 of the paired t test where the sample

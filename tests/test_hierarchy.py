@@ -126,7 +126,7 @@ def test_within_between_recovers_both_signs():
     assert (res_b["coef"] > 0).all()
     np.testing.assert_allclose(res_b["coef"].median(), between_slope, atol=0.15)
     # the between effect is tested on donor-level df, the within effect on cell-level df
-    assert (res_b["df"] <= 20 - 2).all()
+    assert (res_b["df_resid"] <= 20 - 2).all()  # the moderated df adds the prior df
     assert (res_b["df"] > 10).all()
     assert (res["df"] > 300).all()
     # a pooled model that ignores donors mixes the two and gets the within-donor sign wrong

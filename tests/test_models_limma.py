@@ -114,9 +114,13 @@ def test_contrasts(between_counts):
     one = voom_limma(y, X, L[:, 0], norm_factors=nf)
     assert two.df1 == 2 and two.coef.shape == (y.shape[0], 2)
     np.testing.assert_allclose(two.coef[:, 0], one.coef)
-    # an F test on a contrast and on the same contrast re-mixed (L @ B, B invertible) agree
+    # an F test on a contrast and on the same contrast re-mixed (L @ B, B invertible) agree up to limma's
+    # approximation: eBayes' F correlates the moderated t statistics with the unweighted design's cov.coefficients,
+    # not each gene's voom-weighted one (tests/test_contrasts.py matches R's F to 1e-12)
     mixed = voom_limma(y, X, L @ np.array([[1.0, 1.0], [0.0, 2.0]]), norm_factors=nf)
-    np.testing.assert_allclose(mixed.stat, two.stat, rtol=1e-8)
+    rel = np.abs(mixed.stat / two.stat - 1)
+    assert np.median(rel) < 0.02 and rel.max() < 0.3, (np.median(rel), rel.max())
+    assert rel.max() > 1e-6  # the weights do vary: not the exact Wald F
     assert np.all((two.pvalue > 0) & (two.pvalue <= 1))
 
 

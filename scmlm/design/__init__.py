@@ -1,11 +1,25 @@
 """Model formulas, design matrices, random-effect terms and contrasts (no AnnData)."""
 
-from ._design import Contrast, Design, build_design, check_estimable, contrast_label, make_contrast
+from ._design import (
+    Contrast,
+    ContrastSpec,
+    Design,
+    build_design,
+    check_estimable,
+    contrast_label,
+    contrast_names,
+    contrast_param,
+    is_multi,
+    make_contrast,
+    make_contrasts,
+    parse_contrasts,
+)
 from ._formula import ParsedFormula, RandomSpec, parse_formula
 from ._replication import Replication, containment_df, replication, within_parent
 
 __all__ = [
     "Contrast",
+    "ContrastSpec",
     "Design",
     "ParsedFormula",
     "RandomSpec",
@@ -14,7 +28,12 @@ __all__ = [
     "check_estimable",
     "containment_df",
     "contrast_label",
+    "contrast_names",
+    "contrast_param",
+    "is_multi",
     "make_contrast",
+    "make_contrasts",
+    "parse_contrasts",
     "parse_formula",
     "replication",
     "within_parent",

@@ -17,11 +17,26 @@ from ._formula import ParsedFormula, parse_formula
 
 @dataclass(frozen=True)
 class Contrast:
-    """A linear combination ``L'β`` of the fixed effects, with a display name."""
+    """A linear combination ``L'β`` of the fixed effects (or several, tested jointly), with a display name."""
 
     name: str
     L: np.ndarray
-    """Length-p vector (a single contrast)."""
+    """Length-p vector (a single contrast), or a q × p matrix of rows tested jointly (an F test)."""
+
+    @property
+    def is_f(self) -> bool:
+        """Whether this is a joint test of several rows."""
+        return self.L.ndim == 2
+
+
+@dataclass(frozen=True)
+class ContrastSpec:
+    """One named entry of a ``contrast=`` argument, before a design is built."""
+
+    name: str
+    spec: object
+    """A single contrast specification, or (``joint``) the rows of a joint test."""
+    joint: bool = False
 
 
 @dataclass
@@ -47,6 +62,9 @@ class Design:
 
     def contrast(self, spec) -> Contrast:
         return make_contrast(self, spec)
+
+    def contrasts(self, spec) -> list[Contrast]:
+        return make_contrasts(self, spec)
 
 
 def _variables(parsed: ParsedFormula) -> list[str]:
@@ -363,3 +381,203 @@ def _check_contrast_estimable(design: Design, L: np.ndarray) -> None:
             f"the contrast is not estimable from design {design.formula!r} on these data (it is not a combination of "
             "the rows of the model matrix); check that both levels occur and are not confounded with other terms."
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# several contrasts in one call
+
+_CONTRAST_FORMS = (
+    "a contrast is (factor, test_level, reference_level), 'factor:test:reference', a coefficient name or a numeric "
+    "vector over the design's columns; several go in a list (of tuples or names) or a dict {name: contrast}; a dict "
+    "value that is a list of contrasts (e.g. coefficient names) or a 2-D array of rows is one joint F test"
+)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
+
+
+def _is_factor_triple(x) -> bool:
+    return isinstance(x, list | tuple) and len(x) == 3 and all(isinstance(s, str) for s in x)
+
+
+def _is_numeric_vector(x) -> bool:
+    if isinstance(x, np.ndarray):
+        return x.ndim == 1 and x.size > 0 and np.issubdtype(x.dtype, np.number)
+    return isinstance(x, list | tuple) and len(x) > 0 and all(_is_number(v) for v in x)
+
+
+def _is_single(x) -> bool:
+    """A specification of one contrast (not a collection of them)."""
+    return isinstance(x, str) or _is_factor_triple(x) or _is_numeric_vector(x)
+
+
+def _joint_rows(x) -> bool:
+    """A dict value listing the rows of a joint test: a 2-D array, or a list of single contrasts."""
+    if isinstance(x, np.ndarray):
+        return x.ndim == 2 and x.shape[0] > 0 and np.issubdtype(x.dtype, np.number)
+    return isinstance(x, list | tuple) and len(x) > 0 and all(_is_single(v) for v in x) and not _is_numeric_vector(x)
+
+
+def _spec_text(spec) -> str:
+    if isinstance(spec, np.ndarray):
+        return np.array2string(spec, separator=", ")
+    return repr(spec)
+
+
+def parse_contrasts(spec) -> list[ContrastSpec]:
+    """Normalise a ``contrast=`` argument into named entries, without a design.
+
+    A single contrast (tuple ``(factor, test, ref)``, ``"factor:test:ref"``, a coefficient name or a numeric
+    vector) gives one entry, named as today (``factor_test_vs_ref``, the name, or ``"custom"``). A list of tuples or
+    names gives one entry per item. A dict ``{name: contrast}`` names each entry; a dict value that is a list of
+    contrasts (coefficient names, tuples, numeric vectors) or a 2-D array of rows is a joint test (``joint=True``,
+    an F test) of all its rows, except a 3-item list of strings, which stays ambiguous until the design is known
+    (:func:`make_contrasts` reads it as a factor contrast when its first item is a categorical fixed effect).
+
+    Raises
+    ------
+    DesignError
+        An empty list or dict, a list of numeric vectors (they have no names: give a dict), an item of an unknown
+        form (named), a name that is not a non-empty string, or two entries with the same name.
+    """
+    if isinstance(spec, dict):
+        if not spec:
+            raise DesignError(f"contrast= is an empty dict; {_CONTRAST_FORMS}.")
+        out = []
+        for name, value in spec.items():
+            if not isinstance(name, str) or not name.strip():
+                raise DesignError(f"contrast name {name!r} must be a non-empty string ({_spec_text(value)}).")
+            if isinstance(value, list) and _is_factor_triple(value):
+                # (factor, test, ref) or three coefficient names: decided by make_contrasts on the design
+                out.append(ContrastSpec(name, list(value), joint=True))
+            elif _is_single(value):
+                out.append(ContrastSpec(name, _as_tuple(value), joint=False))
+            elif _joint_rows(value):
+                rows = (
+                    np.asarray(value, dtype=float) if isinstance(value, np.ndarray) else [_as_tuple(v) for v in value]
+                )
+                out.append(ContrastSpec(name, rows, joint=True))
+            else:
+                raise DesignError(f"contrast {name!r}: value {_spec_text(value)} is not a contrast; {_CONTRAST_FORMS}.")
+        return _check_unique(out)
+    if isinstance(spec, np.ndarray) and spec.ndim == 2:
+        raise DesignError(
+            f"contrast= is a 2-D array of {spec.shape[0]} unnamed rows; give a dict: {{'name': row, ...}} for separate "
+            "contrasts, or {'name': array} for one joint F test of all rows."
+        )
+    if _is_single(spec):
+        spec = _as_tuple(spec)
+        return [ContrastSpec(contrast_label(spec), spec)]
+    if isinstance(spec, list | tuple):
+        if not spec:
+            raise DesignError(f"contrast= is an empty list; {_CONTRAST_FORMS}.")
+        out = []
+        for i, item in enumerate(spec):
+            if _is_numeric_vector(item):
+                raise DesignError(
+                    f"contrast item {i} ({_spec_text(item)}) is a numeric vector without a name; several numeric "
+                    "contrasts go in a dict: contrast={'dose_trend': [0, 1, 2], ...}."
+                )
+            if not (isinstance(item, str) or _is_factor_triple(item)):
+                raise DesignError(f"contrast item {i} ({_spec_text(item)}) is not a contrast; {_CONTRAST_FORMS}.")
+            item = _as_tuple(item)
+            out.append(ContrastSpec(contrast_label(item), item))
+        return _check_unique(out)
+    raise DesignError(f"contrast={_spec_text(spec)} is not a contrast; {_CONTRAST_FORMS}.")
+
+
+def _as_tuple(spec):
+    if isinstance(spec, str) and spec.count(":") == 2:
+        return tuple(spec.split(":"))
+    if _is_factor_triple(spec):
+        return tuple(spec)
+    return spec
+
+
+def _check_unique(specs: list[ContrastSpec]) -> list[ContrastSpec]:
+    names = [s.name for s in specs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise DesignError(
+            f"contrast names must be unique; {_fmt_list(dup)} occur more than once. Drop the repeated contrast or "
+            "name each one in a dict {name: contrast}."
+        )
+    return specs
+
+
+def contrast_names(spec) -> list[str]:
+    """Names of the contrasts of a ``contrast=`` argument (the values of the results' ``contrast`` column)."""
+    return [s.name for s in parse_contrasts(spec)]
+
+
+def is_multi(spec) -> bool:
+    """Whether ``contrast=`` asks for more than one test or for a named/joint one (anything but a single contrast)."""
+    return not _is_single(spec)
+
+
+def contrast_param(spec):
+    """A storable form of a ``contrast=`` argument for ``params`` (strings, lists of strings, dicts of them)."""
+
+    def one(s):
+        if isinstance(s, str):
+            return s
+        if _is_factor_triple(s):
+            return [str(v) for v in s]
+        return [str(v) for v in np.atleast_1d(np.asarray(s, dtype=object))]
+
+    if _is_single(spec):
+        return one(spec)
+    if isinstance(spec, dict):
+        out = {}
+        for s in parse_contrasts(spec):
+            if s.joint:
+                rows = s.spec if not isinstance(s.spec, np.ndarray) else list(s.spec)
+                out[s.name] = [
+                    r if isinstance(r, str) else (":" if _is_factor_triple(r) else ",").join(one(r)) for r in rows
+                ]
+            else:
+                out[s.name] = ":".join(s.spec) if _is_factor_triple(s.spec) else one(s.spec)
+        return out
+    return [":".join(one(s.spec)) if _is_factor_triple(s.spec) else one(s.spec) for s in parse_contrasts(spec)]
+
+
+def make_contrasts(design: Design, spec) -> list[Contrast]:
+    """Every contrast of a ``contrast=`` argument on ``design`` (see :func:`parse_contrasts`).
+
+    A joint entry becomes a :class:`Contrast` whose ``L`` is the q × p matrix of its rows (an F test); its rows must
+    be linearly independent.
+    """
+    out = []
+    for s in parse_contrasts(spec):
+        try:
+            if not s.joint:
+                c = make_contrast(design, s.spec)
+                out.append(Contrast(name=s.name, L=c.L))
+                continue
+            if not isinstance(s.spec, np.ndarray) and len(s.spec) == 3 and _factor_of(design, s.spec):
+                out.append(Contrast(name=s.name, L=make_contrast(design, tuple(s.spec)).L))
+                continue
+            if isinstance(s.spec, np.ndarray):
+                rows = [make_contrast(design, r).L for r in s.spec]
+            else:
+                rows = [make_contrast(design, r).L for r in s.spec]
+            L = np.vstack(rows)
+            if np.linalg.matrix_rank(L) < L.shape[0]:
+                raise DesignError(
+                    f"its {L.shape[0]} rows are linearly dependent (rank {np.linalg.matrix_rank(L)}); drop the "
+                    "redundant rows."
+                )
+            out.append(Contrast(name=s.name, L=L if L.shape[0] > 1 else L[0]))
+        except DesignError as err:
+            if len(out) == 0 and not is_multi(spec):
+                raise
+            raise type(err)(f"contrast {s.name!r}: {err}") from err
+    return out
+
+
+def _factor_of(design: Design, triple) -> bool:
+    """A 3-item list of strings read as (factor, test, ref): its first item is a categorical fixed effect."""
+    fixed_vars = sorted(formulaic.Formula(design.parsed.fixed).required_variables)
+    f = triple[0]
+    return f in fixed_vars and f in design.data.columns and isinstance(design.data[f].dtype, pd.CategoricalDtype)

@@ -1256,14 +1256,41 @@ def nb_ql(
     >>> res.pvalue.shape
     (300,)
     """
+    return nb_ql_multi(
+        counts, X, [L], lib_size=lib_size, norm_factors=norm_factors, robust=robust, winsor_tail_p=winsor_tail_p,
+        prior_count=prior_count, poisson_bound=poisson_bound,
+    )[0]  # fmt: skip
+
+
+def nb_ql_multi(
+    counts: np.ndarray,
+    X: np.ndarray,
+    Ls: list[np.ndarray],
+    *,
+    lib_size: np.ndarray | None = None,
+    norm_factors: np.ndarray | None = None,
+    robust: bool = True,
+    winsor_tail_p: tuple[float, float] = (0.05, 0.1),
+    prior_count: float = 0.125,
+    poisson_bound: bool = True,
+) -> list[QLResult]:
+    """:func:`nb_ql` for several contrasts: one ``estimateDisp`` and ``glmQLFit`` serve every ``glmQLFTest``.
+
+    Each item of ``Ls`` is a length-p vector or a p × m matrix (an F test on the QL deviance with ``m`` numerator
+    df, as ``glmQLFTest(fit, coef = 2:3)`` or ``contrast = <matrix>``). Only the null-model fit of each test is
+    contrast-specific. Other arguments as :func:`nb_ql`.
+    """
     Y = np.asarray(counts, dtype=float)
     X = np.asarray(X, dtype=float)
     G, n = Y.shape
     p = X.shape[1]
-    L = np.asarray(L, dtype=float)
-    Lm = L[:, None] if L.ndim == 1 else L
-    if Lm.shape[0] != p:
-        raise ValueError(f"contrast has {Lm.shape[0]} rows but the design has {p} columns")
+    Lms = []
+    for L in Ls:
+        L = np.asarray(L, dtype=float)
+        Lm = L[:, None] if L.ndim == 1 else L
+        if Lm.shape[0] != p:
+            raise ValueError(f"contrast has {Lm.shape[0]} rows but the design has {p} columns")
+        Lms.append(Lm)
     lib = Y.sum(axis=0) if lib_size is None else np.asarray(lib_size, dtype=float)
     if norm_factors is not None:
         lib = lib * np.asarray(norm_factors, dtype=float)
@@ -1284,67 +1311,74 @@ def nb_ql(
     s2 = np.maximum(s2, 0)
     df_prior, _, s2_post = squeeze_var(s2, df_res, covariate=alc, robust=robust, winsor_tail_p=winsor_tail_p)
 
-    X0, r, Q0 = _null_design(X, Lm)
-    fit0 = fit_nb_glm(Y, X0, offset, trended, start=fit.coef @ Q0, deviance=False)
-    lr = 2 * (fit.loglik - fit0.loglik)
-    # genes where edgeR's deviance leaves the NB form (dispersion < 1e-4, or mu * dispersion > 1e6): its difference
-    # (any(mu * t > 1e6) is max(mu) * t > 1e6: t > 0 and rounding is monotone; fmax skips NaN as any() does)
-    mu_max = np.fmax(np.fmax.reduce(fit.mu, axis=1), np.fmax.reduce(fit0.mu, axis=1))
-    special_rows = (trended < 1e-4) | (mu_max * trended > 1e6)
-    if special_rows.any():
-        sr = special_rows
-        lr[sr] = _deviance(Y[sr], fit0.mu[sr], trended[sr, None]) - _deviance(Y[sr], fit.mu[sr], trended[sr, None])
-    df1 = float(r)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        F = lr / df1 / s2_post
-    df2 = np.minimum(df_prior + df_res, G * (n - p))
-    pval = stats.f.sf(F, df1, df2)
-    if poisson_bound:
-        below = (np.fmin.reduce(fit.mu, axis=1) * trended + 1) * s2_post < 1  # as above, with the minimum
-        if below.any():
-            b = np.flatnonzero(below)
-            pf_ = fit_nb_glm(Y[b], X, offset, 0.0, start=fit.coef[b])
-            pf0 = fit_nb_glm(Y[b], X0, offset, 0.0)
-            pois_p = stats.chi2.sf(pf0.deviance - pf_.deviance, df1)
-            pval[b] = np.maximum(pval[b], pois_p)
+    results = []
+    for Lm in Lms:
+        X0, r, Q0 = _null_design(X, Lm)
+        fit0 = fit_nb_glm(Y, X0, offset, trended, start=fit.coef @ Q0, deviance=False)
+        lr = 2 * (fit.loglik - fit0.loglik)
+        # genes where edgeR's deviance leaves the NB form (dispersion < 1e-4, or mu * dispersion > 1e6): its difference
+        # (any(mu * t > 1e6) is max(mu) * t > 1e6: t > 0 and rounding is monotone; fmax skips NaN as any() does)
+        mu_max = np.fmax(np.fmax.reduce(fit.mu, axis=1), np.fmax.reduce(fit0.mu, axis=1))
+        special_rows = (trended < 1e-4) | (mu_max * trended > 1e6)
+        if special_rows.any():
+            sr = special_rows
+            lr[sr] = _deviance(Y[sr], fit0.mu[sr], trended[sr, None]) - _deviance(Y[sr], fit.mu[sr], trended[sr, None])
+        df1 = float(r)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            F = lr / df1 / s2_post
+        df2 = np.minimum(df_prior + df_res, G * (n - p))
+        pval = stats.f.sf(F, df1, df2)
+        if poisson_bound:
+            below = (np.fmin.reduce(fit.mu, axis=1) * trended + 1) * s2_post < 1  # as above, with the minimum
+            if below.any():
+                b = np.flatnonzero(below)
+                pf_ = fit_nb_glm(Y[b], X, offset, 0.0, start=fit.coef[b])
+                pf0 = fit_nb_glm(Y[b], X0, offset, 0.0)
+                pois_p = stats.chi2.sf(pf0.deviance - pf_.deviance, df1)
+                pval[b] = np.maximum(pval[b], pois_p)
 
-    est = shrunk @ Lm
-    if Lm.shape[1] == 1:
-        coef = est[:, 0]
-        if fit.xtwx is not None:
-            xtwx = fit.xtwx
+        est = shrunk @ Lm
+        if Lm.shape[1] == 1:
+            coef = est[:, 0]
+            if fit.xtwx is not None:
+                xtwx = fit.xtwx
+            else:
+                wt = fit.mu / (1 + trended[:, None] * fit.mu)
+                xtwx = _xtwx(wt, _pair_products(X), p)
+            with np.errstate(invalid="ignore"):
+                try:
+                    v = np.einsum(
+                        "i,gi->g",
+                        Lm[:, 0],
+                        np.linalg.solve(xtwx, np.broadcast_to(Lm[:, 0], (G, p))[:, :, None])[:, :, 0],
+                    )
+                except np.linalg.LinAlgError:
+                    v = np.full(G, np.nan)
+                se = np.sqrt(v * s2_post)
         else:
-            wt = fit.mu / (1 + trended[:, None] * fit.mu)
-            xtwx = _xtwx(wt, _pair_products(X), p)
-        with np.errstate(invalid="ignore"):
-            try:
-                v = np.einsum(
-                    "i,gi->g", Lm[:, 0], np.linalg.solve(xtwx, np.broadcast_to(Lm[:, 0], (G, p))[:, :, None])[:, :, 0]
-                )
-            except np.linalg.LinAlgError:
-                v = np.full(G, np.nan)
-            se = np.sqrt(v * s2_post)
-    else:
-        coef = est
-        se = np.full(est.shape, np.nan)
+            coef = est
+            se = np.full(est.shape, np.nan)
 
-    size = lib / np.exp(np.mean(np.log(lib)))
-    base_mean = np.mean(Y / size[None, :], axis=1)
-    converged = ~fit.failed & ~fit0.failed & np.isfinite(pval)
-    return QLResult(
-        coef=coef,
-        se=se,
-        stat=F,
-        df1=np.full(G, df1),
-        df2=df2,
-        pvalue=pval,
-        dispersion=disp.tagwise,
-        trended_dispersion=trended,
-        common_dispersion=disp.common,
-        s2_post=s2_post,
-        df_prior=df_prior,
-        ave_log_cpm=alc,
-        base_mean=base_mean,
-        converged=converged,
-        n_iter=fit.n_iter,
-    )
+        size = lib / np.exp(np.mean(np.log(lib)))
+        base_mean = np.mean(Y / size[None, :], axis=1)
+        converged = ~fit.failed & ~fit0.failed & np.isfinite(pval)
+        results.append(
+            QLResult(
+                coef=coef,
+                se=se,
+                stat=F,
+                df1=np.full(G, df1),
+                df2=df2,
+                pvalue=pval,
+                dispersion=disp.tagwise,
+                trended_dispersion=trended,
+                common_dispersion=disp.common,
+                s2_post=s2_post,
+                df_prior=df_prior,
+                ave_log_cpm=alc,
+                base_mean=base_mean,
+                converged=converged,
+                n_iter=fit.n_iter,
+            )
+        )
+    return results

@@ -39,8 +39,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, types
+from numba import types
 from numba.extending import intrinsic
+
+from .._jit import jit
 
 _LOW_VALUE = 1e-10
 _LOG_LOW_VALUE = math.log(_LOW_VALUE)
@@ -78,7 +80,7 @@ def _bits_f64(typingctx, x):  # pragma: no cover - compiled
     return sig, codegen
 
 
-@njit(cache=True, inline="always", error_model="numpy")
+@jit(inline="always")
 def log1p_inv(t):  # pragma: no cover - compiled
     """``(log1p(t), 1 / (1 + t))`` for ``t > -1`` (inf and nan pass through), branch-free so that loops over it
     vectorise.
@@ -106,7 +108,7 @@ def log1p_inv(t):  # pragma: no cover - compiled
     return (val if u <= _HUGE else u), inv
 
 
-@njit(cache=True, fastmath={"reassoc"}, error_model="numpy")
+@jit(fastmath={"reassoc"})
 def _rsum(a, lo, hi):  # pragma: no cover - compiled
     s = 0.0
     for j in range(lo, hi):
@@ -114,7 +116,7 @@ def _rsum(a, lo, hi):  # pragma: no cover - compiled
     return s
 
 
-@njit(cache=True, fastmath={"reassoc"}, error_model="numpy")
+@jit(fastmath={"reassoc"})
 def _rsum2(a, b, lo, hi):  # pragma: no cover - compiled
     s = 0.0
     t = 0.0
@@ -124,7 +126,7 @@ def _rsum2(a, b, lo, hi):  # pragma: no cover - compiled
     return s, t
 
 
-@njit(cache=True, fastmath={"reassoc"}, error_model="numpy")
+@jit(fastmath={"reassoc"})
 def _rsum_diff(a, b):  # pragma: no cover - compiled
     s = 0.0
     for j in range(a.shape[0]):
@@ -132,7 +134,7 @@ def _rsum_diff(a, b):  # pragma: no cover - compiled
     return s
 
 
-@njit(cache=True, error_model="numpy")
+@jit
 def _exact_gain(Xu, idx, wyr, wt, YX, step, phi, em1, buf):  # pragma: no cover - compiled
     """Log-likelihood change of ``step``: ``YX' step - sum_j (y_j + 1/phi) log1p(phi w_j expm1(x_u' step))`` (``w``
     the IRLS weights before the step), accurate to rounding of the change itself rather than of the likelihood."""
@@ -153,7 +155,7 @@ def _exact_gain(Xu, idx, wyr, wt, YX, step, phi, em1, buf):  # pragma: no cover 
     return g - _rsum(buf, 0, n)
 
 
-@njit(cache=True, error_model="numpy")
+@jit
 def _mean(lib, idx, Xu, b, e, mu):  # pragma: no cover - compiled
     """``mu_j = lib_j exp(x_u' b)`` (one exponential per distinct design row)."""
     U, p = Xu.shape
@@ -166,7 +168,7 @@ def _mean(lib, idx, Xu, b, e, mu):  # pragma: no cover - compiled
         mu[j] = lib[j] * e[idx[j]]
 
 
-@njit(cache=True, error_model="numpy")
+@jit
 def _weights(y, wyr, starts, phi, mu, kl, wt, yi, Sw, Syi):  # pragma: no cover - compiled
     """At the means ``mu``: returns ``sum (y + 1/phi) log1p(phi mu)`` (terms in ``kl``); row sums of the IRLS weights
     ``wt`` into ``Sw`` and of ``y / (1 + phi mu)`` into ``Syi`` (the next step's ``X'WX`` and score)."""
@@ -182,7 +184,7 @@ def _weights(y, wyr, starts, phi, mu, kl, wt, yi, Sw, Syi):  # pragma: no cover 
     return _rsum(kl, 0, n)
 
 
-@njit(cache=True, error_model="numpy")
+@jit
 def _assemble(Xu, XXu, Sw, Syi, Af, dl):  # pragma: no cover - compiled
     """``X'WX = sum_u Sw_u x_u x_u'`` (flattened into ``Af``, from the row products ``XXu``) and the score
     ``dl = sum_u (Syi_u - Sw_u) x_u``."""
@@ -201,7 +203,7 @@ def _assemble(Xu, XXu, Sw, Syi, Af, dl):  # pragma: no cover - compiled
             dl[k] += r * Xu[u, k]
 
 
-@njit(cache=True, error_model="numpy")
+@jit
 def _cholesky(A, lam, C):  # pragma: no cover - compiled
     """Lower Cholesky factor of ``A + lam I`` into ``C``; False if a pivot is not positive (or not finite)."""
     p = A.shape[0]
@@ -221,7 +223,7 @@ def _cholesky(A, lam, C):  # pragma: no cover - compiled
     return True
 
 
-@njit(cache=True, error_model="numpy")
+@jit
 def _chol_solve(C, b, x):  # pragma: no cover - compiled
     p = C.shape[0]
     for i in range(p):
@@ -236,7 +238,7 @@ def _chol_solve(C, b, x):  # pragma: no cover - compiled
         x[i] = s / C[i, i]
 
 
-@njit(cache=True, error_model="numpy")
+@jit
 def _half_logdet(A, C):  # pragma: no cover - compiled
     """Half of edgeR's log-determinant of ``X'WX`` (pivots floored at 1e-10); NaN if ``A`` is not positive definite
     (the caller then uses an LDL' factorisation)."""
@@ -252,7 +254,7 @@ def _half_logdet(A, C):  # pragma: no cover - compiled
     return 0.5 * out
 
 
-@njit(cache=True, error_model="numpy")
+@jit
 def _null_start(y, lib, phi, c_null, b):  # pragma: no cover - compiled
     num = 0.0
     den = 0.0
@@ -270,7 +272,7 @@ def _null_start(y, lib, phi, c_null, b):  # pragma: no cover - compiled
             b[k] = 0.0
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@jit(nogil=True)
 def levenberg_nb(
     Y, order, Xu, XXu, idx, starts, lib, c_null, phi, beta0, chain, tol, maxit, want_hld, beta_out, kern_out, ell_out,
     hld_out, n_iter_out, failed_out, mu_out, xtwx_out, bad_out
@@ -461,7 +463,7 @@ def levenberg_nb(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@jit(nogil=True)
 def count_values(Y, limit):  # pragma: no cover - compiled
     """Presence of each value ``0..max(Y)`` among the counts, if all are integers in ``[0, limit]``; else an empty
     array."""
@@ -481,7 +483,7 @@ def count_values(Y, limit):  # pragma: no cover - compiled
     return present
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@jit(nogil=True)
 def table_row_sums(Y, rowmap, T, out):  # pragma: no cover - compiled
     """``out[g] = sum_j T[rowmap[Y[g, j]]]`` (rows of a table indexed by integer counts), summed in sample order."""
     G, n = Y.shape
@@ -495,7 +497,7 @@ def table_row_sums(Y, rowmap, T, out):  # pragma: no cover - compiled
                 out[g, k] += T[row, k]
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@jit(nogil=True)
 def saturated_terms(Y, phi, mu, out, special):  # pragma: no cover - compiled
     """Per gene ``sum y log y - sum (y + 1/phi) log1p(phi y)`` (the saturated part of the NB deviance), and whether
     any sample is in edgeR's gamma branch (``mu phi > 1e6``) or the gene in its Poisson branch (``phi < 1e-4``)."""
@@ -516,7 +518,7 @@ def saturated_terms(Y, phi, mu, out, special):  # pragma: no cover - compiled
         out[g] = _rsum(buf, 0, n)
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@jit(nogil=True)
 def one_group_nb(Y, lib, phi, maxit, tol, out):  # pragma: no cover - compiled
     """edgeR's ``mglmOneGroup`` for each gene: Newton steps on ``beta`` (``mu_j = lib_j exp(beta)``) from the mean
     count/library ratio, until a step is below ``tol`` or ``maxit`` steps; -inf for genes without a count.

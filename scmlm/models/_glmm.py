@@ -295,7 +295,10 @@ def prepare_glmm(
     omin = np.full(P, np.inf)
     np.maximum.at(omax, pat, off)
     np.minimum.at(omin, pat, off)
+    # V mode: 0 table, 1 direct sum over the pattern's cells, 2 a single cell (evaluated exactly, no U_p surrogate)
     vmode = np.where(counts <= NDIRECT, 1, 0).astype(np.int64) if needs_v else np.ones(P, dtype=np.int64)
+    if needs_v:
+        vmode[counts == 1] = 2
     vlo = -K.TAIL - omax
     vhi = K.TAIL - omin
     tab_n = np.where(vmode == 0, np.ceil((vhi - vlo) / K.HV).astype(np.int64) + 1, 0).astype(np.int64)
@@ -680,6 +683,92 @@ def satterthwaite_df(result: GLMMResult, L: np.ndarray) -> np.ndarray:
     return out
 
 
+def glmm_wald_f(result: GLMMResult, L: np.ndarray, df: float | np.ndarray | None = None) -> ContrastResult:
+    """Joint Wald test of ``L beta = 0`` (``L``: q x p, rows linearly independent) for every gene.
+
+    ``F = (L b)' (L cov(b) L')^{-1} (L b) / q`` on ``F(q, df)``; ``df`` ``None`` or ``inf`` gives the Wald
+    chi-square on ``q`` df (as ``F * q``). ``coef`` and ``se`` are NaN (there is no single estimate), ``stat`` is F.
+    With one row this is the square of :func:`glmm_contrast`'s t and the same p-value.
+    """
+    L = np.atleast_2d(np.asarray(L, dtype=np.float64))
+    q, p = L.shape
+    if p != result.beta.shape[1]:
+        raise ValueError(f"contrast has {p} columns; the model has {result.beta.shape[1]} coefficients.")
+    G = result.beta.shape[0]
+    est = result.beta @ L.T  # G x q
+    M = np.einsum("ai,gij,bj->gab", L, result.cov_beta, L)
+    stat = np.full(G, np.nan)
+    ok = np.all(np.isfinite(est), axis=1) & np.all(np.isfinite(M), axis=(1, 2))
+    for g in np.flatnonzero(ok):
+        try:
+            c = np.linalg.cholesky(0.5 * (M[g] + M[g].T))
+        except np.linalg.LinAlgError:
+            continue
+        z = np.linalg.solve(c, est[g])
+        stat[g] = float(z @ z) / q
+    dfa = np.full(G, np.inf) if df is None else np.broadcast_to(np.asarray(df, dtype=np.float64), (G,)).copy()
+    pvalue = np.full(G, np.nan)
+    fin = np.isfinite(stat)
+    zmask = fin & ~np.isfinite(dfa)
+    fmask = fin & np.isfinite(dfa)
+    pvalue[zmask] = stats.chi2.sf(stat[zmask] * q, q)
+    pvalue[fmask] = stats.f.sf(stat[fmask], q, dfa[fmask])
+    nan = np.full(G, np.nan)
+    return ContrastResult(coef=nan, se=nan.copy(), stat=stat, df=dfa, pvalue=pvalue)
+
+
+def satterthwaite_df_f(result: GLMMResult, L: np.ndarray) -> np.ndarray:
+    """Denominator df of the joint Wald F of ``L beta`` (q x p), lmerTest's method for several contrasts.
+
+    Per gene, ``L cov(beta) L' = P diag(lam) P'``; each direction ``P' L`` gets its Satterthwaite df ``nu_i`` as in
+    :func:`satterthwaite_df`, and ``E = sum nu_i / (nu_i - 2)`` gives ``df = 2 E / (E - q)``; equal ``nu_i`` give
+    their value and any ``nu_i <= 2`` gives 2 (lmerTest's ``get_Fstat_ddf``). One row: :func:`satterthwaite_df`.
+    """
+    L = np.atleast_2d(np.asarray(L, dtype=np.float64))
+    q = L.shape[0]
+    if q == 1:
+        return satterthwaite_df(result, L[0])
+    G = result.beta.shape[0]
+    out = np.full(G, np.nan)
+    if result.hess_psi is None or result.dcov_beta is None:
+        return out
+    M = np.einsum("ai,gij,bj->gab", L, result.cov_beta, L)
+    for g in range(G):
+        if not np.all(np.isfinite(M[g])):
+            continue
+        lam, P = np.linalg.eigh(0.5 * (M[g] + M[g].T))
+        rows = P.T @ L
+        keep = ~result.psi_at_zero[g]
+        H = -result.hess_psi[g][np.ix_(keep, keep)]
+        if not np.all(np.isfinite(H)):
+            continue
+        nu = np.full(q, np.inf)
+        if keep.any():
+            hl, U = np.linalg.eigh(0.5 * (H + H.T))
+            pos = hl > 1e-10 * max(hl.max(initial=0.0), 1e-300)
+            for i in range(q):
+                gv = np.einsum("i,kij,j->k", rows[i], result.dcov_beta[g], rows[i])[keep]
+                if not np.all(np.isfinite(gv)):
+                    nu[i] = np.nan
+                    continue
+                c = U[:, pos].T @ gv
+                var_v = float(np.sum(c**2 / hl[pos]))
+                nu[i] = 2.0 * lam[i] ** 2 / var_v if var_v > 0 else np.inf
+        if np.any(np.isnan(nu)):
+            continue
+        if np.all(np.isinf(nu)):
+            out[g] = np.inf
+            continue
+        if np.all(np.abs(np.diff(nu)) < 1e-8 * np.abs(nu[:-1])):
+            out[g] = float(np.mean(nu))
+        elif np.any(nu <= 2):
+            out[g] = 2.0
+        else:
+            E = float(np.sum(np.where(np.isinf(nu), 1.0, nu / (nu - 2))))
+            out[g] = 2.0 * E / (E - q)
+    return out
+
+
 def _constant_within(x: np.ndarray, codes: np.ndarray, n_levels: int, tol: float) -> bool:
     lo = np.full(n_levels, np.inf)
     hi = np.full(n_levels, -np.inf)
@@ -783,13 +872,18 @@ def glmm_lrt(
     df: float | None = None,
     full: GLMMResult | None = None,
     min_nonzero: int = 3,
+    n_units: int | None = None,
 ) -> ContrastResult:
     """Likelihood-ratio test of ``L' beta = 0`` (Laplace ML fits of the full and the constrained model).
 
     The constrained model uses ``X N`` with ``N`` an orthonormal basis of the null space of ``L'``. The statistic is
-    ``2 (loglik_full - loglik_reduced)``; the p-value is chi-square(1) when ``df`` is ``None``, otherwise from
-    ``F(1, df)`` (a small-sample version with the same denominator df as the Wald t test). ``coef``/``se`` are the
-    Wald values of the full ML fit; ``stat`` is the signed root of the LR statistic.
+    ``LR = 2 (loglik_full - loglik_reduced)``; the p-value is chi-square(1) when ``df`` is ``None``. With ``df`` (the
+    contrast's residual df at its level) and ``n_units`` (the number of units it is replicated by, e.g. donors) the
+    LR is turned into the F statistic it is a function of in a normal linear model of the ``n_units`` unit means,
+    ``F = df (exp(LR / n_units) - 1)``, referred to ``F(1, df)``; without ``n_units``, ``F = LR``. Referring LR
+    itself to F(1, df) is far too conservative with few units (LR grows only like ``n log(1 + t²/df)``), and
+    chi-square(1) anticonservative (ML variances are biased down). ``coef``/``se`` are the Wald values of the full
+    ML fit; ``stat`` is the signed root of the LR statistic.
 
     Parameters
     ----------
@@ -801,6 +895,8 @@ def glmm_lrt(
         Length-``p`` contrast vector.
     df
         Denominator df, or ``None`` for the chi-square reference.
+    n_units
+        Number of units replicating the contrast (see above); ``None`` for a cell-level contrast.
     full
         An ML fit of the full model of the same genes, if already available.
     min_nonzero
@@ -831,6 +927,7 @@ def glmm_lrt(
         pvalue[ok] = stats.chi2.sf(lr[ok], 1)
         dfa = np.full(G, np.inf)
     else:
-        pvalue[ok] = stats.f.sf(lr[ok], 1, df)
+        fstat = lr[ok] if not n_units else float(df) * np.expm1(lr[ok] / float(n_units))
+        pvalue[ok] = stats.f.sf(fstat, 1, df)
         dfa = np.full(G, float(df))
     return ContrastResult(coef=wald.coef, se=wald.se, stat=stat, df=dfa, pvalue=pvalue)

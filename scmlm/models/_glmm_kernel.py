@@ -29,7 +29,9 @@ from the Hessian in all fixed parameters, its standard errors.
 
 Cost per gene: O(nnz) per re-centring pass (a handful per fit) plus pattern-level algebra; a design whose patterns
 are few (categorical fixed effects and random intercepts) therefore costs about the same at 4,000 and 40,000 cells.
-A continuous cell-level covariate makes every cell a pattern: still linear in cells, but ~100x slower per gene.
+A continuous cell-level covariate makes every cell a pattern (one cell: evaluated exactly, no surrogate): still
+linear in cells, but every Newton step is then O(cells); ``benchmarks/bench_glmm_slope.py`` measures
+``~ x + (1 + x|donor)`` against categorical designs on the same data.
 The compilation (first use in a new environment) takes ~25 s of CPU.
 
 Why numba: one fit is a long chain of tiny dense operations (q x q with q = donors + batches) with data-dependent
@@ -43,7 +45,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+
+from .._jit import jit
 
 NB, POISSON, BINOMIAL, GAUSSIAN = 0, 1, 2, 3
 
@@ -89,7 +92,7 @@ LEVEL = np.arange(3, dtype=np.int64)
 # scalar helpers
 
 
-@njit(cache=True)
+@jit
 def softplus_derivs(x, K, out):
     """``out[k] = d^k softplus(x) / dx^k`` for ``k = 0..K``, accurate in both tails.
 
@@ -126,7 +129,7 @@ def softplus_derivs(x, K, out):
             out[k] = -out[k]
 
 
-@njit(cache=True)
+@jit
 def _taylor(c, kmax, d, k):
     """``sum_{j=k}^{kmax} c[j] d^(j-k) / (j-k)!``."""
     acc = c[kmax]
@@ -135,7 +138,7 @@ def _taylor(c, kmax, d, k):
     return acc
 
 
-@njit(cache=True)
+@jit
 def v_eval(p, v, K, out, work, dz):
     """``out[k] = V_p^(k)(v)`` for ``k = 0..K`` (K <= 3): table, tail series or direct sum over the cells."""
     vmode = dz[6][:, 0]
@@ -152,7 +155,7 @@ def v_eval(p, v, K, out, work, dz):
     cell_c = dz[9]
     for k in range(K + 1):
         out[k] = 0.0
-    if vmode[p] == 1:
+    if vmode[p] >= 1:
         for ii in range(cell_ptr[p], cell_ptr[p + 1]):
             softplus_derivs(v + cell_o[ii], K, work)
             c = cell_c[ii]
@@ -189,7 +192,7 @@ def v_eval(p, v, K, out, work, dz):
         out[k] = _taylor(row, KV, d, k)
 
 
-@njit(cache=True)
+@jit
 def u_eval(p, v, out, ucen, ucoef):
     """``out[k] = U_p^(k)(v)``, ``k = 0..3``, from the Taylor surrogate (quadratic continuation past TRUST)."""
     d = v - ucen[p]
@@ -213,7 +216,7 @@ def u_eval(p, v, out, ucen, ucoef):
 # pattern-level family evaluation
 
 
-@njit(cache=True)
+@jit
 def fam_eval(fam, e, tau, level, Yp, ucen, ucoef, S1, S2, dz, FE, work):
     """Fill ``FE[p] = (F, F', F'', F''', dF/dtau, dF'/dtau, dF''/dtau)`` (derivatives in ``e``) and return sum F.
 
@@ -221,6 +224,9 @@ def fam_eval(fam, e, tau, level, Yp, ucen, ucoef, S1, S2, dz, FE, work):
     """
     npat = dz[5][:, 0]
     Mp = dz[5][:, 1]
+    vmode = dz[6][:, 0]
+    o1 = dz[5][:, 6]  # the offset of a single-cell pattern
+    c1 = dz[5][:, 4]  # its weight (binomial trials)
     P = e.shape[0]
     vout = work[0]
     uout = work[1]
@@ -231,6 +237,23 @@ def fam_eval(fam, e, tau, level, Yp, ucen, ucoef, S1, S2, dz, FE, work):
         r = math.exp(-tau)
         for p in range(P):
             v = e[p] + tau
+            if vmode[p] == 2:
+                # one cell: U_p = y softplus(v + o), V_p = softplus(v + o), exact
+                softplus_derivs(v + o1[p], K, vout)
+                y = Yp[p]
+                a = y + r
+                F = y * e[p] - a * vout[0]
+                FE[p, 0] = F
+                total += F
+                if level >= 1:
+                    FE[p, 1] = y - a * vout[1]
+                    FE[p, 2] = -a * vout[2]
+                if level >= 2:
+                    FE[p, 3] = -a * vout[3]
+                    FE[p, 4] = -y * vout[1] + r * (vout[0] - vout[1])
+                    FE[p, 5] = -y * vout[2] + r * (vout[1] - vout[2])
+                    FE[p, 6] = -y * vout[3] + r * (vout[2] - vout[3])
+                continue
             v_eval(p, v, K, vout, tmp, dz)
             if Yp[p] > 0:
                 u_eval(p, v, uout, ucen, ucoef)
@@ -262,7 +285,12 @@ def fam_eval(fam, e, tau, level, Yp, ucen, ucoef, S1, S2, dz, FE, work):
             FE[p, 6] = 0.0
     elif fam == BINOMIAL:
         for p in range(P):
-            v_eval(p, e[p], K, vout, tmp, dz)
+            if vmode[p] == 2:
+                softplus_derivs(e[p] + o1[p], K, vout)
+                for k in range(K + 1):
+                    vout[k] *= c1[p]
+            else:
+                v_eval(p, e[p], K, vout, tmp, dz)
             F = Yp[p] * e[p] - vout[0]
             FE[p, 0] = F
             total += F
@@ -292,7 +320,7 @@ def fam_eval(fam, e, tau, level, Yp, ucen, ucoef, S1, S2, dz, FE, work):
     return total
 
 
-@njit(cache=True)
+@jit
 def nb_D(cj, tau):
     """``D(tau) = sum_j c_j log1p(j phi)`` and its derivative in ``tau``."""
     phi = math.exp(tau)
@@ -312,7 +340,7 @@ def nb_D(cj, tau):
 # small dense linear algebra
 
 
-@njit(cache=True)
+@jit
 def chol(A, L, d):
     """Lower Cholesky factor of the leading ``d x d`` block of ``A`` into ``L``; False if not positive definite."""
     for j in range(d):
@@ -333,7 +361,7 @@ def chol(A, L, d):
     return True
 
 
-@njit(cache=True)
+@jit
 def chol_solve(L, b, x, d):
     for i in range(d):
         s = b[i]
@@ -347,7 +375,7 @@ def chol_solve(L, b, x, d):
         x[i] = s / L[i, i]
 
 
-@njit(cache=True)
+@jit
 def chol_logdet(L, d):
     s = 0.0
     for i in range(d):
@@ -355,7 +383,7 @@ def chol_logdet(L, d):
     return 2.0 * s
 
 
-@njit(cache=True)
+@jit
 def chol_inverse(L, Ainv, d, work):
     """``Ainv = (L L')^{-1}``; ``work`` is a ``d x d`` scratch array (holds ``L^{-1}``)."""
     for j in range(d):
@@ -380,7 +408,7 @@ def chol_inverse(L, Ainv, d, work):
 # model pieces
 
 
-@njit(cache=True)
+@jit
 def lam_values(theta, dz, av):
     """Values of ``Lambda' z_p`` at the slots of ``Z`` (``av``, P x m)."""
     Zv = dz[2]
@@ -407,7 +435,7 @@ def lam_values(theta, dz, av):
                     av[p, s0 + i] = theta[h0 + i] * Zv[p, s0 + i]
 
 
-@njit(cache=True)
+@jit
 def lin_pred(gamma, av, dz, npar, e):
     Xp = dz[0]
     Zc = dz[1]
@@ -422,7 +450,7 @@ def lin_pred(gamma, av, dz, npar, e):
         e[p] = s
 
 
-@njit(cache=True)
+@jit
 def assemble(FE, av, gamma, dz, npar, q, g, H):
     """Gradient ``g`` and negative Hessian ``H`` of ``h`` in ``gamma = (beta, u)``."""
     Xp = dz[0]
@@ -472,11 +500,12 @@ def assemble(FE, av, gamma, dz, npar, q, g, H):
 #   covariate of each slot; 3 TI (terms, 6) [k, first slot, first theta, correlated, first column, levels];
 #   4 THI (n_theta, 3) [term, row j, column i of the Cholesky factor]; 5 PF (P, 18) [n_p, M_p, vlo, vhi, sum c,
 #   sum c o, sum o, sum o^2, sum c w^k (k = 1..5), sum c w^-k (k = 1..5)]; 6 PI (P + 1, 3) [V mode (0 table,
-#   1 direct), first table row, first cell]; 7 V tables; 8, 9 offsets and weights of the cells sorted by pattern;
-#   10 pattern of each cell; 11 offset of each cell; 12 binomial trials (empty: 0/1 detection).
+#   1 direct, 2 one cell: U_p and V_p exact, no surrogate), first table row, first cell]; 7 V tables; 8, 9 offsets
+#   and weights of the cells sorted by pattern; 10 pattern of each cell; 11 offset of each cell; 12 binomial trials
+#   (empty: 0/1 detection).
 
 
-@njit(cache=True)
+@jit
 def penalised(cf, gd, gamma, psi, level, dz, ws):
     """``h(gamma)`` at the variance parameters in ``psi`` (without the gene constant); fills ws[0] at ``level``."""
     fam, nth, npar, q = cf[0], cf[3], cf[4], cf[5]
@@ -493,7 +522,7 @@ def penalised(cf, gd, gamma, psi, level, dz, ws):
     return h
 
 
-@njit(cache=True)
+@jit
 def max_eta_change(step, av, dz, npar):
     """Largest ``|change of e_p|`` over the patterns for a step in ``gamma`` (``av`` at the current ``psi``)."""
     Xp = dz[0]
@@ -512,7 +541,7 @@ def max_eta_change(step, av, dz, npar):
     return out
 
 
-@njit(cache=True)
+@jit
 def inner_solve(cf, gd, gamma, psi, dz, ws, max_iter):
     """Newton iterations for the conditional modes (of ``(beta, u)``, or of ``u`` alone when ``la``).
 
@@ -525,8 +554,12 @@ def inner_solve(cf, gd, gamma, psi, dz, ws, max_iter):
         b0 = cf[3] + cf[2]
         for i in range(npar):
             gamma[i] = psi[b0 + i]
+    fresh = False  # ws[0] already holds F and its derivatives at gamma (the accepted full step), h its value
+    h = 0.0
     for it in range(max_iter):
-        h = penalised(cf, gd, gamma, psi, LEVEL[1], dz, ws)
+        if not fresh:
+            h = penalised(cf, gd, gamma, psi, LEVEL[1], dz, ws)
+        fresh = False
         if not np.isfinite(h):
             return False, it
         assemble(ws[0], ws[1], gamma, dz, npar, q, g, H)
@@ -559,22 +592,26 @@ def inner_solve(cf, gd, gamma, psi, dz, ws, max_iter):
             dec *= sc
         alpha = 1.0
         ok = False
-        for _ in range(40):
+        for ls in range(40):
             for i in range(d):
                 gtry[i] = gamma[i] + alpha * step[i]
-            ht = penalised(cf, gd, gtry, psi, LEVEL[0], dz, ws)
+            # the full step is usually accepted: evaluate it with the derivatives the next iteration needs
+            ht = penalised(cf, gd, gtry, psi, LEVEL[1] if ls == 0 else LEVEL[0], dz, ws)
             if np.isfinite(ht) and ht >= h + 1e-4 * alpha * dec:
                 ok = True
+                fresh = ls == 0
                 break
             alpha *= 0.5
         if not ok:
             return dec < 1e-9 * (1.0 + abs(h)), it + 1
         for i in range(d):
             gamma[i] = gtry[i]
+        if fresh:
+            h = ht
     return False, max_iter
 
 
-@njit(cache=True)
+@jit
 def objective_grad(cf, gd, want_grad, gamma, psi, dz, ws, grad, out):
     """Laplace (ML) or restricted-Laplace (REML) criterion at the modes ``gamma`` and its gradient in ``psi``.
 
@@ -741,18 +778,21 @@ def objective_grad(cf, gd, want_grad, gamma, psi, dz, ws, grad, out):
     return obj
 
 
-@njit(cache=True)
+@jit
 def recentre(cf, gd, gamma, psi, dz, ws):
     """Move the Taylor centres of ``U_p`` to the current ``v_p = e_p + tau``; return the largest move."""
     nth, npar = cf[3], cf[4]
     Yp, ucen, ucoef, nzp, nzo, nzy = gd[0], gd[1], gd[2], gd[6], gd[7], gd[8]
     av, e, work = ws[1], ws[4][0], ws[2]
+    vmode = dz[6][:, 0]
     tau = psi[nth] if cf[2] else 0.0
     lam_values(psi[:nth], dz, av)
     lin_pred(gamma, av, dz, npar, e)
     P = e.shape[0]
     shift = 0.0
     for p in range(P):
+        if vmode[p] == 2:
+            continue  # evaluated exactly
         c = e[p] + tau
         if Yp[p] > 0:
             dd = abs(c - ucen[p])
@@ -764,6 +804,8 @@ def recentre(cf, gd, gamma, psi, dz, ws):
     w = work[2]
     for i in range(nzp.shape[0]):
         p = nzp[i]
+        if vmode[p] == 2:
+            continue
         softplus_derivs(ucen[p] + nzo[i], KU, w)
         y = nzy[i]
         for k in range(KU + 1):
@@ -771,7 +813,7 @@ def recentre(cf, gd, gamma, psi, dz, ws):
     return shift
 
 
-@njit(cache=True)
+@jit
 def _modified_newton_step(Hs, grad, free, n, step):
     """Ascent step ``(-Hs)^{-1} grad`` on the free coordinates, with eigenvalues made positive."""
     nf = 0
@@ -827,7 +869,7 @@ def _modified_newton_step(Hs, grad, free, n, step):
     return dec
 
 
-@njit(cache=True)
+@jit
 def snap_zero(cf, gd, gamma, psi, obj, dz, ws, gk, info, snap_sd, frozen):
     """Set near-zero SDs of intercept / uncorrelated terms to exactly zero when that does not lower the criterion.
 
@@ -865,7 +907,7 @@ def snap_zero(cf, gd, gamma, psi, obj, dz, ws, gk, info, snap_sd, frozen):
     return nsnap
 
 
-@njit(cache=True)
+@jit
 def settle(cf, gd, gamma, psi, dz, ws, inner_max):
     """Conditional modes at ``psi`` with the ``U_p`` surrogate centred at them (exact there). Returns success."""
     ok, _ = inner_solve(cf, gd, gamma, psi, dz, ws, inner_max)
@@ -875,6 +917,14 @@ def settle(cf, gd, gamma, psi, dz, ws, inner_max):
     Yp, ucen = gd[0], gd[1]
     tau = psi[nth] if cf[2] else 0.0
     e = ws[4][0]
+    vmode = dz[6][:, 0]
+    surrogate = False
+    for p in range(e.shape[0]):
+        if Yp[p] > 0 and vmode[p] != 2:
+            surrogate = True
+            break
+    if not surrogate:
+        return True  # every pattern with counts is a single cell, evaluated exactly: nothing to re-centre
     for _ in range(6):
         recentre(cf, gd, gamma, psi, dz, ws)
         ok, _ = inner_solve(cf, gd, gamma, psi, dz, ws, inner_max)
@@ -884,7 +934,7 @@ def settle(cf, gd, gamma, psi, dz, ws, inner_max):
         lin_pred(gamma, ws[1], dz, npar, e)
         gap = 0.0
         for p in range(e.shape[0]):
-            if Yp[p] > 0:
+            if Yp[p] > 0 and vmode[p] != 2:
                 gp = abs(e[p] + tau - ucen[p])
                 if gp > gap:
                     gap = gp
@@ -893,7 +943,7 @@ def settle(cf, gd, gamma, psi, dz, ws, inner_max):
     return True
 
 
-@njit(cache=True)
+@jit
 def fit_gene(cf, gd, dz, psi, gamma, tau_lo, tau_hi, max_outer, ws, grad, info, snap_sd, Hs, dC, frozen):
     """Optimise the criterion over ``psi`` (in place, with ``gamma``). Returns (status, outer iterations).
 
@@ -1043,7 +1093,7 @@ def fit_gene(cf, gd, dz, psi, gamma, tau_lo, tau_hi, max_outer, ws, grad, info, 
     return ST_NOCONV, max_outer
 
 
-@njit(cache=True)
+@jit
 def ml_cov_beta(Hs, nps, npar, out):
     """``[(-Hs)^{-1}]_beta`` for psi = (variance parameters, beta), via the Schur complement with a pseudo-inverse
     of the variance-parameter block (flat directions at a boundary carry no information). False if not PD."""
@@ -1086,7 +1136,7 @@ def ml_cov_beta(Hs, nps, npar, out):
     return True
 
 
-@njit(cache=True)
+@jit
 def make_workspace(P, m, npar, q):
     """Scratch arrays of one fit: (FE, av, work, d-vectors, P-vectors, d x d matrices, q x q matrices)."""
     d = npar + q
@@ -1106,7 +1156,7 @@ def make_workspace(P, m, npar, q):
 # design-level tables
 
 
-@njit(cache=True)
+@jit
 def build_tables(cell_ptr, cell_o, cell_c, vmode, vlo, tab_start, tab_n, tab):
     """Taylor coefficients (derivatives 0..KV) of ``V_p`` at the grid nodes of every tabulated pattern."""
     w = np.zeros(KV + 2)
@@ -1129,7 +1179,7 @@ def build_tables(cell_ptr, cell_o, cell_c, vmode, vlo, tab_start, tab_n, tab):
 # one chunk of genes
 
 
-@njit(cache=True)
+@jit
 def _init_values(fam, has_tau, nth, npar, q, dz, Yp, S1, S2, nzp, nzo, nzy, psi, gamma):
     """Starting values: saturated pattern means, weighted least squares for beta, moment estimates for the rest.
 
@@ -1261,7 +1311,7 @@ def _init_values(fam, has_tau, nth, npar, q, dz, Yp, S1, S2, nzp, nzo, nzy, psi,
     return scale
 
 
-@njit(cache=True)
+@jit
 def _config(fam, reml, has_tau, nth, npar, q, la):
     cf = np.zeros(7, dtype=np.int64)
     cf[0] = fam
@@ -1274,7 +1324,7 @@ def _config(fam, reml, has_tau, nth, npar, q, la):
     return cf
 
 
-@njit(cache=True)
+@jit
 def fit_chunk(
     fam,
     reml,

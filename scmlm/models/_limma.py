@@ -649,17 +649,36 @@ def voom_limma(
     >>> X = np.column_stack([np.ones(6), [0, 0, 0, 1, 1, 1]])
     >>> res = voom_limma(y, X, np.array([0.0, 1.0]))
     """
+    return voom_limma_multi(counts, X, [L], lib_size=lib_size, norm_factors=norm_factors, terms=terms, span=span)[0]
+
+
+def voom_limma_multi(
+    counts: np.ndarray,
+    X: np.ndarray,
+    Ls: list[np.ndarray],
+    *,
+    lib_size: np.ndarray | None = None,
+    norm_factors: np.ndarray | None = None,
+    terms: tuple | None = None,
+    span: float = 0.5,
+) -> list[LimmaResult]:
+    """:func:`voom_limma` for several contrasts: one ``voom`` + ``lmFit`` + ``eBayes`` serves all of them.
+
+    Each item of ``Ls`` is a length-p vector (moderated t) or a p × m matrix (moderated F of its m columns, as limma's
+    ``eBayes`` ``F`` and ``topTableF``: ``classifyTestsF`` of the moderated t statistics with the correlation of the
+    coefficients from the unweighted design, ``fit$cov.coefficients``). With random ``terms`` (dream) the test is
+    part of each gene's mixed-model fit (``scmlm.models._lmm``), so each contrast runs :func:`dream` on its own.
+    """
     counts = np.asarray(counts, dtype=float)
     X = np.asarray(X, dtype=float)
     n_genes, n = counts.shape
     p = X.shape[1]
-    L = _as_contrast(L, p)
-    m = L.shape[1]
+    Ls = [_as_contrast(L, p) for L in Ls]
     lib = _effective_lib_size(counts, lib_size, norm_factors)
     if terms:
         from scmlm.models._lmm import dream
 
-        return dream(counts, X, L, terms, lib, span=span)
+        return [dream(counts, X, L, terms, lib, span=span) for L in Ls]
 
     E, W = voom_weights(counts, X, lib, span=span)
     beta, inv, rss = _batched_wls(E, X, W)
@@ -667,32 +686,54 @@ def voom_limma(
     s2 = rss / df_res if df_res > 0 else np.full(n_genes, np.nan)
     df_prior, s2_prior, s2_post = squeeze_var(s2, df_res)
     df_total = np.minimum(df_res + df_prior, df_res * n_genes)
-    est = beta @ L  # G × m
-    V = np.einsum("im,gij,jk->gmk", L, inv, L)  # unscaled covariance of the contrasts
     amean = E.mean(axis=1)
-    if m == 1:
-        su = np.sqrt(V[:, 0, 0])
-        t = est[:, 0] / su / np.sqrt(s2_post)
-        pval = 2 * stats.t.sf(np.abs(t), df_total)
-        coef = est[:, 0] * LN2
-        se = su * np.sqrt(s2_post) * LN2
-        stat = t
-    else:
-        quad = np.einsum("gm,gm->g", est, np.linalg.solve(V, est[:, :, None])[:, :, 0])
-        stat = quad / (m * s2_post)
-        pval = stats.f.sf(stat, m, df_total)
-        coef = est * LN2
-        se = np.sqrt(np.diagonal(V, axis1=1, axis2=2) * s2_post[:, None]) * LN2
-    return LimmaResult(
-        coef=coef,
-        se=se,
-        stat=stat,
-        df=df_total,
-        pvalue=pval,
-        weights=W,
-        s2_post=s2_post,
-        df_prior=df_prior,
-        ave_expr=amean,
-        converged=np.ones(n_genes, dtype=bool),
-        df1=m,
-    )
+    # lmFit's cov.coefficients: from the unweighted design (limma uses it for the correlation of the t statistics)
+    cov_unweighted = np.linalg.inv(X.T @ X)
+    out = []
+    for L in Ls:
+        m = L.shape[1]
+        est = beta @ L  # G × m
+        V = np.einsum("im,gij,jk->gmk", L, inv, L)  # unscaled covariance of the contrasts
+        su = np.sqrt(np.diagonal(V, axis1=1, axis2=2))  # G × m
+        t = est / su / np.sqrt(s2_post)[:, None]
+        if m == 1:
+            t = t[:, 0]
+            pval = 2 * stats.t.sf(np.abs(t), df_total)
+            coef = est[:, 0] * LN2
+            se = su[:, 0] * np.sqrt(s2_post) * LN2
+            stat = t
+            df1 = 1
+        else:
+            stat, df1 = _classify_tests_f(t, L.T @ cov_unweighted @ L)
+            pval = stats.f.sf(stat, df1, df_total)
+            coef = est * LN2
+            se = su * np.sqrt(s2_post)[:, None] * LN2
+        out.append(
+            LimmaResult(
+                coef=coef,
+                se=se,
+                stat=stat,
+                df=df_total,
+                pvalue=pval,
+                weights=W,
+                s2_post=s2_post,
+                df_prior=df_prior,
+                ave_expr=amean,
+                converged=np.ones(n_genes, dtype=bool),
+                df1=df1,
+            )
+        )
+    return out
+
+
+def _classify_tests_f(t: np.ndarray, cov: np.ndarray) -> tuple[np.ndarray, int]:
+    """limma's ``classifyTestsF(fstat.only = TRUE)``: F of the moderated t statistics ``t`` (G × m) given the
+    covariance of the contrasts ``cov`` (m × m, turned into a correlation); numerator df is its rank."""
+    d = np.sqrt(np.diag(cov))
+    cor = cov / np.outer(d, d)
+    vals, vecs = np.linalg.eigh(cor)
+    order = np.argsort(vals)[::-1]
+    vals, vecs = vals[order], vecs[:, order]
+    r = int(np.sum(vals / vals[0] > 1e-8))
+    Q = vecs[:, :r] / np.sqrt(vals[:r])[None, :] / np.sqrt(r)
+    return np.sum((t @ Q) ** 2, axis=1), r

@@ -57,7 +57,8 @@ def volcano(
     ax.set_xlabel("log2 fold change")
     ax.set_ylabel("−log10 p-value")
     ax.set_title(_title(df, "volcano"), fontsize=9)
-    ax.legend(frameon=False, fontsize=7, loc="upper left")
+    # below the axes: inside, it would hide the labels of the most significant genes, which sit at the top
+    ax.legend(frameon=False, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     return finish(ax, show, save, "volcano.png")
 
 
@@ -159,7 +160,10 @@ def _title(df: pd.DataFrame, what: str) -> str:
 
 
 def save_result_plots(table: pd.DataFrame, outdir: str | os.PathLike, *, kinds=("volcano", "pvalue_hist")) -> list:
-    """Write one PNG per plot kind, group and contrast of a result table into ``outdir``; return the paths."""
+    """Write one PNG per plot kind, group and contrast of a result table into ``outdir``; return the paths.
+
+    A joint F test (no fold change) gets only the p-value plots (``pvalue_hist``, ``qq``).
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -175,7 +179,16 @@ def save_result_plots(table: pd.DataFrame, outdir: str | os.PathLike, *, kinds=(
     names = file_labels(f"{group}__{contrast}" for group, contrast in combos)
     for group, contrast in combos:
         safe = names[f"{group}__{contrast}"]
+        rows = (table["group"].astype(str) == group) & (table["contrast"].astype(str) == contrast)
+        # a joint F test has no fold change: no volcano or MA plot, only the p-value plots
+        joint = (
+            "log2fc" in table
+            and not table.loc[rows, "log2fc"].notna().any()
+            and table.loc[rows, "pvalue"].notna().any()
+        )
         for kind in kinds:
+            if joint and kind in ("volcano", "ma"):
+                continue
             path = outdir / f"{kind}__{safe}.png"
             ax = funcs[kind](table, group=group, contrast=contrast, show=False, save=path)
             plt.close(ax.get_figure())

@@ -12,8 +12,10 @@ import numba
 import numpy as np
 import scipy.sparse as sp
 
+from .._jit import jit
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+
+@jit(nogil=True, parallel=True)
 def _csr_group_sums(indptr, indices, data, order, starts, out, nexpr, check):  # pragma: no cover - compiled
     n_groups = starts.shape[0] - 1
     bad = np.zeros(n_groups, np.int64)

@@ -20,33 +20,62 @@ Steps (all genes of a chunk at once, vectorised over genes; design, offsets, clu
 3. GEE with exchangeable working correlation, the same alternating updates and moment estimator of ``rho`` as
    statsmodels' ``GEE(..., cov_struct=Exchangeable())`` (tests check coefficients, ``rho`` and the sandwich against
    it). The inverse of ``(1 - rho) I + rho 11'`` is closed-form, so every quantity is a per-donor sum over cells.
-4. Covariance: the cluster-robust sandwich with a small-sample correction (``small_sample=``): Kauermann–Carroll
-   (default), Mancl–DeRouen (statsmodels' ``cov_type="bias_reduced"``) or none, in closed form from p × p matrices
-   (:func:`sandwich_from_blocks`).
-5. Tests: ``t = L'beta / se`` against a t distribution with, by default (``df="satterthwaite"``), the Bell–McCaffrey
-   degrees of freedom of the corrected variance (Satterthwaite under the working model, as R's clubSandwich does for
-   its CR2 estimator), capped at ``n_donors - (number of design columns constant within every donor)``; with
-   ``df="clusters"`` the cap itself. The df falls below the cap where a few donors carry most of the information
-   (unequal cell numbers, or expression concentrated in some donors). Several contrast rows: ``F = W / k`` against
-   ``F(k, cap)``.
+4. Covariance: the cluster-robust sandwich with a small-sample correction (``small_sample=``), in closed form from
+   p × p matrices (:func:`sandwich_from_blocks`). Default ``"md_scaled"``: Mancl–DeRouen (each donor's residuals
+   ``(I - H_dd)^-1 r_d``; statsmodels' ``cov_type="bias_reduced"``), times ``(K - q) / K`` when the contrast involves
+   donor-level columns only (``K`` donors, ``q`` design columns constant within every donor; :func:`_md_scale`).
+   Mancl–DeRouen is the leave-one-donor-out (jackknife) variance in linearised form and, like the jackknife without
+   its factor, too large; ``(K - q) / K`` is the factor that makes it equal Kauermann–Carroll
+   (``(I - H_dd)^-1/2 r_d``, unbiased under the working model) when every donor carries the same weight. Where a few
+   donors carry most of the weight (unequal cell numbers, few counts), their residuals hide most of their own
+   variation; the full ``(1 - h)^-1`` inflation restores it, the square root of Kauermann–Carroll does not. A
+   contrast within donors keeps plain Mancl–DeRouen: its spread between donors (donor-specific responses) is not in
+   the exchangeable working model, whose weights are then unequal where the information is not. Also ``"kc"``,
+   ``"md"`` and ``"none"``.
+5. Tests: ``t = L'beta / se`` against ``t(K - q)`` (``df="clusters"``, default), or against t with the Bell–McCaffrey
+   degrees of freedom of the corrected variance (``df="satterthwaite"``: Satterthwaite under the working model, as
+   R's clubSandwich for CR2), capped at ``K - q``. A joint test of several contrast rows: ``F = W / k`` against
+   ``F(k, K - q)``. Several contrasts in one call share each gene's fit; each contrast gets its own ``md_scaled``
+   factor.
 
-Calibration (NB, ``~ condition`` with condition a donor trait, null simulations from ``scmlm.datasets.simulate``,
-fraction of p < 0.05 over 300–2,000 tested genes; "unequal": each donor keeps a random 20–100 % of its cells).
-Kauermann–Carroll with the Bell–McCaffrey df (default) / with the cluster-count df:
+Calibration (NB, ``~ condition``; null simulations from ``scmlm.datasets.simulate(null=True, n_batches=1)``, so that
+donors are independent clusters; fraction of p < 0.05 over 1,300-2,000 tested genes unless noted; "unequal": each
+donor keeps a random 20-100 % of its cells, one entry per seed because the fraction depends on the sizes drawn).
+Default / Kauermann–Carroll with the Bell–McCaffrey df / Kauermann–Carroll with t(K - q) / Mancl–DeRouen with
+t(K - q). Condition a donor trait (the default is scaled Mancl–DeRouen):
 
-    6 donors x 60 cells        0.030 / 0.041        unequal: 0.027 / 0.056
-    6 donors x 300 cells       0.034 / 0.040        unequal: 0.060 / 0.090
-    6 donors x 2,000 cells     0.047 / 0.048 (600 genes)
-    10 donors x 300 cells      0.045 / 0.047        unequal: 0.040 / 0.048
-    20 donors x 60 cells       0.039 / 0.040
-    20 donors x 300 cells      unequal: 0.036 / 0.037 (1,000 genes)
-    20 donors x 2,000 cells    0.037 / 0.037 (300 genes)
-    6 donors x 300 cells, condition within donors: 0.054 / 0.054
+    6 donors x 60 cells        equal    0.049 / 0.043 / 0.050 / 0.027
+                               unequal  0.045 / 0.032 / 0.092 / 0.020;  0.057 / 0.063 / 0.129 / 0.040;
+                                        0.060 / 0.041 / 0.092 / 0.033
+    6 donors x 300 cells       equal    0.046 / 0.042 / 0.046 / 0.019
+                               unequal  0.047 / 0.040 / 0.059 / 0.028;  0.051 / 0.041 / 0.061 / 0.033;
+                                        0.056 / 0.081 / 0.117 / 0.035;  0.069 / 0.057 / 0.091 / 0.039
+    6 donors x 2,000 cells     equal    0.053 / 0.048 / 0.055 / 0.022 (600 genes)
+                               unequal  0.052 / 0.043 / 0.052 / 0.018 (600 genes)
+    10 donors x 60 cells       equal    0.049 / 0.044 / 0.049 / 0.027
+    10 donors x 300 cells      equal    0.062 / 0.060 / 0.063 / 0.045;  0.056 / 0.055 / 0.055 / 0.037
+                               unequal  0.059 / 0.056 / 0.063 / 0.038
+    20 donors x 60 cells       equal    0.058 / 0.058 / 0.058 / 0.049;  0.052 / 0.052 / 0.052 / 0.041
+    20 donors x 300 cells      unequal  0.049 / 0.049 / 0.050 / 0.040 (1,000 genes)
+    20 donors x 2,000 cells    equal    0.050 / 0.050 / 0.050 / 0.045 (400 genes)
 
-Mancl–DeRouen was conservative everywhere (0.014–0.031 with the cluster-count df), no correction liberal
-(0.05–0.15). Kauermann–Carroll with the cluster-count df is anti-conservative once donors are unequal (0.090 with 6
-donors); the Bell–McCaffrey df repairs that, at the price of a conservative test (0.027–0.034) with 6 donors and few
-cells or counts per donor.
+Over all unequal 6-donor sets drawn (11 with 60 cells, 7 with 300 cells per donor; 1,100-2,000 genes each), 60 / 300
+cells: default 0.045-0.065 (mean 0.055) / 0.047-0.069 (mean 0.055); Kauermann–Carroll with the Bell–McCaffrey df
+0.016-0.154 / 0.036-0.081; with t(K - q) 0.057-0.201 / 0.059-0.117; Mancl–DeRouen 0.019-0.040 / 0.026-0.039.
+
+Condition within donors (two samples per donor, donor-specific responses with sd 0.25; the default is plain
+Mancl–DeRouen): 6 x 60 cells 0.032 / 0.047 / 0.047 / 0.032 (another gene set: default 0.043, Kauermann–Carroll 0.060);
+6 x 300: 0.038 / 0.055 / 0.055 / 0.038; 8 x 60 (2 batches): 0.052 / 0.067 / 0.067 / 0.052; 20 x 60:
+0.057 / 0.063 / 0.063 / 0.057 (another gene set: 0.045, 0.049).
+
+Kauermann–Carroll with t(K - q) is liberal with 6 unequal donors (up to 0.129), Mancl–DeRouen conservative on a
+donor trait with 6 (0.018-0.040); the Bell–McCaffrey df repairs some unequal sets but not all (0.081) and is
+conservative on others (0.032); with the default correction it is conservative (0.013-0.032 on unequal sets), so
+the default df is the donor count. Fay–Graubard (bound 0.75) with its df or with t(K - q) gave 0.027-0.120 on the
+6-donor sets, no correction 0.062-0.216. With simulate's default 3 batches each batch holds case and control
+donors, the batch effect cancels from the contrast but not from the donor residuals, and every correction is
+conservative (6 x 60 equal: 0.033 / 0.027 / 0.034 / 0.018): the test of ``~ condition`` then ignores a blocking
+factor, which costs power, not validity.
 """
 
 from __future__ import annotations
@@ -67,13 +96,13 @@ from .._errors import DesignError, InputError, _fmt_list
 from .._settings import settings
 from .._validate import category_codes, check_counts, check_obs_keys, check_unique_names, get_matrix
 from .._version import __version__
-from ..design import build_design, contrast_label
+from ..design import build_design, contrast_names, contrast_param
 from ..engine import gene_chunks, run_chunks
 from ..results import DEResult, finalize_table
 from ._common import cell_groups, cell_offset, fit_groups, gene_indices
 
 _FAMILIES = ("nb", "poisson", "binomial")
-_SMALL_SAMPLE = ("kc", "md", "none")
+_SMALL_SAMPLE = ("md_scaled", "kc", "md", "none")
 _DF_METHODS = ("satterthwaite", "clusters")
 _ALPHA_MIN, _ALPHA_MAX = 1e-8, 1e4
 _BLOCK_ELEMENTS = 2_000_000  # cells × genes per vectorised block (~16 MB per dense array)
@@ -93,8 +122,8 @@ def gee_de(
     groups_key: str | None = None,
     genes: Sequence[str] | None = None,
     min_cells_expressing: int = 10,
-    small_sample: Literal["kc", "md", "none"] = "kc",
-    df: Literal["satterthwaite", "clusters"] = "satterthwaite",
+    small_sample: Literal["md_scaled", "kc", "md", "none"] = "md_scaled",
+    df: Literal["clusters", "satterthwaite"] = "clusters",
     n_jobs: int | None = None,
     key_added: str = "gee_de",
     inplace: bool = True,
@@ -103,8 +132,9 @@ def gee_de(
     """Population-average differential expression with a GEE per gene, donors as clusters.
 
     Each gene gets a marginal GLM fitted by generalized estimating equations with an exchangeable working
-    correlation within ``groups`` (the donor), cluster-robust sandwich standard errors with the Kauermann–Carroll
-    small-sample correction, and t tests with Bell–McCaffrey degrees of freedom (F tests: donor-count df). The
+    correlation within ``groups`` (the donor), cluster-robust sandwich standard errors with a small-sample correction
+    (Mancl–DeRouen, scaled by ``(n_donors - q) / n_donors`` for donor-level contrasts) and t / F tests with
+    ``n_donors - q`` degrees of freedom (``q``: design columns constant within every donor). The
     effect is *population-average*: how the mean over all donors changes. With the log link (``"nb"``,
     ``"poisson"``) it estimates the same slope as a GLMM; with
     ``"binomial"`` the log odds ratio is smaller in magnitude than the GLMM's cluster-specific one
@@ -119,8 +149,10 @@ def gee_de(
         the cluster is given by ``groups``.
     contrast
         ``(factor, test_level, reference_level)``, a coefficient name or a numeric vector over the design's columns
-        (a t test); or a list of such specifications / a 2-D array of rows (a joint Wald F test; ``coef`` and ``se``
-        are then NaN and ``stat`` is F).
+        (a t test). Several contrasts in one call: a list of tuples or names, or a dict ``{name: contrast}``
+        (numeric vectors need a name); one GEE fit per gene serves all of them, each with its own df. A dict value
+        that lists several contrasts or is a 2-D array of rows is a joint Wald F test (``coef`` and ``se`` are then
+        NaN and ``stat`` is F).
     groups
         obs column defining the clusters (donors). Cells of a cluster are correlated; clusters are independent.
     family
@@ -140,13 +172,19 @@ def gee_de(
     min_cells_expressing
         Genes with fewer cells with ``y > 0`` (within a group) keep a row with ``status="too few expressing cells"``.
     small_sample
-        Small-sample correction of the cluster-robust sandwich: ``"kc"`` (Kauermann–Carroll, the default), ``"md"``
-        (Mancl–DeRouen; equals statsmodels' ``cov_type="bias_reduced"``, conservative) or ``"none"`` (Liang–Zeger,
-        liberal with few donors). Null calibration per setting is in the module docstring.
+        Small-sample correction of the cluster-robust sandwich: ``"md_scaled"`` (default: Mancl–DeRouen times
+        ``(n_donors - q) / n_donors`` for a donor-level contrast, plain Mancl–DeRouen for a contrast within
+        donors; equals Kauermann–Carroll when donors carry equal weight and corrects more where a few donors
+        dominate), ``"kc"`` (Kauermann–Carroll; liberal with few donors of unequal size),
+        ``"md"`` (Mancl–DeRouen, statsmodels' ``cov_type="bias_reduced"``; conservative with few donors) or
+        ``"none"`` (Liang–Zeger; liberal with few donors). Null calibration per setting is in the module docstring:
+        on a donor trait the default kept the fraction of null p < 0.05 within 0.045-0.069 (mean 0.055 over 18
+        unequal 6-donor sets) from 6 to 20 donors and 60 to 2,000 cells per donor, equal or unequal in size (the
+        other corrections: 0.016-0.201).
     df
-        Degrees of freedom of the t tests: ``"satterthwaite"`` (Bell–McCaffrey, per gene, at most the donor count
-        rule) or ``"clusters"`` (``n_donors`` minus the design columns constant within every donor). F tests always
-        use the donor count rule.
+        Degrees of freedom of the t tests: ``"clusters"`` (default: ``n_donors - q``) or ``"satterthwaite"``
+        (Bell–McCaffrey, per gene, at most ``n_donors - q``; conservative with the default correction when donors
+        are unequal). F tests always use ``n_donors - q``.
     n_jobs
         Worker processes over gene chunks (``None``: ``scmlm.settings.n_jobs``); results do not depend on it.
     key_added
@@ -158,10 +196,10 @@ def gee_de(
 
     Returns
     -------
-    ``None``, the copy, or the result (see ``inplace``/``copy``). One row per gene × group: ``gene, group, contrast,
-    coef`` (natural-log / log-odds scale), ``log2fc, se, stat, df, pvalue, padj, base_mean`` (mean count per cell),
-    ``method="gee", converged, status``, plus ``dispersion`` (NB2 alpha; NaN for other families), ``working_corr``
-    (estimated exchangeable correlation) and ``n_iter``.
+    ``None``, the copy, or the result (see ``inplace``/``copy``). One row per gene × group × contrast: ``gene,
+    group, contrast, coef`` (natural-log / log-odds scale), ``log2fc, se, stat, df, pvalue, padj, base_mean`` (mean
+    count per cell), ``method="gee", converged, status``, plus ``dispersion`` (NB2 alpha; NaN for other families),
+    ``working_corr`` (estimated exchangeable correlation) and ``n_iter``.
 
     Examples
     --------
@@ -171,7 +209,7 @@ def gee_de(
     >>> res = scmlm.tl.gee_de(adata, "~ condition", ("condition", "case", "ctrl"), genes=genes, inplace=False)
     >>> res.table[["gene", "coef", "se", "df", "pvalue"]].shape
     (20, 5)
-    >>> bool((res.table["df"] <= 6).all())  # at most 8 donors - intercept - condition (constant within donors)
+    >>> bool((res.table["df"] == 6).all())  # 8 donors - intercept - condition (constant within donors)
     True
     """
     if family not in _FAMILIES:
@@ -202,8 +240,9 @@ def gee_de(
             f"fits fixed effects only. Write design={full.parsed.fixed!r}, groups='donor', or use scmlm.tl.glmm_de "
             "for cluster-specific effects."
         )
+    names = contrast_names(contrast)  # clear errors for a malformed list or dict before any fitting
     if groups_key is None:
-        _contrast_matrix(full, contrast)  # clear errors before any fitting
+        _contrast_matrices(full, contrast)
 
     def fit(name, rows):
         return _fit_group(
@@ -212,14 +251,18 @@ def gee_de(
         )  # fmt: skip
 
     def not_estimable(name, err):
-        return _failed_rows(adata.var_names[gene_idx], name, _label(contrast), f"not estimable: {err}")
+        return pd.concat(
+            [_failed_rows(adata.var_names[gene_idx], name, c, f"not estimable: {err}") for c in names],
+            ignore_index=True,
+        )
 
     tables = fit_groups(cell_groups(adata, groups_key), fit, not_estimable, groups_key=groups_key, tool="gee_de")
     table = finalize_table(pd.concat(tables, ignore_index=True))
     params = {
         "tool": "gee_de",
         "design": design,
-        "contrast": _contrast_param(contrast),
+        "contrast": contrast_param(contrast),
+        "contrasts": names,
         "groups": groups,
         "family": family,
         "layer": layer,
@@ -240,56 +283,38 @@ def gee_de(
 # ---------------------------------------------------------------- validation and shared work
 
 
-def _is_multi(contrast) -> bool:
-    if isinstance(contrast, np.ndarray):
-        return contrast.ndim == 2
-    return (
-        isinstance(contrast, list | tuple)
-        and len(contrast) > 0
-        and all(isinstance(c, list | tuple | np.ndarray) for c in contrast)
-    )
+def _contrast_matrices(d, contrast) -> list[tuple[str, np.ndarray]]:
+    """``(name, L)`` per contrast, ``L`` of shape (k, p): one row for a t test, several for a joint F test."""
+    return [(c.name, np.atleast_2d(c.L)) for c in d.contrasts(contrast)]
 
 
-def _label(contrast) -> str:
-    if _is_multi(contrast):
-        return (
-            "F(" + ", ".join(contrast_label(c) if not isinstance(c, np.ndarray) else "custom" for c in contrast) + ")"
-        )
-    return contrast_label(contrast)
-
-
-def _contrast_param(contrast):
-    if isinstance(contrast, str):
-        return contrast
-    if _is_multi(contrast):
-        return [str(list(np.atleast_1d(c))) if isinstance(c, np.ndarray) else str(c) for c in contrast]
-    return [str(c) for c in np.atleast_1d(np.asarray(contrast, dtype=object))]
-
-
-def _contrast_matrix(d, contrast) -> tuple[str, np.ndarray]:
-    """``(name, L)`` with ``L`` of shape (k, p): one row for a t test, several for an F test."""
-    if not _is_multi(contrast):
-        c = d.contrast(contrast)
-        return c.name, c.L[None, :]
-    rows = [d.contrast(c if not isinstance(c, np.ndarray) else np.asarray(c, dtype=float)) for c in contrast]
-    L = np.vstack([r.L for r in rows])
-    if np.linalg.matrix_rank(L) < L.shape[0]:
-        raise DesignError(
-            f"the {L.shape[0]} contrast rows {_fmt_list(r.name for r in rows)} are linearly dependent; drop redundant "
-            "rows for the F test."
-        )
-    return "F(" + ", ".join(r.name for r in rows) + ")", L
-
-
-def _donor_df(X: np.ndarray, clusters: np.ndarray, n_clusters: int) -> tuple[int, int]:
-    """``(df, n_between)``: clusters minus the number of design columns constant within every cluster."""
+def _donor_df(X: np.ndarray, clusters: np.ndarray, n_clusters: int) -> tuple[int, int, np.ndarray]:
+    """``(df, n_between, const)``: clusters minus the number of design columns constant within every cluster, that
+    number, and the mask of those columns."""
     const = np.ones(X.shape[1], dtype=bool)
     for c in range(n_clusters):
         Xc = X[clusters == c]
         if Xc.shape[0] > 1:
             const &= np.ptp(Xc, axis=0) <= 1e-12 * (1.0 + np.abs(Xc).max(axis=0))
     n_between = int(const.sum())
-    return n_clusters - n_between, n_between
+    return n_clusters - n_between, n_between, const
+
+
+def _md_scale(L: np.ndarray, const: np.ndarray, n_clusters: int) -> float:
+    """Factor of the ``"md_scaled"`` sandwich: ``(K - q) / K`` (``K`` clusters, ``q`` design columns constant within
+    every cluster) when every contrast row involves donor-level columns only, else 1 (plain Mancl–DeRouen).
+
+    For a donor-level contrast with donors of equal weight every donor has leverage ``q / K``, and the factor turns
+    Mancl–DeRouen's ``(1 - q/K)^-1`` inflation into Kauermann–Carroll's ``(1 - q/K)^-1/2`` (unbiased there, and the
+    t(K - q) test is then the exact two-sample t test on donor means). A contrast within donors (e.g. paired samples)
+    is estimated from within-donor differences whose spread between donors (donor-specific responses) the
+    exchangeable working model does not describe: its weights are unequal where the information is not, and the full
+    Mancl–DeRouen correction is what kept such nulls calibrated (module docstring).
+    """
+    L = np.atleast_2d(L)
+    if np.all(np.abs(L[:, ~const]) == 0.0):
+        return (n_clusters - int(const.sum())) / n_clusters
+    return 1.0
 
 
 def _failed_rows(genes, group, contrast: str, status: str) -> pd.DataFrame:
@@ -327,10 +352,10 @@ def _fit_group(
 ) -> pd.DataFrame:
     obs = adata.obs.iloc[rows]
     d = build_design(obs, design)
-    name, L = _contrast_matrix(d, contrast)
+    cons = _contrast_matrices(d, contrast)
     clusters, levels = category_codes(obs[groups])
     n_clusters = len(levels)
-    df, n_between = _donor_df(d.X, clusters, n_clusters)
+    df, n_between, const = _donor_df(d.X, clusters, n_clusters)
     if n_clusters < 2 or df < 1:
         raise DesignError(
             f"{n_clusters} cluster(s) of {groups!r} and {n_between} design column(s) constant within clusters leave "
@@ -344,30 +369,33 @@ def _fit_group(
         X=np.ascontiguousarray(d.X, dtype=float),
         offset=None if off_all is None else off_all[rows],
         clusters=clusters,
-        L=L,
+        Ls=tuple(L for _, L in cons),
         df=float(df),
+        md_scales=tuple(_md_scale(L, const, n_clusters) for _, L in cons),
         family=family,
         min_cells=min_cells,
         small_sample=small_sample,
         df_method=df_method,
-        ftest=_is_multi(contrast),
     )
     chunks = gene_chunks(len(gene_idx), settings.chunk_size)
     parts = run_chunks(functools.partial(fit_chunk, data), sub, chunks, n_jobs=n_jobs, desc=f"GEE {group or ''}")
     res = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    out = pd.DataFrame(
-        {
-            "gene": adata.var_names[gene_idx].to_numpy(dtype=object),
-            "group": group if group is not None else "all",
-            "contrast": name,
-            "method": "gee",
-            "converged": res.pop("converged"),
-            "status": res.pop("status"),
-        }
-    )
-    for col in _STAT_COLS:
-        out[col] = res[col]
-    return out
+    outs = []
+    for j, (name, _) in enumerate(cons):
+        out = pd.DataFrame(
+            {
+                "gene": adata.var_names[gene_idx].to_numpy(dtype=object),
+                "group": group if group is not None else "all",
+                "contrast": name,
+                "method": "gee",
+                "converged": res["converged"][:, j],
+                "status": res["status"][:, j],
+            }
+        )
+        for col in _STAT_COLS:
+            out[col] = res[col][:, j] if res[col].ndim == 2 else res[col]
+        outs.append(out)
+    return pd.concat(outs, ignore_index=True)
 
 
 # ---------------------------------------------------------------- per-gene kernel (ndarrays only)
@@ -380,13 +408,15 @@ class GEEData:
     X: np.ndarray
     offset: np.ndarray | None
     clusters: np.ndarray
-    L: np.ndarray
+    Ls: tuple[np.ndarray, ...]
+    """Per contrast its rows (k × p): one row for a t test, several for a joint F test."""
     df: float
     family: str
     min_cells: int
-    small_sample: str = "kc"
-    df_method: str = "satterthwaite"
-    ftest: bool = False
+    small_sample: str = "md_scaled"
+    df_method: str = "clusters"
+    md_scales: tuple[float, ...] = ()
+    """Per contrast, the factor of the ``"md_scaled"`` sandwich (:func:`_md_scale`); empty: 1 for every contrast."""
     maxiter: int = 100
 
 
@@ -398,9 +428,12 @@ def fit_chunk(data: GEEData, Y) -> dict[str, np.ndarray]:
     Yd = Y.toarray() if sp.issparse(Y) else np.asarray(Y)
     Yd = np.asarray(Yd, dtype=float)
     n_genes = Yd.shape[1]
-    out = {c: np.full(n_genes, np.nan) for c in _STAT_COLS}
-    out["converged"] = np.zeros(n_genes, dtype=bool)
-    out["status"] = np.full(n_genes, "ok", dtype=object)
+    k = len(data.Ls)
+    # per contrast (columns): what the tests give; the fit's own quantities stay one per gene
+    out = {c: np.full((n_genes, k), np.nan) for c in ("coef", "se", "stat", "df", "pvalue")}
+    out.update({c: np.full(n_genes, np.nan) for c in ("base_mean", "dispersion", "working_corr", "n_iter")})
+    out["converged"] = np.zeros((n_genes, k), dtype=bool)
+    out["status"] = np.full((n_genes, k), "ok", dtype=object)
     out["base_mean"] = Yd.mean(axis=0)
     out["df"][:] = data.df
     n_expr = np.count_nonzero(Yd, axis=0)
@@ -415,42 +448,45 @@ def fit_chunk(data: GEEData, Y) -> dict[str, np.ndarray]:
     if todo.size == 0:
         return out
     # genes fitted together in sub-blocks of about _BLOCK_ELEMENTS cells × genes (bounded memory for many cells;
-    # the fits are per gene, so the blocking does not change any result)
+    # the fits are per gene, so the blocking does not change any result); one fit serves every contrast
     step = max(1, _BLOCK_ELEMENTS // max(Yd.shape[0], 1))
     parts = [gee_fit_batch(Yd[:, todo[i : i + step]], data) for i in range(0, todo.size, step)]
-    fit = {k: np.concatenate([pt[k] for pt in parts]) for k in parts[0]}
-    for k in ("dispersion", "working_corr", "n_iter", "df"):
-        out[k][todo] = fit[k]
+    fit = {key: np.concatenate([pt[key] for pt in parts]) for key in parts[0]}
+    for key in ("dispersion", "working_corr", "n_iter", "df"):
+        out[key][todo] = fit[key]
     status = fit["status"]
     converged = fit["converged"]
     beta, cov = fit["beta"], fit["cov"]
-    L = data.L
     fine = status == "ok"
-    out["status"][todo[~fine]] = status[~fine]
     conv = fine & converged
-    out["converged"][todo] = conv
-    out["status"][todo[fine & ~converged]] = "not converged"
-    if not data.ftest:
-        with np.errstate(invalid="ignore"):
-            est = beta @ L[0]
-            se = np.sqrt(np.maximum(np.einsum("a,gab,b->g", L[0], cov, L[0]), 0.0))
-        g = todo[fine]
-        out["coef"][g], out["se"][g] = est[fine], se[fine]
-        test = conv & (se > 0)
-        t = est[test] / se[test]
-        out["stat"][todo[test]] = t
-        out["pvalue"][todo[test]] = 2.0 * stats.t.sf(np.abs(t), out["df"][todo[test]])
-        return out
-    k = L.shape[0]
-    for j in np.flatnonzero(conv):
-        est = L @ beta[j]
-        V = L @ cov[j] @ L.T
-        try:
-            w = float(est @ np.linalg.solve(V, est))
-        except np.linalg.LinAlgError:
-            out["status"][todo[j]], out["converged"][todo[j]] = "singular contrast covariance", False
+    for j, L in enumerate(data.Ls):
+        scale = data.md_scales[j] if data.small_sample == "md_scaled" and data.md_scales else 1.0
+        st = out["status"][:, j]
+        st[todo[~fine]] = status[~fine]
+        out["converged"][todo, j] = conv
+        st[todo[fine & ~converged]] = "not converged"
+        if L.shape[0] == 1:
+            with np.errstate(invalid="ignore"):
+                est = beta @ L[0]
+                se = np.sqrt(np.maximum(scale * np.einsum("a,gab,b->g", L[0], cov, L[0]), 0.0))
+            g = todo[fine]
+            out["coef"][g, j], out["se"][g, j] = est[fine], se[fine]
+            test = conv & (se > 0)
+            t = est[test] / se[test]
+            out["stat"][todo[test], j] = t
+            out["pvalue"][todo[test], j] = 2.0 * stats.t.sf(np.abs(t), out["df"][todo[test], j])
             continue
-        out["stat"][todo[j]], out["pvalue"][todo[j]] = w / k, float(stats.f.sf(w / k, k, data.df))
+        q = L.shape[0]
+        for i in np.flatnonzero(conv):
+            est = L @ beta[i]
+            V = scale * (L @ cov[i] @ L.T)
+            try:
+                w = float(est @ np.linalg.solve(V, est))
+            except np.linalg.LinAlgError:
+                st[todo[i]], out["converged"][todo[i], j] = "singular contrast covariance", False
+                continue
+            out["stat"][todo[i], j] = w / q
+            out["pvalue"][todo[i], j] = float(stats.f.sf(w / q, q, data.df))
     return out
 
 
@@ -601,16 +637,17 @@ def _blocks(Sww, Sd, Sdr, T, rho, sizes):
 
 
 def sandwich_from_blocks(
-    A: np.ndarray, g: np.ndarray, small_sample: str, c: np.ndarray | None = None
+    A: np.ndarray, g: np.ndarray, small_sample: str, c: np.ndarray | None = None, md_scale: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cluster-robust sandwich covariances (genes × p × p) from cluster information ``A`` (clusters × genes × p × p)
     and scores ``g`` (clusters × genes × p), with a small-sample correction; a flag per gene for a valid result; and,
     for a contrast vector ``c``, the Bell–McCaffrey (Satterthwaite) degrees of freedom of ``c'beta`` (else NaN).
 
-    ``"kc"`` (Kauermann & Carroll 2001), ``"md"`` (Mancl & DeRouen 2001) or ``"none"`` (Liang–Zeger). The
-    corrections replace each cluster's residuals ``r_d`` by ``(I - H_dd)^-1/2 r_d`` (KC) or ``(I - H_dd)^-1 r_d``
-    (MD), with the cluster leverage ``H_dd = D_d B^-1 D_d' V_d^-1`` and ``B = sum_d A_d``. In closed form from
-    p × p matrices: with ``M_d = I - B^-1/2 A_d B^-1/2 = Q diag(1 - lam) Q'``, the corrected score is
+    ``"kc"`` (Kauermann & Carroll 2001), ``"md"`` (Mancl & DeRouen 2001), ``"md_scaled"`` (``"md"`` times
+    ``md_scale``, see :func:`_md_scale`) or ``"none"`` (Liang–Zeger). The corrections replace each cluster's
+    residuals ``r_d`` by ``(I - H_dd)^-1/2 r_d`` (KC) or ``(I - H_dd)^-1 r_d`` (MD), with the cluster leverage
+    ``H_dd = D_d B^-1 D_d' V_d^-1`` and ``B = sum_d A_d``. In closed form from p × p matrices: with
+    ``M_d = I - B^-1/2 A_d B^-1/2 = Q diag(1 - lam) Q'``, the corrected score is
     ``u_d = B^1/2 Q diag((1 - lam)^-c) Q' B^-1/2 g_d`` (``c = 1/2`` KC, ``1`` MD) and
     ``cov = B^-1 (sum_d u_d u_d') B^-1``. A gene is invalid if ``B`` is singular or a cluster has leverage 1 in some
     direction (``lam >= 1``: that donor alone determines a coefficient).
@@ -623,7 +660,7 @@ def sandwich_from_blocks(
     leverage in every donor it equals ``clusters - donor-level coefficients``; donors of unequal weight lower it.
     """
     K, G, p, _ = A.shape
-    power = {"kc": 0.5, "md": 1.0, "none": 0.0}[small_sample]
+    power = {"kc": 0.5, "md": 1.0, "md_scaled": 1.0, "none": 0.0}[small_sample]
     B = A.sum(axis=0)
     B = 0.5 * (B + np.swapaxes(B, 1, 2))
     wb, Ub = np.linalg.eigh(B)
@@ -650,6 +687,8 @@ def sandwich_from_blocks(
     u = np.einsum("gab,kgb->kga", b_half, corrected(g)) if power > 0 else g
     meat = np.einsum("kga,kgb->gab", u, u)
     cov = Binv @ meat @ Binv
+    if small_sample == "md_scaled":
+        cov *= md_scale
     df = np.full(G, np.nan)
     if c is not None:
         cg = np.broadcast_to(np.asarray(c, dtype=float), (G, p))
@@ -724,17 +763,22 @@ def gee_fit_batch(Y: np.ndarray, data: GEEData) -> dict[str, np.ndarray]:
     converged = (last_step < 1e-6) & (status == "ok")
 
     cov = np.full((G, p, p), np.nan)
-    df = np.full(G, data.df)
+    df = np.full((G, len(data.Ls)), data.df)
     fine = np.flatnonzero(status == "ok")
     if fine.size:
         a_alpha = None if alpha is None else alpha[fine]
         Sww, Sd, Sdr, T, ssr = _cluster_terms(Yc[:, fine], Xc, offc, beta[fine], a_alpha, fam, cl)
         A, g = _blocks(Sww, Sd, Sdr, T, rho[fine], sizes)
-        c_vec = data.L[0] if (data.df_method == "satterthwaite" and not data.ftest) else None
-        c, ok, dfs = sandwich_from_blocks(A, g, data.small_sample, c_vec)
+        c_vecs = [L[0] if (data.df_method == "satterthwaite" and L.shape[0] == 1) else None for L in data.Ls]
+        # the Bell-McCaffrey df does not change with a scalar factor: md_scaled's factor is applied per contrast
+        c, ok, dfs = sandwich_from_blocks(A, g, data.small_sample, c_vecs[0], md_scale=1.0)
         cov[fine] = c
-        if c_vec is not None:
-            df[fine] = np.minimum(dfs, data.df)
+        for j, c_vec in enumerate(c_vecs):
+            if c_vec is None:
+                continue
+            if j > 0:  # each t test has its own df (the covariance is the same)
+                dfs = sandwich_from_blocks(A, g, data.small_sample, c_vec)[2]
+            df[fine, j] = np.minimum(dfs, data.df)
         status[fine[~ok]] = "singular sandwich: one donor determines a coefficient"
     return {
         "beta": beta,

@@ -35,6 +35,16 @@ def _term_variance(term, theta: np.ndarray) -> np.ndarray:
     return np.array([np.trace(term.cov_from_theta(th) @ M) for th in theta])
 
 
+def _auto_offset(offset, family, design, obs, samples=None):
+    """``offset="auto"`` as glmm_de resolves it: TMM factors of the design's samples for NB and Poisson."""
+    if offset != "auto":
+        return offset
+    from ._offsets import design_samples
+
+    known = samples is not None or bool(design_samples(design, None, obs))
+    return "tmm" if family in ("nb", "poisson") and known else "log_total"
+
+
 def _prepare(adata, design, family, layer, offset, groups_key, genes, samples=None):
     if family not in _FAMILIES:
         raise InputError(f"family={family!r} is not known; use one of {_fmt_list(_FAMILIES)}.")
@@ -45,6 +55,7 @@ def _prepare(adata, design, family, layer, offset, groups_key, genes, samples=No
         check_finite(matrix, layer)
     else:
         check_counts(matrix, layer)
+    offset = _auto_offset(offset, family, design, adata.obs, samples)
     off = cell_offset(adata, matrix, offset, layer, samples=samples, groups_key=groups_key, design=design)
     gene_idx = gene_indices(adata, genes)
     matrix = gene_columns(matrix, gene_idx)  # only the selected genes, in gene_idx order
@@ -83,7 +94,7 @@ def variance_partition(
     *,
     family: Literal["nb", "poisson", "binomial", "gaussian"] = "nb",
     layer: str | None = None,
-    offset: str | None = "log_total",
+    offset: str | None = "auto",
     groups_key: str | None = None,
     genes=None,
     min_cells_expressing: int = 10,
@@ -117,7 +128,8 @@ def variance_partition(
     design
         Formula with random terms (at least one), e.g. ``"~ (1|donor) + (1|batch) + condition"``.
     family, layer, offset, groups_key, genes, min_cells_expressing, n_jobs
-        As in :func:`scmlm.tl.glmm_de`; genes are fitted by the same rule (``"all zero"`` and ``"too few expressing
+        As in :func:`scmlm.tl.glmm_de` (``offset="auto"``: TMM factors of the samples the design names, for NB and
+        Poisson; ``"log_total"`` otherwise); genes are fitted by the same rule (``"all zero"`` and ``"too few expressing
         cells"`` are not fitted and keep NaN values).
     key_added
         Key in ``adata.uns`` for ``{"params": …, "results": DataFrame}``.
@@ -141,6 +153,7 @@ def variance_partition(
     """
     from ..models._random import term_slices
 
+    offset = _auto_offset(offset, family, design, adata.obs)
     matrix, off, gene_idx, groups = _prepare(adata, design, family, layer, offset, groups_key, genes)
     full = build_design(adata.obs, design, check_rank=groups_key is None)
     if not full.parsed.has_random:

@@ -32,7 +32,8 @@ def design_samples(
     """obs columns whose combination identifies a sample, read from the design when no ``sample_key`` is given.
 
     ``cluster`` (GEE's cluster column) and the grouping factors of the random terms (e.g. ``donor``; ``batch`` and
-    ``donor`` for ``(1|batch/donor)``), crossed with, for a contrast ``(factor, test, reference)``, its factor; for
+    ``donor`` for ``(1|batch/donor)``), crossed with, for a contrast ``(factor, test, reference)``, its factor (for
+    several contrasts, the union of their factors); for
     any other contrast (a coefficient name, a vector, none), with the design's categorical fixed variables (given
     ``obs`` to tell them from numeric ones). With ``"~ condition + (1|donor)"`` and ``("condition", "stim", "ctrl")``
     a sample is a donor × condition combination, the unit paired pseudobulk sums. An empty list when the design names
@@ -46,9 +47,19 @@ def design_samples(
     cols: list[str] = [] if cluster is None else [cluster]
     for term in parsed.random:
         cols.extend(term.group)
-    if isinstance(contrast, list | tuple) and len(contrast) == 3 and isinstance(contrast[0], str):
-        cols.append(contrast[0])
-    elif obs is not None:
+    # several contrasts: the union of their factors
+    factors, other = [], contrast is None
+    if contrast is not None:
+        from ..design._design import parse_contrasts
+
+        for spec in parse_contrasts(contrast):
+            triple = isinstance(spec.spec, tuple) and len(spec.spec) == 3 and isinstance(spec.spec[0], str)
+            if triple and (obs is None or spec.spec[0] in obs.columns):
+                factors.append(spec.spec[0])
+            else:
+                other = True
+    cols.extend(factors)
+    if other and obs is not None:
         fixed = sorted(formulaic.Formula(parsed.fixed).required_variables)
         cols.extend(v for v in fixed if v in obs.columns and not pd.api.types.is_numeric_dtype(obs[v]))
     return list(dict.fromkeys(cols))
@@ -71,6 +82,13 @@ def resolve_samples(
                 + ": pass sample_key='sample' (an obs column) or a list of obs columns whose combination identifies "
                 "a sample, e.g. ['donor', 'condition']."
             )
+        if obs is not None:
+            missing = [c for c in cols if c not in obs.columns]
+            if missing:
+                raise InputError(
+                    f"design {design!r} uses {_fmt_list(missing)}, not among the columns of adata.obs: "
+                    f"{_fmt_list(obs.columns)}."
+                )
         return cols
     cols = [sample_key] if isinstance(sample_key, str) else list(sample_key)
     if not cols or not all(isinstance(c, str) for c in cols):
@@ -207,7 +225,7 @@ def streamed_tmm(obs: pd.DataFrame, spec: dict, n_vars: int) -> StreamedTMM:
     workflow's gene shards, ``scmlm hierarchy``) equals the one ``glmm_de`` computes on the whole matrix.
     """
     contrast = spec.get("contrast")
-    if isinstance(contrast, list):
-        contrast = tuple(contrast)
+    if isinstance(contrast, list) and len(contrast) == 3 and not any(":" in str(c) for c in contrast):
+        contrast = tuple(contrast)  # a (factor, test, reference) stored as a list; a list of "f:t:r" stays a list
     samples = resolve_samples(spec.get("sample_key"), spec["design"], contrast, obs)
     return StreamedTMM(obs, samples, spec.get("groups_key"), n_vars)

@@ -12,7 +12,7 @@ import pandas as pd
 from .._errors import DesignError, InputError, _fmt_list
 from .._validate import check_counts, check_obs_keys, check_unique_names, get_matrix
 from .._version import __version__
-from ..design import build_design, contrast_label, parse_formula
+from ..design import build_design, contrast_names, contrast_param, parse_contrasts, parse_formula
 from ..design._design import _variables
 from ..results import DEResult, finalize_table
 from ._common import NotTestable, cell_groups, fit_groups, group_status
@@ -50,6 +50,15 @@ def pseudobulk_de(
         precision-weighted linear mixed model per gene (variancePartition's dream).
     contrast
         ``(factor, test_level, reference_level)``, a coefficient name, or a numeric vector over the design's columns.
+        Several contrasts in one call: a list of tuples or names, or a dict ``{name: contrast}`` (numeric vectors need
+        a name). A dict value that lists several contrasts (e.g. ``["dose[T.mid]", "dose[T.high]"]``) or is a 2-D
+        array of rows is one joint test, "any difference among three doses": ``"nb_ql"`` the QL F test on the
+        deviance (``glmQLFTest(fit, coef = 2:3)``), ``"voom"`` limma's moderated F (``topTableF``); ``coef`` and
+        ``se`` are then NaN and ``stat`` is F (numerator df: the number of rows). One fit per group serves every
+        contrast (dispersions, QL or voom weights and ``eBayes`` prior are shared, as when edgeR or limma test several
+        contrasts of one fit); the ``contrast`` column holds the names (a tuple's is ``factor_test_vs_ref``) and BH
+        runs per group and contrast. ``"pydeseq2"`` takes tuple contrasts only; dream (``"voom"`` with random
+        terms) fits each contrast on its own, as its test is part of the per-gene mixed-model fit.
     method
         ``"nb_ql"``: negative-binomial GLM with TMM normalisation, empirical-Bayes dispersions and quasi-likelihood
         F-tests with robust empirical-Bayes QL dispersions (edgeR's ``glmQLFit(robust=TRUE)`` + ``glmQLFTest``).
@@ -76,8 +85,8 @@ def pseudobulk_de(
 
     Returns
     -------
-    ``None``, the copy, or the result (see ``inplace``/``copy``). The table has one row per gene × group with columns
-    ``gene, group, contrast, coef`` (natural log), ``log2fc, se, stat, df, pvalue, padj, base_mean, method,
+    ``None``, the copy, or the result (see ``inplace``/``copy``). The table has one row per gene × group × contrast
+    with columns ``gene, group, contrast, coef`` (natural log), ``log2fc, se, stat, df, pvalue, padj, base_mean, method,
     converged, status`` and ``dispersion``.
 
     Examples
@@ -104,8 +113,16 @@ def pseudobulk_de(
             f"design {design!r} has random terms; pseudobulk method {method!r} fits fixed effects only. Use "
             "method='voom' (precision-weighted mixed model, as dream) or the cell-level scmlm.tl.glmm_de."
         )
+    specs = parse_contrasts(contrast)  # clear errors for a malformed list or dict before any fitting
     if groups_key is None:
-        full.contrast(contrast)
+        full.contrasts(contrast)
+    if method == "pydeseq2":
+        bad = [s.name for s in specs if s.joint or not (isinstance(s.spec, tuple) and len(s.spec) == 3)]
+        if bad:
+            raise InputError(
+                f"method='pydeseq2' takes contrasts (factor, test_level, reference_level) only; {_fmt_list(bad)} "
+                "are not. Use method='nb_ql' or 'voom' for coefficient names, numeric vectors and joint F tests."
+            )
     tables = fit_groups(
         cell_groups(pb, groups_key),
         lambda name, rows: _fit_group(
@@ -119,7 +136,8 @@ def pseudobulk_de(
     params = {
         "tool": "pseudobulk_de",
         "design": design,
-        "contrast": contrast if isinstance(contrast, str) else [str(c) for c in np.atleast_1d(contrast)],
+        "contrast": contrast_param(contrast),
+        "contrasts": [s.name for s in specs],
         "method": method,
         "groups_key": groups_key,
         "layer": layer,
@@ -182,11 +200,12 @@ def check_sample_rows(pb: ad.AnnData, design: str, *, groups_key: str | None, ro
 
 
 def _failed_group(pb, group, contrast, method, status) -> pd.DataFrame:
+    names = contrast_names(contrast)
     return pd.DataFrame(
         {
-            "gene": pb.var_names.to_numpy(),
+            "gene": np.tile(pb.var_names.to_numpy(), len(names)),
             "group": group if group is not None else "all",
-            "contrast": contrast_label(contrast),
+            "contrast": np.repeat(names, pb.n_vars),
             "method": method,
             "converged": False,
             "status": status,
@@ -200,7 +219,7 @@ def _fit_group(pb, counts_all, rows, group, design, contrast, *, method, filter_
     obs = pb.obs.iloc[rows]
     counts = counts_all[rows].T  # genes × samples
     d = build_design(obs, design)
-    con = d.contrast(contrast)
+    cons = d.contrasts(contrast)
     n, rank = d.X.shape[0], int(np.linalg.matrix_rank(d.X))
     if n - rank < 1:
         where = "" if group is None else f" in group {group!r}"
@@ -213,57 +232,76 @@ def _fit_group(pb, counts_all, rows, group, design, contrast, *, method, filter_
         keep = np.asarray(_edger.filter_by_expr(counts, design=d.X), dtype=bool)
     else:
         keep = counts.sum(axis=1) > 0
-    out = pd.DataFrame(
-        {
-            "gene": pb.var_names.to_numpy(),
-            "group": group if group is not None else "all",
-            "contrast": con.name,
-            "method": method,
-            "converged": False,
-            "status": np.where(keep, "ok", "filtered" if filter_genes else "all zero"),
-        }
-    )
-    for col in ("coef", "se", "stat", "df", "pvalue", "base_mean", "dispersion"):
-        out[col] = np.nan
+    outs = []
+    for con in cons:
+        out = pd.DataFrame(
+            {
+                "gene": pb.var_names.to_numpy(),
+                "group": group if group is not None else "all",
+                "contrast": con.name,
+                "method": method,
+                "converged": False,
+                "status": np.where(keep, "ok", "filtered" if filter_genes else "all zero"),
+            }
+        )
+        for col in ("coef", "se", "stat", "df", "pvalue", "base_mean", "dispersion"):
+            out[col] = np.nan
+        outs.append(out)
     if not keep.any():
-        return out
+        return pd.concat(outs, ignore_index=True)
     y = counts[keep]
     idx = np.flatnonzero(keep)
     # edgeR: y[keep, , keep.lib.sizes = FALSE] then calcNormFactors (TMM) on the kept genes
     norm_factors = _edger.tmm_factors(y)
     eff_lib = y.sum(axis=0) * norm_factors
     base_mean = (y / (eff_lib / np.exp(np.mean(np.log(eff_lib))))[None, :]).mean(axis=1)
+    Ls = [con.L.T for con in cons]  # p-vectors, or p × q for a joint test
+    per_contrast = []
     if method == "nb_ql":
-        r = _edger.nb_ql(y, d.X, con.L, norm_factors=norm_factors, robust=True)
-        stats = {
-            "coef": r.coef,
-            "se": r.se,
-            "stat": r.stat,
-            "df": r.df2,
-            "pvalue": r.pvalue,
-            "base_mean": base_mean,
-            "dispersion": r.dispersion,
-        }
-        conv = np.asarray(r.converged, dtype=bool)
+        # one dispersion estimate and QL fit for every contrast; each test adds only its null-model fit
+        for r in _edger.nb_ql_multi(y, d.X, Ls, norm_factors=norm_factors, robust=True):
+            stats = {
+                "coef": _scalar_or_nan(r.coef),
+                "se": _scalar_or_nan(r.se),
+                "stat": r.stat,
+                "df": r.df2,
+                "pvalue": r.pvalue,
+                "base_mean": base_mean,
+                "dispersion": r.dispersion,
+            }
+            per_contrast.append((stats, np.asarray(r.converged, dtype=bool), None, None))
     elif method == "voom":
         kwargs = {"terms": d.terms} if d.terms else {}
-        r = _limma.voom_limma(y, d.X, con.L, norm_factors=norm_factors, **kwargs)
-        stats = {
-            "coef": r.coef,
-            "se": r.se,
-            "stat": r.stat,
-            "df": r.df,
-            "pvalue": r.pvalue,
-            "base_mean": base_mean,
-        }
-        conv = np.asarray(r.converged, dtype=bool)
-        if r.status is not None:
-            out.loc[idx, "status"] = np.asarray(r.status, dtype=object)
-        if r.var_components:
-            for name, v in r.var_components.items():
-                out.loc[idx, f"var_{name}"] = np.asarray(v, dtype=float)
+        for r in _limma.voom_limma_multi(y, d.X, Ls, norm_factors=norm_factors, **kwargs):
+            stats = {
+                "coef": _scalar_or_nan(r.coef),
+                "se": _scalar_or_nan(r.se),
+                "stat": r.stat,
+                "df": r.df,
+                "pvalue": r.pvalue,
+                "base_mean": base_mean,
+            }
+            per_contrast.append((stats, np.asarray(r.converged, dtype=bool), r.status, r.var_components))
     else:
-        stats, conv = _pydeseq2(y, obs, design, contrast, pb.var_names[keep])
+        for stats, conv in _pydeseq2(y, obs, design, parse_contrasts(contrast), pb.var_names[keep]):
+            per_contrast.append((stats, conv, None, None))
+    for out, (stats, conv, status, var_components) in zip(outs, per_contrast, strict=True):
+        if status is not None:
+            out.loc[idx, "status"] = np.asarray(status, dtype=object)
+        if var_components:
+            for name, v in var_components.items():
+                out.loc[idx, f"var_{name}"] = np.asarray(v, dtype=float)
+        _fill(out, idx, stats, conv)
+    return pd.concat(outs, ignore_index=True)
+
+
+def _scalar_or_nan(a: np.ndarray) -> np.ndarray:
+    """A joint test's per-row estimates have no single value: NaN (``stat`` holds the F statistic)."""
+    a = np.asarray(a, dtype=float)
+    return a if a.ndim == 1 else np.full(a.shape[0], np.nan)
+
+
+def _fill(out: pd.DataFrame, idx: np.ndarray, stats: dict, conv: np.ndarray) -> None:
     for col, val in stats.items():
         out.loc[idx, col] = np.asarray(val, dtype=float)
     out.loc[idx, "converged"] = conv
@@ -281,17 +319,15 @@ def _fit_group(pb, counts_all, rows, group, design, contrast, *, method, filter_
     if untested.any():
         df = out["df"].to_numpy(dtype=float)
         out.loc[untested, "status"] = np.where(df[untested] > 0, "no p-value", "no residual df")
-    return out
 
 
-def _pydeseq2(y, obs, design, contrast, genes):
+def _pydeseq2(y, obs, design, specs, genes):
+    """PyDESeq2: one ``deseq2()`` fit, then a Wald test (``DeseqStats``) per contrast; ``(stats, converged)`` each."""
     try:
         from pydeseq2.dds import DeseqDataSet
         from pydeseq2.ds import DeseqStats
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise InputError("method='pydeseq2' needs PyDESeq2: pip install 'scmlm[deseq2]'.") from err
-    if not (isinstance(contrast, list | tuple) and len(contrast) == 3):
-        raise InputError("method='pydeseq2' takes a contrast (factor, test_level, reference_level).")
     meta = obs.copy()
     meta.index = meta.index.astype(str)
     counts = pd.DataFrame(np.round(y.T).astype(int), index=meta.index, columns=[str(g) for g in genes])
@@ -299,18 +335,23 @@ def _pydeseq2(y, obs, design, contrast, genes):
         warnings.simplefilter("ignore")
         dds = DeseqDataSet(counts=counts, metadata=meta, design=design.replace(" ", ""), quiet=True, n_cpus=1)
         dds.deseq2()
-        ds = DeseqStats(dds, contrast=[str(c) for c in contrast], quiet=True, n_cpus=1)
-        ds.summary()
-    res = ds.results_df
-    ln2 = np.log(2.0)
-    stats = {
-        "coef": res["log2FoldChange"].to_numpy() * ln2,
-        "se": res["lfcSE"].to_numpy() * ln2,
-        "stat": res["stat"].to_numpy(),
-        "df": np.full(len(res), np.inf),
-        "pvalue": res["pvalue"].to_numpy(),
-        "base_mean": res["baseMean"].to_numpy(),
-        "dispersion": np.asarray(dds.var["dispersions"]),
-    }
-    conv = np.isfinite(stats["pvalue"]) | np.isfinite(stats["coef"])
-    return stats, conv
+    out = []
+    for spec in specs:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = DeseqStats(dds, contrast=[str(c) for c in spec.spec], quiet=True, n_cpus=1)
+            ds.summary()
+        res = ds.results_df
+        ln2 = np.log(2.0)
+        stats = {
+            "coef": res["log2FoldChange"].to_numpy() * ln2,
+            "se": res["lfcSE"].to_numpy() * ln2,
+            "stat": res["stat"].to_numpy(),
+            "df": np.full(len(res), np.inf),
+            "pvalue": res["pvalue"].to_numpy(),
+            "base_mean": res["baseMean"].to_numpy(),
+            "dispersion": np.asarray(dds.var["dispersions"]),
+        }
+        conv = np.isfinite(stats["pvalue"]) | np.isfinite(stats["coef"])
+        out.append((stats, conv))
+    return out

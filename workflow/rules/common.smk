@@ -1,6 +1,7 @@
 """Configuration checks, paths and input functions shared by the rules (no rules here)."""
 
 import difflib
+import json
 import os
 import re
 import shlex
@@ -35,9 +36,11 @@ def _describe(err):
     if err.validator == "required":
         missing = [k for k in err.validator_value if k not in err.instance]
         return f"{where}: missing required key {missing[0]!r}"
-    if err.absolute_path and err.absolute_path[-1] == "contrast":
+    if "contrast" in list(err.absolute_path):
         return (
-            f"{where}: must be [factor, level, reference level], got {err.instance!r}"
+            f"{where}: must be [factor, level, reference level], a list of such lists, or a mapping "
+            f"name -> contrast ([factor, level, reference level], a coefficient name, or 'coefA,coefB' for a "
+            f"joint F test; names without '=', ',', ':' or spaces), got {err.instance!r}"
         )
     if err.validator == "enum":
         choices = ", ".join(map(repr, err.validator_value))
@@ -49,6 +52,40 @@ def _inside(path, folder):
     """Whether `path` is `folder` or lies inside it (both relative to the working directory)."""
     path, folder = os.path.abspath(path), os.path.abspath(folder)
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _is_triple(c):
+    return isinstance(c, list) and len(c) == 3 and all(isinstance(x, str) for x in c)
+
+
+def _contrast_levels(contrast):
+    """The factor and level names of an analysis' (factor, level, reference) contrasts."""
+    if _is_triple(contrast):
+        return list(contrast)
+    items = contrast.values() if isinstance(contrast, dict) else contrast
+    return [x for c in items if _is_triple(c) for x in c]
+
+
+def contrast_args(contrast):
+    """`--contrast` options of an analysis' contrast: one, a list of them, or a mapping name -> contrast."""
+    if _is_triple(contrast):
+        return ["--contrast", ":".join(contrast)]
+    if isinstance(contrast, dict):
+        args = []
+        for name, c in contrast.items():
+            args += ["--contrast", f"{name}={':'.join(c) if _is_triple(c) else c}"]
+        return args
+    return [arg for c in contrast for arg in ("--contrast", ":".join(c))]
+
+
+def contrast_spec(contrast):
+    """The contrast as the scmlm API reads it (what `scmlm de` makes of the `--contrast` options), for the TMM
+    samples split_shards computes: the union of the contrasts' factors."""
+    if _is_triple(contrast):
+        return list(contrast)
+    if isinstance(contrast, dict):
+        return {n: ":".join(c) if _is_triple(c) else c for n, c in contrast.items()}
+    return [":".join(c) for c in contrast]
 
 
 def validate_config(cfg):
@@ -80,10 +117,10 @@ def validate_config(cfg):
                     problems.append(f"{where}: {key!r} applies to method glmm only")
         elif "pb_method" in a:
             problems.append(f"{where}: 'pb_method' applies to method pseudobulk only")
-        for level in a["contrast"]:
-            if ":" in level:
+        for level in _contrast_levels(a["contrast"]):
+            if ":" in level or "=" in level or "," in level:
                 problems.append(
-                    f"{where}: contrast entry {level!r} must not contain ':'"
+                    f"{where}: contrast entry {level!r} must not contain ':', '=' or ','"
                 )
         if a["method"] == "pseudobulk" and "(" in a["design"] and "|" in a["design"]:
             problems.append(
@@ -158,7 +195,7 @@ def de_args(wildcards):
     """The analysis-specific options of `scmlm de`, shell-quoted."""
     a = ANALYSES[wildcards.analysis]
     args = ["--method", a["method"], "--design", a["design"]]
-    args += ["--contrast", ":".join(a["contrast"])]
+    args += contrast_args(a["contrast"])
     if config["groups_key"]:
         args += ["--groups-key", config["groups_key"]]
     # pseudobulk fits read the aggregated h5ad and GLMM shards the split h5ads, both with the counts in .X
@@ -188,7 +225,7 @@ def tmm_specs(wildcards):
         if a["method"] == "glmm" and glmm_offset(name) == "tmm":
             specs[name] = {
                 "design": a["design"],
-                "contrast": list(a["contrast"]),
+                "contrast": contrast_spec(a["contrast"]),
                 "sample_key": a.get("sample_key"),
                 "groups_key": config["groups_key"] or None,
             }
@@ -237,7 +274,7 @@ def hierarchy_genes(name):
 
 def hierarchy_args(wildcards):
     a = ANALYSES[wildcards.analysis]
-    args = ["--design", a["design"], "--contrast", ":".join(a["contrast"])]
+    args = ["--design", a["design"], *contrast_args(a["contrast"])]
     args += ["--family", a.get("family", "nb")]
     if config["groups_key"]:
         args += ["--groups-key", config["groups_key"]]
@@ -248,6 +285,49 @@ def hierarchy_args(wildcards):
         args += ["--sample-key", a["sample_key"]]
     args += ["--n-genes", str(hierarchy_genes(wildcards.analysis))]
     args += ["--n-shrinkage", str(int(a.get("shrinkage_genes", 3)))]
+    return shlex.join(args)
+
+
+def hierarchy_dirs():
+    """The hierarchy folders of the GLMM analyses that have a hierarchy step."""
+    return [out(name, "hierarchy") for name in ANALYSES if hierarchy_genes(name) > 0]
+
+
+def report_params(name):
+    """What the report lists under an analysis' methods, from its configuration."""
+    a = ANALYSES[name]
+    params = {
+        "method": a["method"],
+        "design": a["design"],
+        "contrast": list(a["contrast"]),
+    }
+    if a["method"] == "pseudobulk":
+        params["pb_method"] = a.get("pb_method", "nb_ql")
+        params["normalisation"] = {
+            "nb_ql": "TMM (edgeR calcNormFactors) on the pseudobulk samples",
+            "voom": "TMM (edgeR calcNormFactors) on the pseudobulk samples",
+            "pydeseq2": "DESeq2 median-of-ratios size factors",
+        }[params["pb_method"]]
+        params["sample_key"] = config["sample_key"]
+    else:
+        params["family"] = a.get("family", "nb")
+        params["offset"] = glmm_offset(name)
+        params["replication"] = a.get("replication", "auto")
+        if a.get("sample_key"):
+            params["sample_key"] = a["sample_key"]
+        params["shards"] = n_shards(name)
+    if config["groups_key"]:
+        params["groups_key"] = config["groups_key"]
+    if config["layer"]:
+        params["layer"] = config["layer"]
+    return params
+
+
+def report_args(wildcards):
+    args = [f"{name}={out(name)}" for name in ANALYSES]
+    args += ["--params", json.dumps({name: report_params(name) for name in ANALYSES})]
+    args += ["--input", config["input"]]
+    args += ["--title", f"scmlm results: {os.path.basename(config['input'])}"]
     return shlex.join(args)
 
 
@@ -426,7 +506,7 @@ onstart:
 
 # ---- targets ------------------------------------------------------------------------------------------------------
 def final_outputs():
-    targets = [out("summary.csv")]
+    targets = [out("summary.csv"), out("report.html")]
     for name in ANALYSES:
         targets += [out(name, "results.csv"), out(name, "plots")]
         if hierarchy_genes(name) > 0:

@@ -54,7 +54,8 @@ rule split_shards:
 
 rule fit_glmm:
     input:
-        out("split/{n}-shards"),
+        shards=out("split/{n}-shards"),
+        warmup=out("logs/warmup.txt"),
     output:
         out("{analysis}/shards/{i}-of-{n}.csv"),
     log:
@@ -73,6 +74,6 @@ rule fit_glmm:
         args=de_args,
         offset=lambda w: shard_offset(w.analysis),
     shell:
-        "scmlm -v de {input:q}/{wildcards.i}-of-{wildcards.n}.h5ad {params.args}"
+        "scmlm -v de {input.shards:q}/{wildcards.i}-of-{wildcards.n}.h5ad {params.args}"
         " --offset {params.offset} --shard {wildcards.i}/{wildcards.n}"
         " --n-jobs {threads} --out {output:q} > {log:q} 2>&1"

@@ -1,5 +1,7 @@
-# HTML report (`snakemake --report report.html`): the workflow description, a summary table over all analyses, the
-# result tables and the plots.
+# The landing page (`{outdir}/report.html`, rule report_html): one self-contained HTML file with the genes called per
+# analysis and group, the top genes as sortable tables, the figures and the methods; written by `scmlm report`.
+# Snakemake's own report (`snakemake --report snakemake_report.html`) lists it first, under "1. Overview", then the
+# summary table, the result tables and the plots.
 
 
 report: "../report/workflow.rst"
@@ -12,7 +14,7 @@ rule summary:
         report(
             out("summary.csv"),
             caption="../report/summary.rst",
-            category="Summary",
+            category="2. Summary",
             labels={"file": "summary.csv"},
         ),
     log:
@@ -29,3 +31,32 @@ rule summary:
         analyses=list(ANALYSES),
     script:
         "../scripts/summary.py"
+
+
+rule report_html:
+    input:
+        data=config["input"],
+        results=expand(out("{analysis}/results.csv"), analysis=ANALYSES),
+        plots=expand(out("{analysis}/plots"), analysis=ANALYSES),
+        hierarchy=hierarchy_dirs(),
+    output:
+        report(
+            out("report.html"),
+            caption="../report/landing.rst",
+            category="1. Overview",
+            labels={"page": "results at a glance"},
+        ),
+    log:
+        out("logs/report_html.log"),
+    benchmark:
+        out("benchmarks/report_html.tsv")
+    conda:
+        "../envs/scmlm.yaml"
+    threads: 1
+    resources:
+        mem_mb=fixed_mem("report_html", 4000),
+        runtime=runtime("report_html", 10),
+    params:
+        args=report_args,
+    shell:
+        "scmlm -v report {output:q} {params.args} > {log:q} 2>&1"

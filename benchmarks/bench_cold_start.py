@@ -1,0 +1,187 @@
+"""Cold start: the first call of ``glmm_de`` and ``pseudobulk_de`` in a fresh process, from a fresh installation.
+
+Prints, each figure from its own Python process (wall and CPU time from interpreter start,
+imports included):
+
+  cold     first process after a fresh non-editable ``pip install`` (empty numba caches: the package directory
+           is deleted before installing, and the user-wide cache directory is new)
+  second   the next process on the same installation
+  ro-cold  a read-only installation (site-packages not writable, run as an unprivileged user), first process
+  ro-warm  the same read-only installation after ``scmlm warmup`` (numba's user-wide cache)
+  ro-dir   the same read-only installation with ``NUMBA_CACHE_DIR`` filled by ``scmlm warmup --cache-dir``
+
+Bars (issue): cold ≤ 10 s, second ≤ 3 s, read-only after one warm-up ≤ 3 s.
+
+    python benchmarks/bench_cold_start.py [--venv /tmp/venv_cold] [--skip-readonly] [--repeat 2]
+
+``--venv`` reuses a venv that already has the dependencies (scmlm itself is reinstalled there, non-editable, with
+``--force-reinstall --no-deps``, which gives an empty in-tree cache); without it a new venv is built in a temporary
+directory with ``pip install REPO``. The read-only runs need root (to drop to ``nobody`` with ``setpriv``, since root
+ignores file permissions); they are skipped otherwise. The load average is printed with every figure: the machine
+may be shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+NOBODY = 65534  # uid and gid of nobody/nogroup: the read-only runs drop to it (root ignores file permissions)
+
+# what a user's first call looks like: a small simulated dataset, the public API, default settings
+PROBE = {
+    "glmm_de": (
+        "import scmlm\n"
+        "a = scmlm.datasets.simulate(n_donors=6, n_cells=60, n_genes=60, n_batches=2, seed=1)\n"
+        "a = a[a.X.sum(axis=1).A1 > 0].copy()\n"
+        "scmlm.tl.glmm_de(a, '~ condition + (1|donor) + (1|batch)', ('condition', 'case', 'ctrl'),"
+        " min_cells_expressing=5)\n"
+        "assert (a.uns['glmm_de']['results']['status'] == 'ok').any()\n"
+    ),
+    "pseudobulk_de": (
+        "import scmlm\n"
+        "a = scmlm.datasets.simulate(n_donors=6, n_cells=60, n_genes=200, n_batches=2, seed=1)\n"
+        "pb = scmlm.pp.pseudobulk(a, 'donor')\n"
+        "scmlm.tl.pseudobulk_de(pb, '~ condition', ('condition', 'case', 'ctrl'))\n"
+        "assert (pb.uns['pseudobulk_de']['results']['status'] == 'ok').any()\n"
+    ),
+}
+
+
+def _load() -> str:
+    return "load {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
+
+def _site_packages(py: Path) -> Path:
+    out = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return Path(out.stdout.strip())
+
+
+def _install(py: Path, repo: Path, deps: bool) -> None:
+    """(Re)install ``repo`` non-editable. The old package directory is removed first: pip leaves numba's cache files
+    (not in the wheel's RECORD) in ``__pycache__``, and numba keys them by source content, so they would be reused."""
+    old = _site_packages(py) / "scmlm"
+    if old.exists():
+        subprocess.run(["chmod", "-R", "u+w", str(old)], check=True)
+        shutil.rmtree(old)
+    cmd = [str(py), "-m", "pip", "install", "-q", "--force-reinstall", str(repo)]
+    if not deps:
+        cmd.insert(-1, "--no-deps")
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+
+
+def _env(cache_home: Path, numba_dir: Path | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBA_", "SCMLM_"))}
+    env.update(XDG_CACHE_HOME=str(cache_home), HOME=str(cache_home), OMP_NUM_THREADS="1", MPLCONFIGDIR=str(cache_home))
+    if numba_dir is not None:
+        env["NUMBA_CACHE_DIR"] = str(numba_dir)
+    return env
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _run(cmd: list[str], env: dict, user: int | None = None) -> tuple[float, float]:
+    """Wall time and CPU time (user + system, all threads) of ``cmd``; the CPU time is less sensitive to load."""
+    if user is not None:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
+    c0, t0 = _cpu(), time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=env["HOME"])
+    dt, dc = time.perf_counter() - t0, _cpu() - c0
+    if proc.returncode:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return dt, dc
+
+
+def _home(tmp: Path) -> Path:
+    """A new empty home (and XDG cache) owned by ``nobody``, so no numba cache of an earlier run is found."""
+    home = Path(tempfile.mkdtemp(dir=tmp))
+    os.chown(home, NOBODY, NOBODY)
+    return home
+
+
+def _probe(py: Path, what: str, env: dict, user: int | None = None) -> tuple[float, float]:
+    return _run([str(py), "-c", PROBE[what]], env, user)
+
+
+def _report(label: str, what: str, t: tuple[float, float]) -> None:
+    print(f"  {what:14s} {label:8s} {t[0]:7.1f} s wall {t[1]:7.1f} s cpu   ({_load()})", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--venv", default=None, help="venv with the dependencies installed (scmlm is reinstalled)")
+    ap.add_argument("--repo", default=str(REPO), help="source tree to install (default: this checkout)")
+    ap.add_argument("--repeat", type=int, default=1, help="repeat the whole measurement")
+    ap.add_argument("--skip-readonly", action="store_true")
+    ap.add_argument("--only", choices=sorted(PROBE), action="append", help="measure only this function")
+    args = ap.parse_args(argv)
+    repo = Path(args.repo).resolve()
+    whats = args.only or sorted(PROBE)
+    tmp = Path(tempfile.mkdtemp(prefix="scmlm_cold_"))
+    os.chmod(tmp, 0o755)
+    try:
+        if args.venv is None:
+            venv = tmp / "venv"
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            _install(venv / "bin" / "python", repo, deps=True)
+        else:
+            venv = Path(args.venv)
+        py = venv / "bin" / "python"
+        site = _site_packages(py)
+        readonly = not args.skip_readonly and os.geteuid() == 0 and shutil.which("setpriv") is not None
+        print(f"scmlm cold start: {py} ({site / 'scmlm'})")
+        for rep in range(args.repeat):
+            print(f"run {rep + 1}")
+            for what in whats:
+                _install(py, repo, deps=False)  # a fresh installation: new files, empty __pycache__
+                home = Path(tempfile.mkdtemp(dir=tmp))
+                env = _env(home)
+                _report("cold", what, _probe(py, what, env))
+                _report("second", what, _probe(py, what, env))
+            if not readonly:
+                continue
+            _install(py, repo, deps=False)
+            subprocess.run(["chmod", "-R", "a-w", str(site / "scmlm")], check=True)
+            scmlm_cli = str(venv / "bin" / "scmlm")
+            has_warmup = subprocess.run([scmlm_cli, "warmup", "--help"], capture_output=True).returncode == 0
+            try:
+                for what in whats:
+                    env = _env(_home(tmp))
+                    _report("ro-cold", what, _probe(py, what, env, user=NOBODY))
+                    _report("ro-2nd", what, _probe(py, what, env, user=NOBODY))
+                if has_warmup:
+                    env = _env(_home(tmp))
+                    _report("warmup", "(all kernels)", _run([scmlm_cli, "warmup"], env, user=NOBODY))
+                    for what in whats:
+                        _report("ro-warm", what, _probe(py, what, env, user=NOBODY))
+                    shared = _home(tmp) / "numba_cache"
+                    t = _run([scmlm_cli, "warmup", "--cache-dir", str(shared)], env, user=NOBODY)
+                    _report("warmup", "(--cache-dir)", t)
+                    for what in whats:
+                        _report("ro-dir", what, _probe(py, what, _env(_home(tmp), shared), user=NOBODY))
+            finally:
+                subprocess.run(["chmod", "-R", "u+w", str(site / "scmlm")], check=True)
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(tmp)], check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Moderated (empirical-Bayes) vs per-gene GLMM tests beside pseudobulk nb_ql, on DE simulations with known truth.
+
+Data: ``scmlm.datasets.simulate`` with 10 % DE genes:
+  * ``between``: 10 donors × 400 cells, 3 batches, ``~ condition + (1|donor) + (1|batch)`` (the case of the issue);
+  * ``unbalanced``: 10 donors with 20–2,000 cells each, ``~ condition + (1|donor)``.
+For each: ``glmm_de`` with ``moderate=True`` (default) and ``moderate=False``, and pseudobulk ``nb_ql`` on donor sums
+(``~ batch + condition`` / ``~ condition``). In the between case donors are nested in 3 batches with unequal
+case/control counts, so with ``(1|batch)`` the default falls back to per-gene tests (the contrast's variance rests on
+a 3-level batch variance that no prior for the donor term moderates: moderated, it was calibrated on some nulls and
+not on others, see ``scmlm.models._moderate``); the same data with batch as a fixed effect,
+``~ condition + batch + (1|donor)``, is moderated. Prints the AUC of p-values for the true DE genes
+(genes without a p-value count as p = 1), the number of genes at BH padj < 0.05, the TPR and the observed FDR there,
+the prior df, and the wall time of each GLMM fit (the first fit includes compiling the kernels; ``--timing`` fits
+2,000 genes × 4,000 cells with ``(1|donor)+(1|batch)`` and with a crossed ``(1|lane)``, with and without moderation).
+Figures (seed 0, ``--n-jobs 2``, 2,000 genes):
+
+  between donors, 4,000 cells, 200 DE
+    (1|donor)+(1|batch) (per gene)      AUC 0.8801  calls 37  TPR 0.180  FDR 0.027
+    batch + (1|donor) moderated         AUC 0.8907  calls 49  TPR 0.240  FDR 0.020  (df_prior 5.83)
+    batch + (1|donor) per gene          AUC 0.8718  calls 13  TPR 0.060  FDR 0.077
+    pseudobulk nb_ql                    AUC 0.8563  calls 49  TPR 0.240  FDR 0.020
+  unbalanced donors, 2,989 cells, 200 DE
+    (1|donor) moderated                 AUC 0.8773  calls 23  TPR 0.115  FDR 0.000  (df_prior 5.29)
+    (1|donor) per gene                  AUC 0.8586  calls 10  TPR 0.050  FDR 0.000
+    pseudobulk nb_ql                    AUC 0.6507  calls 34  TPR 0.165  FDR 0.029
+  timing, 2,000 genes × 4,000 cells (kernels compiled): (1|donor)+(1|batch) 3.7 s per gene tests, 2.9 s with
+    moderation on (falls back); (1|donor)+(1|lane) (moderated) 7.1 s and 5.7 s
+
+The unbalanced moderated test calls fewer genes than nb_ql: with one unit scale ``c`` for all genes it called 29
+(FDR 0.034) but boundary fits were anticonservative on unbalanced nulls (13-16 % of p < 0.05); the per-gene scale
+and the boundary fits' df that fix this cost the difference (see ``scmlm.models._moderate``).
+The issue's AUC bar (0.93) is out of reach on this simulation: ranking the genes by the z statistic of an estimate
+with known variances (donor and sampling variance only, no batch) gives AUC 0.925 averaged over 20 draws (0.914
+with a share of the batch variance).
+Bars (issue): between AUC ≥ 0.93, TPR ≥ 0.35, FDR ≤ 0.05; unbalanced calls ≥ nb_ql's with FDR ≤ 0.05.
+
+    python benchmarks/bench_moderation.py [--genes 2000] [--cells 400] [--seed 0] [--n-jobs 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import numpy as np
+
+CONTRAST = ("condition", "case", "ctrl")
+
+
+def _auc(score: np.ndarray, truth: np.ndarray) -> float:
+    from scipy.stats import rankdata
+
+    r = rankdata(score)
+    n1, n0 = truth.sum(), (~truth).sum()
+    return float((r[truth].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def _line(name: str, p: np.ndarray, padj: np.ndarray, truth: np.ndarray, extra: str = "") -> None:
+    p = np.where(np.isfinite(p), p, 1.0)
+    sig = np.isfinite(padj) & (padj < 0.05)
+    fdr = float((~truth[sig]).mean()) if sig.any() else 0.0
+    tpr = float(sig[truth].mean())
+    print(
+        f"  {name:<52} AUC {_auc(-np.log(np.maximum(p, 1e-300)), truth):.4f}  calls {int(sig.sum()):4d}  "
+        f"TPR {tpr:.3f}  FDR {fdr:.3f}{extra}"
+    )
+
+
+def _case(title: str, adata, formulas: list[str], pb_formula: str, n_jobs: int) -> None:
+    import scmlm
+
+    truth = adata.var["is_de"].to_numpy()
+    print(f"{title}: {adata.n_obs} cells, {adata.n_vars} genes, {truth.sum()} DE")
+    for formula, moderate in [(f, m) for f in formulas for m in (True, False)]:
+        t = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            tab = scmlm.tl.glmm_de(adata, formula, CONTRAST, moderate=moderate, n_jobs=n_jobs, inplace=False).table
+        dt = time.perf_counter() - t
+        extra = f"  ({dt:.1f} s"
+        if moderate and tab["df_prior"].notna().any():
+            extra += f", df_prior {np.nanmedian(tab['df_prior']):.2f}"
+        sing = (tab["status"] == "singular").to_numpy()
+        extra += f", {sing.mean():.0%} singular; {tab['moderation'].iloc[0][:40]})"
+        _line(f"{formula} moderate={moderate}", tab["pvalue"].to_numpy(), tab["padj"].to_numpy(), truth, extra)
+    pb = scmlm.pp.pseudobulk(adata, "donor", layer="counts")
+    tab = (
+        scmlm.tl.pseudobulk_de(pb, pb_formula, CONTRAST, inplace=False).table.set_index("gene").reindex(adata.var_names)
+    )
+    _line("pseudobulk nb_ql", tab["pvalue"].to_numpy(), tab["padj"].to_numpy(), truth)
+
+
+def _timing(genes: int, n_jobs: int) -> None:
+    import pandas as pd
+
+    import scmlm
+
+    adata = scmlm.datasets.simulate(n_donors=10, n_cells=400, n_genes=genes, n_batches=3, seed=11)
+    # the nested (1|batch) design keeps per-gene tests; a lane crossed with donors is moderated
+    adata.obs["lane"] = pd.Categorical(np.random.default_rng(0).integers(0, 3, adata.n_obs).astype(str))
+    for formula in ("~ condition + (1|donor) + (1|batch)", "~ condition + (1|donor) + (1|lane)"):
+        print(f"timing: {adata.n_obs} cells × {genes} genes, {formula}, n_jobs={n_jobs}")
+        for moderate in (False, True):
+            t = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                scmlm.tl.glmm_de(adata, formula, CONTRAST, moderate=moderate, n_jobs=n_jobs)
+            print(f"  moderate={moderate}: {time.perf_counter() - t:.1f} s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--genes", type=int, default=2000)
+    ap.add_argument("--cells", type=int, default=400)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-jobs", type=int, default=1)
+    ap.add_argument("--timing", action="store_true", help="also time 2,000 genes × 4,000 cells")
+    ap.add_argument("--skip-unbalanced", action="store_true")
+    args = ap.parse_args()
+    import scmlm
+
+    between = scmlm.datasets.simulate(n_donors=10, n_cells=args.cells, n_genes=args.genes, n_batches=3, seed=args.seed)
+    _case(
+        "between donors",
+        between,
+        ["~ condition + (1|donor) + (1|batch)", "~ condition + batch + (1|donor)"],
+        "~ batch + condition",
+        args.n_jobs,
+    )
+    if not args.skip_unbalanced:
+        unbal = scmlm.datasets.simulate(n_donors=10, n_cells=(20, 2000), n_genes=args.genes, seed=args.seed + 1)
+        _case("unbalanced donors (20-2,000 cells)", unbal, ["~ condition + (1|donor)"], "~ condition", args.n_jobs)
+    if args.timing:
+        _timing(2000, args.n_jobs)
+
+
+if __name__ == "__main__":
+    main()

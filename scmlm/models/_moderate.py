@@ -1,0 +1,459 @@
+"""Empirical-Bayes moderated tests of unit-level contrasts of cell-level GLMMs (limma's ``squeezeVar`` on the GLMM).
+
+A contrast that is constant within the levels of a random term (case vs control between donors; treated vs control
+between the donor × condition samples of a paired design) is tested against the variation between those units. On
+the latent scale, the unit means of gene ``g`` vary with
+
+    τ²_g = σ²_unit,g + (within-unit sampling variance of a unit mean),
+
+and the squared standard error of the contrast is ``SE²_g = c · τ̂²_g`` with ``c = L (X_u' X_u)⁻¹ L'`` from the
+unit-level design ``X_u`` (one row per unit; per gene ``c_g`` when units weigh differently, below). In a balanced
+Gaussian LMM this is exact: ``SE² = c · MS_between / m`` with ``m`` cells per unit, and ``τ̂²`` is a variance on ``d``
+degrees of freedom, ``d`` the contrast's containment df at its level (units minus unit-level coefficients). Each gene
+alone therefore tests on ``d`` df (8 with 10 donors). With the unit variance estimated at zero (a boundary fit, part of
+the ``singular`` genes) ``SE² / c`` is only the sampling part ``τ0²``: in the balanced LMM REML gives ``τ̂² =
+max(MS_between, MS_within) / m``, a truncated value.
+
+Moderation borrows strength across the genes of one group and contrast, as limma's ``eBayes`` does: ``τ̂²_g`` on
+``d`` df are squeezed toward a trend in ``log(base_mean)`` with the robust ``squeezeVar`` (Phipson et al. 2016),
+giving prior df ``d0`` and prior variance ``s0²_g``; ``τ̃²_g = (d τ̂²_g + d0 s0²_g) / (d + d0)``; the moderated
+``SE = sqrt(c_g τ̃²_g)``, ``t = coef / SE`` on ``d_g + d0`` df (at most the pooled df of all genes, as limma caps it).
+
+Design choices and the measurements behind them (``scmlm.datasets.simulate`` nulls, 1,000–1,500 genes; figures are
+fractions of p < 0.05; ``tests/test_moderation.py`` and ``benchmarks/bench_moderation.py`` print them):
+
+* ``d`` is the containment df, not the gene's Satterthwaite df. Satterthwaite df fall below 1 for genes whose
+  variance is near, not at, zero (2e-11 at worst), and squeezing on ``min(d, Satterthwaite)`` did not cure any
+  of the excess below (10-donor ``(1|donor)+(1|batch)`` null: 6.7–7.8 % for every combination tried).
+* Boundary fits enter the prior with the untruncated ``τ0² · X²/d`` (:func:`gene_tau2`; equal units),
+  a Pearson statistic of the unit scores that is ``MS_between / m`` in the balanced LMM: a variance on ``d`` df, as
+  the prior model assumes. Singular fits then borrow from the prior like the others (pooled over six null designs:
+  4.8 % of 2,941 singular fits before the change below, 4.3 % of 2,948 after).
+* Unequal units (20–2,000 cells per donor). The unit scale is per gene, ``c_g = Σ a_u²`` for the unit weights the
+  gene's fit uses (``1/(σ̂² + 1/I_u)``; a boundary fit weighs donors by their information, a fit with a large
+  ``σ̂²`` weighs them alike), so that ``τ̂² = se²/c_g`` is comparable between genes (dream weighs observations by
+  precision weights and squeezes the weighted residual variance; here the weights come from each gene's fit). A
+  boundary fit's ``τ̂²`` is ``V(0)/c_g + σ̂²`` with the moment estimate ``σ̂² = (X² - d)/T``, and its df is that
+  estimate's Satterthwaite df (:func:`_boundary_df`), not ``d``: the Pearson statistic rests on the few large
+  donors (0.6–2.7 df for 8). Four unbalanced nulls of 2,000 genes (seeds 2, 12, 22, 32), fraction of p < 0.05
+  among boundary fits: 15.8, 13.5, 15.1, 14.3 % before (``c`` and ``d`` for all); 14.4 and 12.8 % (seeds 2, 12)
+  with ``c_g`` alone; 4.7, 3.8, 2.8, 4.8 % (4.2 % of 624) with the boundary df floored at
+  :data:`BOUNDARY_DF_MIN`; all genes 4.9, 4.6, 4.5, 5.9 %.
+* Where the contrast's variance also rests on a coarser random term not balanced over the contrast (donors nested
+  in 3 batches with unequal case/control counts, ``(1|donor)+(1|batch)``), ``se²`` carries the batch variance,
+  estimated from 3 levels and treated as known by the REML standard error, which no prior for the donor term
+  reaches. Moderating ``τ̂² = se²/c`` on the containment df (8) or on the residual df of the unit design with the
+  batches fixed (6) gave, on 10-donor nulls: 60 cells, seed 1: 5.92 % / 5.71 %; seed 21: 4.84 % / 4.27 %;
+  400 cells, seed 5: 6.26 % / 5.66 %; the benchmark's 1,800 non-DE genes 6.35 % / 5.63 % (64 calls at FDR 0.047
+  against 37 per gene); but 100 cells, seed 12 (``tests/test_glmm_de.py``): 7.79 % / 7.27 % (5, 4 and 3 df:
+  6.33, 6.27, 6.60 %), where the per-gene test gives 5.74 %. Such contrasts keep the per-gene test and say so in
+  ``moderation``; with ``batch`` as a fixed effect the design is moderated. A balanced coarser term (the donor of a
+  paired design) cancels from the contrast and does not block moderation.
+* ``tests/test_moderation.py`` nulls (1,500 genes; all genes, then boundary fits): 10 donors 4.65 % (4.55 % of
+  264), within-donor 5.06 % (4.36 % of 780), unbalanced 20–2,000 cells 4.01 % (2.08 % of 144), crossed donor + lane
+  with a donor-level covariate 4.43 % (4.89 % of 1,003), 3 vs 3 4.51 % (4.60 % of 326), 2 vs 2 3.52 % (3.25 % of
+  431); boundary fits pooled over the six cases 4.31 % of 2,948.
+* Power (``benchmarks/bench_moderation.py``, 2,000 genes, 10 % DE, calls at BH 0.05): between donors with
+  ``batch`` fixed 49 calls, TPR 0.240, FDR 0.020 (per-gene ``(1|batch)`` 37, nb_ql 49); unbalanced 23 calls,
+  TPR 0.115, FDR 0 (per gene 10, nb_ql 34). With one scale ``c`` for all genes the unbalanced set gave 29 calls but
+  the nulls above were anticonservative (all genes up to 7.0 %, boundary fits 13–16 %). On this simulator an AUC
+  of 0.93 is out of reach: the z statistic with known donor and sampling variances ranks the genes at 0.925.
+* Genes are moderated per group (``groups_key``) and per contrast: each has its own prior. A group with fewer than
+  :data:`MIN_GENES` usable genes keeps per-gene tests.
+
+Contrasts that vary from cell to cell are not moderated (they are tested on the cell-level residual df, where a
+prior adds nothing). Sharded runs store the unmoderated quantities (``coef``, ``se_raw``, ``tau2``,
+``df_resid``, ``unit_scale``, ``base_mean``) with ``moderation = "pending"``; :func:`scmlm.results.merge_shards` calls
+:func:`moderate_table` over the concatenated shards, which gives the same numbers as an unsharded run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from ._limma import squeeze_var
+
+MIN_GENES = 10
+"""Fewest genes of a group and contrast with a usable unmoderated test for a prior to be estimated."""
+
+BOUNDARY_DF_MIN = 2.0
+"""Floor of a boundary fit's df (:func:`_boundary_df`). Unbalanced nulls (20–2,000 cells per donor, 4 sets of 2,000
+genes, 624 boundary fits): 3.5 % of their p < 0.05 with a floor of 1, 4.2 % with 2, 5.8 % with 3, 13.1 % on ``d``."""
+
+PENDING = "pending"
+"""``moderation`` value of a gene of a sharded run: finished when the shards are merged."""
+
+
+def unit_scale(X: np.ndarray, unit_codes: list[np.ndarray], L: np.ndarray) -> tuple[float, int, int]:
+    """``(c, n_units, k)`` with ``c = L (X_u' X_u)⁻¹ L'``: ``X_u`` holds one row per unit of the random term with the
+    fewest levels within which the contrast is constant, and the fixed columns constant within them (``(1.0, 0)``
+    when there is none). In a paired design the donor block is left out of ``X_u``: it changes ``c`` only in
+    unbalanced designs, and ``c`` only sets the scale on which ``var_prior`` is reported (not the test)."""
+    X = np.asarray(X, dtype=float)
+    L = np.asarray(L, dtype=float).ravel()
+    used = np.flatnonzero(np.abs(L) > 1e-12)
+    best = None
+    for k, codes in enumerate(unit_codes):
+        _, first = np.unique(codes, return_index=True)
+        inv = np.unique(codes, return_inverse=True)[1]
+        const = np.array([np.ptp(X[:, j]) == 0 or np.allclose(X[:, j], X[first, j][inv]) for j in range(X.shape[1])])
+        if not const[used].all():
+            continue
+        Xu = X[np.ix_(first, np.flatnonzero(const))]
+        Lu = L[const]
+        c = float(Lu @ np.linalg.pinv(Xu.T @ Xu) @ Lu)
+        if np.isfinite(c) and c > 0 and (best is None or first.size < best[0]):
+            best = (first.size, c, k)
+    return (1.0, 0, -1) if best is None else (best[1], best[0], best[2])
+
+
+def coarser_terms(X: np.ndarray, terms, L: np.ndarray) -> list[str]:
+    """Random terms other than the contrast's unit term whose levels hold whole units and are not balanced over the
+    contrast (e.g. ``batch`` over donors nested in batches with unequal case/control counts; not ``donor`` over the
+    two samples of each donor in a paired design, which cancels). The contrast's variance then rests on their
+    variance too, estimated from few levels; a prior for the unit term does not moderate that part (see the module
+    docstring): such contrasts keep the per-gene test."""
+    terms = tuple(terms)
+    X = np.asarray(X, dtype=float)
+    L = np.asarray(L, dtype=float).ravel()
+    _, _, k = unit_scale(X, [t.codes for t in terms], L)
+    if k < 0:
+        return []
+    unit = np.asarray(terms[k].codes)
+    _, first = np.unique(unit, return_index=True)
+    Lu = L
+    Xu = X[first]
+    c0 = float(Lu @ np.linalg.pinv(Xu.T @ Xu) @ Lu)
+    out = []
+    for j, t in enumerate(terms):
+        if j == k:
+            continue
+        pairs = pd.DataFrame({"u": unit, "t": np.asarray(t.codes)}).drop_duplicates()
+        if not (pairs["u"].is_unique and pairs["t"].nunique() < pairs["u"].nunique()):
+            continue
+        tc = pd.factorize(np.asarray(t.codes)[first])[0]
+        Xd = np.hstack([Xu, np.eye(int(tc.max()) + 1)[tc]])
+        Ld = np.concatenate([Lu, np.zeros(Xd.shape[1] - Lu.size)])
+        c1 = float(Ld @ np.linalg.pinv(Xd.T @ Xd) @ Ld)
+        if abs(c1 - c0) > 1e-8 * abs(c0):
+            out.append(t.name)
+    return out
+
+
+def gene_tau2(
+    Y, res, se: np.ndarray, X: np.ndarray, terms, offset, family: str, trials, L, df: float, *, weighted: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-gene between-unit variance ``τ̂²`` of a unit-level contrast, its unit scale ``c_g`` (``se² = c_g τ̂²``)
+    and its df, from one chunk's fits (``res``).
+
+    ``weighted=False`` (or a unit term with slopes): ``c_g = c`` of :func:`unit_scale` for every gene. Otherwise the
+    unit design is weighted as the gene's fit weighs the units: ``w_u = 1 / (σ̂² + 1/I_u)`` with ``I_u`` the
+    information of unit ``u`` (:func:`unit_scores`) and ``σ̂²`` the gene's unit variance; the contrast is
+    ``Σ a_u b̂_u`` with ``a = W X_u (X_u' W X_u)⁻¹ L`` and ``c_g = Σ a_u²`` (``c`` for equal units), so that
+    ``τ̂² = se² / c_g`` is ``σ̂²`` plus a weighted mean of the sampling variances ``1/I_u``: comparable between genes
+    whose fits lean on different units (with 20–2,000 cells per donor a fit at the boundary weighs donors by their
+    cells, one with a large ``σ̂²`` weighs them alike).
+
+    Where the unit variance is at zero (a boundary fit) ``se² / c_g`` is only the sampling part; it gets the
+    moment estimate ``σ̂² = (X² - d) / T`` of :func:`unit_dispersion` (untruncated; ``X²/d`` times the sampling part
+    where ``X² < d``), a variance on ``d`` df as the prior assumes (``MS_between / m`` in a balanced LMM). Measured
+    on 10-donor nulls (``(1|donor)+(1|batch)``, 54 % singular), squeezing the truncated values estimated
+    ``d0 ≈ 16`` for a distribution the prior does not fit.
+    """
+    terms = tuple(terms)
+    c, _, k = unit_scale(X, [t.codes for t in terms], L)
+    se2 = np.asarray(se, dtype=float) ** 2
+    G = se2.size
+    tau2 = se2 / c
+    scale = np.full(G, c)
+    if k < 0:
+        return tau2, scale, np.full(G, float(df))
+    names = terms[k].component_names()
+    conv = np.asarray(res.converged, dtype=bool) & np.isfinite(tau2)
+    zero = conv.copy()
+    for name in names:
+        zero &= np.asarray(res.var[name]) <= 0
+    weighted = weighted and len(names) == 1
+    idx = np.flatnonzero(conv if weighted else zero)
+    if not idx.size:
+        return tau2, scale, np.full(G, float(df))
+    codes = np.unique(terms[k].codes, return_inverse=True)[1]
+    Ysub = Y[:, idx] if Y.shape[0] == X.shape[0] else Y[idx]
+    S, info_u = unit_scores(
+        Ysub, X, terms, offset, res.beta[idx], res.b[idx], np.asarray(res.phi)[idx], family, trials, codes
+    )
+    Xu, Lu = _unit_design(X, codes, L)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x2 = np.sum(np.where(info_u > 0, S**2 / info_u, 0.0), axis=0)
+    z = zero[idx]
+    if weighted:
+        s2 = np.where(z, 0.0, np.asarray(res.var[names[0]], dtype=float)[idx])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            w = np.where(info_u > 0, 1.0 / (s2[None, :] + 1.0 / info_u), 0.0).T  # genes × units
+        cg = _weighted_scale(Xu, Lu, w)
+        ok = np.isfinite(cg) & (cg > 0)
+        scale[idx[ok]] = cg[ok]
+        tau2[idx[ok]] = se2[idx[ok]] / cg[ok]
+    dfg = np.full(G, float(df))
+    if z.any():
+        zi = idx[z]
+        ratio = np.where(x2[z] > df, _moment_inflation(Xu, Lu, info_u[:, z], x2[z], df), x2[z] / df)
+        tau2[zi] = tau2[zi] * ratio
+        dfg[zi] = _boundary_df(Xu, Lu, info_u[:, z], x2[z], df)
+    return tau2, scale, dfg
+
+
+def _boundary_df(Xu: np.ndarray, Lu: np.ndarray, info_u: np.ndarray, x2: np.ndarray, df: float) -> np.ndarray:
+    """Satterthwaite df of a boundary fit's ``τ̂² = V(0)/Σa² + (X² - d)/T`` (:func:`_moment_inflation`), at
+    ``σ² = max((X² - d)/T, 0)``, within ``[BOUNDARY_DF_MIN, d]``.
+
+    ``X² = Σ λ_k χ²_1`` with ``λ`` the eigenvalues of ``B = W½ (I - P)(σ² I + W⁻¹)(I - P)' W½``:
+    ``df = 2 E(τ̂²)² / Var(τ̂²)`` with ``Var = 2 tr(B²) / T²``. Equal units give ``d``. With 20–2,000 cells per donor the
+    Pearson statistic rests on the few large donors: 0.6–2.7 df instead of 8, and boundary fits squeezed as if on 8
+    df gave 13–16 % of null p < 0.05.
+    """
+    W = info_u.T  # genes × units
+    A = np.einsum("gu,ui,uj->gij", W, Xu, Xu)
+    Ainv = np.linalg.pinv(A)
+    AL = Ainv @ Lu
+    v0 = AL @ Lu
+    a = W * (AL @ Xu.T)
+    sa = np.sum(a**2, axis=1)
+    n = Xu.shape[0]
+    P = np.einsum("ui,gij,vj,gv->guv", Xu, Ainv, Xu, W)
+    M = np.eye(n)[None] - P
+    T = np.einsum("gu,guv->g", W, M**2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s2 = np.maximum((x2 - df) / T, 0.0)
+        Sig = s2[:, None, None] * np.eye(n)[None] + np.einsum("uv,gu->guv", np.eye(n), 1.0 / W)
+        rw = np.sqrt(W)
+        B = rw[:, :, None] * np.einsum("guv,gvw,gxw->gux", M, Sig, M) * rw[:, None, :]
+        mean = v0 / sa + (np.einsum("guu->g", B) - df) / T
+        var = 2.0 * np.sum(B**2, axis=(1, 2)) / T**2
+        out = 2.0 * mean**2 / var
+    return np.clip(np.where(np.isfinite(out), out, df), min(BOUNDARY_DF_MIN, df), df)
+
+
+def _unit_design(X: np.ndarray, codes: np.ndarray, L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One row per unit of the columns of ``X`` constant within units, and the matching entries of ``L``."""
+    X = np.asarray(X, dtype=float)
+    L = np.asarray(L, dtype=float).ravel()
+    _, first, inv = np.unique(codes, return_index=True, return_inverse=True)
+    const = [j for j in range(X.shape[1]) if np.allclose(X[:, j], X[first, j][inv])]
+    return X[np.ix_(first, const)], L[const]
+
+
+def _weighted_scale(Xu: np.ndarray, Lu: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``Σ_u a_u²`` per gene for unit weights ``w`` (genes × units), ``a = W X_u (X_u' W X_u)⁻¹ L``; invariant to the
+    scale of ``w``, ``c = L (X_u' X_u)⁻¹ L'`` for equal weights."""
+    A = np.einsum("gu,ui,uj->gij", w, Xu, Xu)
+    AL = np.linalg.pinv(A) @ Lu
+    a = w * (AL @ Xu.T)
+    return np.sum(a**2, axis=1)
+
+
+def unit_scores(
+    Y, X: np.ndarray, terms, offset, beta: np.ndarray, b: np.ndarray, phi: np.ndarray, family: str, trials, unit_codes
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(S, I)``, units × genes: the score ``S_u`` of a random effect of unit ``u`` at zero and its information
+    ``I_u`` (see :func:`unit_dispersion`), from the fitted means of each gene's model."""
+    from ._families import get_family
+    from ._random import build_Z
+
+    fam = get_family(family)
+    n = X.shape[0]
+    Z = build_Z(tuple(terms), n)
+    eta = X @ beta.T + (Z @ b.T if b.size else 0.0)
+    if offset is not None:
+        eta = eta + offset[:, None]
+    Yd = np.asarray(Y.toarray() if hasattr(Y, "toarray") else Y, dtype=float)
+    if Yd.ndim == 1 or Yd.shape[0] != n:
+        Yd = np.atleast_2d(Yd).T  # genes × cells → cells × genes
+    m = np.ones(n) if trials is None else np.asarray(trials, dtype=float)
+    if fam.link == "logit":
+        if trials is None:
+            Yd = (Yd > 0).astype(float)
+        p = fam.linkinv(eta)
+        resid = Yd - m[:, None] * p
+        info = m[:, None] * p * (1 - p)
+        score = resid
+    elif fam.link == "log":
+        mu = fam.linkinv(eta)
+        var = mu + phi[None, :] * mu**2 if fam.has_dispersion else mu
+        score = (Yd - mu) * mu / var
+        info = mu**2 / var
+    else:
+        score = (Yd - eta) / phi[None, :]
+        info = np.broadcast_to(1.0 / phi[None, :], eta.shape)
+    n_units = int(unit_codes.max()) + 1
+    ind = np.zeros((n_units, n))
+    ind[unit_codes, np.arange(n)] = 1.0
+    return ind @ score, ind @ info
+
+
+def unit_dispersion(
+    Y,
+    X: np.ndarray,
+    terms,
+    offset: np.ndarray | None,
+    beta: np.ndarray,
+    b: np.ndarray,
+    phi: np.ndarray,
+    family: str,
+    trials: np.ndarray | None,
+    unit_codes: np.ndarray,
+    df: float,
+    L: np.ndarray | None = None,
+) -> np.ndarray:
+    """Inflation of the contrast's variance over its value with the unit variance at zero, per gene.
+
+    ``1 + (X²/d - 1) r`` where ``X²/d > 1``, else ``X²/d``. ``X² = Σ_u S_u² / I_u`` with
+    ``S_u = Σ_{i∈u} (y_i - μ_i) μ'_i / V_i`` the score of a random effect of unit ``u`` at zero and
+    ``I_u = Σ_{i∈u} μ'_i² / V_i`` its information, from the fitted means ``μ`` of the gene's model
+    (``E X² = d (1 + σ² I)`` for equal units); ``r = (Σ I_u² / Σ I_u) / mean(I_u)`` (1 for equal units), since an
+    information-weighted contrast leans on the large units. Unbalanced nulls (20–2,000 cells per donor): boundary
+    fits at 9.9 % of p < 0.05 with ``r = 1``, 9.3 % with it (151 genes).
+    """
+    S, info_u = unit_scores(Y, X, terms, offset, beta, b, phi, family, trials, unit_codes)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x2 = np.sum(np.where(info_u > 0, S**2 / info_u, 0.0), axis=0)
+    if L is None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            present = info_u > 0
+            r = (np.sum(info_u**2, axis=0) / np.sum(info_u, axis=0)) / (np.sum(info_u, axis=0) / present.sum(axis=0))
+        x2 = x2 / df
+        return np.where(x2 > 1, 1.0 + (x2 - 1.0) * np.where(np.isfinite(r), r, 1.0), x2)
+    return np.where(x2 > df, _moment_inflation(*_unit_design(X, unit_codes, L), info_u, x2, df), x2 / df)
+
+
+def _moment_inflation(Xu: np.ndarray, Lu: np.ndarray, info_u: np.ndarray, x2: np.ndarray, df: float) -> np.ndarray:
+    """``V(σ̂²) / V(0)`` for the information-weighted contrast of a boundary fit, per gene.
+
+    With unit weights ``w_u = I_u`` the contrast is ``Σ_u a_u b̂_u`` (``a = W X_u A⁻¹ L``, ``A = X_u' W X_u``), whose
+    variance is ``V(0) + σ² Σ a_u²`` with ``V(0) = L A⁻¹ L'``. The unit Pearson statistic has ``E X² = d + σ² T``,
+    ``T = tr(W (I - P)(I - P)')`` with ``P = X_u A⁻¹ X_u' W``; ``σ̂² = (X² - d) / T``. Equal units give
+    ``1 + (X²/d - 1)``, the balanced LMM's ``MS_between / MS_within``.
+    """
+    W = info_u.T  # genes × units
+    A = np.einsum("gu,ui,uj->gij", W, Xu, Xu)
+    Ainv = np.linalg.pinv(A)
+    AL = Ainv @ Lu  # g × p
+    v0 = AL @ Lu
+    a = W * (AL @ Xu.T)  # g × units
+    P = np.einsum("ui,gij,vj,gv->guv", Xu, Ainv, Xu, W)
+    M = np.eye(Xu.shape[0])[None] - P
+    T = np.einsum("gu,guv->g", W, M**2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = 1.0 + (x2 - df) / T * np.sum(a**2, axis=1) / v0
+    return np.where(np.isfinite(ratio) & (ratio > 0), ratio, 1.0)
+
+
+def moderate(
+    coef: np.ndarray,
+    tau2: np.ndarray,
+    df_resid: np.ndarray,
+    base_mean: np.ndarray,
+    scale: float | np.ndarray,
+    usable: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Moderated t tests for one group and contrast.
+
+    Parameters
+    ----------
+    coef, tau2
+        Per-gene estimate of the contrast and its between-unit variance (:func:`gene_tau2`).
+    df_resid
+        Per-gene residual df of ``τ̂²`` (the containment df at the contrast's level).
+    base_mean
+        Per-gene mean normalised expression (the trend covariate, on the log scale).
+    scale
+        The unit scale ``c_g`` of each gene, or one for all (:func:`gene_tau2`): ``se² = c_g τ²``.
+    usable
+        Genes whose fit can enter the prior (converged, finite ``tau2 > 0`` and ``df_resid >= 1``).
+
+    Returns
+    -------
+    ``se``, ``stat``, ``df``, ``pvalue``, ``df_prior``, ``var_prior`` (NaN outside ``usable``) and ``moderation``
+    (``"moderated"``, or why not).
+    """
+    coef = np.asarray(coef, dtype=float)
+    tau2_all = np.asarray(tau2, dtype=float)
+    d = np.asarray(df_resid, dtype=float)
+    G = coef.size
+    out = {k: np.full(G, np.nan) for k in ("se", "stat", "df", "pvalue", "df_prior", "var_prior")}
+    why = np.full(G, "not moderated: the gene's fit has no usable test", dtype=object)
+    usable = np.asarray(usable, dtype=bool) & np.isfinite(tau2_all) & (tau2_all > 0) & np.isfinite(d) & (d >= 1)
+    idx = np.flatnonzero(usable)
+    if idx.size < MIN_GENES:
+        why[idx] = f"not moderated: fewer than {MIN_GENES} genes in the group to estimate a prior"
+        return {**out, "moderation": why}
+    tau2 = tau2_all[idx]
+    cov = np.log(np.maximum(np.asarray(base_mean, dtype=float)[idx], 1e-8))
+    cov = np.where(np.isfinite(cov), cov, np.nanmin(cov[np.isfinite(cov)]) if np.isfinite(cov).any() else 0.0)
+    try:
+        d0, s0, post = squeeze_var(tau2, d[idx], covariate=cov, robust=True)
+    except (ValueError, np.linalg.LinAlgError) as err:
+        why[idx] = f"not moderated: prior not estimable ({err})"
+        return {**out, "moderation": why}
+    df_total = np.minimum(d[idx] + d0, d[idx].sum())  # limma caps the total df at the pooled residual df
+    se_mod = np.sqrt(np.broadcast_to(np.asarray(scale, dtype=float), (G,))[idx] * post)
+    stat = coef[idx] / se_mod
+    out["se"][idx] = se_mod
+    out["stat"][idx] = stat
+    out["df"][idx] = df_total
+    out["pvalue"][idx] = 2.0 * stats.t.sf(np.abs(stat), df_total)
+    out["df_prior"][idx] = d0
+    out["var_prior"][idx] = s0
+    why[idx] = "moderated"
+    return {**out, "moderation": why}
+
+
+def moderate_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Finish the moderation of the rows with ``moderation == "pending"``, per group and contrast.
+
+    Reads ``coef``, ``tau2``, ``df_resid``, ``unit_scale``, ``base_mean`` and ``converged``; writes ``se``,
+    ``stat``, ``df``, ``pvalue``, ``df_prior``, ``var_prior`` and ``moderation``. ``padj`` is left to the caller.
+    Rows of a joint F test of ``q = df_num`` rows (``glmm_de``) carry the per-gene Wald ``f_raw`` and their
+    between-unit variance ``tau2`` (``unit_scale`` 1); the moderated F is ``f_raw · tau2 / τ̃²`` on ``F(q, d + d0)``.
+    Genes that cannot be moderated keep their per-gene test and say why in ``moderation``; rows of other genes are
+    returned unchanged.
+    """
+    if "moderation" not in table.columns or not (table["moderation"] == PENDING).any():
+        return table
+    table = table.copy()
+    for col in ("df_prior", "var_prior"):
+        if col not in table:
+            table[col] = np.nan
+    pend = (table["moderation"] == PENDING).to_numpy()
+    keys = [table["group"].astype(str).to_numpy(), table["contrast"].astype(str).to_numpy()]
+    for _, rows in table.groupby(keys, sort=False).indices.items():
+        rows = rows[pend[rows]]
+        if not rows.size:
+            continue
+        sub = table.iloc[rows]
+        scale = sub["unit_scale"].to_numpy(dtype=float)
+        res = moderate(
+            sub["coef"].to_numpy(dtype=float),
+            sub["tau2"].to_numpy(dtype=float),
+            sub["df_resid"].to_numpy(dtype=float),
+            sub["base_mean"].to_numpy(dtype=float),
+            scale,
+            sub["converged"].to_numpy(dtype=bool),
+        )
+        if "df_num" in sub and np.nanmax(sub["df_num"].to_numpy(dtype=float), initial=1.0) > 1:
+            # a joint F test of q rows: F_raw · τ̂² / τ̃² on F(q, d + d0); no single estimate, so no se
+            q = float(np.nanmax(sub["df_num"].to_numpy(dtype=float)))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                post = res["se"] ** 2 / scale
+                res["stat"] = sub["f_raw"].to_numpy(dtype=float) * sub["tau2"].to_numpy(dtype=float) / post
+                res["pvalue"] = stats.f.sf(res["stat"], q, res["df"])
+            res["se"] = np.full(len(sub), np.nan)
+        done = res["moderation"] == "moderated"  # the others keep their per-gene test and say why
+        for col in ("se", "stat", "df", "pvalue", "df_prior", "var_prior"):
+            vals = sub[col].to_numpy(dtype=float).copy()
+            vals[done] = res[col][done]
+            table.iloc[rows, table.columns.get_loc(col)] = vals
+        table.iloc[rows, table.columns.get_loc("moderation")] = res["moderation"]
+    return table

@@ -1,0 +1,106 @@
+"""One numba decorator for the package, and the warm-up that fills numba's cache once per installation."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from numba.core.dispatcher import Dispatcher
+
+import scmlm
+from scmlm import _jit
+
+KERNEL_MODULE = """
+import numpy as np
+
+from scmlm._jit import jit
+
+
+@jit
+def total(x):
+    s = 0.0
+    for v in x:
+        s += v / (v - 1.0)  # v = 1 divides by zero: inf under numpy's error model, not ZeroDivisionError
+    return s
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(total(np.array([float(a) for a in sys.argv[1:]])))
+    print(sum(total.stats.cache_hits.values()), sum(total.stats.cache_misses.values()))
+"""
+
+
+def _all_modules():
+    for info in pkgutil.walk_packages(scmlm.__path__, "scmlm."):
+        if info.name not in ("scmlm.demo",):
+            yield importlib.import_module(info.name)
+
+
+def test_every_kernel_goes_through_the_package_decorator():
+    _jit._kernel_modules()
+    found = [
+        (mod.__name__, name, obj)
+        for mod in _all_modules()
+        for name, obj in vars(mod).items()
+        if isinstance(obj, Dispatcher) and obj.py_func.__module__ == mod.__name__
+    ]
+    assert len(found) >= 40  # the GLMM, edgeR and aggregation kernels
+    registered = {id(d) for d in _jit.KERNELS}
+    for mod, name, disp in found:
+        assert id(disp) in registered, f"{mod}.{name} is compiled without scmlm._jit.jit"
+        assert disp.targetoptions["error_model"] == "numpy", f"{mod}.{name}"
+        assert disp._cache.__class__.__name__ == "FunctionCache", f"{mod}.{name} is not cached on disk"
+
+
+@pytest.mark.parametrize("option", ["cache", "error_model", "nopython"])
+def test_jit_refuses_to_change_the_package_options(option):
+    with pytest.raises(TypeError, match=option):
+        _jit.jit(**{option: False})
+
+
+def test_cache_dir_is_filled_once_and_read_by_the_next_process(tmp_path):
+    """A kernel compiled in one process is loaded, not compiled, by the next one that sets the same cache dir; the
+    directory takes precedence over the in-tree ``__pycache__`` (what a read-only installation needs)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tiny_kernel.py").write_text(textwrap.dedent(KERNEL_MODULE))
+    cache = tmp_path / "cache"
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache), "PYTHONPATH": str(src)}
+
+    def run(*args):
+        out = subprocess.run(
+            [sys.executable, str(src / "tiny_kernel.py"), *args], env=env, capture_output=True, text=True, check=True
+        )
+        value, counts = out.stdout.strip().splitlines()
+        return float(value), tuple(int(c) for c in counts.split())
+
+    value, (hits, misses) = run("2", "3")
+    assert value == pytest.approx(2.0 + 1.5)
+    assert (hits, misses) == (0, 1)
+    assert any(p.suffix == ".nbi" for p in cache.rglob("*")), "no cache index written to NUMBA_CACHE_DIR"
+    assert not (src / "__pycache__").exists() or not any((src / "__pycache__").glob("*.nbi"))
+    value, (hits, misses) = run("2", "1")
+    assert value == float("inf")
+    assert (hits, misses) == (1, 0)
+
+
+def test_warmup_compiles_one_specialisation_per_kernel_and_later_calls_reuse_it():
+    first = scmlm.warmup()
+    assert first["kernels"] == len(_jit.KERNELS)
+    # the tools normalise dtypes before the kernels: one specialisation each, except the aggregation kernel, which
+    # keeps the stored dtypes of the count matrix (4 value dtypes x 2 index widths)
+    per_kernel = {d.py_func.__name__: len(d.signatures) for d in _jit.KERNELS}
+    assert per_kernel["_csr_group_sums"] == 8
+    assert per_kernel["fit_chunk"] == 1
+    assert per_kernel["levenberg_nb"] == 1
+    assert max(v for k, v in per_kernel.items() if k != "_csr_group_sums") == 1
+    again = scmlm.warmup()
+    assert again["compiled"] == 0
+    assert again["signatures"] == first["signatures"]

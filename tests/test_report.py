@@ -1,0 +1,259 @@
+"""The HTML report (`scmlm.report`, `scmlm report`), the informative choice of shrinkage genes, and plot layout."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import scmlm
+from scmlm import cli
+from scmlm.pl._de import save_result_plots
+
+GROUPS = {"type0": "CD14+ Monocytes", "type1": "T/NK <b>&</b>"}
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+class Page(HTMLParser):
+    """Tables (attributes, header, rows of cell text and data-v), images, headings and scripts of an HTML page."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.images, self.headings, self.scripts, self.links = [], [], [], [], []
+        self._cell = None
+        self._heading = None
+        self._script = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self.tables.append({"attrs": a, "header": [], "rows": [], "values": []})
+        elif tag == "tr" and self.tables:
+            self._row, self._values = [], []
+        elif tag in ("td", "th"):
+            self._cell = [tag, "", a.get("data-v")]
+        elif tag == "img":
+            self.images.append(a)
+        elif tag in ("h1", "h2", "h3"):
+            self._heading = [tag, a.get("id"), ""]
+        elif tag == "script":
+            self._script = ""
+        elif tag == "link":
+            self.links.append(a)
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell[1] += data
+        if self._heading is not None:
+            self._heading[2] += data
+        if self._script is not None:
+            self._script += data
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            kind, text, value = self._cell
+            (self.tables[-1]["header"] if kind == "th" else self._row).append(text.strip())
+            if kind == "td":
+                self._values.append(value)
+            self._cell = None
+        elif tag == "tr" and self.tables and self._row:
+            self.tables[-1]["rows"].append(self._row)
+            self.tables[-1]["values"].append(self._values)
+        elif tag in ("h1", "h2", "h3") and self._heading is not None:
+            self.headings.append(tuple(self._heading))
+            self._heading = None
+        elif tag == "script":
+            self.scripts.append(self._script)
+            self._script = None
+
+
+def parse(text: str) -> Page:
+    page = Page()
+    page.feed(text)
+    return page
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    """A result folder as the workflow writes it: pseudobulk DE of 2 cell types with awkward names, and its plots."""
+    folder = tmp_path_factory.mktemp("report") / "pb"
+    adata = scmlm.datasets.simulate(n_donors=8, n_cells=40, n_genes=120, n_cell_types=2, frac_de=0.3, seed=4)
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(str).map(GROUPS)
+    pb = scmlm.pp.pseudobulk(adata, "donor", groups_key="cell_type", layer="counts")
+    scmlm.tl.pseudobulk_de(pb, "~ condition", ("condition", "case", "ctrl"), groups_key="cell_type")
+    table = scmlm.get.de_df(pb, key="pseudobulk_de")
+    folder.mkdir()
+    table.to_csv(folder / "results.csv", index=False)
+    save_result_plots(table, folder / "plots", kinds=["volcano", "pvalue_hist"])
+    return folder
+
+
+def test_report_summarises_each_group_with_counts_equal_to_the_results(results, tmp_path):
+    params = {"method": "pseudobulk", "design": "~ condition", "contrast": "condition:case:ctrl", "offset": "TMM"}
+    out = scmlm.report.write_report(
+        tmp_path / "report.html", [scmlm.report.analysis_from_folder(results, params=params)], title="Test <run>"
+    )
+    text = out.read_text()
+    page = parse(text)
+    table = pd.read_csv(results / "results.csv")
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # written atomically, no temporary file left
+
+    # the landing table comes first and holds the counts of the results
+    summary = next(t for t in page.tables if t["attrs"].get("id") == "summary")
+    assert page.tables[0] is summary
+    assert summary["header"][:4] == ["analysis", "method", "group", "contrast"]
+    assert len(summary["rows"]) == 2
+    for row in summary["rows"]:
+        analysis, method, group, contrast, n_genes, n_tested, n_called, n_up, n_down = row
+        sub = table[(table["group"] == group) & (table["contrast"] == contrast)]
+        called = sub["padj"] < 0.05
+        assert analysis == "pb" and method == "nb_ql" and group in GROUPS.values()
+        assert int(n_genes) == len(sub) and int(n_tested) == sub["pvalue"].notna().sum()
+        assert int(n_called) == called.sum() > 0
+        assert int(n_up) == (called & (sub["log2fc"] > 0)).sum()
+        assert int(n_down) == (called & (sub["log2fc"] < 0)).sum()
+        assert int(n_up) + int(n_down) == int(n_called)
+
+    # one sortable top-gene table per group, the smallest p-values first, with sort keys on numeric cells
+    tops = [t for t in page.tables if t["attrs"].get("class") == "sortable" and t is not summary]
+    assert len(tops) == 2
+    for top, group in zip(tops, ["CD14+ Monocytes", "T/NK <b>&</b>"], strict=True):
+        assert top["header"][:2] == ["gene", "log2fc"] and "padj" in top["header"]
+        sub = table[table["group"] == group].sort_values("pvalue")
+        assert [r[0] for r in top["rows"]] == list(sub["gene"].head(20))
+        p = [float(v[top["header"].index("pvalue")]) for v in top["values"]]
+        np.testing.assert_allclose(p, sub["pvalue"].head(20), rtol=1e-12)
+    assert any("addEventListener" in s and "sortable" in s for s in page.scripts)
+
+    # every figure embedded (nothing fetched), under its own group
+    pngs = sorted((results / "plots").glob("*.png"))
+    assert len(pngs) == 4 and len(page.images) == 4
+    for img in page.images:
+        assert img["src"].startswith("data:image/png;base64,")
+        assert base64.b64decode(img["src"].split(",", 1)[1])[:8] == PNG
+    assert not page.links and "http://" not in text and "https://" not in text
+    order = [h[2] for h in page.headings] + [i["alt"] for i in page.images]
+    assert any("CD14+ Monocytes" in h for h in order)
+    mono = text.index("pb · CD14+ Monocytes")
+    tnk = text.index("pb · T/NK &lt;b&gt;&amp;&lt;/b&gt;")
+    for img in page.images:
+        at = text.index(img["src"][:200])
+        assert (mono < at < tnk) == (img["alt"].find("CD14plus") >= 0), img["alt"]
+
+    # labels are escaped, never markup; the methods are listed
+    assert "<b>&</b>" not in text and "T/NK &lt;b&gt;&amp;&lt;/b&gt;" in text
+    assert "<title>Test &lt;run&gt;</title>" in text
+    for key, value in params.items():
+        assert f"<dt>{key}</dt><dd>{value}</dd>" in text.replace("~", "~")
+    # group links in the landing table lead to the group's section
+    ids = {h[1] for h in page.headings}
+    for href in [seg.split('"')[0] for seg in text.split('href="#')[1:]]:
+        assert href in ids, href
+
+
+def test_report_from_anndata_results_and_several_analyses(tmp_path):
+    adata = scmlm.datasets.simulate(n_donors=6, n_cells=30, n_genes=50, seed=2)
+    pb = scmlm.pp.pseudobulk(adata, "donor", layer="counts")
+    scmlm.tl.pseudobulk_de(pb, "~ condition", ("condition", "case", "ctrl"))
+    scmlm.tl.pseudobulk_de(pb, "~ condition", ("condition", "case", "ctrl"), method="voom", key_added="voom")
+    out = scmlm.report.write_report(tmp_path / "r.html", {"edgeR QL": (pb, "pseudobulk_de"), "voom": (pb, "voom")})
+    page = parse(out.read_text())
+    summary = page.tables[0]
+    assert [r[:2] for r in summary["rows"]] == [["edgeR QL", "nb_ql"], ["voom", "voom"]]
+    # params from adata.uns are shown (the design of each call)
+    assert out.read_text().count("<dt>design</dt><dd>~ condition</dd>") == 2
+    with pytest.raises(scmlm.InputError, match="unique"):
+        scmlm.report.render_report([scmlm.report.Analysis("a", pb.uns["voom"]["results"])] * 2)
+
+
+def test_cli_report_and_bad_input(results, tmp_path, capsys):
+    out = tmp_path / "report.html"
+    params = '{"pb": {"design": "~ condition", "offset": "TMM"}}'
+    assert cli.main(["report", str(out), str(results), "--params", params, "--n-top", "5"]) == 0
+    page = parse(out.read_text())
+    assert all(len(t["rows"]) == 5 for t in page.tables[1:])
+    assert len(page.images) == 4
+    # a table given directly, named, with its figure folder
+    out2 = tmp_path / "named.html"
+    argv = ["report", str(out2), f"mine={results / 'results.csv'}", "--figures", f"mine={results / 'plots'}"]
+    assert cli.main(argv) == 0
+    assert parse(out2.read_text()).tables[0]["rows"][0][0] == "mine"
+    assert len(parse(out2.read_text()).images) == 4
+    for argv, message in (
+        (["report", str(out), str(results), "--params", '{"other": {}}'], "not in the report"),
+        (["report", str(out), str(results), "--params", "{not json"], "not valid JSON"),
+        (["report", str(out), str(tmp_path / "missing")], "does not exist"),
+        (["report", str(out), str(results), "--figures", "pb"], "NAME=DIR"),
+    ):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+def test_shrinkage_genes_have_a_positive_donor_variance(caplog):
+    table = pd.DataFrame(
+        {
+            "gene": ["a", "b", "c", "d"] * 2,
+            "group": ["T/NK"] * 4 + ["B"] * 4,
+            "status": ["ok"] * 8,
+            "pvalue": [1e-9, 1e-6, 1e-3, 0.5] * 2,
+            "var_donor": [0.0, 0.2, 0.0, 0.1] + [0.3, 0.0, 0.0, 0.0],
+        }
+    )
+    assert cli._shrinkage_term("~ condition + (1|donor) + (1|batch)") == "donor"
+    assert cli._shrinkage_pairs(table, 3, "donor") == [("b", "T/NK"), ("d", "T/NK"), ("a", "B")]
+    with caplog.at_level(logging.INFO, logger="scmlm"):
+        zero = table.assign(var_donor=np.where(table["group"] == "B", 0.0, table["var_donor"]))
+        assert cli._shrinkage_pairs(zero, 2, "donor") == [("b", "T/NK"), ("d", "T/NK"), ("a", "B"), ("b", "B")]
+    assert "no fitted gene of group B has var_donor > 0" in caplog.text
+
+
+def test_volcano_legend_does_not_cover_gene_labels():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(0)
+    n = 400
+    lfc = rng.normal(0, 1, n)
+    p = np.exp(-np.abs(lfc) * 12 * rng.uniform(0.5, 1, n))
+    df = pd.DataFrame({"gene": [f"GENE{i}" for i in range(n)], "log2fc": lfc, "pvalue": p})
+    df["padj"] = np.minimum(1, p * n / (np.argsort(np.argsort(p)) + 1))
+    df[["group", "contrast"]] = ["CD14+ Monocytes", "stim_vs_ctrl"]
+    ax = scmlm.pl.volcano(df, show=False)
+    fig = ax.get_figure()
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legend = ax.get_legend().get_window_extent(renderer)
+    labels = [t.get_window_extent(renderer) for t in ax.texts]
+    points = ax.transData.transform(np.column_stack([lfc, -np.log10(p)]))
+    assert len(labels) == 10
+    assert not any(legend.overlaps(b) for b in labels)
+    assert not any(legend.contains(x, y) for x, y in points)
+    plt.close(fig)
+
+
+def test_fitted_design_is_the_design_glmm_de_fits(tmp_path, results):
+    paired = scmlm.datasets.simulate(n_donors=6, n_cells=40, n_genes=100, n_cell_types=2, design="within", seed=0)
+    design, contrast = "~ condition + (1|donor)", ("condition", "case", "ctrl")
+    with pytest.warns(UserWarning, match="gene fits"):
+        res = scmlm.tl.glmm_de(paired, design, contrast, groups_key="cell_type", inplace=False)
+    got = scmlm.report.fitted_design(paired.obs, design, contrast, groups_key="cell_type")
+    assert got == res.params["design_fitted"] == "~ condition + (1|donor) + (1|donor:condition)"
+    assert scmlm.report.fitted_design(paired.obs, design, contrast, replication="as_written") == design
+    between = scmlm.datasets.simulate(n_donors=6, n_cells=10, n_genes=20, seed=0)
+    assert scmlm.report.fitted_design(between.obs, design, contrast) == design
+    # scmlm report --input reads the obs and lists the fitted design of a GLMM analysis
+    scmlm.io.write_h5ad(paired, tmp_path / "cells.h5ad")
+    out = tmp_path / "r.html"
+    params = json.dumps({"pb": {"method": "glmm", "design": design, "contrast": list(contrast)}})
+    argv = ["report", str(out), str(results), "--params", params, "--input", str(tmp_path / "cells.h5ad")]
+    assert cli.main(argv) == 0
+    assert "<dt>design_fitted</dt><dd>~ condition + (1|donor) + (1|donor:condition)</dd>" in out.read_text()
