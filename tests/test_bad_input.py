@@ -883,6 +883,15 @@ def test_workflow_valid_config_gets_defaults(tmp_path, monkeypatch, common):
     assert cfg["shards"] == 8 and cfg["layer"] is None
 
 
+
+def test_workflow_config_takes_dream(tmp_path, monkeypatch, common):
+    """Pseudobulk with random terms is dream (pb_method voom): the config takes it; nb_ql with them is refused."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "cells.h5ad").write_bytes(b"h5ad")
+    common["validate_config"](_config(analyses=_analysis(method="pseudobulk", pb_method="voom")))
+
+
 @pytest.mark.parametrize(
     ("text", "minutes"),
     [("infinite", None), ("30", 30), ("30:00", 30), ("2:00:00", 120), ("1-00:00:00", 1440), ("2-12", 3600)],

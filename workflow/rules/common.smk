@@ -122,9 +122,15 @@ def validate_config(cfg):
                 problems.append(
                     f"{where}: contrast entry {level!r} must not contain ':', '=' or ','"
                 )
-        if a["method"] == "pseudobulk" and "(" in a["design"] and "|" in a["design"]:
+        random_terms = "(" in a["design"] and "|" in a["design"]
+        if (
+            a["method"] == "pseudobulk"
+            and random_terms
+            and a.get("pb_method", "nb_ql") != "voom"
+        ):
             problems.append(
-                f"{where}: random-effect terms in design {a['design']!r} need method glmm"
+                f"{where}: random-effect terms in design {a['design']!r} need method glmm, or "
+                "pb_method voom (dream: precision-weighted mixed model on the pseudobulk)"
             )
     problems += _input_problems(cfg)
     if problems:
