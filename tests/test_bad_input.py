@@ -883,7 +883,6 @@ def test_workflow_valid_config_gets_defaults(tmp_path, monkeypatch, common):
     assert cfg["shards"] == 8 and cfg["layer"] is None
 
 
-
 def test_workflow_config_takes_dream(tmp_path, monkeypatch, common):
     """Pseudobulk with random terms is dream (pb_method voom): the config takes it; nb_ql with them is refused."""
     monkeypatch.chdir(tmp_path)
