@@ -54,8 +54,11 @@ def _contrast_item(text: str):
 
 
 def contrast_arg(items) -> object:
-    """The ``contrast=`` of the API from the (repeated) ``--contrast`` values: one contrast as it is, several
-    unnamed ones as a list, and a dict as soon as one is named (unnamed ones get their usual label)."""
+    """The ``contrast=`` of the API from the (repeated) ``--contrast`` values.
+
+    One contrast as it is, several unnamed ones as a list, and a dict as soon as one is named (unnamed ones get their
+    usual label).
+    """
     from .design import contrast_label
 
     if not isinstance(items, list):  # set programmatically
@@ -86,6 +89,7 @@ def _add_common_de(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Build the ``scmlm`` argument parser with one subcommand per tool (``scmlm --help`` lists them)."""
     parser = argparse.ArgumentParser(
         prog="scmlm",
         description="Multilevel models for multi-donor single-cell data: pseudobulk DE, cell-level GLMMs, workflow.",
@@ -526,8 +530,10 @@ def _shrinkage_pairs(table, n: int, term: str) -> list[tuple[str, str]]:
 
 
 def _fitted_design(obs, design: str, contrast, sample_key) -> str:
-    """The design glmm_de fits (``replication="auto"`` may add a sample-level term), so that the variance partition
-    of the hierarchy step has a component for every level the DE model has."""
+    """The design glmm_de fits (``replication="auto"`` may add a sample-level term).
+
+    The variance partition of the hierarchy step then has a component for every level the DE model has.
+    """
     from .tl._glmm_de import _resolve_design
 
     try:
@@ -731,6 +737,7 @@ def _log_gene_statuses(table) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``scmlm`` command line on ``argv`` (default: ``sys.argv[1:]``) and return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -8,6 +8,7 @@ in gene shards, merges them, draws plots and builds the HTML report. Rules run i
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -16,10 +17,14 @@ from pathlib import Path
 
 
 def main(outdir: str = "demo_results") -> int:
+    """Run the workflow on the bundled data into ``outdir``, print where the results went, return the exit status."""
     repo = Path(__file__).resolve().parents[1]
     snakefile = repo / "workflow" / "Snakefile"
     if not snakefile.exists():
         print(f"scmlm demo: {snakefile} not found; run the demo from a checkout of the repository.", file=sys.stderr)
+        return 2
+    if importlib.util.find_spec("snakemake") is None:
+        print("scmlm demo: the workflow needs Snakemake, an extra: pip install 'scmlm[workflow]'.", file=sys.stderr)
         return 2
     out = Path(outdir).resolve()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}

@@ -23,6 +23,7 @@ PROGRESS_MIN_GENES = 5000
 
 
 def resolve_n_jobs(n_jobs: int | None) -> int:
+    """Worker count for ``n_jobs``: ``None`` means ``settings.n_jobs``, 0 means 1, negatives count from all cores."""
     n = settings.n_jobs if n_jobs is None else n_jobs
     if n is None or n == 0:
         n = 1

@@ -75,11 +75,15 @@ class DEResult:
     params: dict = field(default_factory=dict)
 
     def to_uns(self, adata, key: str) -> None:
+        """Store ``params`` and the table in ``adata.uns[key]`` (params made h5ad-safe)."""
         adata.uns[key] = {"params": _uns_safe(self.params), "results": self.table}
 
     def deliver(self, adata, key_added: str, *, inplace: bool, copy: bool):
-        """What a tool returns, by the shared convention: the result (``inplace=False``), the modified copy
-        (``copy=True``), or ``None`` after writing ``adata.uns[key_added]``."""
+        """Return what a tool returns by the shared convention.
+
+        That is the result (``inplace=False``), the modified copy (``copy=True``), or ``None`` after writing
+        ``adata.uns[key_added]``.
+        """
         if not inplace and not copy:
             return self
         target = adata.copy() if copy else adata
@@ -87,6 +91,7 @@ class DEResult:
         return target if copy else None
 
     def summary(self) -> pd.Series:
+        """Count the genes per ``status``."""
         return self.table["status"].value_counts()
 
 
@@ -217,8 +222,11 @@ def merge_shards(tables: Iterable[pd.DataFrame], *, sources: Sequence[str] | Non
 
 
 def _finish_moderation(table: pd.DataFrame) -> pd.DataFrame:
-    """Moderated GLMM tests of a sharded run: the prior is estimated over all genes once the shards are together
-    (rows with ``moderation == "pending"``; see :mod:`scmlm.models._moderate`)."""
+    """Moderated GLMM tests of a sharded run.
+
+    The prior is estimated over all genes once the shards are together (rows with ``moderation == "pending"``; see
+    :mod:`scmlm.models._moderate`).
+    """
     from .models._moderate import moderate_table
 
     return moderate_table(table)

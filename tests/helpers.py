@@ -40,8 +40,8 @@ def reference_pseudobulk(adata, scenario: str):
     """Genes × samples summed counts, design matrix, its column names and the samples' donors, as
     ``run_pseudobulk.R`` builds them (numpy only, independent of scmlm.pp.pseudobulk)."""
     obs = adata.obs
-    donor = obs["donor"].astype(str).to_numpy()
-    cond = obs["condition"].astype(str).to_numpy()
+    donor = obs["donor"].astype(str).to_numpy(dtype=str)
+    cond = obs["condition"].astype(str).to_numpy(dtype=str)
     key = np.char.add(np.char.add(donor, ":"), cond) if scenario == "within" else donor
     levels, codes = np.unique(key, return_inverse=True)
     agg = sp.csr_matrix((np.ones(key.size), (codes, np.arange(key.size))), shape=(levels.size, key.size))

@@ -883,7 +883,6 @@ def test_workflow_valid_config_gets_defaults(tmp_path, monkeypatch, common):
     assert cfg["shards"] == 8 and cfg["layer"] is None
 
 
-
 def test_workflow_config_takes_dream(tmp_path, monkeypatch, common):
     """Pseudobulk with random terms is dream (pb_method voom): the config takes it; nb_ql with them is refused."""
     monkeypatch.chdir(tmp_path)
@@ -912,6 +911,7 @@ def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
 
 
+@pytest.mark.slow
 def test_workflow_without_configfile_is_an_error(tmp_path):
     """The example config/config.yaml in the working folder is not read unless it is given."""
     (tmp_path / "config").mkdir()
@@ -922,6 +922,7 @@ def test_workflow_without_configfile_is_an_error(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["config"]
 
 
+@pytest.mark.slow
 def test_workflow_user_config_is_not_layered_on_the_example(tmp_path, files):
     """The data-loss case: a user config beside an example config with create_input; -F must not plan to write the
     user's input, and the example's keys must not leak in."""
@@ -941,6 +942,7 @@ def test_workflow_user_config_is_not_layered_on_the_example(tmp_path, files):
     guard.check()
 
 
+@pytest.mark.slow
 def test_workflow_typo_in_input_is_an_error(tmp_path):
     cfg = _config(input="data/typo.h5ad")
     (tmp_path / "my.yaml").write_text(yaml.safe_dump(cfg))

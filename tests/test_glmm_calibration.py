@@ -71,6 +71,7 @@ def test_between_donor_contrast_is_calibrated(between_null):
     assert _fraction(res, None) > 0.07
 
 
+@pytest.mark.slow
 def test_between_donor_contrast_is_calibrated_with_400_cells_per_donor():
     """The default simulation size; more cells make the donor-level variance components matter more."""
     _, X, terms, res = _fit("between", n_donors=10, n_cells=400)

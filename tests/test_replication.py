@@ -56,6 +56,7 @@ def _fraction(table) -> float:
     return float((p < 0.05).mean())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["nb", "binomial"])
 def test_default_call_adds_sample_term_and_is_calibrated(null_responses, family, caplog):
     offset = "log_total" if family == "nb" else None
@@ -84,6 +85,7 @@ def test_model_as_written_pseudoreplicates_and_warns(null_responses):
     assert _fraction(res.table) > 0.08  # the failure the default prevents
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("formula", "unit"),
     [("~ condition + (1|donor) + (1|sample)", "sample"), ("~ condition + (1 + condition|donor)", "donor")],
@@ -95,6 +97,7 @@ def test_explicit_sample_level_models_are_calibrated(null_responses, formula, un
     assert 0.035 <= _fraction(res.table) <= 0.06
 
 
+@pytest.mark.slow
 def test_default_keeps_power_when_donors_respond_alike(null_alike):
     """Without donor-specific responses the sample variance is mostly estimated at zero; the Satterthwaite df then
     let the cells replicate the contrast again, instead of capping it at the 7 df of the paired t test (per-gene

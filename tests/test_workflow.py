@@ -23,6 +23,9 @@ from statsmodels.stats.multitest import multipletests
 
 from scmlm import results as scmlm_results
 
+# end-to-end Snakemake runs: part of `make test` and CI, left out of `make test-fast`
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "workflow" / "Snakefile"
 TEST_CONFIG = REPO / ".test" / "config" / "config.yaml"

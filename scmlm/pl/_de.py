@@ -162,7 +162,8 @@ def _title(df: pd.DataFrame, what: str) -> str:
 def save_result_plots(table: pd.DataFrame, outdir: str | os.PathLike, *, kinds=("volcano", "pvalue_hist")) -> list:
     """Write one PNG per plot kind, group and contrast of a result table into ``outdir``; return the paths.
 
-    A joint F test (no fold change) gets only the p-value plots (``pvalue_hist``, ``qq``)."""
+    A joint F test (no fold change) gets only the p-value plots (``pvalue_hist``, ``qq``).
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)

@@ -84,7 +84,7 @@ def _components(df: pd.DataFrame, components: Sequence[str] | None) -> list[str]
 
 
 def _order(df: pd.DataFrame, comps: list[str], sort: bool) -> list[str]:
-    """variancePartition's ``sortCols``: decreasing median fraction, residual last."""
+    """Order columns as variancePartition's ``sortCols``: decreasing median fraction, residual last."""
     rest = [c for c in comps if c != "residual"]
     if sort:
         med = {c: np.nanmedian(df[c].to_numpy(dtype=float)) if df[c].notna().any() else -np.inf for c in rest}

@@ -11,7 +11,7 @@ rule aggregate:
     benchmark:
         out("benchmarks/aggregate.tsv")
     conda:
-        "../../envs/scmlm.yaml"
+        "../envs/scmlm.yaml"
     threads: 1
     resources:
         mem_mb=fixed_mem("aggregate", 4000),  # streams the input in row blocks

@@ -11,7 +11,7 @@ if "dataset" in config.get("create_input", {}):
         benchmark:
             out("benchmarks/create_input.tsv")
         conda:
-            "../../envs/scmlm.yaml"
+            "../envs/scmlm.yaml"
         threads: 1
         resources:
             mem_mb=fixed_mem("bundled_input", 4000),
@@ -32,7 +32,7 @@ if "simulate" in config.get("create_input", {}):
         benchmark:
             out("benchmarks/create_input.tsv")
         conda:
-            "../../envs/scmlm.yaml"
+            "../envs/scmlm.yaml"
         threads: 1
         resources:
             mem_mb=fixed_mem("simulate_input", 4000),

@@ -19,7 +19,7 @@ rule fit_pseudobulk:
     wildcard_constraints:
         analysis=names_regex("pseudobulk"),
     conda:
-        "../../envs/scmlm.yaml"
+        "../envs/scmlm.yaml"
     threads: 1
     resources:
         mem_mb=mem_from_input("fit_pseudobulk", 4, 2000),
@@ -40,7 +40,7 @@ rule split_shards:
     benchmark:
         out("benchmarks/split_{n}-shards.tsv")
     conda:
-        "../../envs/scmlm.yaml"
+        "../envs/scmlm.yaml"
     threads: 1
     resources:
         mem_mb=fixed_mem("split_shards", 4000),
@@ -65,7 +65,7 @@ rule fit_glmm:
     wildcard_constraints:
         analysis=names_regex("glmm"),
     conda:
-        "../../envs/scmlm.yaml"
+        "../envs/scmlm.yaml"
     threads: glmm_threads
     resources:
         mem_mb=shard_mem_mb,

@@ -21,7 +21,7 @@ rule hierarchy:
     wildcard_constraints:
         analysis=names_regex("glmm"),
     conda:
-        "../../envs/scmlm.yaml"
+        "../envs/scmlm.yaml"
     threads: 1
     resources:
         mem_mb=fixed_mem("hierarchy", 4000),

@@ -19,7 +19,7 @@ rule merge:
     wildcard_constraints:
         analysis=names_regex("glmm"),
     conda:
-        "../../envs/scmlm.yaml"
+        "../envs/scmlm.yaml"
     threads: 1
     resources:
         mem_mb=mem_from_input("merge", 5),

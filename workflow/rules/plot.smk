@@ -17,7 +17,7 @@ rule plot:
     benchmark:
         out("benchmarks/{analysis}/plot.tsv")
     conda:
-        "../../envs/scmlm.yaml"
+        "../envs/scmlm.yaml"
     threads: 1
     resources:
         mem_mb=mem_from_input("plot", 5, 2000),

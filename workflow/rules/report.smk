@@ -22,7 +22,7 @@ rule summary:
     benchmark:
         out("benchmarks/summary.tsv")
     conda:
-        "../../envs/scmlm.yaml"
+        "../envs/scmlm.yaml"
     threads: 1
     resources:
         mem_mb=mem_from_input("summary", 5),
@@ -51,7 +51,7 @@ rule report_html:
     benchmark:
         out("benchmarks/report_html.tsv")
     conda:
-        "../../envs/scmlm.yaml"
+        "../envs/scmlm.yaml"
     threads: 1
     resources:
         mem_mb=fixed_mem("report_html", 4000),

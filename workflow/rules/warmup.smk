@@ -13,7 +13,7 @@ rule warmup:
     benchmark:
         out("benchmarks/warmup.tsv")
     conda:
-        "../../envs/scmlm.yaml"
+        "../envs/scmlm.yaml"
     threads: 1
     resources:
         mem_mb=fixed_mem("warmup", 2000),
