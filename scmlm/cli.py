@@ -136,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-cells", type=int, default=10, help="pseudobulk: drop samples with fewer cells")
     p.add_argument("--no-filter", action="store_true", help="pseudobulk: keep all genes (no filterByExpr)")
     p.add_argument(
+        "--rows-are-samples",
+        action="store_true",
+        help="pseudobulk: the input's rows are samples (bulk data) although it carries no aggregation record",
+    )
+    p.add_argument(
         "--offset",
         default="auto",
         help="glmm: auto (tmm for nb/poisson, else log_total), tmm, log_total, an obs column, or none",
@@ -643,6 +648,7 @@ def _run_de(args: argparse.Namespace) -> int:
             groups_key=args.groups_key,
             layer=layer,
             filter_genes=not args.no_filter,
+            rows_are_samples=args.rows_are_samples,
             key_added=key,
             inplace=False,
         )

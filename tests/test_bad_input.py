@@ -634,6 +634,16 @@ def test_cli_pseudobulk_with_sample_key_works_and_files_are_readable(tmp_path, f
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
 
 
+def test_cli_rows_are_samples_fits_the_rows_as_given(tmp_path, files, capsys):
+    """The CLI's counterpart of rows_are_samples=True: rows the check would take for cells are fitted as samples."""
+    args = _de(files["cells"], tmp_path / "r.csv", "--layer", "counts", "--no-filter")
+    rc, err = run_cli(args, capsys)
+    assert rc == 2 and "--rows-are-samples" in err, err
+    rc, err = run_cli([*args, "--rows-are-samples"], capsys)
+    assert rc == 0, err
+    assert (pd.read_csv(tmp_path / "r.csv")["status"] == "ok").any()
+
+
 CLI_OTHER_ERRORS = [
     (
         "pseudobulk: out is the input",

@@ -195,7 +195,7 @@ def check_sample_rows(pb: ad.AnnData, design: str, *, groups_key: str | None, ro
             f"{largest} rows in {where}: the rows look like cells, and testing cells as samples is "
             "pseudoreplication. Aggregate first: pb = scmlm.pp.pseudobulk(adata, sample_key='donor', "
             "groups_key=...) (CLI: --sample-key). If the rows really are samples (bulk data), pass "
-            "rows_are_samples=True."
+            "rows_are_samples=True (CLI: --rows-are-samples)."
         )
 
 
