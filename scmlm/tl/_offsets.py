@@ -20,7 +20,6 @@ from collections.abc import Sequence
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from .._errors import InputError, _fmt_list
 from .._validate import category_codes, check_obs_keys
@@ -106,10 +105,16 @@ def sample_labels(obs: pd.DataFrame, columns: Sequence[str]) -> tuple[np.ndarray
 
 
 def pseudobulk_sums(matrix, codes: np.ndarray, n_units: int) -> np.ndarray:
-    """Units × genes sums of a cells × genes matrix (sparse or dense) over the cells of each unit."""
-    ind = sp.csr_matrix((np.ones(codes.size), (codes, np.arange(codes.size))), shape=(n_units, codes.size))
-    out = ind @ matrix
-    return np.asarray(out.toarray() if sp.issparse(out) else out, dtype=float)
+    """Units × genes sums of a cells × genes matrix (sparse or dense) over the cells of each unit.
+
+    The aggregation kernel of :func:`scmlm.pp.pseudobulk` (one pass over the stored counts, same specialisations).
+    """
+    from ..pp._aggregate import accumulate
+
+    out = np.zeros((n_units, matrix.shape[1]), dtype=np.float64)
+    nexpr = np.zeros((n_units, matrix.shape[1]), dtype=np.int32)
+    accumulate(matrix, np.asarray(codes, dtype=np.int64), out, nexpr, check=False)
+    return out
 
 
 def tmm_units(obs: pd.DataFrame, samples: str | Sequence[str], groups_key: str | None = None):
