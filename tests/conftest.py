@@ -18,3 +18,12 @@ def sim_between() -> ad.AnnData:
 @pytest.fixture(scope="session")
 def sim_within() -> ad.AnnData:
     return load_reference("sim_within_small")
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--overwrite",
+        action="store_true",
+        default=False,
+        help="rewrite the golden-master snapshot (tests/test_golden_master.py) instead of comparing with it",
+    )
