@@ -1,1 +1,90 @@
-"""scmlm.models."""
+"""Numerics of scmlm on ndarrays: the one seam between the AnnData API (``pp``/``tl``/``pl``/``get``) and the fits.
+
+Everything outside ``scmlm.models`` imports the names listed in ``__all__`` from here, never a private module
+(``tests/test_architecture.py`` checks it). Nothing here imports anndata or pandas.
+
+- Cell-level GLMM (Laplace ML / REML, numba kernel): :func:`prepare_glmm`, :func:`fit_glmm`, tests
+  :func:`glmm_contrast`, :func:`glmm_wald_f`, :func:`glmm_lrt`, df :func:`satterthwaite_df`,
+  :func:`satterthwaite_df_f`, :func:`contrast_df`; families (:data:`FAMILIES`) and random terms (:class:`RandomTerm`).
+- Moderated GLMM tests (empirical-Bayes prior over genes): :func:`gene_tau2`, :func:`moderate`, ...
+- Pseudobulk: edgeR QL (:func:`nb_ql`, :func:`nb_ql_multi`, :func:`filter_by_expr`, :func:`tmm_factors`), limma-voom
+  (:func:`voom_limma`, :func:`voom_limma_multi`), dream (:func:`dream`, :func:`fit_weighted_lmm`), and the
+  empirical-Bayes pieces they share (:func:`lowess`, :func:`squeeze_var`, :func:`fit_f_dist`,
+  :func:`fit_f_dist_robustly`).
+"""
+
+from ._edger import filter_by_expr, nb_ql, nb_ql_multi, tmm_factors
+from ._families import FAMILIES, Family, get_family
+from ._glmm import (
+    STATUS,
+    ContrastResult,
+    GLMMDesign,
+    GLMMResult,
+    contrast_df,
+    fit_glmm,
+    glmm_contrast,
+    glmm_lrt,
+    glmm_wald_f,
+    prepare_glmm,
+    satterthwaite_df,
+    satterthwaite_df_f,
+    separated_genes,
+)
+from ._limma import LimmaResult, fit_f_dist, fit_f_dist_robustly, lowess, squeeze_var, voom_limma, voom_limma_multi
+from ._lmm import LMMResult, dream, fit_weighted_lmm
+from ._moderate import PENDING, coarser_terms, gene_tau2, moderate, unit_scale
+from ._random import RandomTerm, build_Z, cov_b, intercept_term, n_theta, q_total, term_slices, variance_components
+
+FAMILY_NAMES: tuple[str, ...] = tuple(FAMILIES)
+"""Names of the GLMM response families, in their code order (``nb``, ``poisson``, ``binomial``, ``gaussian``)."""
+
+USABLE_STATUS: tuple[str, ...] = ("ok", "singular")
+"""Statuses of a fit whose estimates and tests are reported (``singular``: a variance component at zero)."""
+
+__all__ = [
+    "FAMILIES",
+    "FAMILY_NAMES",
+    "PENDING",
+    "STATUS",
+    "USABLE_STATUS",
+    "ContrastResult",
+    "Family",
+    "GLMMDesign",
+    "GLMMResult",
+    "LMMResult",
+    "LimmaResult",
+    "RandomTerm",
+    "build_Z",
+    "coarser_terms",
+    "contrast_df",
+    "cov_b",
+    "dream",
+    "filter_by_expr",
+    "fit_f_dist",
+    "fit_f_dist_robustly",
+    "fit_glmm",
+    "fit_weighted_lmm",
+    "gene_tau2",
+    "get_family",
+    "glmm_contrast",
+    "glmm_lrt",
+    "glmm_wald_f",
+    "intercept_term",
+    "lowess",
+    "moderate",
+    "n_theta",
+    "nb_ql",
+    "nb_ql_multi",
+    "prepare_glmm",
+    "q_total",
+    "satterthwaite_df",
+    "satterthwaite_df_f",
+    "separated_genes",
+    "squeeze_var",
+    "term_slices",
+    "tmm_factors",
+    "unit_scale",
+    "variance_components",
+    "voom_limma",
+    "voom_limma_multi",
+]
