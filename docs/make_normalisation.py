@@ -51,9 +51,9 @@ def main() -> None:
         print(table.to_string(index=False))
     mono = kang[kang.obs["cell_type"] == "CD14+ Monocytes"]
     tot = np.log(np.asarray(mono.X.sum(axis=1), dtype=float).ravel())
-    from scmlm.tl._offsets import tmm_offset
+    from scmlm.design import tmm_offset
 
-    print(tmm_offset(mono, mono.X, tot, "sample_id")[1].to_string(index=False))
+    print(tmm_offset(mono.obs, mono.X, tot, "sample_id")[1].to_string(index=False))
 
 
 if __name__ == "__main__":

@@ -223,7 +223,7 @@ def read_genes(
         n_obs, n_vars = len(obs), len(var)
         acc = None
         if tmm is not None:
-            from .tl._offsets import streamed_tmm
+            from .design import streamed_tmm
 
             acc = streamed_tmm(obs, tmm, n_vars)
         blocks, totals = [], np.zeros(n_obs)

@@ -225,11 +225,63 @@ def _finish_moderation(table: pd.DataFrame) -> pd.DataFrame:
     """Moderated GLMM tests of a sharded run.
 
     The prior is estimated over all genes once the shards are together (rows with ``moderation == "pending"``; see
-    :mod:`scmlm.models._moderate`).
+    :mod:`scmlm.models.moderate`).
     """
-    from .models._moderate import moderate_table
-
     return moderate_table(table)
+
+
+def moderate_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Finish the moderation of the rows with ``moderation == "pending"``, per group and contrast.
+
+    Reads ``coef``, ``tau2``, ``df_resid``, ``unit_scale``, ``base_mean`` and ``converged``; writes ``se``,
+    ``stat``, ``df``, ``pvalue``, ``df_prior``, ``var_prior`` and ``moderation``. ``padj`` is left to the caller.
+    Rows of a joint F test of ``q = df_num`` rows (``glmm_de``) carry the per-gene Wald ``f_raw`` and their
+    between-unit variance ``tau2`` (``unit_scale`` 1); the moderated F is ``f_raw · tau2 / τ̃²`` on ``F(q, d + d0)``.
+    Genes that cannot be moderated keep their per-gene test and say why in ``moderation``; rows of other genes are
+    returned unchanged. Used by ``glmm_de`` on its own table and by :func:`merge_shards` on the merged shards (the
+    prior needs every gene of a group).
+    """
+    from scipy import stats
+
+    from .models import PENDING, moderate
+
+    if "moderation" not in table.columns or not (table["moderation"] == PENDING).any():
+        return table
+    table = table.copy()
+    for col in ("df_prior", "var_prior"):
+        if col not in table:
+            table[col] = np.nan
+    pend = (table["moderation"] == PENDING).to_numpy()
+    keys = [table["group"].astype(str).to_numpy(), table["contrast"].astype(str).to_numpy()]
+    for _, rows in table.groupby(keys, sort=False).indices.items():
+        rows = rows[pend[rows]]
+        if not rows.size:
+            continue
+        sub = table.iloc[rows]
+        scale = sub["unit_scale"].to_numpy(dtype=float)
+        res = moderate(
+            sub["coef"].to_numpy(dtype=float),
+            sub["tau2"].to_numpy(dtype=float),
+            sub["df_resid"].to_numpy(dtype=float),
+            sub["base_mean"].to_numpy(dtype=float),
+            scale,
+            sub["converged"].to_numpy(dtype=bool),
+        )
+        if "df_num" in sub and np.nanmax(sub["df_num"].to_numpy(dtype=float), initial=1.0) > 1:
+            # a joint F test of q rows: F_raw · τ̂² / τ̃² on F(q, d + d0); no single estimate, so no se
+            q = float(np.nanmax(sub["df_num"].to_numpy(dtype=float)))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                post = res["se"] ** 2 / scale
+                res["stat"] = sub["f_raw"].to_numpy(dtype=float) * sub["tau2"].to_numpy(dtype=float) / post
+                res["pvalue"] = stats.f.sf(res["stat"], q, res["df"])
+            res["se"] = np.full(len(sub), np.nan)
+        done = res["moderation"] == "moderated"  # the others keep their per-gene test and say why
+        for col in ("se", "stat", "df", "pvalue", "df_prior", "var_prior"):
+            vals = sub[col].to_numpy(dtype=float).copy()
+            vals[done] = res[col][done]
+            table.iloc[rows, table.columns.get_loc(col)] = vals
+        table.iloc[rows, table.columns.get_loc("moderation")] = res["moderation"]
+    return table
 
 
 def _analysis_id(t: pd.DataFrame) -> str | None:

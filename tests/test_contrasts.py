@@ -249,9 +249,9 @@ def test_gee_multi_equals_single_calls():
         "batch": "batch[T.batch1]",
         "F": [[0, 1.0, 0, 0], [0, 0, 1.0, 0]],
     }
-    multi = scmlm.tl.gee_de(a, "~ batch + condition", contrast, groups="donor", inplace=False).table
+    multi = scmlm.tl.gee_de(a, "~ batch + condition", contrast, cluster_key="donor", inplace=False).table
     for name in ("cond", "batch"):
-        single = scmlm.tl.gee_de(a, "~ batch + condition", contrast[name], groups="donor", inplace=False).table
+        single = scmlm.tl.gee_de(a, "~ batch + condition", contrast[name], cluster_key="donor", inplace=False).table
         _same(multi, single.assign(contrast=name), name)
     f = multi[multi["contrast"] == "F"]
     assert f["coef"].isna().all() and f["stat"].notna().any()
@@ -379,7 +379,7 @@ def test_workflow_config_refuses_a_bad_contrast_mapping(tmp_path):
 
 
 def test_tmm_samples_cross_the_random_factors_with_every_contrast_factor():
-    from scmlm.tl._offsets import design_samples, streamed_tmm, tmm_units
+    from scmlm.design import design_samples, streamed_tmm, tmm_units
 
     obs = pd.DataFrame({"donor": list("aabb"), "condition": ["x", "y", "x", "y"], "sex": list("FFMM")})
     design = "~ condition + sex + (1|donor)"

@@ -16,7 +16,8 @@ from scipy.special import expit, logit
 
 import scmlm
 from scmlm import DesignError, InputError
-from scmlm.tl._gee import gee_de, nb_alpha_moment
+from scmlm.models.gee import nb_alpha_moment
+from scmlm.tl import gee_de
 
 CONTRAST = ("condition", "case", "ctrl")
 
@@ -331,14 +332,14 @@ def test_log_link_is_not_attenuated():
 # ---------------------------------------------------------------- (d) bad inputs and failed genes
 
 
-def test_random_term_is_refused_with_pointer_to_groups(small):
-    with pytest.raises(DesignError, match="groups="):
+def test_random_term_is_refused_with_pointer_to_cluster_key(small):
+    with pytest.raises(DesignError, match="cluster_key="):
         gee_de(small, "~ condition + (1|donor)", CONTRAST)
 
 
 def test_missing_obs_keys_list_columns(small):
-    with pytest.raises(InputError, match=r"groups 'patient' is not a column.*'donor'"):
-        gee_de(small, "~ condition", CONTRAST, groups="patient")
+    with pytest.raises(InputError, match=r"cluster_key 'patient' is not a column.*'donor'"):
+        gee_de(small, "~ condition", CONTRAST, cluster_key="patient")
     with pytest.raises(InputError, match=r"groups_key 'celltype'.*'cell_type'"):
         gee_de(small, "~ condition", CONTRAST, groups_key="celltype")
     with pytest.raises(InputError, match="offset 'sf'"):
@@ -435,7 +436,7 @@ def test_inplace_copy_and_uns(small):
     assert gee_de(a, "~ condition", CONTRAST, genes=genes) is None
     entry = a.uns["gee_de"]
     assert set(entry) == {"params", "results"}
-    assert entry["params"]["family"] == "nb" and entry["params"]["groups"] == "donor"
+    assert entry["params"]["family"] == "nb" and entry["params"]["cluster_key"] == "donor"
     assert entry["params"]["small_sample"] == "md_scaled" and entry["params"]["df"] == "clusters"
     table = scmlm.get.de_df(a, key="gee_de")
     cols = ["gene", "group", "contrast", "coef", "log2fc", "se", "stat", "df", "pvalue", "padj", "base_mean"]

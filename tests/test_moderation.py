@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import scmlm
-from scmlm.models._moderate import (
+from scmlm.models.moderate import (
     BOUNDARY_DF_MIN,
     _boundary_df,
     coarser_terms,

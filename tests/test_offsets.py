@@ -10,9 +10,9 @@ import pytest
 from helpers import REFERENCE
 
 import scmlm
+from scmlm.design import design_samples, resolve_samples, tmm_offset
 from scmlm.errors import InputError
 from scmlm.tl._common import cell_offset
-from scmlm.tl._offsets import design_samples, resolve_samples, tmm_offset
 
 STIM = ("condition", "stim", "ctrl")
 
@@ -37,7 +37,7 @@ def test_factors_equal_edger_calcnormfactors(sim_within):
     ref = pd.read_csv(REFERENCE / "tmm" / "tmm_factors.csv", dtype={"sample": str, "group": str})
     n_checked = 0
     for name, (adata, samples, groups_key) in _datasets(sim_within).items():
-        off, tab = tmm_offset(adata, adata.X, _log_total(adata), samples, groups_key)
+        off, tab = tmm_offset(adata.obs, adata.X, _log_total(adata), samples, groups_key)
         r = ref[ref["dataset"] == name]
         m = tab.merge(r, on=["group", "sample"], suffixes=("", "_r"), validate="one_to_one")
         assert len(m) == len(r) == len(tab), name
@@ -104,7 +104,7 @@ def test_gee_and_variance_partition_take_the_tmm_offset(sim_within):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         tabs = [
-            scmlm.tl.gee_de(a, "~ condition", contrast, groups="donor", offset=o, genes=genes, inplace=False).table
+            scmlm.tl.gee_de(a, "~ condition", contrast, cluster_key="donor", offset=o, genes=genes, inplace=False).table
             for o in ("tmm", "tmm_off")
         ]
         vps = [
@@ -304,7 +304,7 @@ def test_streamed_tmm_equals_in_memory(tmp_path):
     genes = list(adata.var_names[:7])
     sub = io.read_genes(path, genes, tmm=spec, block_nnz=5_000)  # many row blocks
     samples = resolve_samples(None, spec["design"], STIM, adata.obs)
-    expect, _ = tmm_offset(adata, adata.X, _log_total(adata), samples, "cell_type")
+    expect, _ = tmm_offset(adata.obs, adata.X, _log_total(adata), samples, "cell_type")
     np.testing.assert_allclose(sub.obs[io.TMM_OFFSET].to_numpy(), expect, rtol=0, atol=1e-12)
     assert _glmm_offset(sub, "auto", "nb") == io.TMM_OFFSET
     assert _glmm_offset(sub, "log_total", "nb") == io.LOG_TOTAL

@@ -114,7 +114,7 @@ def test_gee_with_donor_clusters_is_calibrated():
     sub = sub[np.asarray(sub.X.sum(axis=1)).ravel() > 0].copy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        tab = scmlm.tl.gee_de(sub, "~ condition", CONTRAST, groups="donor", inplace=False).table
+        tab = scmlm.tl.gee_de(sub, "~ condition", CONTRAST, cluster_key="donor", inplace=False).table
     p = tab["pvalue"].dropna()
     assert len(p) >= 1200
     assert (tab["df"].dropna() <= 7 + 1e-9).all()  # at most donors - 1: clusters are donors, not cells

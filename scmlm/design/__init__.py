@@ -15,6 +15,17 @@ from ._design import (
     parse_contrasts,
 )
 from ._formula import ParsedFormula, RandomSpec, parse_formula
+from ._offsets import (
+    StreamedTMM,
+    design_samples,
+    resolve_offset,
+    resolve_samples,
+    sample_labels,
+    streamed_tmm,
+    tmm_offset,
+    tmm_offset_from_sums,
+    tmm_units,
+)
 from ._replication import Replication, containment_df, replication, within_parent
 
 __all__ = [
@@ -24,17 +35,26 @@ __all__ = [
     "ParsedFormula",
     "RandomSpec",
     "Replication",
+    "StreamedTMM",
     "build_design",
     "check_estimable",
     "containment_df",
     "contrast_label",
     "contrast_names",
     "contrast_param",
+    "design_samples",
     "is_multi",
     "make_contrast",
     "make_contrasts",
     "parse_contrasts",
     "parse_formula",
     "replication",
+    "resolve_offset",
+    "resolve_samples",
+    "sample_labels",
+    "streamed_tmm",
+    "tmm_offset",
+    "tmm_offset_from_sums",
+    "tmm_units",
     "within_parent",
 ]

@@ -6,7 +6,12 @@ Everything outside ``scmlm.models`` imports the names listed in ``__all__`` from
 - Cell-level GLMM (Laplace ML / REML, numba kernel): :func:`prepare_glmm`, :func:`fit_glmm`, tests
   :func:`glmm_contrast`, :func:`glmm_wald_f`, :func:`glmm_lrt`, df :func:`satterthwaite_df`,
   :func:`satterthwaite_df_f`, :func:`contrast_df`; families (:data:`FAMILIES`) and random terms (:class:`RandomTerm`).
-- Moderated GLMM tests (empirical-Bayes prior over genes): :func:`gene_tau2`, :func:`moderate`, ...
+- Moderated GLMM tests (empirical-Bayes prior over genes): :func:`gene_tau2` (the chunk's :class:`CellModel`),
+  :func:`moderate`, ...
+- GEE with donors as clusters: :func:`prepare_gee` (:class:`GEEData`), :func:`fit_gee` (:class:`GEEResult`).
+- Unpooled per-level estimates of a random intercept: :func:`fit_unpooled` (:class:`UnpooledFit`).
+- TMM cell offsets on per-sample sums: :func:`sample_sums`, :func:`tmm_sample_factors`, :func:`tmm_cell_offset`,
+  :class:`StreamedSums`; the aggregation kernel :func:`accumulate` (also :func:`scmlm.pp.pseudobulk`'s).
 - Pseudobulk: edgeR QL (:func:`nb_ql`, :func:`nb_ql_multi`, :func:`filter_by_expr`, :func:`tmm_factors`), limma-voom
   (:func:`voom_limma`, :func:`voom_limma_multi`), dream (:func:`dream`, :func:`fit_weighted_lmm`), and the
   empirical-Bayes pieces they share (:func:`lowess`, :func:`squeeze_var`, :func:`fit_f_dist`,
@@ -32,8 +37,12 @@ from ._glmm import (
 )
 from ._limma import LimmaResult, fit_f_dist, fit_f_dist_robustly, lowess, squeeze_var, voom_limma, voom_limma_multi
 from ._lmm import LMMResult, dream, fit_weighted_lmm
-from ._moderate import PENDING, coarser_terms, gene_tau2, moderate, unit_scale
 from ._random import RandomTerm, build_Z, cov_b, intercept_term, n_theta, q_total, term_slices, variance_components
+from .aggregate import accumulate
+from .gee import GEE_DF_METHODS, GEE_FAMILIES, GEE_SMALL_SAMPLE, GEEData, GEEResult, fit_gee, prepare_gee
+from .moderate import PENDING, CellModel, coarser_terms, gene_tau2, moderate, unit_scale
+from .offsets import StreamedSums, TMMFactors, sample_sums, tmm_cell_offset, tmm_sample_factors
+from .unpooled import UnpooledFit, fit_unpooled
 
 FAMILY_NAMES: tuple[str, ...] = tuple(FAMILIES)
 """Names of the GLMM response families, in their code order (``nb``, ``poisson``, ``binomial``, ``gaussian``)."""
@@ -44,16 +53,26 @@ USABLE_STATUS: tuple[str, ...] = ("ok", "singular")
 __all__ = [
     "FAMILIES",
     "FAMILY_NAMES",
+    "GEE_DF_METHODS",
+    "GEE_FAMILIES",
+    "GEE_SMALL_SAMPLE",
     "PENDING",
     "STATUS",
     "USABLE_STATUS",
+    "CellModel",
     "ContrastResult",
     "Family",
+    "GEEData",
+    "GEEResult",
     "GLMMDesign",
     "GLMMResult",
     "LMMResult",
     "LimmaResult",
     "RandomTerm",
+    "StreamedSums",
+    "TMMFactors",
+    "UnpooledFit",
+    "accumulate",
     "build_Z",
     "coarser_terms",
     "contrast_df",
@@ -62,7 +81,9 @@ __all__ = [
     "filter_by_expr",
     "fit_f_dist",
     "fit_f_dist_robustly",
+    "fit_gee",
     "fit_glmm",
+    "fit_unpooled",
     "fit_weighted_lmm",
     "gene_tau2",
     "get_family",
@@ -75,14 +96,18 @@ __all__ = [
     "n_theta",
     "nb_ql",
     "nb_ql_multi",
+    "prepare_gee",
     "prepare_glmm",
     "q_total",
+    "sample_sums",
     "satterthwaite_df",
     "satterthwaite_df_f",
     "separated_genes",
     "squeeze_var",
     "term_slices",
+    "tmm_cell_offset",
     "tmm_factors",
+    "tmm_sample_factors",
     "unit_scale",
     "variance_components",
     "voom_limma",

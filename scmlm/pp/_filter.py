@@ -74,7 +74,7 @@ def filter_genes_by_expr(
     inplace
         Subset ``pb`` to the kept genes (returns ``None``); otherwise return the boolean mask.
     """
-    from ..models._edger import filter_by_expr
+    from ..models import filter_by_expr
 
     counts = np.asarray(get_matrix(pb, layer), dtype=float)
     check_counts(counts, layer)

@@ -9,7 +9,7 @@ import pandas as pd
 
 from .._errors import InputError
 from .._validate import category_codes, check_obs_keys, check_unique_names
-from ._aggregate import accumulate
+from ..models import accumulate
 
 _CHUNK_ROWS = 50_000
 

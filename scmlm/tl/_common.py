@@ -27,7 +27,7 @@ def cell_offset(
     cluster: str | None = None,
 ) -> np.ndarray | None:
     """Per-cell offset on the link scale: ``"log_total"`` (log total counts over all genes), ``"tmm"`` (plus the TMM
-    factor of the cell's sample, per ``groups_key`` group, see :mod:`scmlm.tl._offsets`; the samples are the
+    factor of the cell's sample, per ``groups_key`` group, see :mod:`scmlm.models.offsets`; the samples are the
     ``samples`` columns, or read from ``design``, ``contrast`` and GEE's ``cluster``), an obs column, or None."""
     if offset is None:
         return None
@@ -43,10 +43,10 @@ def cell_offset(
                 f" so offset={offset!r} is undefined; remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1)."
             )
         if offset == "tmm":
-            from ._offsets import resolve_samples, tmm_offset
+            from ..design import resolve_samples, tmm_offset
 
             samples = resolve_samples(samples, design, contrast, adata.obs, cluster)
-            return tmm_offset(adata, matrix, np.log(totals), samples, groups_key)[0]
+            return tmm_offset(adata.obs, matrix, np.log(totals), samples, groups_key)[0]
         return np.log(totals)
     check_obs_keys(adata, [offset], what="offset")
     col = adata.obs[offset]

@@ -20,13 +20,15 @@ from ..design import (
     build_design,
     containment_df,
     contrast_param,
+    design_samples,
     parse_contrasts,
+    resolve_samples,
     within_parent,
 )
 from ..design import replication as find_replication
 from ..engine import gene_chunks, run_chunks
-from ..models._moderate import PENDING, coarser_terms, gene_tau2, moderate_table, unit_scale
-from ..results import DEResult, finalize_table, parse_shard, shard_indices
+from ..models import PENDING, CellModel, coarser_terms, gene_tau2, unit_scale
+from ..results import DEResult, finalize_table, moderate_table, parse_shard, shard_indices
 from ._common import (
     cell_groups,
     cell_offset,
@@ -38,7 +40,6 @@ from ._common import (
     gene_indices,
     residual_variance,
 )
-from ._offsets import design_samples, resolve_samples
 
 _FAMILIES = ("nb", "poisson", "binomial", "gaussian")
 _REPLICATION = ("auto", "as_written")
@@ -404,7 +405,7 @@ def _fit_chunk(Y, *, gdesign, method, test, plans, X, terms, offset, family, tri
                 with np.errstate(invalid="ignore"):
                     # the unweighted unit scale: tau2 = raw is on the variance scale of the joint test itself
                     tau2, _, dft = gene_tau2(
-                        Y, res, np.sqrt(raw * c_v), X, terms, offset, family, trials, v, df, weighted=False
+                        Y, res, np.sqrt(raw * c_v), CellModel(X, terms, offset, family, trials), v, df, weighted=False
                     )
                 tests.append((con, (tau2, np.nan, dft, sdf)))
                 continue
@@ -412,7 +413,8 @@ def _fit_chunk(Y, *, gdesign, method, test, plans, X, terms, offset, family, tri
             continue
         con = _glmm.glmm_contrast(res, L, df=gene_df)
         if pl["tau2"]:
-            tau2, scale, dft = gene_tau2(Y, res, con.se, X, terms, offset, family, trials, L, df, weighted=weighted)
+            model = CellModel(X, terms, offset, family, trials)
+            tau2, scale, dft = gene_tau2(Y, res, con.se, model, L, df, weighted=weighted)
         else:
             tau2 = scale = dft = np.nan
         tests.append((con, (tau2, scale, dft, sdf)))

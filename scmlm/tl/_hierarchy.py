@@ -12,8 +12,9 @@ import scipy.sparse as sp
 from .._errors import DesignError, InputError, _fmt_list
 from .._validate import check_counts, check_obs_keys, check_unique_names, get_matrix
 from .._version import __version__
-from ..design import build_design
+from ..design import build_design, resolve_offset
 from ..engine import gene_chunks, run_chunks
+from ..models import fit_unpooled
 from ._common import (
     cell_groups,
     cell_offset,
@@ -35,16 +36,6 @@ def _term_variance(term, theta: np.ndarray) -> np.ndarray:
     return np.array([np.trace(term.cov_from_theta(th) @ M) for th in theta])
 
 
-def _auto_offset(offset, family, design, obs, samples=None):
-    """``offset="auto"`` as glmm_de resolves it: TMM factors of the design's samples for NB and Poisson."""
-    if offset != "auto":
-        return offset
-    from ._offsets import design_samples
-
-    known = samples is not None or bool(design_samples(design, None, obs))
-    return "tmm" if family in ("nb", "poisson") and known else "log_total"
-
-
 def _prepare(adata, design, family, layer, offset, groups_key, genes, samples=None):
     if family not in _FAMILIES:
         raise InputError(f"family={family!r} is not known; use one of {_fmt_list(_FAMILIES)}.")
@@ -55,7 +46,7 @@ def _prepare(adata, design, family, layer, offset, groups_key, genes, samples=No
         check_finite(matrix, layer)
     else:
         check_counts(matrix, layer)
-    offset = _auto_offset(offset, family, design, adata.obs, samples)
+    offset = resolve_offset(offset, family, design=design, obs=adata.obs, sample_key=samples)
     off = cell_offset(adata, matrix, offset, layer, samples=samples, groups_key=groups_key, design=design)
     gene_idx = gene_indices(adata, genes)
     matrix = gene_columns(matrix, gene_idx)  # only the selected genes, in gene_idx order
@@ -153,7 +144,7 @@ def variance_partition(
     """
     from ..models._random import term_slices
 
-    offset = _auto_offset(offset, family, design, adata.obs)
+    offset = resolve_offset(offset, family, design=design, obs=adata.obs)
     matrix, off, gene_idx, groups = _prepare(adata, design, family, layer, offset, groups_key, genes)
     full = build_design(adata.obs, design, check_rank=groups_key is None)
     if not full.parsed.has_random:
@@ -319,7 +310,7 @@ def random_effects(
                         term_name = t.name if cname == "(Intercept)" else f"{t.name}:{cname}"
                         if cname == "(Intercept)":
                             eta_minus = eta_all - bt[t.codes, c]
-                            u, u_se = _unpooled(Ysub[:, g], eta_minus, t.codes, t.n_levels, family, res.phi[j])
+                            u, u_se = fit_unpooled(Ysub[:, g], eta_minus, t.codes, t.n_levels, family, res.phi[j])
                         else:
                             u = u_se = np.full(t.n_levels, np.nan)
                         frames.append(
@@ -348,40 +339,3 @@ def random_effects(
         "results": table,
     }
     return None
-
-
-def _unpooled(y, eta0, codes, n_levels, family, phi, n_iter: int = 25):
-    """Per-level ML of an additive effect u_l on the link scale with everything else fixed (vectorised Newton)."""
-    u = np.zeros(n_levels)
-    y = np.asarray(y, dtype=float)
-    if family == "binomial":
-        y = (y > 0).astype(float)
-    for _ in range(n_iter):
-        eta = eta0 + u[codes]
-        if family in ("nb", "poisson"):
-            mu = np.exp(eta)
-            ph = 0.0 if family == "poisson" or not np.isfinite(phi) else phi
-            score = (y - mu) / (1 + ph * mu)
-            info = mu / (1 + ph * mu)
-        elif family == "binomial":
-            p = 1 / (1 + np.exp(-eta))
-            score = y - p
-            info = p * (1 - p)
-        else:
-            score = (y - eta) / phi
-            info = np.full(y.shape, 1.0 / phi)
-        S = np.bincount(codes, weights=score, minlength=n_levels)
-        I = np.bincount(codes, weights=info, minlength=n_levels)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            step = np.clip(S / I, -3, 3)
-        step = np.where(np.isfinite(step), step, 0.0)
-        u = u + step
-        if np.max(np.abs(step)) < 1e-10:
-            break
-    with np.errstate(divide="ignore", invalid="ignore"):
-        se = 1.0 / np.sqrt(I)
-    # a level with no counts at all has no finite unpooled estimate (its MLE is -inf)
-    ysum = np.bincount(codes, weights=y, minlength=n_levels)
-    if family in ("nb", "poisson", "binomial"):
-        u = np.where(ysum > 0, u, -np.inf)
-    return u, se

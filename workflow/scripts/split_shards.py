@@ -4,7 +4,7 @@ Shard ``i`` of ``n`` is written to ``{outdir}/{i}-of-{n}.h5ad``: every cell and 
 in the columns of that shard's genes (``scmlm.results.shard_indices``, the blocks ``scmlm de --shard i/n`` fits), so a
 fit job reads and holds ~1/n of the data instead of all of it. The log total counts over *all* genes, which the
 log total-count offset needs, are stored in ``obs["scmlm_log_total"]``, and each GLMM analysis with a TMM offset gets
-its per-cell offset computed on all genes (``scmlm.tl._offsets.StreamedTMM``, the same samples and factors as
+its per-cell offset computed on all genes (``scmlm.design.StreamedTMM``, the same samples and factors as
 ``glmm_de(..., offset="tmm")`` on the whole matrix) in ``obs["scmlm_offset_<analysis>"]``.
 """
 
@@ -34,9 +34,9 @@ def _columns(block: sp.csr_matrix, lo: int, hi: int) -> sp.csr_matrix:
 def split(path: str, outdir: str, n: int, layer: str | None, tmm: dict | None = None) -> None:
     from anndata.io import read_elem, sparse_dataset, write_elem
 
+    from scmlm.design import streamed_tmm
     from scmlm.io import iter_row_blocks
     from scmlm.results import shard_indices
-    from scmlm.tl._offsets import streamed_tmm
 
     out = Path(outdir)
     tmp = out.with_name(f".{out.name}.tmp")

@@ -1,34 +1,29 @@
-"""Composition-robust cell offsets: each cell's log library size plus the TMM factor of its sample.
+"""Which cells form a sample, which offset ``"auto"`` means, and the TMM offset's samples and factor table.
 
-Why: with ``offset="log_total"`` a gene's expected count is proportional to the cell's total count. When a few genes
-take a large share of the library in one condition (interferon-stimulated genes in IFN-β-stimulated monocytes), every
-other gene's share falls, and the cell-level model reports them all as down-regulated. edgeR corrects this on the
-pseudobulk with TMM normalisation factors; ``offset="tmm"`` carries the same factors to the cells.
-
-The identity that makes the two agree: for sample ``s`` with cells ``i ∈ s``, edgeR's effective library size is
-``N_s f_s`` with ``N_s = Σ_i total_i`` (the pseudobulk column sum over all genes) and ``f_s`` the TMM factor
-(``calcNormFactors(DGEList(pseudobulk))``). The cell offset ``log(total_i) + log(f_s)`` gives the cell-level mean
-``μ_gi = total_i f_s exp(x_s'β)`` (random effects at zero), whose sum over the sample's cells is
-``N_s f_s exp(x_s'β)``: the pseudobulk NB GLM's mean with edgeR's offset ``log(N_s f_s)``. So the fixed effects of the
-cell-level model and of edgeR's model refer to the same normalised scale.
+The TMM numerics (per-sample sums, factors, per-cell offsets) are :mod:`scmlm.models.offsets`; this module reads the
+samples from obs columns or from the design and keeps the labels. The rule for ``offset="auto"`` is
+:func:`resolve_offset`, the one place it is written.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import anndata as ad
+import formulaic
 import numpy as np
 import pandas as pd
 
 from .._errors import InputError, _fmt_list
 from .._validate import category_codes, check_obs_keys
+from ..models import FAMILIES, StreamedSums, sample_sums, tmm_cell_offset, tmm_sample_factors
+from ._design import parse_contrasts
+from ._formula import parse_formula
 
 
 def design_samples(
     design: str, contrast=None, obs: pd.DataFrame | None = None, cluster: str | None = None
 ) -> list[str]:
-    """obs columns whose combination identifies a sample, read from the design when no ``sample_key`` is given.
+    """Obs columns whose combination identifies a sample, read from the design when no ``sample_key`` is given.
 
     ``cluster`` (GEE's cluster column) and the grouping factors of the random terms (e.g. ``donor``; ``batch`` and
     ``donor`` for ``(1|batch/donor)``), crossed with, for a contrast ``(factor, test, reference)``, its factor (for
@@ -38,10 +33,6 @@ def design_samples(
     a sample is a donor × condition combination, the unit paired pseudobulk sums. An empty list when the design names
     no such column.
     """
-    import formulaic
-
-    from ..design._formula import parse_formula
-
     parsed = parse_formula(design)
     cols: list[str] = [] if cluster is None else [cluster]
     for term in parsed.random:
@@ -49,8 +40,6 @@ def design_samples(
     # several contrasts: the union of their factors
     factors, other = [], contrast is None
     if contrast is not None:
-        from ..design._design import parse_contrasts
-
         for spec in parse_contrasts(contrast):
             triple = isinstance(spec.spec, tuple) and len(spec.spec) == 3 and isinstance(spec.spec[0], str)
             if triple and (obs is None or spec.spec[0] in obs.columns):
@@ -62,6 +51,45 @@ def design_samples(
         fixed = sorted(formulaic.Formula(parsed.fixed).required_variables)
         cols.extend(v for v in fixed if v in obs.columns and not pd.api.types.is_numeric_dtype(obs[v]))
     return list(dict.fromkeys(cols))
+
+
+def resolve_offset(
+    offset: str | None,
+    family: str,
+    *,
+    design: str | None = None,
+    contrast=None,
+    obs: pd.DataFrame | None = None,
+    sample_key: str | Sequence[str] | None = None,
+) -> str | None:
+    """The offset ``offset="auto"`` stands for; any other value is returned as it is.
+
+    ``"auto"`` is ``"tmm"`` (log total count plus the TMM factor of the cell's sample) for the log-link count
+    families (``nb``, ``poisson``) when the samples are known: ``sample_key`` is given, or the design names them
+    (:func:`design_samples` of ``design``, ``contrast`` and, when given, ``obs``; with ``obs=None`` only the random
+    terms and the contrast factors count). Otherwise ``"log_total"``: binomial and Gaussian responses, or no
+    samples to compute factors over.
+
+    Returns
+    -------
+    ``"tmm"``, ``"log_total"``, an obs column name or ``None`` (no offset).
+
+    Examples
+    --------
+    >>> resolve_offset("auto", "nb", design="~ condition + (1|donor)")
+    'tmm'
+    >>> resolve_offset("auto", "nb", design="~ condition")
+    'log_total'
+    >>> resolve_offset("auto", "binomial", sample_key="sample")
+    'log_total'
+    """
+    if offset != "auto":
+        return offset
+    fam = FAMILIES.get(family)
+    if fam is None or fam.link != "log":
+        return "log_total"
+    known = sample_key is not None or (design is not None and bool(design_samples(design, contrast, obs)))
+    return "tmm" if known else "log_total"
 
 
 def resolve_samples(
@@ -104,19 +132,6 @@ def sample_labels(obs: pd.DataFrame, columns: Sequence[str]) -> tuple[np.ndarray
     return inverse.reshape(-1).astype(np.int64), labels
 
 
-def pseudobulk_sums(matrix, codes: np.ndarray, n_units: int) -> np.ndarray:
-    """Units × genes sums of a cells × genes matrix (sparse or dense) over the cells of each unit.
-
-    The aggregation kernel of :func:`scmlm.pp.pseudobulk` (one pass over the stored counts, same specialisations).
-    """
-    from ..pp._aggregate import accumulate
-
-    out = np.zeros((n_units, matrix.shape[1]), dtype=np.float64)
-    nexpr = np.zeros((n_units, matrix.shape[1]), dtype=np.int32)
-    accumulate(matrix, np.asarray(codes, dtype=np.int64), out, nexpr, check=False)
-    return out
-
-
 def tmm_units(obs: pd.DataFrame, samples: str | Sequence[str], groups_key: str | None = None):
     """The group × sample unit of each cell: integer codes and the table of units (``group``, ``sample``).
 
@@ -149,13 +164,10 @@ def tmm_offset_from_sums(
     The sums may be accumulated block by block (the workflow streams a backed h5ad once); the factors are edgeR's
     ``calcNormFactors`` among the samples of each group.
     """
-    from ..models._edger import tmm_factors
-
-    factors = np.ones(len(units))
-    lib = sums.sum(axis=1)
+    group_codes = pd.factorize(units["group"])[0]
+    tmm = tmm_sample_factors(sums, group_codes)
+    factors = tmm.norm_factor
     for name, idx in units.groupby("group", sort=False).indices.items():
-        if idx.size > 1:
-            factors[idx] = tmm_factors(sums[idx].T, lib_size=lib[idx])
         bad = idx[~(np.isfinite(factors[idx]) & (factors[idx] > 0))]
         if bad.size:
             raise InputError(
@@ -163,12 +175,13 @@ def tmm_offset_from_sums(
                 + (f" in group {name!r}" if name != "all" else "")
                 + "; remove samples without counts or use offset='log_total'."
             )
+    lib = tmm.lib_size
     table = units.assign(lib_size=lib, norm_factor=factors, eff_lib_size=lib * factors)
-    return np.asarray(log_total, dtype=float) + np.log(factors)[codes], table
+    return tmm_cell_offset(log_total, codes, factors), table
 
 
 def tmm_offset(
-    adata: ad.AnnData,
+    obs: pd.DataFrame,
     matrix,
     log_total: np.ndarray,
     samples: str | Sequence[str] | None,
@@ -178,8 +191,8 @@ def tmm_offset(
 
     Parameters
     ----------
-    adata
-        Cell-level AnnData (its obs hold the sample and group columns).
+    obs
+        The cells' annotations (the sample and group columns), one row per row of ``matrix``.
     matrix
         Cells × genes counts of the layer, all genes (the same genes as the totals).
     log_total
@@ -197,8 +210,8 @@ def tmm_offset(
     "TMM")`` on the pseudobulk of all genes; geometric mean 1 within a group) and ``eff_lib_size``
     (``lib_size * norm_factor``, which equals the sum of ``exp(offset)`` over the sample's cells).
     """
-    codes, units = tmm_units(adata.obs, samples, groups_key)
-    sums = pseudobulk_sums(matrix, codes, len(units))
+    codes, units = tmm_units(obs, samples, groups_key)
+    sums = sample_sums(matrix, codes, len(units))
     return tmm_offset_from_sums(log_total, codes, units, sums)
 
 
@@ -211,12 +224,16 @@ class StreamedTMM:
 
     def __init__(self, obs: pd.DataFrame, samples: str | Sequence[str], groups_key: str | None, n_vars: int):
         self.codes, self.units = tmm_units(obs, samples, groups_key)
-        self.sums = np.zeros((len(self.units), n_vars))
+        self._sums = StreamedSums(self.codes, len(self.units), n_vars)
+
+    @property
+    def sums(self) -> np.ndarray:
+        """Units × genes sums of the rows added so far."""
+        return self._sums.sums
 
     def add(self, start: int, block) -> None:
         """Add the rows ``start, start + 1, …`` of the cells × genes matrix (sparse or dense)."""
-        codes = self.codes[start : start + block.shape[0]]
-        self.sums += pseudobulk_sums(block, codes, len(self.units))
+        self._sums.add(start, block)
 
     def offset(self, log_total: np.ndarray) -> tuple[np.ndarray, pd.DataFrame]:
         """The per-cell offset and the factor table, as :func:`tmm_offset`."""

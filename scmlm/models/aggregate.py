@@ -1,4 +1,4 @@
-"""Compiled row-group sums for pseudobulk aggregation.
+"""Compiled row-group sums: the pseudobulk aggregation of :func:`scmlm.pp.pseudobulk` and the TMM offsets' sums.
 
 numba is already a dependency of scanpy; here it turns aggregation into one pass over the non-zeros with the
 accumulator row of each sample kept in cache (cells visited sample by sample), both sums and non-zero counts at
@@ -13,6 +13,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._jit import jit
+
+__all__ = ["accumulate"]
 
 
 @jit(nogil=True, parallel=True)

@@ -64,13 +64,17 @@ fractions of p < 0.05; ``tests/test_moderation.py`` and ``benchmarks/bench_moder
 Contrasts that vary from cell to cell are not moderated (they are tested on the cell-level residual df, where a
 prior adds nothing). Sharded runs store the unmoderated quantities (``coef``, ``se_raw``, ``tau2``,
 ``df_resid``, ``unit_scale``, ``base_mean``) with ``moderation = "pending"``; :func:`scmlm.results.merge_shards` calls
-:func:`moderate_table` over the concatenated shards, which gives the same numbers as an unsharded run.
+:func:`scmlm.results.moderate_table` over the concatenated shards, which gives the same numbers as an unsharded run.
+
+Inputs are ndarrays; the cell-level model every gene of a chunk shares (design, random terms, offset, family, trials)
+travels as one :class:`CellModel`.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
-import pandas as pd
 from scipy import stats
 
 from ._limma import squeeze_var
@@ -84,6 +88,20 @@ genes, 624 boundary fits): 3.5 % of their p < 0.05 with a floor of 1, 4.2 % with
 
 PENDING = "pending"
 """``moderation`` value of a gene of a sharded run: finished when the shards are merged."""
+
+
+class CellModel(NamedTuple):
+    """The cell-level model every gene of a chunk was fitted with (what :func:`gene_tau2` needs besides the fits)."""
+
+    X: np.ndarray
+    """fixed-effect design, cells × p"""
+    terms: tuple
+    """random terms (:class:`~scmlm.models.RandomTerm`)"""
+    offset: np.ndarray | None
+    """per-cell offset on the link scale, or None"""
+    family: str
+    trials: np.ndarray | None
+    """binomial trials per cell, or None (detection ``y > 0``)"""
 
 
 def unit_scale(X: np.ndarray, unit_codes: list[np.ndarray], L: np.ndarray) -> tuple[float, int, int]:
@@ -130,10 +148,11 @@ def coarser_terms(X: np.ndarray, terms, L: np.ndarray) -> list[str]:
     for j, t in enumerate(terms):
         if j == k:
             continue
-        pairs = pd.DataFrame({"u": unit, "t": np.asarray(t.codes)}).drop_duplicates()
-        if not (pairs["u"].is_unique and pairs["t"].nunique() < pairs["u"].nunique()):
+        pairs = np.unique(np.column_stack([unit, np.asarray(t.codes)]), axis=0)  # distinct (unit, level) pairs
+        n_units = np.unique(pairs[:, 0]).size
+        if not (n_units == pairs.shape[0] and np.unique(pairs[:, 1]).size < n_units):
             continue
-        tc = pd.factorize(np.asarray(t.codes)[first])[0]
+        tc = _first_seen_codes(np.asarray(t.codes)[first])
         Xd = np.hstack([Xu, np.eye(int(tc.max()) + 1)[tc]])
         Ld = np.concatenate([Lu, np.zeros(Xd.shape[1] - Lu.size)])
         c1 = float(Ld @ np.linalg.pinv(Xd.T @ Xd) @ Ld)
@@ -142,11 +161,19 @@ def coarser_terms(X: np.ndarray, terms, L: np.ndarray) -> list[str]:
     return out
 
 
+def _first_seen_codes(values: np.ndarray) -> np.ndarray:
+    """Integer code of each value, numbered in the order the values first appear (``pandas.factorize``)."""
+    _, first, inverse = np.unique(values, return_index=True, return_inverse=True)
+    rank = np.empty(first.size, dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(first.size)
+    return rank[inverse.reshape(-1)]
+
+
 def gene_tau2(
-    Y, res, se: np.ndarray, X: np.ndarray, terms, offset, family: str, trials, L, df: float, *, weighted: bool = True
+    Y, res, se: np.ndarray, model: CellModel, L, df: float, *, weighted: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-gene between-unit variance ``τ̂²`` of a unit-level contrast, its unit scale ``c_g`` (``se² = c_g τ̂²``)
-    and its df, from one chunk's fits (``res``).
+    and its df, from one chunk's fits (``res``) of the cell-level ``model``.
 
     ``weighted=False`` (or a unit term with slopes): ``c_g = c`` of :func:`unit_scale` for every gene. Otherwise the
     unit design is weighted as the gene's fit weighs the units: ``w_u = 1 / (σ̂² + 1/I_u)`` with ``I_u`` the
@@ -162,7 +189,7 @@ def gene_tau2(
     on 10-donor nulls (``(1|donor)+(1|batch)``, 54 % singular), squeezing the truncated values estimated
     ``d0 ≈ 16`` for a distribution the prior does not fit.
     """
-    terms = tuple(terms)
+    X, terms = model.X, tuple(model.terms)
     c, _, k = unit_scale(X, [t.codes for t in terms], L)
     se2 = np.asarray(se, dtype=float) ** 2
     G = se2.size
@@ -181,9 +208,7 @@ def gene_tau2(
         return tau2, scale, np.full(G, float(df))
     codes = np.unique(terms[k].codes, return_inverse=True)[1]
     Ysub = Y[:, idx] if Y.shape[0] == X.shape[0] else Y[idx]
-    S, info_u = unit_scores(
-        Ysub, X, terms, offset, res.beta[idx], res.b[idx], np.asarray(res.phi)[idx], family, trials, codes
-    )
+    S, info_u = unit_scores(Ysub, model, res.beta[idx], res.b[idx], np.asarray(res.phi)[idx], codes)
     Xu, Lu = _unit_design(X, codes, L)
     with np.errstate(divide="ignore", invalid="ignore"):
         x2 = np.sum(np.where(info_u > 0, S**2 / info_u, 0.0), axis=0)
@@ -255,16 +280,17 @@ def _weighted_scale(Xu: np.ndarray, Lu: np.ndarray, w: np.ndarray) -> np.ndarray
 
 
 def unit_scores(
-    Y, X: np.ndarray, terms, offset, beta: np.ndarray, b: np.ndarray, phi: np.ndarray, family: str, trials, unit_codes
+    Y, model: CellModel, beta: np.ndarray, b: np.ndarray, phi: np.ndarray, unit_codes: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(S, I)``, units × genes: the score ``S_u`` of a random effect of unit ``u`` at zero and its information
     ``I_u`` (see :func:`unit_dispersion`), from the fitted means of each gene's model."""
     from ._families import get_family
     from ._random import build_Z
 
-    fam = get_family(family)
+    X, offset, trials = model.X, model.offset, model.trials
+    fam = get_family(model.family)
     n = X.shape[0]
-    Z = build_Z(tuple(terms), n)
+    Z = build_Z(tuple(model.terms), n)
     eta = X @ beta.T + (Z @ b.T if b.size else 0.0)
     if offset is not None:
         eta = eta + offset[:, None]
@@ -295,14 +321,10 @@ def unit_scores(
 
 def unit_dispersion(
     Y,
-    X: np.ndarray,
-    terms,
-    offset: np.ndarray | None,
+    model: CellModel,
     beta: np.ndarray,
     b: np.ndarray,
     phi: np.ndarray,
-    family: str,
-    trials: np.ndarray | None,
     unit_codes: np.ndarray,
     df: float,
     L: np.ndarray | None = None,
@@ -316,7 +338,8 @@ def unit_dispersion(
     information-weighted contrast leans on the large units. Unbalanced nulls (20–2,000 cells per donor): boundary
     fits at 9.9 % of p < 0.05 with ``r = 1``, 9.3 % with it (151 genes).
     """
-    S, info_u = unit_scores(Y, X, terms, offset, beta, b, phi, family, trials, unit_codes)
+    S, info_u = unit_scores(Y, model, beta, b, phi, unit_codes)
+    X = model.X
     with np.errstate(divide="ignore", invalid="ignore"):
         x2 = np.sum(np.where(info_u > 0, S**2 / info_u, 0.0), axis=0)
     if L is None:
@@ -408,52 +431,3 @@ def moderate(
     out["var_prior"][idx] = s0
     why[idx] = "moderated"
     return {**out, "moderation": why}
-
-
-def moderate_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Finish the moderation of the rows with ``moderation == "pending"``, per group and contrast.
-
-    Reads ``coef``, ``tau2``, ``df_resid``, ``unit_scale``, ``base_mean`` and ``converged``; writes ``se``,
-    ``stat``, ``df``, ``pvalue``, ``df_prior``, ``var_prior`` and ``moderation``. ``padj`` is left to the caller.
-    Rows of a joint F test of ``q = df_num`` rows (``glmm_de``) carry the per-gene Wald ``f_raw`` and their
-    between-unit variance ``tau2`` (``unit_scale`` 1); the moderated F is ``f_raw · tau2 / τ̃²`` on ``F(q, d + d0)``.
-    Genes that cannot be moderated keep their per-gene test and say why in ``moderation``; rows of other genes are
-    returned unchanged.
-    """
-    if "moderation" not in table.columns or not (table["moderation"] == PENDING).any():
-        return table
-    table = table.copy()
-    for col in ("df_prior", "var_prior"):
-        if col not in table:
-            table[col] = np.nan
-    pend = (table["moderation"] == PENDING).to_numpy()
-    keys = [table["group"].astype(str).to_numpy(), table["contrast"].astype(str).to_numpy()]
-    for _, rows in table.groupby(keys, sort=False).indices.items():
-        rows = rows[pend[rows]]
-        if not rows.size:
-            continue
-        sub = table.iloc[rows]
-        scale = sub["unit_scale"].to_numpy(dtype=float)
-        res = moderate(
-            sub["coef"].to_numpy(dtype=float),
-            sub["tau2"].to_numpy(dtype=float),
-            sub["df_resid"].to_numpy(dtype=float),
-            sub["base_mean"].to_numpy(dtype=float),
-            scale,
-            sub["converged"].to_numpy(dtype=bool),
-        )
-        if "df_num" in sub and np.nanmax(sub["df_num"].to_numpy(dtype=float), initial=1.0) > 1:
-            # a joint F test of q rows: F_raw · τ̂² / τ̃² on F(q, d + d0); no single estimate, so no se
-            q = float(np.nanmax(sub["df_num"].to_numpy(dtype=float)))
-            with np.errstate(divide="ignore", invalid="ignore"):
-                post = res["se"] ** 2 / scale
-                res["stat"] = sub["f_raw"].to_numpy(dtype=float) * sub["tau2"].to_numpy(dtype=float) / post
-                res["pvalue"] = stats.f.sf(res["stat"], q, res["df"])
-            res["se"] = np.full(len(sub), np.nan)
-        done = res["moderation"] == "moderated"  # the others keep their per-gene test and say why
-        for col in ("se", "stat", "df", "pvalue", "df_prior", "var_prior"):
-            vals = sub[col].to_numpy(dtype=float).copy()
-            vals[done] = res[col][done]
-            table.iloc[rows, table.columns.get_loc(col)] = vals
-        table.iloc[rows, table.columns.get_loc("moderation")] = res["moderation"]
-    return table
