@@ -12,9 +12,9 @@ Use it like scanpy::
 
 from . import datasets, get, pl, pp, report, tl
 from ._errors import DesignError, EstimabilityError, InputError, ScmlmError
-from ._jit import warmup
 from ._settings import settings
 from ._version import __version__
+from ._warmup import warmup
 
 __all__ = [
     "DesignError",

@@ -1,4 +1,4 @@
-"""The one numba decorator of scmlm, and the warm-up that compiles every kernel into numba's on-disk cache.
+"""The one numba decorator of scmlm and the registry of the kernels it compiles.
 
 Every compiled kernel in the package is declared with :func:`jit` (ruff's ``flake8-tidy-imports.banned-api`` rule
 forbids ``numba.njit``/``numba.jit`` elsewhere), so all of them share the same options:
@@ -11,20 +11,14 @@ forbids ``numba.njit``/``numba.jit`` elsewhere), so all of them share the same o
   status) instead of raising ``ZeroDivisionError`` and failing every gene of the chunk; it also lets LLVM vectorise
   loops that divide.
 
-Compilation is the cost of a first call (tens of seconds for the GLMM kernel). :func:`warmup` (``scmlm warmup`` on
-the command line) pays it once per installation and CPU: ``make venv`` runs it after installing, and the Snakemake
-workflow runs it in one job into a cache directory that all shard jobs read (``NUMBA_CACHE_DIR``). Kernel inputs
-are normalised to one dtype per argument before the call (int64 indices, float64 values), so one specialisation
-per kernel covers every input and the warm-up compiles exactly what later calls use.
+Compilation is the cost of a first call (tens of seconds for the GLMM kernel); ``scmlm.warmup`` (``scmlm warmup``,
+:mod:`scmlm._warmup`) pays it once per installation and CPU. This module imports no other module of scmlm: every
+kernel module imports it, so anything it imported would sit in an import cycle with them.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numba
 
@@ -50,114 +44,3 @@ def jit(func: Callable | None = None, /, **options) -> Callable:
         return disp
 
     return wrap if func is None else wrap(func)
-
-
-def _kernel_modules() -> None:
-    """Import every module that defines kernels (they register in :data:`KERNELS`)."""
-    from .models import _edger_kernel, _glmm_kernel, aggregate  # noqa: F401
-
-
-def use_cache_dir(cache_dir: str | os.PathLike) -> Path:
-    """Send numba's cache of every scmlm kernel (and of later processes started from this one) to ``cache_dir``.
-
-    Sets ``NUMBA_CACHE_DIR`` in ``os.environ`` (inherited by worker processes and subprocesses) and in numba's
-    configuration, and points the kernels already defined in this process to the new directory.
-    """
-    path = Path(cache_dir).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    os.environ["NUMBA_CACHE_DIR"] = str(path)
-    numba.config.CACHE_DIR = str(path)
-    _kernel_modules()
-    for disp in KERNELS:
-        disp.enable_caching()  # a new cache object picks its locator from the configuration just set
-    return path
-
-
-def _counts() -> tuple[int, int]:
-    hits = sum(sum(d.stats.cache_hits.values()) for d in KERNELS)
-    misses = sum(sum(d.stats.cache_misses.values()) for d in KERNELS)
-    return hits, misses
-
-
-def warmup(cache_dir: str | os.PathLike | None = None, *, verbose: bool = False) -> dict:
-    """Compile every scmlm kernel for the argument types the package uses, and store the machine code on disk.
-
-    Runs the public tools on a tiny simulated dataset (a few seconds once compiled): cell-level GLMM fits (all
-    families, REML and ML, Wald and LRT), pseudobulk aggregation (float and integer counts, 32- and 64-bit sparse
-    indices) and pseudobulk DE. Later
-    processes on this installation and CPU load the kernels from numba's cache instead of compiling them. Run it
-    once after installing (``make venv`` does), or once per run of the workflow into a shared ``cache_dir``.
-
-    Parameters
-    ----------
-    cache_dir
-        Directory for numba's cache (``NUMBA_CACHE_DIR``), e.g. on a file system that every node of a cluster
-        sees; later processes must set the same ``NUMBA_CACHE_DIR``. ``None``: numba's default (``__pycache__``
-        next to the installed modules, or the user's cache directory if the installation is read-only).
-    verbose
-        Print one line per step (on stderr).
-
-    Returns
-    -------
-    dict
-        ``seconds`` (wall time), ``kernels`` (number of compiled kernels), ``signatures`` (specialisations held),
-        ``loaded`` and ``compiled`` (specialisations read from the cache and compiled by this call), ``cache_dir``.
-    """
-    import warnings
-
-    import numpy as np
-    import scipy.sparse as sp
-
-    from . import datasets, pp, tl
-
-    t0 = time.perf_counter()
-    if cache_dir is not None:
-        use_cache_dir(cache_dir)
-    _kernel_modules()
-    hits0, misses0 = _counts()
-
-    def step(name: str, fn: Callable) -> None:
-        t = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fn()
-        if verbose:
-            print(f"scmlm warmup: {name} ({time.perf_counter() - t:.1f} s)", file=sys.stderr, flush=True)
-
-    a = datasets.simulate(n_donors=4, n_cells=30, n_genes=12, n_batches=2, frac_de=0.5, seed=0)
-    a = a[np.asarray(a.X.sum(axis=1)).ravel() > 0].copy()
-    a.X = sp.csr_matrix(a.X, dtype=np.float32)
-    design = "~ condition + (1|donor) + (1|batch)"
-    contrast = ("condition", "case", "ctrl")
-    kw = {"min_cells_expressing": 1, "inplace": False, "n_jobs": 1}
-    step("glmm_de nb REML", lambda: tl.glmm_de(a, design, contrast, **kw))
-    step("glmm_de nb ML lrt", lambda: tl.glmm_de(a, design, contrast, method="ML", test="lrt", **kw))
-    step("glmm_de poisson", lambda: tl.glmm_de(a, design, contrast, family="poisson", **kw))
-    b = a.copy()
-    b.X = sp.csr_matrix((np.asarray(a.X.todense()) > 0).astype(np.float64))
-    step("glmm_de binomial", lambda: tl.glmm_de(b, design, contrast, family="binomial", offset=None, **kw))
-    g = a.copy()
-    g.X = sp.csr_matrix(np.log1p(np.asarray(a.X.todense(), dtype=np.float64)))
-    step("glmm_de gaussian", lambda: tl.glmm_de(g, design, contrast, family="gaussian", offset=None, **kw))
-    # aggregation keeps the stored dtypes (a cast would copy the whole matrix): every value dtype a count matrix is
-    # stored with, and 32- or 64-bit indices (the latter in files with more than 2^31 non-zeros, or written so)
-    for dtype in (np.float32, np.float64, np.int32, np.int64):
-        for idx in (np.int32, np.int64):
-            c = a.copy()
-            m = sp.csr_matrix(a.X, dtype=dtype)
-            m.indices, m.indptr = m.indices.astype(idx), m.indptr.astype(idx)
-            c.X = m
-            name = f"pseudobulk {np.dtype(dtype).name} values, {np.dtype(idx).name} indices"
-            step(name, lambda c=c: pp.pseudobulk(c, "donor", groups_key="batch"))
-    pb = pp.pseudobulk(a, "donor")
-    step("pseudobulk_de nb_ql", lambda: tl.pseudobulk_de(pb, "~ condition", contrast, inplace=False))
-    hits, misses = _counts()
-    out = {
-        "seconds": time.perf_counter() - t0,
-        "kernels": len(KERNELS),
-        "signatures": sum(len(d.signatures) for d in KERNELS),
-        "loaded": hits - hits0,
-        "compiled": misses - misses0,
-        "cache_dir": os.environ.get("NUMBA_CACHE_DIR") or None,
-    }
-    return out

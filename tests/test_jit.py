@@ -13,7 +13,7 @@ import pytest
 from numba.core.dispatcher import Dispatcher
 
 import scmlm
-from scmlm import _jit
+from scmlm import _jit, _warmup
 
 KERNEL_MODULE = """
 import numpy as np
@@ -44,7 +44,7 @@ def _all_modules():
 
 
 def test_every_kernel_goes_through_the_package_decorator():
-    _jit._kernel_modules()
+    _warmup._kernel_modules()
     found = [
         (mod.__name__, name, obj)
         for mod in _all_modules()

@@ -12,12 +12,15 @@ Everything outside ``scmlm.models`` imports the names listed in ``__all__`` from
 - Unpooled per-level estimates of a random intercept: :func:`fit_unpooled` (:class:`UnpooledFit`).
 - TMM cell offsets on per-sample sums: :func:`sample_sums`, :func:`tmm_sample_factors`, :func:`tmm_cell_offset`,
   :class:`StreamedSums`; the aggregation kernel :func:`accumulate` (also :func:`scmlm.pp.pseudobulk`'s).
+- :data:`KERNELS`: every numba kernel of the package, registered by ``scmlm._jit.jit`` as its module loads (what
+  ``scmlm.warmup`` compiles).
 - Pseudobulk: edgeR QL (:func:`nb_ql`, :func:`nb_ql_multi`, :func:`filter_by_expr`, :func:`tmm_factors`), limma-voom
   (:func:`voom_limma`, :func:`voom_limma_multi`), dream (:func:`dream`, :func:`fit_weighted_lmm`), and the
   empirical-Bayes pieces they share (:func:`lowess`, :func:`squeeze_var`, :func:`fit_f_dist`,
   :func:`fit_f_dist_robustly`).
 """
 
+from .._jit import KERNELS
 from ._edger import filter_by_expr, nb_ql, nb_ql_multi, tmm_factors
 from ._families import FAMILIES, Family, get_family
 from ._glmm import (
@@ -56,6 +59,7 @@ __all__ = [
     "GEE_DF_METHODS",
     "GEE_FAMILIES",
     "GEE_SMALL_SAMPLE",
+    "KERNELS",
     "PENDING",
     "STATUS",
     "USABLE_STATUS",
