@@ -7,7 +7,7 @@ For each: ``glmm_de`` with ``moderate=True`` (default) and ``moderate=False``, a
 (``~ batch + condition`` / ``~ condition``). In the between case donors are nested in 3 batches with unequal
 case/control counts, so with ``(1|batch)`` the default falls back to per-gene tests (the contrast's variance rests on
 a 3-level batch variance that no prior for the donor term moderates: moderated, it was calibrated on some nulls and
-not on others, see ``scmlm.models._moderate``); the same data with batch as a fixed effect,
+not on others, see ``scmlm.models.moderate``); the same data with batch as a fixed effect,
 ``~ condition + batch + (1|donor)``, is moderated. Prints the AUC of p-values for the true DE genes
 (genes without a p-value count as p = 1), the number of genes at BH padj < 0.05, the TPR and the observed FDR there,
 the prior df, and the wall time of each GLMM fit (the first fit includes compiling the kernels; ``--timing`` fits
@@ -28,7 +28,7 @@ Figures (seed 0, ``--n-jobs 2``, 2,000 genes):
 
 The unbalanced moderated test calls fewer genes than nb_ql: with one unit scale ``c`` for all genes it called 29
 (FDR 0.034) but boundary fits were anticonservative on unbalanced nulls (13-16 % of p < 0.05); the per-gene scale
-and the boundary fits' df that fix this cost the difference (see ``scmlm.models._moderate``).
+and the boundary fits' df that fix this cost the difference (see ``scmlm.models.moderate``).
 The issue's AUC bar (0.93) is out of reach on this simulation: ranking the genes by the z statistic of an estimate
 with known variances (donor and sampling variance only, no batch) gives AUC 0.925 averaged over 20 draws (0.914
 with a share of the batch variance).

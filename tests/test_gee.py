@@ -222,7 +222,7 @@ def test_null_calibration_ten_donors():
 def test_null_calibration_across_donors_and_cells(n_donors, n_cells, n_genes, unequal):
     """The default is calibrated (fraction of p < 0.05 within [0.035, 0.06]) at both ends: 6 donors with 60 cells,
     equal and unequal in size (each donor keeps 20-100 % of its cells), and 20 donors of unequal size with 300 cells
-    (the largest that keeps this test fast; 20 x 2,000 and 6 x 2,000 are in the module docstring). Unscaled
+    (the largest that keeps this test fast; 20 x 2,000 and 6 x 2,000 are in scmlm.models.gee's docstring). Unscaled
     Mancl–DeRouen is below the band with 6 equal donors, so the band separates the default from it."""
     adata = _null_cells(n_donors, n_cells, n_genes, seed=n_donors * 1000 + n_cells + unequal, unequal=unequal)
     t = gee_de(adata, "~ condition", CONTRAST, inplace=False).table

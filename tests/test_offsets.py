@@ -10,7 +10,7 @@ import pytest
 from helpers import REFERENCE
 
 import scmlm
-from scmlm.design import design_samples, resolve_samples, tmm_offset
+from scmlm.design import design_samples, resolve_offset, resolve_samples, tmm_offset
 from scmlm.errors import InputError
 from scmlm.tl._common import cell_offset
 
@@ -91,6 +91,24 @@ def test_design_samples(sim_within):
     assert design_samples("~ (1|donor) + (1|batch) + condition", None, obs) == ["donor", "batch", "condition"]
     assert design_samples("~ condition", STIM, cluster="donor") == ["donor", "condition"]
     assert resolve_samples("sample_id", "~ condition", STIM) == ["sample_id"]
+
+
+def test_resolve_offset_is_the_one_auto_rule(sim_within):
+    """offset="auto": TMM for the log-link count families when the samples are known, else the log total count."""
+    obs = sim_within.obs
+    assert resolve_offset("auto", "nb", design="~ condition + (1|donor)") == "tmm"
+    assert resolve_offset("auto", "poisson", design="~ condition", contrast=STIM) == "tmm"  # the contrast's factor
+    assert resolve_offset("auto", "nb", design="~ condition") == "log_total"
+    assert resolve_offset("auto", "nb", design="~ condition", sample_key="sample_id") == "tmm"
+    assert resolve_offset("auto", "nb", sample_key=["donor", "condition"]) == "tmm"
+    assert resolve_offset("auto", "nb") == "log_total"
+    # a coefficient contrast: the design's categorical fixed variables are samples only when obs tells them apart
+    assert resolve_offset("auto", "nb", design="~ condition", contrast="conditionstim") == "log_total"
+    assert resolve_offset("auto", "nb", design="~ condition", contrast="conditionstim", obs=obs) == "tmm"
+    for family in ("binomial", "gaussian"):
+        assert resolve_offset("auto", family, design="~ condition + (1|donor)", sample_key="sample_id") == "log_total"
+    for given in ("log_total", "tmm", "size_factor", None):
+        assert resolve_offset(given, "nb", design="~ condition + (1|donor)") == given
 
 
 def test_gee_and_variance_partition_take_the_tmm_offset(sim_within):

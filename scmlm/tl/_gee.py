@@ -97,10 +97,10 @@ def gee_de(
         donors; equals Kauermann–Carroll when donors carry equal weight and corrects more where a few donors
         dominate), ``"kc"`` (Kauermann–Carroll; liberal with few donors of unequal size),
         ``"md"`` (Mancl–DeRouen, statsmodels' ``cov_type="bias_reduced"``; conservative with few donors) or
-        ``"none"`` (Liang–Zeger; liberal with few donors). Null calibration per setting is in the module docstring:
-        on a donor trait the default kept the fraction of null p < 0.05 within 0.045-0.069 (mean 0.055 over 18
-        unequal 6-donor sets) from 6 to 20 donors and 60 to 2,000 cells per donor, equal or unequal in size (the
-        other corrections: 0.016-0.201).
+        ``"none"`` (Liang–Zeger; liberal with few donors). Null calibration per setting is in the docstring of
+        :mod:`scmlm.models.gee`: on a donor trait the default kept the fraction of null p < 0.05 within 0.045-0.069
+        (mean 0.055 over 18 unequal 6-donor sets) from 6 to 20 donors and 60 to 2,000 cells per donor, equal or
+        unequal in size (the other corrections: 0.016-0.201).
     df
         Degrees of freedom of the t tests: ``"clusters"`` (default: ``n_donors - q``) or ``"satterthwaite"``
         (Bell–McCaffrey, per gene, at most ``n_donors - q``; conservative with the default correction when donors
