@@ -12,8 +12,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from ._errors import ScmlmError
-from ._version import __version__
+from . import __version__
+from .errors import ScmlmError
+from .models import FAMILY_NAMES, USABLE_STATUS
 
 log = logging.getLogger("scmlm")
 
@@ -126,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_de(p)
     p.add_argument("--method", choices=["pseudobulk", "glmm"], required=True)
     p.add_argument("--pb-method", choices=["nb_ql", "voom", "pydeseq2"], default="nb_ql")
-    p.add_argument("--family", choices=["nb", "poisson", "binomial", "gaussian"], default="nb")
+    p.add_argument("--family", choices=FAMILY_NAMES, default="nb")
     p.add_argument(
         "--sample-key",
         default=None,
@@ -151,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="glmm: add the sample-level term a paired contrast needs (auto) or fit the design as written",
     )
-    p.add_argument("--reml", choices=["REML", "ML"], default="REML", help="glmm: variance-component estimation")
+    p.add_argument(
+        "--estimation", choices=["REML", "ML"], default="REML", help="glmm: variance-component estimation (REML or ML)"
+    )
     p.add_argument(
         "--no-moderate",
         action="store_true",
@@ -171,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", required=True, help="the GLMM result table of the same analysis (scmlm de/merge)")
     p.add_argument("--design", required=True, help="the analysis design, with random terms")
     p.add_argument("--contrast", required=True, type=_contrast_item, action="append", help=_CONTRAST_HELP)
-    p.add_argument("--family", choices=["nb", "poisson", "binomial", "gaussian"], default="nb")
+    p.add_argument("--family", choices=FAMILY_NAMES, default="nb")
     p.add_argument("--groups-key", default=None)
     p.add_argument("--layer", default=None)
     p.add_argument("--offset", default="auto", help="as for 'scmlm de --method glmm' (computed on all genes)")
@@ -254,7 +257,7 @@ def _run(args: argparse.Namespace) -> int:
     from . import io
 
     if args.command == "warmup":
-        from ._jit import warmup
+        from . import warmup
 
         info = warmup(args.cache_dir, verbose=args.verbose > 0)
         print(
@@ -332,7 +335,7 @@ def _run(args: argparse.Namespace) -> int:
         return _run_report(args)
 
     if args.command == "plot":
-        from .pl._de import save_result_plots
+        from .pl.files import save_result_plots
 
         _check_outdir(args.outdir)
         table = _read_table(args.table)
@@ -417,7 +420,7 @@ def _add_fitted_designs(analyses, path: str) -> None:
 
 
 def _top_genes(table, n: int, by: str, ascending: bool) -> list[str]:
-    ok = table[table["status"].isin(["ok", "singular"]) & table[by].notna()]
+    ok = table[table["status"].isin(USABLE_STATUS) & table[by].notna()]
     ranked = ok.sort_values(by, ascending=ascending)["gene"].astype(str)
     return list(dict.fromkeys(ranked))[: max(n, 0)]
 
@@ -430,7 +433,7 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
 
     from . import io, pl, tl
     from .design import parse_formula
-    from .pl._utils import file_labels
+    from .pl.files import file_labels
 
     _check_outdir(args.outdir)
     if not parse_formula(args.design).has_random:
@@ -461,7 +464,7 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
     vp = tl.variance_partition(
         adata[:, vp_genes].copy(), vp_design, family=args.family, offset=offset, groups_key=args.groups_key,
         min_cells_expressing=1, n_jobs=args.n_jobs, inplace=False,
-    )  # fmt: skip
+    ).table  # fmt: skip
     io.write_csv(vp.rename_axis("gene").reset_index(), outdir / "variance_partition.csv")
     groups = [None] if args.groups_key is None else sorted(vp["group"].astype(str).unique())
     written = [outdir / "variance_partition.csv"]
@@ -482,7 +485,7 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
                 re_data, args.design, args.contrast, family=args.family, offset=offset, groups_key=args.groups_key,
                 min_cells_expressing=1,
             )  # fmt: skip
-        re = tl.random_effects(re_data, genes=re_genes, inplace=False)
+        re = tl.random_effects(re_data, genes=re_genes, inplace=False).table
         io.write_csv(re, outdir / "random_effects.csv")
         written.append(outdir / "random_effects.csv")
         if term not in set(re["term"].astype(str)):
@@ -534,22 +537,22 @@ def _shrinkage_pairs(table, n: int, term: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def _fitted_design(obs, design: str, contrast, sample_key) -> str:
-    """The design glmm_de fits (``replication="auto"`` may add a sample-level term).
+def _fitted_design(obs, design: str, contrast, sample_key):
+    """The design glmm_de fits (``replication="auto"`` may add a sample-level term), as a :class:`FittedDesign`.
 
-    The variance partition of the hierarchy step then has a component for every level the DE model has.
+    The variance partition of the hierarchy step then has a component for every level the DE model has. A design
+    that cannot be resolved on all cells (e.g. estimable only within each group) is passed on as written: the groups'
+    fits say more.
     """
-    from .tl._glmm_de import _resolve_design
+    from .design import fitted_design
 
     try:
-        *_, added = _resolve_design(obs, design, contrast, None, sample_key, "auto")
-    except ScmlmError:  # e.g. a design that is estimable only within each group: the groups' fits say more
+        fitted = fitted_design(obs, design, contrast, sample_key=sample_key)
+    except ScmlmError:
         return design
-    if added:
-        fitted = " + ".join([design, *added])
-        log.info("hierarchy: variance partition of %r (the terms glmm_de adds for the contrasts)", fitted)
-        return fitted
-    return design
+    if fitted.added_terms:
+        log.info("hierarchy: variance partition of %r (the terms glmm_de adds for the contrasts)", fitted.formula)
+    return fitted
 
 
 def _resolve_offset(offset: str, family: str) -> str:
@@ -681,7 +684,7 @@ def _run_de(args: argparse.Namespace) -> int:
             sample_key=args.sample_key,
             replication=args.replication,
             moderate=not args.no_moderate,
-            method=args.reml,
+            estimation=args.estimation,
             key_added=key,
             inplace=False,
         )
@@ -717,7 +720,7 @@ def analysis_fingerprint(adata, args: argparse.Namespace, n_shards: int) -> str:
         "contrast": contrast_param(args.contrast),
         "method": args.method,
         "family": args.family,
-        "reml": args.reml,
+        "estimation": args.estimation,
         "offset": args.offset,
         "sample_key": getattr(args, "sample_key", None),
         "replication": getattr(args, "replication", None),
@@ -730,7 +733,7 @@ def analysis_fingerprint(adata, args: argparse.Namespace, n_shards: int) -> str:
     return fingerprint(adata.obs_names, obs, spec)
 
 
-_FINE = {"ok", "singular", "filtered"}
+_FINE = {*USABLE_STATUS, "filtered"}
 
 
 def _log_gene_statuses(table) -> None:
@@ -752,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.WARNING if args.verbose == 0 else logging.INFO
     logging.basicConfig(level=level, format="scmlm: %(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
-    from ._settings import settings
+    from . import settings
 
     if args.verbose >= 2:
         settings.verbosity = 2

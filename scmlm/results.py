@@ -69,7 +69,11 @@ def finalize_table(df: pd.DataFrame) -> pd.DataFrame:
 
 @dataclass
 class DEResult:
-    """A DE table in the shared schema plus the parameters of the run that made it."""
+    """A tool's result table plus the parameters of the run that made it (``params["tool"]`` names the tool).
+
+    The DE tools' tables have the shared schema (:data:`COLUMNS`); ``variance_partition`` gives one row per gene and
+    ``random_effects`` one per gene, term and level. Every ``scmlm.tl`` tool returns through :meth:`deliver`.
+    """
 
     table: pd.DataFrame
     params: dict = field(default_factory=dict)

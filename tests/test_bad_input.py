@@ -319,9 +319,9 @@ def test_api_glmm_de_accepts_every_count_layout(cells, glmm_ref, kind):
 @pytest.mark.parametrize("kind", ["dense int", "csc float"])
 def test_api_variance_partition_accepts_every_count_layout(cells, kind):
     a = cells[:, :4].copy()
-    ref = scmlm.tl.variance_partition(a, "~ (1|donor)", layer="counts", offset=None, inplace=False)
+    ref = scmlm.tl.variance_partition(a, "~ (1|donor)", layer="counts", offset=None, inplace=False).table
     a.layers["counts"] = _layer_as(a.layers["counts"], kind)
-    res = scmlm.tl.variance_partition(a, "~ (1|donor)", layer="counts", offset=None, inplace=False)
+    res = scmlm.tl.variance_partition(a, "~ (1|donor)", layer="counts", offset=None, inplace=False).table
     pd.testing.assert_frame_equal(res, ref, check_exact=False, rtol=1e-7)
 
 
@@ -499,7 +499,7 @@ def test_api_read_errors(tmp_path, path, message):
     ],
 )
 def test_api_file_labels_unique_and_readable(labels):
-    from scmlm.pl._utils import file_labels
+    from scmlm.pl.files import file_labels
 
     names = file_labels(labels)
     assert len({n.lower() for n in names.values()}) == len(labels)
@@ -509,7 +509,7 @@ def test_api_file_labels_unique_and_readable(labels):
 
 
 def test_api_plots_of_groups_t_slash_nk_and_t_plus_nk_do_not_overwrite(tmp_path):
-    from scmlm.pl._de import save_result_plots
+    from scmlm.pl.files import save_result_plots
 
     rng = np.random.default_rng(0)
     t = pd.DataFrame(
