@@ -89,6 +89,16 @@ def _add_common_de(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-jobs", type=int, default=None, help="worker processes (default 1; -1 = all cores)")
 
 
+def _pb_method(text: str) -> str:
+    """A ``--method`` value: the pseudobulk method; the tool, which ``--method`` once named, is ``--tool``."""
+    if text in ("pseudobulk", "glmm"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is a tool: choose it with --tool {text}; --method names the pseudobulk method (nb_ql, voom, "
+            "pydeseq2), as pseudobulk_de's method= does"
+        )
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the ``scmlm`` argument parser with one subcommand per tool (``scmlm --help`` lists them)."""
     parser = argparse.ArgumentParser(
@@ -125,8 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("de", help="differential expression: pseudobulk (edgeR-QL / voom) or cell-level GLMM")
     _add_common_de(p)
-    p.add_argument("--method", choices=["pseudobulk", "glmm"], required=True)
-    p.add_argument("--pb-method", choices=["nb_ql", "voom", "pydeseq2"], default="nb_ql")
+    p.add_argument(
+        "--tool", choices=["pseudobulk", "glmm"], required=True, help="pseudobulk_de (pseudobulk) or glmm_de (glmm)"
+    )
+    p.add_argument(
+        "--method",
+        type=_pb_method,
+        choices=["nb_ql", "voom", "pydeseq2"],
+        default="nb_ql",
+        help="pseudobulk: edgeR-style QL (nb_ql), limma-voom / dream (voom) or PyDESeq2, as pseudobulk_de's method=",
+    )
     p.add_argument("--family", choices=FAMILY_NAMES, default="nb")
     p.add_argument(
         "--sample-key",
@@ -177,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", choices=FAMILY_NAMES, default="nb")
     p.add_argument("--groups-key", default=None)
     p.add_argument("--layer", default=None)
-    p.add_argument("--offset", default="auto", help="as for 'scmlm de --method glmm' (computed on all genes)")
-    p.add_argument("--sample-key", default=None, help="as for 'scmlm de --method glmm'")
+    p.add_argument("--offset", default="auto", help="as for 'scmlm de --tool glmm' (computed on all genes)")
+    p.add_argument("--sample-key", default=None, help="as for 'scmlm de --tool glmm'")
     p.add_argument("--n-genes", type=int, default=200, help="variance partition of the N most expressed genes")
     p.add_argument("--n-shrinkage", type=int, default=3, help="shrinkage plots of the N most significant genes")
     p.add_argument("--n-jobs", type=int, default=None)
@@ -623,15 +641,15 @@ def _run_de(args: argparse.Namespace) -> int:
 
     shard = args.shard
     _check_outputs([args.out, args.out_h5ad], args.input)
-    if args.method == "pseudobulk" and shard is not None:
-        raise ScmlmError("--shard applies to --method glmm; pseudobulk fits all genes of a group together.")
+    if args.tool == "pseudobulk" and shard is not None:
+        raise ScmlmError("--shard applies to --tool glmm; pseudobulk fits all genes of a group together.")
     if args.n_jobs is not None and args.n_jobs == 0:
         raise ScmlmError("--n-jobs 0 is not a number of workers; use 1 or more (or -1 for all cores).")
     if shard is not None:
         from .results import parse_shard
 
         parse_shard(shard)
-    if args.method == "pseudobulk":
+    if args.tool == "pseudobulk":
         adata = io.read(args.input)
         if args.sample_key is not None:
             from .pp import pseudobulk
@@ -647,7 +665,7 @@ def _run_de(args: argparse.Namespace) -> int:
             adata,
             args.design,
             args.contrast,
-            method=args.pb_method,
+            method=args.method,
             groups_key=args.groups_key,
             layer=layer,
             filter_genes=not args.no_filter,
@@ -718,7 +736,7 @@ def analysis_fingerprint(adata, args: argparse.Namespace, n_shards: int) -> str:
     spec = {
         "design": args.design,
         "contrast": contrast_param(args.contrast),
-        "method": args.method,
+        "tool": args.tool,
         "family": args.family,
         "estimation": args.estimation,
         "offset": args.offset,

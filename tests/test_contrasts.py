@@ -305,7 +305,7 @@ def test_cli_contrast_forms(tmp_path, dose_pb):
     from scmlm.cli import build_parser
 
     def parsed(*values):
-        argv = ["de", "x.h5ad", "--method", "pseudobulk", "--design", "~ dose", "--out", "o.csv"]
+        argv = ["de", "x.h5ad", "--tool", "pseudobulk", "--design", "~ dose", "--out", "o.csv"]
         for v in values:
             argv += ["--contrast", v]
         return contrast_arg(build_parser().parse_args(argv).contrast)
@@ -324,7 +324,7 @@ def test_cli_contrast_forms(tmp_path, dose_pb):
     path = tmp_path / "pb.h5ad"
     dose_pb.write_h5ad(path)
     out = tmp_path / "res.csv"
-    argv = ["de", str(path), "--method", "pseudobulk", "--design", "~ dose", "--out", str(out)]
+    argv = ["de", str(path), "--tool", "pseudobulk", "--design", "~ dose", "--out", str(out)]
     argv += ["--contrast", "dose:mid:low", "--contrast", "doses=dose[T.mid],dose[T.high]"]
     assert main(argv) == 0
     res = pd.read_csv(out)

@@ -200,13 +200,13 @@ def shard_csvs(wildcards):
 def de_args(wildcards):
     """The analysis-specific options of `scmlm de`, shell-quoted."""
     a = ANALYSES[wildcards.analysis]
-    args = ["--method", a["method"], "--design", a["design"]]
+    args = ["--tool", a["method"], "--design", a["design"]]
     args += contrast_args(a["contrast"])
     if config["groups_key"]:
         args += ["--groups-key", config["groups_key"]]
     # pseudobulk fits read the aggregated h5ad and GLMM shards the split h5ads, both with the counts in .X
     if a["method"] == "pseudobulk":
-        args += ["--pb-method", a.get("pb_method", "nb_ql")]
+        args += ["--method", a.get("pb_method", "nb_ql")]
     else:
         args += ["--family", a.get("family", "nb")]
         args += ["--replication", a.get("replication", "auto")]
