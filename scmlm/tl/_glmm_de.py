@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import anndata as ad
@@ -255,12 +255,13 @@ def glmm_de(
     >>> res.params["design_fitted"]
     '~ condition + (1|donor) + (1|donor:condition)'
     """
-    _check_choices(family=family, estimation=estimation, test=test, trials=trials, replication=replication)
-    run = _plan(
-        adata, design, contrast, family=family, layer=layer, offset=offset, trials=trials, groups_key=groups_key,
-        sample_key=sample_key, replication=replication, genes=genes, min_cells_expressing=min_cells_expressing,
-        estimation=estimation, test=test, moderate=moderate, n_jobs=n_jobs, shard=shard,
+    opts = _Options(
+        design=design, contrast=contrast, family=family, layer=layer, offset=offset, trials=trials,
+        groups_key=groups_key, sample_key=sample_key, replication=replication, genes=genes,
+        min_cells_expressing=int(min_cells_expressing), estimation=estimation, test=test, moderate=moderate,
+        n_jobs=n_jobs, shard=shard,
     )  # fmt: skip
+    run = _plan(adata, opts)
     if not run.full.parsed.has_random:
         warnings.warn(
             f"design {design!r} has no random terms: this is a cell-level GLM that treats cells as independent "
@@ -286,27 +287,36 @@ def glmm_de(
 
 
 @dataclass(frozen=True)
-class _Run:
-    """What every group of a ``glmm_de`` call shares: the validated choices and the data prepared once."""
+class _Options:
+    """The choices of a ``glmm_de`` call, as given (see its parameters)."""
 
     design: str
     contrast: object
-    names: list[str]
     family: str
+    layer: str | None
+    offset: str | None
+    trials: str | None
+    groups_key: str | None
+    sample_key: str | None
+    replication: str
+    genes: object
+    min_cells_expressing: int
     estimation: str
     test: str
     moderate: bool
-    """Moderated tests asked for and possible (Wald tests)."""
-    replication: str
-    sample_key: str | None
-    groups_key: str | None
-    layer: str | None
-    trials: str | None
-    min_cells_expressing: int
     n_jobs: int | None
-    shard: tuple[int, int] | None
-    offset: str | None
-    """The offset as resolved (``"tmm"``, ``"log_total"``, an obs column or ``None``)."""
+    shard: object
+
+
+@dataclass(frozen=True)
+class _Run(_Options):
+    """What every group of a ``glmm_de`` call shares: the checked choices and the data prepared once.
+
+    ``offset`` is resolved (``"tmm"``, ``"log_total"``, an obs column or ``None``), ``shard`` parsed to ``(i, n)``
+    or ``None``, and ``moderate`` true only where moderation applies (Wald tests).
+    """
+
+    names: list[str]
     offset_samples: object
     full: Design
     """The design on all cells (formula and contrasts checked before any fit)."""
@@ -318,58 +328,61 @@ class _Run:
     trial_values: np.ndarray | None
 
 
-def _check_choices(*, family: str, estimation: str, test: str, trials: str | None, replication: str) -> None:
-    if family not in FAMILY_NAMES:
-        raise InputError(f"family={family!r} is not known; use one of {_fmt_list(FAMILY_NAMES)}.")
-    if estimation not in ESTIMATION:
-        raise InputError(f"estimation={estimation!r} must be 'REML' or 'ML'.")
-    if test not in TESTS:
-        raise InputError(f"test={test!r} must be 'wald' or 'lrt'.")
-    if trials is not None and family != "binomial":
+def _check_choices(o: _Options) -> None:
+    if o.family not in FAMILY_NAMES:
+        raise InputError(f"family={o.family!r} is not known; use one of {_fmt_list(FAMILY_NAMES)}.")
+    if o.estimation not in ESTIMATION:
+        raise InputError(f"estimation={o.estimation!r} must be 'REML' or 'ML'.")
+    if o.test not in TESTS:
+        raise InputError(f"test={o.test!r} must be 'wald' or 'lrt'.")
+    if o.trials is not None and o.family != "binomial":
         raise InputError("trials= is only used with family='binomial'.")
-    if replication not in REPLICATION_RULES:
-        raise InputError(f"replication={replication!r} is not known; use one of {_fmt_list(REPLICATION_RULES)}.")
+    if o.replication not in REPLICATION_RULES:
+        raise InputError(f"replication={o.replication!r} is not known; use one of {_fmt_list(REPLICATION_RULES)}.")
 
 
-def _plan(adata: ad.AnnData, design: str, contrast, **kw) -> _Run:
-    """Check the data and the model on all cells before any fit; resolve the offset; select the genes."""
-    family, groups_key, sample_key, layer = kw["family"], kw["groups_key"], kw["sample_key"], kw["layer"]
+def _plan(adata: ad.AnnData, o: _Options) -> _Run:
+    """Check the choices, the data and the model on all cells before any fit; resolve the offset; select genes."""
+    _check_choices(o)
     check_unique_names(adata)
-    check_obs_keys(adata, [groups_key, kw["trials"], sample_key])
-    matrix = get_matrix(adata, layer)
-    if family == "gaussian":
-        check_finite(matrix, layer)
+    check_obs_keys(adata, [o.groups_key, o.trials, o.sample_key])
+    matrix = get_matrix(adata, o.layer)
+    if o.family == "gaussian":
+        check_finite(matrix, o.layer)
     else:
-        check_counts(matrix, layer)
-    trial_vec = None if kw["trials"] is None else adata.obs[kw["trials"]].to_numpy(dtype=float)
-    full = build_design(adata.obs, design, check_rank=groups_key is None)
-    specs = parse_contrasts(contrast)  # clear errors for a malformed list or dict before any fitting
-    names = [c.name for c in specs]
-    if groups_key is None:
-        joint = [c.name for c in full.contrasts(contrast) if c.is_f]
+        check_counts(matrix, o.layer)
+    trial_vec = None if o.trials is None else adata.obs[o.trials].to_numpy(dtype=float)
+    full = build_design(adata.obs, o.design, check_rank=o.groups_key is None)
+    specs = parse_contrasts(o.contrast)  # clear errors for a malformed list or dict before any fitting
+    if o.groups_key is None:
+        joint = [c.name for c in full.contrasts(o.contrast) if c.is_f]
     else:
         joint = [c.name for c in specs if c.joint and not (isinstance(c.spec, list) and len(c.spec) == 3)]
-    if kw["test"] == "lrt" and joint:
+    if o.test == "lrt" and joint:
         raise InputError(f"test='lrt' tests single contrasts; the joint test(s) {_fmt_list(joint)} need test='wald'.")
-    offset = kw["offset"]
+    design, contrast, family, sample_key, offset = o.design, o.contrast, o.family, o.sample_key, o.offset
     if offset == "auto":
         # TMM needs samples: an explicit sample_key, or the design's random factors crossed with the contrast
         known = sample_key is not None or bool(design_samples(design, contrast, adata.obs))
         offset = "tmm" if family in ("nb", "poisson") and known else "log_total"
     samples = resolve_samples(sample_key, design, contrast, adata.obs) if offset == "tmm" else None
     # over all genes of the layer, before any gene selection
-    off = cell_offset(adata, matrix, offset, layer, samples=samples, groups_key=groups_key)
-    gene_idx = gene_indices(adata, kw["genes"])
-    shard_t = parse_shard(kw["shard"])
-    gene_idx = gene_idx[shard_indices(gene_idx.size, shard_t)]
+    off = cell_offset(adata, matrix, offset, o.layer, samples=samples, groups_key=o.groups_key)
+    gene_idx = gene_indices(adata, o.genes)
+    shard = parse_shard(o.shard)
+    gene_idx = gene_idx[shard_indices(gene_idx.size, shard)]
+    given = {f.name: getattr(o, f.name) for f in fields(_Options)}
     return _Run(
-        design=design, contrast=contrast, names=names, family=family, estimation=kw["estimation"], test=kw["test"],
-        moderate=bool(kw["moderate"] and kw["test"] == "wald"), replication=kw["replication"], sample_key=sample_key,
-        groups_key=groups_key, layer=layer, trials=kw["trials"], min_cells_expressing=int(kw["min_cells_expressing"]),
-        n_jobs=kw["n_jobs"], shard=shard_t, offset=offset, offset_samples=samples, full=full,
+        **{**given, "offset": offset, "shard": shard, "moderate": bool(o.moderate and o.test == "wald")},
+        names=[c.name for c in specs],
+        offset_samples=samples,
+        full=full,
         matrix=gene_columns(matrix, gene_idx),  # CSC (or dense) of the selected genes only, in gene_idx order
-        gene_idx=gene_idx, gene_names=adata.var_names[gene_idx].to_numpy(), offset_values=off, trial_values=trial_vec,
-    )  # fmt: skip
+        gene_idx=gene_idx,
+        gene_names=adata.var_names[gene_idx].to_numpy(),
+        offset_values=off,
+        trial_values=trial_vec,
+    )
 
 
 @dataclass(frozen=True)

@@ -254,6 +254,26 @@ def _fit_group(pb, counts_all, rows, group, design, contrast, *, method, filter_
     norm_factors = tmm_factors(y)
     eff_lib = y.sum(axis=0) * norm_factors
     base_mean = (y / (eff_lib / np.exp(np.mean(np.log(eff_lib))))[None, :]).mean(axis=1)
+    genes = pb.var_names[keep]
+    per_contrast = _group_tests(
+        method, y, d, cons, norm_factors, base_mean, obs=obs, design=design, contrast=contrast, genes=genes
+    )
+    for out, (stats, conv, status, var_components) in zip(outs, per_contrast, strict=True):
+        if status is not None:
+            out.loc[idx, "status"] = np.asarray(status, dtype=object)
+        if var_components:
+            for name, v in var_components.items():
+                out.loc[idx, f"var_{name}"] = np.asarray(v, dtype=float)
+        _fill(out, idx, stats, conv)
+    return pd.concat(outs, ignore_index=True)
+
+
+def _group_tests(method: str, y, d, cons, norm_factors, base_mean, *, obs, design, contrast, genes) -> list[tuple]:
+    """Every contrast's test of one group's kept genes: ``(stats, converged, status, var_components)`` each.
+
+    One fit serves every contrast (edgeR's dispersions and QL fit, limma's voom weights and prior), as when edgeR or
+    limma test several contrasts of one fit.
+    """
     Ls = [con.L.T for con in cons]  # p-vectors, or p × q for a joint test
     per_contrast = []
     if method == "nb_ql":
@@ -282,16 +302,9 @@ def _fit_group(pb, counts_all, rows, group, design, contrast, *, method, filter_
             }
             per_contrast.append((stats, np.asarray(r.converged, dtype=bool), r.status, r.var_components))
     else:
-        for stats, conv in _pydeseq2(y, obs, design, parse_contrasts(contrast), pb.var_names[keep]):
+        for stats, conv in _pydeseq2(y, obs, design, parse_contrasts(contrast), genes):
             per_contrast.append((stats, conv, None, None))
-    for out, (stats, conv, status, var_components) in zip(outs, per_contrast, strict=True):
-        if status is not None:
-            out.loc[idx, "status"] = np.asarray(status, dtype=object)
-        if var_components:
-            for name, v in var_components.items():
-                out.loc[idx, f"var_{name}"] = np.asarray(v, dtype=float)
-        _fill(out, idx, stats, conv)
-    return pd.concat(outs, ignore_index=True)
+    return per_contrast
 
 
 def _scalar_or_nan(a: np.ndarray) -> np.ndarray:
