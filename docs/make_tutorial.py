@@ -75,7 +75,7 @@ def main() -> None:
     sec = pig[pig.obs["cell_type"] == "Secretory cell"].copy()
     expressed = np.asarray((sec.layers["counts"] > 0).sum(0)).ravel() >= 50
     sec = sec[:, expressed].copy()
-    vp = scmlm.tl.variance_partition(sec, "~ (1|donor) + condition", layer="counts", inplace=False)
+    vp = scmlm.tl.variance_partition(sec, "~ (1|donor) + condition", layer="counts", inplace=False).table
     ax = scmlm.pl.variance_partition(vp, show=False)
     ax.get_figure().savefig(FIG / "pig_variance_partition.png", dpi=110)
     plt.close(ax.get_figure())
@@ -113,7 +113,7 @@ def main() -> None:
     # a gene where pooling matters: modest expression and a clearly non-zero donor variance
     cand = gg[(gg["status"] == "ok") & (gg["var_donor"] > 0.05) & (gg["base_mean"].between(0.05, 0.5))]
     cand = cand.sort_values("base_mean").head(25)["gene"].tolist()
-    re_all = scmlm.tl.random_effects(gbm, genes=cand, inplace=False)
+    re_all = scmlm.tl.random_effects(gbm, genes=cand, inplace=False).table
     d = re_all[(re_all["term"] == "donor") & np.isfinite(re_all["unpooled"])].copy()
     d["shrink"] = 1 - d["blup"].abs() / d["unpooled"].abs().clip(lower=1e-9)
     gene = d.groupby("gene")["shrink"].median().idxmax()
@@ -124,7 +124,7 @@ def main() -> None:
     ax.set_title(f"{symbol} ({gene}): donor effects, unpooled vs BLUP", fontsize=9)
     ax.get_figure().savefig(FIG / "gbm_shrinkage.png", dpi=110)
     plt.close(ax.get_figure())
-    gvp = scmlm.tl.variance_partition(gbm, "~ (1|donor) + condition", layer="counts", inplace=False)
+    gvp = scmlm.tl.variance_partition(gbm, "~ (1|donor) + condition", layer="counts", inplace=False).table
     med = gvp[["donor", "fixed", "residual"]].median()
 
     # ------------------------------------------------------------------ text
@@ -187,7 +187,7 @@ def main() -> None:
         'scmlm.tl.glmm_de(gbm, "~ condition + (1|donor)", ("condition", "panobinostat", "ctrl"), layer="counts",\n'
         '                 sample_key="sample_id")   # adds (1|sample_id)'
     )
-    w(f're = scmlm.tl.random_effects(gbm, genes=["{top[0]}"], inplace=False)   # a table, not written to gbm.uns')
+    w(f're = scmlm.tl.random_effects(gbm, genes=["{top[0]}"], inplace=False).table   # not written to gbm.uns')
     w(f'scmlm.pl.shrinkage(re, "{top[0]}", term="donor")\n```\n')
     w("Genes at BH-adjusted p < 0.05 (300 genes):\n")
     w("| model | genes |\n|---|---|")

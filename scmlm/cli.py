@@ -12,8 +12,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from ._errors import ScmlmError
-from ._version import __version__
+from . import __version__
+from .errors import ScmlmError
+from .models import FAMILY_NAMES, USABLE_STATUS
 
 log = logging.getLogger("scmlm")
 
@@ -88,6 +89,16 @@ def _add_common_de(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-jobs", type=int, default=None, help="worker processes (default 1; -1 = all cores)")
 
 
+def _pb_method(text: str) -> str:
+    """A ``--method`` value: the pseudobulk method; the tool, which ``--method`` once named, is ``--tool``."""
+    if text in ("pseudobulk", "glmm"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is a tool: choose it with --tool {text}; --method names the pseudobulk method (nb_ql, voom, "
+            "pydeseq2), as pseudobulk_de's method= does"
+        )
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the ``scmlm`` argument parser with one subcommand per tool (``scmlm --help`` lists them)."""
     parser = argparse.ArgumentParser(
@@ -124,9 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("de", help="differential expression: pseudobulk (edgeR-QL / voom) or cell-level GLMM")
     _add_common_de(p)
-    p.add_argument("--method", choices=["pseudobulk", "glmm"], required=True)
-    p.add_argument("--pb-method", choices=["nb_ql", "voom", "pydeseq2"], default="nb_ql")
-    p.add_argument("--family", choices=["nb", "poisson", "binomial", "gaussian"], default="nb")
+    p.add_argument(
+        "--tool", choices=["pseudobulk", "glmm"], required=True, help="pseudobulk_de (pseudobulk) or glmm_de (glmm)"
+    )
+    p.add_argument(
+        "--method",
+        type=_pb_method,
+        choices=["nb_ql", "voom", "pydeseq2"],
+        default="nb_ql",
+        help="pseudobulk: edgeR-style QL (nb_ql), limma-voom / dream (voom) or PyDESeq2, as pseudobulk_de's method=",
+    )
+    p.add_argument("--family", choices=FAMILY_NAMES, default="nb")
     p.add_argument(
         "--sample-key",
         default=None,
@@ -151,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="glmm: add the sample-level term a paired contrast needs (auto) or fit the design as written",
     )
-    p.add_argument("--reml", choices=["REML", "ML"], default="REML", help="glmm: variance-component estimation")
+    p.add_argument(
+        "--estimation", choices=["REML", "ML"], default="REML", help="glmm: variance-component estimation (REML or ML)"
+    )
     p.add_argument(
         "--no-moderate",
         action="store_true",
@@ -171,11 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", required=True, help="the GLMM result table of the same analysis (scmlm de/merge)")
     p.add_argument("--design", required=True, help="the analysis design, with random terms")
     p.add_argument("--contrast", required=True, type=_contrast_item, action="append", help=_CONTRAST_HELP)
-    p.add_argument("--family", choices=["nb", "poisson", "binomial", "gaussian"], default="nb")
+    p.add_argument("--family", choices=FAMILY_NAMES, default="nb")
     p.add_argument("--groups-key", default=None)
     p.add_argument("--layer", default=None)
-    p.add_argument("--offset", default="auto", help="as for 'scmlm de --method glmm' (computed on all genes)")
-    p.add_argument("--sample-key", default=None, help="as for 'scmlm de --method glmm'")
+    p.add_argument("--offset", default="auto", help="as for 'scmlm de --tool glmm' (computed on all genes)")
+    p.add_argument("--sample-key", default=None, help="as for 'scmlm de --tool glmm'")
     p.add_argument("--n-genes", type=int, default=200, help="variance partition of the N most expressed genes")
     p.add_argument("--n-shrinkage", type=int, default=3, help="shrinkage plots of the N most significant genes")
     p.add_argument("--n-jobs", type=int, default=None)
@@ -254,7 +275,7 @@ def _run(args: argparse.Namespace) -> int:
     from . import io
 
     if args.command == "warmup":
-        from ._jit import warmup
+        from . import warmup
 
         info = warmup(args.cache_dir, verbose=args.verbose > 0)
         print(
@@ -332,7 +353,7 @@ def _run(args: argparse.Namespace) -> int:
         return _run_report(args)
 
     if args.command == "plot":
-        from .pl._de import save_result_plots
+        from .pl.files import save_result_plots
 
         _check_outdir(args.outdir)
         table = _read_table(args.table)
@@ -417,7 +438,7 @@ def _add_fitted_designs(analyses, path: str) -> None:
 
 
 def _top_genes(table, n: int, by: str, ascending: bool) -> list[str]:
-    ok = table[table["status"].isin(["ok", "singular"]) & table[by].notna()]
+    ok = table[table["status"].isin(USABLE_STATUS) & table[by].notna()]
     ranked = ok.sort_values(by, ascending=ascending)["gene"].astype(str)
     return list(dict.fromkeys(ranked))[: max(n, 0)]
 
@@ -430,7 +451,7 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
 
     from . import io, pl, tl
     from .design import parse_formula
-    from .pl._utils import file_labels
+    from .pl.files import file_labels
 
     _check_outdir(args.outdir)
     if not parse_formula(args.design).has_random:
@@ -445,7 +466,9 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     genes = list(dict.fromkeys(vp_genes + re_genes))
-    resolved = _resolve_offset(args.offset, args.family)
+    resolved = _resolve_offset(
+        args.offset, args.family, design=args.design, contrast=args.contrast, sample_key=args.sample_key
+    )
     tmm = None
     if resolved == "tmm":
         from .design import contrast_param
@@ -461,7 +484,7 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
     vp = tl.variance_partition(
         adata[:, vp_genes].copy(), vp_design, family=args.family, offset=offset, groups_key=args.groups_key,
         min_cells_expressing=1, n_jobs=args.n_jobs, inplace=False,
-    )  # fmt: skip
+    ).table  # fmt: skip
     io.write_csv(vp.rename_axis("gene").reset_index(), outdir / "variance_partition.csv")
     groups = [None] if args.groups_key is None else sorted(vp["group"].astype(str).unique())
     written = [outdir / "variance_partition.csv"]
@@ -482,7 +505,7 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
                 re_data, args.design, args.contrast, family=args.family, offset=offset, groups_key=args.groups_key,
                 min_cells_expressing=1,
             )  # fmt: skip
-        re = tl.random_effects(re_data, genes=re_genes, inplace=False)
+        re = tl.random_effects(re_data, genes=re_genes, inplace=False).table
         io.write_csv(re, outdir / "random_effects.csv")
         written.append(outdir / "random_effects.csv")
         if term not in set(re["term"].astype(str)):
@@ -534,35 +557,35 @@ def _shrinkage_pairs(table, n: int, term: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def _fitted_design(obs, design: str, contrast, sample_key) -> str:
-    """The design glmm_de fits (``replication="auto"`` may add a sample-level term).
+def _fitted_design(obs, design: str, contrast, sample_key):
+    """The design glmm_de fits (``replication="auto"`` may add a sample-level term), as a :class:`FittedDesign`.
 
-    The variance partition of the hierarchy step then has a component for every level the DE model has.
+    The variance partition of the hierarchy step then has a component for every level the DE model has. A design
+    that cannot be resolved on all cells (e.g. estimable only within each group) is passed on as written: the groups'
+    fits say more.
     """
-    from .tl._glmm_de import _resolve_design
+    from .design import fitted_design
 
     try:
-        *_, added = _resolve_design(obs, design, contrast, None, sample_key, "auto")
-    except ScmlmError:  # e.g. a design that is estimable only within each group: the groups' fits say more
+        fitted = fitted_design(obs, design, contrast, sample_key=sample_key)
+    except ScmlmError:
         return design
-    if added:
-        fitted = " + ".join([design, *added])
-        log.info("hierarchy: variance partition of %r (the terms glmm_de adds for the contrasts)", fitted)
-        return fitted
-    return design
+    if fitted.added_terms:
+        log.info("hierarchy: variance partition of %r (the terms glmm_de adds for the contrasts)", fitted.formula)
+    return fitted
 
 
-def _resolve_offset(offset: str, family: str) -> str:
-    """``auto`` as ``glmm_de`` resolves it: TMM for the NB and Poisson families, the log total count otherwise."""
+def _resolve_offset(offset: str, family: str, *, design: str, contrast, sample_key=None, obs=None) -> str:
+    """``--offset`` as ``glmm_de`` resolves it (:func:`scmlm.design.resolve_offset`, the one rule); ``"none"`` kept."""
+    from .design import resolve_offset
+
     offset = str(offset)
     if offset.lower() == "none":
         return "none"
-    if offset == "auto":
-        return "tmm" if family in ("nb", "poisson") else "log_total"
-    return offset
+    return resolve_offset(offset, family, design=design, contrast=contrast, obs=obs, sample_key=sample_key)
 
 
-def _glmm_offset(adata, offset: str, family: str):
+def _glmm_offset(adata, args):
     """The offset argument of glmm_de for a file read by the CLI.
 
     A workflow gene shard (or a ``read_genes`` subset) holds counts for some genes only: offsets over all genes were
@@ -571,7 +594,10 @@ def _glmm_offset(adata, offset: str, family: str):
     """
     from . import io
 
-    resolved = _resolve_offset(offset, family)
+    offset = args.offset
+    resolved = _resolve_offset(
+        offset, args.family, design=args.design, contrast=args.contrast, sample_key=args.sample_key, obs=adata.obs
+    )
     if resolved == "none":
         return None
     if io.LOG_TOTAL in adata.obs.columns and resolved in ("log_total", "tmm"):
@@ -620,15 +646,15 @@ def _run_de(args: argparse.Namespace) -> int:
 
     shard = args.shard
     _check_outputs([args.out, args.out_h5ad], args.input)
-    if args.method == "pseudobulk" and shard is not None:
-        raise ScmlmError("--shard applies to --method glmm; pseudobulk fits all genes of a group together.")
+    if args.tool == "pseudobulk" and shard is not None:
+        raise ScmlmError("--shard applies to --tool glmm; pseudobulk fits all genes of a group together.")
     if args.n_jobs is not None and args.n_jobs == 0:
         raise ScmlmError("--n-jobs 0 is not a number of workers; use 1 or more (or -1 for all cores).")
     if shard is not None:
         from .results import parse_shard
 
         parse_shard(shard)
-    if args.method == "pseudobulk":
+    if args.tool == "pseudobulk":
         adata = io.read(args.input)
         if args.sample_key is not None:
             from .pp import pseudobulk
@@ -644,7 +670,7 @@ def _run_de(args: argparse.Namespace) -> int:
             adata,
             args.design,
             args.contrast,
-            method=args.pb_method,
+            method=args.method,
             groups_key=args.groups_key,
             layer=layer,
             filter_genes=not args.no_filter,
@@ -667,7 +693,7 @@ def _run_de(args: argparse.Namespace) -> int:
                 )  # fmt: skip
             else:
                 log.info("shard %d/%d: no genes (only %d genes for %d shards)", i, n, adata.n_vars, n)
-        offset = _glmm_offset(adata, args.offset, args.family)
+        offset = _glmm_offset(adata, args)
         res = tl.glmm_de(
             adata,
             args.design,
@@ -681,7 +707,7 @@ def _run_de(args: argparse.Namespace) -> int:
             sample_key=args.sample_key,
             replication=args.replication,
             moderate=not args.no_moderate,
-            method=args.reml,
+            estimation=args.estimation,
             key_added=key,
             inplace=False,
         )
@@ -715,9 +741,9 @@ def analysis_fingerprint(adata, args: argparse.Namespace, n_shards: int) -> str:
     spec = {
         "design": args.design,
         "contrast": contrast_param(args.contrast),
-        "method": args.method,
+        "tool": args.tool,
         "family": args.family,
-        "reml": args.reml,
+        "estimation": args.estimation,
         "offset": args.offset,
         "sample_key": getattr(args, "sample_key", None),
         "replication": getattr(args, "replication", None),
@@ -730,7 +756,7 @@ def analysis_fingerprint(adata, args: argparse.Namespace, n_shards: int) -> str:
     return fingerprint(adata.obs_names, obs, spec)
 
 
-_FINE = {"ok", "singular", "filtered"}
+_FINE = {*USABLE_STATUS, "filtered"}
 
 
 def _log_gene_statuses(table) -> None:
@@ -752,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.WARNING if args.verbose == 0 else logging.INFO
     logging.basicConfig(level=level, format="scmlm: %(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
-    from ._settings import settings
+    from . import settings
 
     if args.verbose >= 2:
         settings.verbosity = 2

@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._errors import InputError
-from ._version import __version__
-from .pl._utils import _slug, file_labels
+from .design import fitted_design as _fitted_design
+from .design import one_or_all
+from .errors import InputError, ScmlmError
+from .pl.files import file_labels, slug
 
 __all__ = ["Analysis", "analysis_from_folder", "fitted_design", "render_report", "summarise", "write_report"]
 
@@ -41,7 +42,7 @@ _PARAM_ORDER = [
     "sample_key",
     "groups_key",
     "layer",
-    "reml",
+    "estimation",
 ]
 #: Columns of the top-gene tables, when present.
 _TOP_COLUMNS = ["gene", "log2fc", "se", "stat", "df", "pvalue", "padj", "base_mean", "status"]
@@ -140,12 +141,10 @@ def fitted_design(
 ) -> str | dict[str, str]:
     """The design ``tl.glmm_de`` fits for these cells: ``design``, plus the sample-level term a paired contrast needs.
 
-    Read from the cells' obs only (no counts), per group when ``groups_key`` is given; one formula when every group
-    fits the same, else ``{group: formula}``. A group whose design cannot be built is left out.
+    Read from the cells' obs only (no counts), per group when ``groups_key`` is given, with
+    :func:`scmlm.design.fitted_design`; one formula when every group fits the same, else ``{group: formula}``. A group
+    whose design cannot be built is left out.
     """
-    from ._errors import ScmlmError
-    from .tl._glmm_de import _resolve_design
-
     contrast = tuple(contrast) if isinstance(contrast, list) else contrast
     if groups_key is None:
         parts = {"all": obs}
@@ -154,14 +153,11 @@ def fitted_design(
     formulas = {}
     for group, sub in parts.items():
         try:
-            d, _, _, _ = _resolve_design(sub, design, contrast, None, sample_key, replication)
+            fitted = _fitted_design(sub, design, contrast, sample_key=sample_key, replication=replication)
         except ScmlmError:
             continue
-        formulas[group] = d.formula
-    values = set(formulas.values())
-    if not values:
-        return design
-    return values.pop() if len(values) == 1 else formulas
+        formulas[group] = fitted.formula
+    return one_or_all(formulas, design)
 
 
 # ---------------------------------------------------------------- numbers
@@ -352,7 +348,7 @@ def _figures_by_group(figures: list[Path], combos: list[tuple[str, str]]) -> tup
             # longest group label first, so "T-NK" is not taken for "NK"
             for g in sorted(groups, key=lambda x: -len(group_label[x])):
                 lab = group_label[g]
-                if stem.endswith("__" + lab) or stem.endswith("__" + _slug(g)):
+                if stem.endswith("__" + lab) or stem.endswith("__" + slug(g)):
                     owner = next(combo for combo in combos if combo[0] == g)
                     break
         (out[owner] if owner else rest).append(path)
@@ -371,7 +367,7 @@ def _figure_order(path: Path) -> tuple[int, str]:
 
 
 def _anchor(*parts: str) -> str:
-    return "s-" + "--".join(_slug(p) for p in parts)
+    return "s-" + "--".join(slug(p) for p in parts)
 
 
 def render_report(
@@ -404,6 +400,8 @@ def render_report(
             used.add(anchor)
             anchors[(a.name, r.group, r.contrast)] = anchor
     summary = pd.concat(summaries, ignore_index=True)
+
+    from . import __version__  # at call time: the package has finished importing
 
     parts = [
         "<!DOCTYPE html>",

@@ -69,7 +69,11 @@ def finalize_table(df: pd.DataFrame) -> pd.DataFrame:
 
 @dataclass
 class DEResult:
-    """A DE table in the shared schema plus the parameters of the run that made it."""
+    """A tool's result table plus the parameters of the run that made it (``params["tool"]`` names the tool).
+
+    The DE tools' tables have the shared schema (:data:`COLUMNS`); ``variance_partition`` gives one row per gene and
+    ``random_effects`` one per gene, term and level. Every ``scmlm.tl`` tool returns through :meth:`deliver`.
+    """
 
     table: pd.DataFrame
     params: dict = field(default_factory=dict)
@@ -218,19 +222,10 @@ def merge_shards(tables: Iterable[pd.DataFrame], *, sources: Sequence[str] | Non
     if set(keys) <= set(merged.columns) and merged.duplicated(keys).any():
         dup = merged.loc[merged.duplicated(keys), keys].iloc[0].tolist()
         raise InputError(f"gene {dup[0]!r} (group {dup[1]!r}, contrast {dup[2]!r}) is in more than one shard.")
-    return finalize_table(_finish_moderation(merged))
+    return finalize_table(finish_moderation(merged))
 
 
-def _finish_moderation(table: pd.DataFrame) -> pd.DataFrame:
-    """Moderated GLMM tests of a sharded run.
-
-    The prior is estimated over all genes once the shards are together (rows with ``moderation == "pending"``; see
-    :mod:`scmlm.models.moderate`).
-    """
-    return moderate_table(table)
-
-
-def moderate_table(table: pd.DataFrame) -> pd.DataFrame:
+def finish_moderation(table: pd.DataFrame) -> pd.DataFrame:
     """Finish the moderation of the rows with ``moderation == "pending"``, per group and contrast.
 
     Reads ``coef``, ``tau2``, ``df_resid``, ``unit_scale``, ``base_mean`` and ``converged``; writes ``se``,

@@ -319,9 +319,9 @@ def test_api_glmm_de_accepts_every_count_layout(cells, glmm_ref, kind):
 @pytest.mark.parametrize("kind", ["dense int", "csc float"])
 def test_api_variance_partition_accepts_every_count_layout(cells, kind):
     a = cells[:, :4].copy()
-    ref = scmlm.tl.variance_partition(a, "~ (1|donor)", layer="counts", offset=None, inplace=False)
+    ref = scmlm.tl.variance_partition(a, "~ (1|donor)", layer="counts", offset=None, inplace=False).table
     a.layers["counts"] = _layer_as(a.layers["counts"], kind)
-    res = scmlm.tl.variance_partition(a, "~ (1|donor)", layer="counts", offset=None, inplace=False)
+    res = scmlm.tl.variance_partition(a, "~ (1|donor)", layer="counts", offset=None, inplace=False).table
     pd.testing.assert_frame_equal(res, ref, check_exact=False, rtol=1e-7)
 
 
@@ -499,7 +499,7 @@ def test_api_read_errors(tmp_path, path, message):
     ],
 )
 def test_api_file_labels_unique_and_readable(labels):
-    from scmlm.pl._utils import file_labels
+    from scmlm.pl.files import file_labels
 
     names = file_labels(labels)
     assert len({n.lower() for n in names.values()}) == len(labels)
@@ -509,7 +509,7 @@ def test_api_file_labels_unique_and_readable(labels):
 
 
 def test_api_plots_of_groups_t_slash_nk_and_t_plus_nk_do_not_overwrite(tmp_path):
-    from scmlm.pl._de import save_result_plots
+    from scmlm.pl.files import save_result_plots
 
     rng = np.random.default_rng(0)
     t = pd.DataFrame(
@@ -532,12 +532,12 @@ def test_api_plots_of_groups_t_slash_nk_and_t_plus_nk_do_not_overwrite(tmp_path)
 # ======================================================================================================================
 # command line (in-process)
 # ======================================================================================================================
-def _de(inp, out, *extra, method="pseudobulk"):
+def _de(inp, out, *extra, tool="pseudobulk"):
     return [
         "de",
         inp,
-        "--method",
-        method,
+        "--tool",
+        tool,
         "--design",
         "~ condition",
         "--contrast",
@@ -554,10 +554,10 @@ CLI_DE_ERRORS = [
     ("--out below a file", "cells", ["--sample-key", "donor", "--out", "{cells}/x.csv"], r"is a file, not a folder"),
     ("--out is the input", "pb", ["--out", "{pb}"], r"is also an input"),
     ("--out-h5ad is --out", "pb", ["--out-h5ad", "{tmp}/r.csv"], r"same path is given for two outputs"),
-    ("--shard with pseudobulk", "pb", ["--shard", "1/2"], r"--shard applies to --method glmm"),
-    ("unknown --sample-key with glmm", "cells", ["--method", "glmm", "--sample-key", "nosuch"], r"'nosuch' is not a"),
-    ("bad --shard", "cells", ["--method", "glmm", "--shard", "5/3"], r"out of range"),
-    ("--n-jobs 0", "cells", ["--method", "glmm", "--n-jobs", "0"], r"--n-jobs 0"),
+    ("--shard with pseudobulk", "pb", ["--shard", "1/2"], r"--shard applies to --tool glmm"),
+    ("unknown --sample-key with glmm", "cells", ["--tool", "glmm", "--sample-key", "nosuch"], r"'nosuch' is not a"),
+    ("bad --shard", "cells", ["--tool", "glmm", "--shard", "5/3"], r"out of range"),
+    ("--n-jobs 0", "cells", ["--tool", "glmm", "--n-jobs", "0"], r"--n-jobs 0"),
     ("unknown contrast level", "pb", ["--contrast", "condition:case:wt"], r"'wt'"),
     ("unknown design column", "pb", ["--design", "~ treatment"], r"'treatment'"),
     ("unknown layer", "cells", ["--sample-key", "donor", "--layer", "raw"], r"layer 'raw'"),
@@ -575,9 +575,9 @@ def test_cli_de_errors(tmp_path, files, capsys, case, inp, extra, message):
     if inp == "pb":
         args.remove("--layer")
         args.remove("counts")
-    if "--method" in extra:  # override the method
-        k = extra.index("--method")
-        args[args.index("--method") + 1] = extra[k + 1]
+    if "--tool" in extra:  # override the tool
+        k = extra.index("--tool")
+        args[args.index("--tool") + 1] = extra[k + 1]
         extra = extra[:k] + extra[k + 2 :]
     if "--design" in extra:
         k = extra.index("--design")
@@ -703,9 +703,14 @@ CLI_OTHER_ERRORS = [
     ("simulate: out is a folder", ["simulate", "{tmp}", "--n-genes", "5"], r"is a folder"),
     ("dataset: unknown name", ["dataset", "pig", "{tmp}/d.h5ad"], r"invalid choice: 'pig'"),
     (
-        "de: no method",
+        "de: no tool",
         ["de", "{pb}", "--design", "~ condition", "--contrast", "condition:case:ctrl", "--out", "{tmp}/r.csv"],
-        r"--method",
+        r"--tool",
+    ),
+    (
+        "de: --method names the pseudobulk method, not the tool",
+        ["de", "{pb}", "--method", "glmm", "--design", "~ condition", "--contrast", "c:a:b", "--out", "{tmp}/r.csv"],
+        r"'glmm' is a tool: choose it with --tool glmm",
     ),
 ]
 
@@ -716,7 +721,7 @@ def shard_files(tmp_path_factory, files) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("shards")
     out = {}
     for name, family, i in (("shard1", "nb", 1), ("shard2", "nb", 2), ("other2", "poisson", 2)):
-        args = ["de", files["cells"], "--method", "glmm", "--family", family, "--design", "~ condition + (1|donor)"]
+        args = ["de", files["cells"], "--tool", "glmm", "--family", family, "--design", "~ condition + (1|donor)"]
         args += [
             "--contrast",
             "condition:case:ctrl",

@@ -56,3 +56,36 @@ def test_dataset_command(tmp_path):
     out = tmp_path / "pig.h5ad"
     assert main(["dataset", "pig_airway", str(out)]) == 0
     assert ad.read_h5ad(out).shape == (2722, 1339)
+
+
+def _de_actions():
+    from scmlm.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return sub.choices["de"]._actions
+
+
+def test_de_flags_mirror_the_keywords():
+    """`scmlm de` spells each option as the API keyword it sets (underscores as dashes)."""
+    import inspect
+
+    flags = {opt for action in _de_actions() for opt in action.option_strings}
+    shared = ("design", "groups_key", "layer", "key_added", "n_jobs")
+    glmm = ("family", "offset", "sample_key", "replication", "estimation", "shard")
+    for kw in (*shared, *glmm, "method", "rows_are_samples"):
+        assert f"--{kw.replace('_', '-')}" in flags, kw
+    for kw in glmm:
+        assert kw in inspect.signature(scmlm.tl.glmm_de).parameters, kw
+    assert "method" in inspect.signature(scmlm.tl.pseudobulk_de).parameters
+    assert "--reml" not in flags and "--pb-method" not in flags
+    fam = next(a for a in _de_actions() if "--family" in a.option_strings)
+    assert tuple(fam.choices) == scmlm.models.FAMILY_NAMES
+
+
+def test_de_method_names_the_pseudobulk_method_not_the_tool(capsys):
+    try:
+        rc = main(["de", "x.h5ad", "--method", "glmm", "--design", "~ a", "--contrast", "a:b:c", "--out", "o.csv"])
+    except SystemExit as err:  # argparse exits with status 2
+        rc = err.code
+    assert rc == 2
+    assert "--tool glmm" in capsys.readouterr().err

@@ -305,7 +305,7 @@ def test_cli_contrast_forms(tmp_path, dose_pb):
     from scmlm.cli import build_parser
 
     def parsed(*values):
-        argv = ["de", "x.h5ad", "--method", "pseudobulk", "--design", "~ dose", "--out", "o.csv"]
+        argv = ["de", "x.h5ad", "--tool", "pseudobulk", "--design", "~ dose", "--out", "o.csv"]
         for v in values:
             argv += ["--contrast", v]
         return contrast_arg(build_parser().parse_args(argv).contrast)
@@ -324,7 +324,7 @@ def test_cli_contrast_forms(tmp_path, dose_pb):
     path = tmp_path / "pb.h5ad"
     dose_pb.write_h5ad(path)
     out = tmp_path / "res.csv"
-    argv = ["de", str(path), "--method", "pseudobulk", "--design", "~ dose", "--out", str(out)]
+    argv = ["de", str(path), "--tool", "pseudobulk", "--design", "~ dose", "--out", str(out)]
     argv += ["--contrast", "dose:mid:low", "--contrast", "doses=dose[T.mid],dose[T.high]"]
     assert main(argv) == 0
     res = pd.read_csv(out)
@@ -397,6 +397,7 @@ def test_tmm_samples_cross_the_random_factors_with_every_contrast_factor():
 def test_one_fit_serves_every_contrast(monkeypatch, dose_pb, paired_cells):
     """The expensive per-gene fit runs once per chunk of genes (GLMM) and once per group (edgeR's dispersions and
     QL fit, voom + lmFit), however many contrasts are tested: counted by wrapping the real functions."""
+    import scmlm.tl._glmm_de as tl_glmm_de
     from scmlm.models import _edger, _glmm, _limma
 
     calls = {"fit_glmm": 0, "estimate_disp": 0, "voom_weights": 0}
@@ -408,7 +409,8 @@ def test_one_fit_serves_every_contrast(monkeypatch, dose_pb, paired_cells):
 
         return wrapper
 
-    monkeypatch.setattr(_glmm, "fit_glmm", counting("fit_glmm", _glmm.fit_glmm))
+    # glmm_de calls the public scmlm.models.fit_glmm, bound by name in its module
+    monkeypatch.setattr(tl_glmm_de, "fit_glmm", counting("fit_glmm", _glmm.fit_glmm))
     monkeypatch.setattr(_edger, "estimate_disp", counting("estimate_disp", _edger.estimate_disp))
     monkeypatch.setattr(_limma, "voom_weights", counting("voom_weights", _limma.voom_weights))
     contrast = {

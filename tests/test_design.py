@@ -121,3 +121,33 @@ def test_non_estimable_contrast(obs):
     d = build_design(obs, "~ condition")
     with pytest.raises(EstimabilityError, match="zero for every coefficient"):
         d.contrast([0.0, 0.0])
+
+
+def test_fitted_design_adds_the_sample_term_a_paired_contrast_needs():
+    """One decision of the formula glmm_de fits: as written, or with the terms its contrasts' replication needs."""
+    from scmlm.design import FittedDesign, fitted_design, fitted_params, stored_formula
+
+    paired = scmlm.datasets.simulate(n_donors=4, n_cells=20, n_genes=5, design="within", seed=0).obs
+    between = scmlm.datasets.simulate(n_donors=4, n_cells=20, n_genes=5, seed=0).obs
+    design, contrast = "~ condition + (1|donor)", ("condition", "case", "ctrl")
+    fd = fitted_design(paired, design, contrast)
+    assert isinstance(fd, FittedDesign)
+    assert fd.written == design and fd.added_terms == ("(1|donor:condition)",)
+    assert fd.formula == "~ condition + (1|donor) + (1|donor:condition)" == fd.design.formula
+    assert fd.units == ("donor:condition",) and fd.replication[0].level == "sample"
+    assert [c.name for c in fd.contrasts] == ["condition_case_vs_ctrl"]
+    as_written = fitted_design(paired, design, contrast, replication="as_written")
+    assert as_written.formula == design and as_written.added_terms == () and as_written.units == fd.units
+    plain = fitted_design(between, design, contrast)
+    assert plain.formula == design and plain.units == ("donor",)
+    with pytest.raises(scmlm.InputError, match="replication='sometimes' is not known"):
+        fitted_design(paired, design, contrast, replication="sometimes")
+    # what params store, and how it is read back per group
+    params = {"design": design, **fitted_params({"a": fd, "b": plain}, design, ["c"], single=True)}
+    assert params["design_fitted"] == {"a": fd.formula, "b": design}
+    assert params["added_terms"] == ["(1|donor:condition)"]
+    assert params["replication_unit"] == {"a": "donor:condition", "b": "donor"}
+    assert stored_formula(params, "a") == fd.formula and stored_formula(params, "b") == design
+    same = fitted_params({"a": fd, "b": fd}, design, ["c"], single=False)
+    assert same["design_fitted"] == fd.formula and same["replication_unit"] == {"c": "donor:condition"}
+    assert stored_formula({"design": design, "design_fitted": fd.formula}, "all") == fd.formula

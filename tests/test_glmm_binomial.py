@@ -117,7 +117,7 @@ def test_binomial_through_api_uses_the_offset(detection):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t = scmlm.tl.glmm_de(
-            detection, DESIGN, CONTRAST, family="binomial", offset="log_library", method="ML", inplace=False
+            detection, DESIGN, CONTRAST, family="binomial", offset="log_library", estimation="ML", inplace=False
         ).table.set_index("gene")
     t = t.loc[ref.index]
     assert set(t["status"]) <= {"ok", "singular"}

@@ -92,7 +92,7 @@ def test_cli_shards_and_merge(between, tmp_path):
     for i in (1, 2):
         out = tmp_path / f"shard{i}.csv"
         rc = cli_main(
-            ["de", str(cells), "--method", "glmm", "--family", "nb", "--design", DESIGN,
+            ["de", str(cells), "--tool", "glmm", "--family", "nb", "--design", DESIGN,
              "--contrast", "condition:case:ctrl", "--shard", f"{i}/2", "--out", str(out)]
         )  # fmt: skip
         assert rc == 0

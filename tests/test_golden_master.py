@@ -133,7 +133,7 @@ CASES = {
         f["between"], "~ x + condition + (1|donor)", contrast=[0, 1, 0], family="poisson", moderate=False
     ),
     # estimation, tests, offsets
-    "glmm_ml": lambda f: _glmm(f["between"], "~ condition + (1|donor)", method="ML"),
+    "glmm_ml": lambda f: _glmm(f["between"], "~ condition + (1|donor)", estimation="ML"),
     "glmm_lrt": lambda f: _glmm(f["between"], "~ condition + (1|donor)", test="lrt"),
     "glmm_offset_log_total": lambda f: _glmm(f["between"], "~ condition + (1|donor)", offset="log_total"),
     "glmm_offset_tmm_sample": lambda f: _glmm(
@@ -159,11 +159,11 @@ CASES = {
         ).table
     ),
     # hierarchy
-    "variance_partition": lambda f: scmlm.tl.variance_partition(
-        f["between"], "~ condition + (1|donor) + (1|batch)", inplace=False
+    "variance_partition": lambda f: (
+        scmlm.tl.variance_partition(f["between"], "~ condition + (1|donor) + (1|batch)", inplace=False).table
     ),
-    "variance_partition_binomial": lambda f: scmlm.tl.variance_partition(
-        f["between"], "~ (1|donor)", family="binomial", inplace=False
+    "variance_partition_binomial": lambda f: (
+        scmlm.tl.variance_partition(f["between"], "~ (1|donor)", family="binomial", inplace=False).table
     ),
     "random_effects": lambda f: _random_effects(f["between"]),
 }
@@ -173,7 +173,7 @@ def _random_effects(adata):
     a = adata.copy()
     scmlm.tl.glmm_de(a, "~ condition + (1|donor)", CONTRAST)
     genes = list(a.var_names[:6])
-    return scmlm.tl.random_effects(a, "glmm_de", genes, inplace=False)
+    return scmlm.tl.random_effects(a, key="glmm_de", genes=genes, inplace=False).table
 
 
 def _snapshot(table: pd.DataFrame) -> dict:

@@ -20,7 +20,7 @@ def sim():
 
 @pytest.fixture(scope="module")
 def vp(sim):
-    return scmlm.tl.variance_partition(sim, "~ (1|donor) + (1|batch) + condition", inplace=False)
+    return scmlm.tl.variance_partition(sim, "~ (1|donor) + (1|batch) + condition", inplace=False).table
 
 
 def test_fractions_sum_to_one_and_icc_formula(vp):
@@ -48,11 +48,12 @@ def test_inplace_and_groups(sim):
     a = sim[:, :12].copy()
     scmlm.tl.variance_partition(a, "~ (1|donor) + condition", key_added="vp")
     assert set(a.uns["vp"]) == {"params", "results"}
+    assert a.uns["vp"]["params"]["tool"] == "variance_partition"
     df = a.uns["vp"]["results"]
     assert list(df.index) == list(a.var_names)
     a.obs["part"] = pd.Categorical(np.where(a.obs["cell_type"].cat.codes.to_numpy() % 1 == 0, "x", "y"))
     a.obs["half"] = pd.Categorical(np.where(np.arange(a.n_obs) % 2 == 0, "h1", "h2"))
-    g = scmlm.tl.variance_partition(a, "~ (1|donor) + condition", groups_key="half", inplace=False)
+    g = scmlm.tl.variance_partition(a, "~ (1|donor) + condition", groups_key="half", inplace=False).table
     assert sorted(g["group"].unique()) == ["h1", "h2"] and len(g) == 2 * a.n_vars
     with pytest.raises(scmlm.DesignError, match="no random terms"):
         scmlm.tl.variance_partition(a, "~ condition")
@@ -76,6 +77,10 @@ def test_partial_pooling_shrinks_small_donors():
     adata.var_names = [f"g{j}" for j in range(G)]
     scmlm.tl.glmm_de(adata, "~ condition + (1|donor)", ("condition", "b", "a"), offset=None)
     assert scmlm.tl.random_effects(adata, genes=list(adata.var_names)) is None
+    assert adata.uns["random_effects"]["params"]["tool"] == "random_effects"
+    assert adata.uns["random_effects"]["params"]["source_key"] == "glmm_de"
+    copied = scmlm.tl.random_effects(adata, genes=["g0"], key_added="re_g0", copy=True)
+    assert "re_g0" in copied.uns and "re_g0" not in adata.uns
     re = adata.uns["random_effects"]["results"]
     assert set(re.columns) >= {"gene", "term", "level", "blup", "blup_se", "unpooled", "unpooled_se", "n_cells"}
     d = re[re["term"] == "donor"].copy()
@@ -151,7 +156,7 @@ def test_variance_partition_and_glmm_de_fit_the_same_genes():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         de = scmlm.tl.glmm_de(a, design, ("condition", "case", "ctrl"), inplace=False).table.set_index("gene")
-        vp = scmlm.tl.variance_partition(a, design, inplace=False)
+        vp = scmlm.tl.variance_partition(a, design, inplace=False).table
     assert de.loc["g00000", "status"] == "too few expressing cells"
     assert de.loc["g00001", "status"] == "all zero"
     assert de.loc["g00002", "status"] == "separated"
@@ -161,5 +166,5 @@ def test_variance_partition_and_glmm_de_fit_the_same_genes():
     assert refused.sum() >= 3
     assert vp.loc[refused, ["donor", "fixed", "residual", "var_donor"]].isna().all().all()
     # the threshold is a parameter of both, with the same meaning
-    vp3 = scmlm.tl.variance_partition(a, design, min_cells_expressing=3, inplace=False)
+    vp3 = scmlm.tl.variance_partition(a, design, min_cells_expressing=3, inplace=False).table
     assert vp3.loc["g00000", "status"] != "too few expressing cells"

@@ -126,7 +126,7 @@ def test_gee_and_variance_partition_take_the_tmm_offset(sim_within):
             for o in ("tmm", "tmm_off")
         ]
         vps = [
-            scmlm.tl.variance_partition(a, "~ (1|donor) + condition", offset=o, genes=genes, inplace=False)
+            scmlm.tl.variance_partition(a, "~ (1|donor) + condition", offset=o, genes=genes, inplace=False).table
             for o in ("tmm", "tmm_off")
         ]
     pd.testing.assert_frame_equal(tabs[0], tabs[1])

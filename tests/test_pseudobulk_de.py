@@ -172,7 +172,7 @@ def test_cli_de_from_cells(tmp_path):
     out = tmp_path / "res.csv"
     rc = cli_main(
         [
-            "de", str(cells), "--method", "pseudobulk", "--sample-key", "donor", "--groups-key", "cell_type",
+            "de", str(cells), "--tool", "pseudobulk", "--sample-key", "donor", "--groups-key", "cell_type",
             "--design", "~ condition", "--contrast", "condition:CFTRKO:WT", "--out", str(out),
             "--out-h5ad", str(tmp_path / "pb.h5ad"),
         ]

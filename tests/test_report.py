@@ -14,7 +14,7 @@ import pytest
 
 import scmlm
 from scmlm import cli
-from scmlm.pl._de import save_result_plots
+from scmlm.pl.files import save_result_plots
 
 GROUPS = {"type0": "CD14+ Monocytes", "type1": "T/NK <b>&</b>"}
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -192,7 +192,7 @@ def test_glmm_equals_one_unsharded_cli_call(local_run, tmp_path):
     cfg = yaml.safe_load(TEST_CONFIG.read_text())
     glmm = next(a for a in cfg["analyses"] if a["method"] == "glmm")
     direct = tmp_path / "direct.csv"
-    cmd = ["scmlm", "de", str(local_run / "results" / "input.h5ad"), "--method", "glmm", "--family", glmm["family"]]
+    cmd = ["scmlm", "de", str(local_run / "results" / "input.h5ad"), "--tool", "glmm", "--family", glmm["family"]]
     cmd += ["--design", glmm["design"], "--contrast", ":".join(glmm["contrast"]), "--groups-key", cfg["groups_key"]]
     cmd += ["--layer", cfg["layer"], "--out", str(direct)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env())

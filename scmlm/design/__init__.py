@@ -14,6 +14,7 @@ from ._design import (
     make_contrasts,
     parse_contrasts,
 )
+from ._fitted import REPLICATION_RULES, FittedDesign, fitted_design, fitted_params, one_or_all, stored_formula
 from ._formula import ParsedFormula, RandomSpec, parse_formula
 from ._offsets import (
     StreamedTMM,
@@ -32,6 +33,8 @@ __all__ = [
     "Contrast",
     "ContrastSpec",
     "Design",
+    "FittedDesign",
+    "REPLICATION_RULES",
     "ParsedFormula",
     "RandomSpec",
     "Replication",
@@ -43,9 +46,12 @@ __all__ = [
     "contrast_names",
     "contrast_param",
     "design_samples",
+    "fitted_design",
+    "fitted_params",
     "is_multi",
     "make_contrast",
     "make_contrasts",
+    "one_or_all",
     "parse_contrasts",
     "parse_formula",
     "replication",
@@ -56,5 +62,6 @@ __all__ = [
     "tmm_offset",
     "tmm_offset_from_sums",
     "tmm_units",
+    "stored_formula",
     "within_parent",
 ]

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import DesignError, EstimabilityError, _fmt_list
-from ..models._random import RandomTerm
+from ..models import RandomTerm
 from ._formula import ParsedFormula, parse_formula
 
 

@@ -64,7 +64,7 @@ fractions of p < 0.05; ``tests/test_moderation.py`` and ``benchmarks/bench_moder
 Contrasts that vary from cell to cell are not moderated (they are tested on the cell-level residual df, where a
 prior adds nothing). Sharded runs store the unmoderated quantities (``coef``, ``se_raw``, ``tau2``,
 ``df_resid``, ``unit_scale``, ``base_mean``) with ``moderation = "pending"``; :func:`scmlm.results.merge_shards` calls
-:func:`scmlm.results.moderate_table` over the concatenated shards, which gives the same numbers as an unsharded run.
+:func:`scmlm.results.finish_moderation` over the concatenated shards, which gives the same numbers as an unsharded run.
 
 Inputs are ndarrays; the cell-level model every gene of a chunk shares (design, random terms, offset, family, trials)
 travels as one :class:`CellModel`.

@@ -1,4 +1,7 @@
-"""Plots in scanpy's conventions: ``ax=``, ``show=``, ``save=``; each returns its Axes."""
+"""Plots in scanpy's conventions: ``ax=``, ``show=``, ``save=``; each returns its Axes.
+
+:mod:`scmlm.pl.files` names plot files and writes a result table's plots in one call (``scmlm plot``).
+"""
 
 from ._de import ma, pvalue_hist, qq, volcano
 from ._hier import icc, shrinkage, variance_partition

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -157,40 +156,3 @@ def _title(df: pd.DataFrame, what: str) -> str:
         if col in df and df[col].nunique() == 1:
             parts.append(str(df[col].iloc[0]))
     return " · ".join(parts)
-
-
-def save_result_plots(table: pd.DataFrame, outdir: str | os.PathLike, *, kinds=("volcano", "pvalue_hist")) -> list:
-    """Write one PNG per plot kind, group and contrast of a result table into ``outdir``; return the paths.
-
-    A joint F test (no fold change) gets only the p-value plots (``pvalue_hist``, ``qq``).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    funcs = {"volcano": volcano, "ma": ma, "pvalue_hist": pvalue_hist, "qq": qq}
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    from ._utils import file_labels
-
-    combos = list(table[["group", "contrast"]].astype(str).drop_duplicates().itertuples(index=False))
-    names = file_labels(f"{group}__{contrast}" for group, contrast in combos)
-    for group, contrast in combos:
-        safe = names[f"{group}__{contrast}"]
-        rows = (table["group"].astype(str) == group) & (table["contrast"].astype(str) == contrast)
-        # a joint F test has no fold change: no volcano or MA plot, only the p-value plots
-        joint = (
-            "log2fc" in table
-            and not table.loc[rows, "log2fc"].notna().any()
-            and table.loc[rows, "pvalue"].notna().any()
-        )
-        for kind in kinds:
-            if joint and kind in ("volcano", "ma"):
-                continue
-            path = outdir / f"{kind}__{safe}.png"
-            ax = funcs[kind](table, group=group, contrast=contrast, show=False, save=path)
-            plt.close(ax.get_figure())
-            paths.append(path)
-    return paths

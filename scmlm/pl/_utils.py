@@ -9,40 +9,6 @@ import pandas as pd
 
 from .._errors import InputError
 
-_SYMBOLS = {"/": "-", "+": "plus", "&": "and", "%": "pct", "*": "x", "<": "lt", ">": "gt", "=": "eq", " ": "_"}
-
-
-def _slug(label: str) -> str:
-    out = []
-    for ch in str(label):
-        if ch.isalnum() or ch in "-_.":
-            out.append(ch)
-        else:
-            out.append(_SYMBOLS.get(ch, "_"))
-    text = "".join(out).strip(".") or "_"
-    return text
-
-
-def file_labels(labels) -> dict[str, str]:
-    """A readable file-name part for every label, unique among ``labels``.
-
-    Characters unsafe in file names become words or dashes (``"T/NK"`` → ``T-NK``, ``"T+NK"`` → ``TplusNK``); labels
-    that would still share a name get a short hash of the original label appended, so no file overwrites another.
-    """
-    import hashlib
-
-    labels = [str(x) for x in dict.fromkeys(str(x) for x in labels)]
-    slugs = {lab: _slug(lab) for lab in labels}
-    count: dict[str, int] = {}
-    for slug in slugs.values():
-        count[slug.lower()] = count.get(slug.lower(), 0) + 1
-    out = {}
-    for lab, slug in slugs.items():
-        if count[slug.lower()] > 1:
-            slug = f"{slug}-{hashlib.sha1(lab.encode()).hexdigest()[:6]}"
-        out[lab] = slug
-    return out
-
 
 def result_table(data, key: str | None = None, group: str | None = None, contrast: str | None = None) -> pd.DataFrame:
     """Accept an AnnData holding a result, or a result DataFrame; filter by group/contrast."""

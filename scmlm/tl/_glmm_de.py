@@ -1,10 +1,18 @@
-"""Cell-level GLMM differential expression with crossed/nested donor and batch random effects."""
+"""Cell-level GLMM differential expression with crossed/nested donor and batch random effects.
+
+``glmm_de`` reads as four steps: :func:`_plan` checks the arguments and gathers what every group shares (the
+counts of the selected genes, the offset, the design on all cells) into a :class:`_Run`; :func:`_fit_group` fits
+one group (its :class:`~scmlm.design.FittedDesign`, one GLMM per gene, every contrast's test from that fit);
+:func:`_finish` moderates and adjusts the tests over all genes; :func:`_params` records the run, and
+:meth:`~scmlm.results.DEResult.deliver` returns or stores the result.
+"""
 
 from __future__ import annotations
 
 import functools
 import logging
 import warnings
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import anndata as ad
@@ -16,19 +24,39 @@ from .._errors import InputError, _fmt_list
 from .._validate import check_counts, check_obs_keys, check_unique_names, get_matrix
 from .._version import __version__
 from ..design import (
-    Replication,
+    REPLICATION_RULES,
+    Design,
+    FittedDesign,
     build_design,
     containment_df,
     contrast_param,
-    design_samples,
+    fitted_design,
+    fitted_params,
     parse_contrasts,
+    resolve_offset,
     resolve_samples,
     within_parent,
 )
-from ..design import replication as find_replication
 from ..engine import gene_chunks, run_chunks
-from ..models import PENDING, CellModel, coarser_terms, gene_tau2, unit_scale
-from ..results import DEResult, finalize_table, moderate_table, parse_shard, shard_indices
+from ..models import (
+    FAMILY_NAMES,
+    PENDING,
+    STATUS,
+    USABLE_STATUS,
+    CellModel,
+    coarser_terms,
+    contrast_df,
+    fit_glmm,
+    gene_tau2,
+    glmm_contrast,
+    glmm_lrt,
+    glmm_wald_f,
+    prepare_glmm,
+    satterthwaite_df,
+    satterthwaite_df_f,
+    unit_scale,
+)
+from ..results import DEResult, finish_moderation, finalize_table, parse_shard, shard_indices
 from ._common import (
     cell_groups,
     cell_offset,
@@ -41,8 +69,9 @@ from ._common import (
     residual_variance,
 )
 
-_FAMILIES = ("nb", "poisson", "binomial", "gaussian")
-_REPLICATION = ("auto", "as_written")
+ESTIMATION: tuple[str, ...] = ("REML", "ML")
+"""``estimation=`` choices: restricted (REML-type) Laplace criterion, or Laplace maximum likelihood."""
+TESTS: tuple[str, ...] = ("wald", "lrt")
 log = logging.getLogger(__name__)
 
 
@@ -51,7 +80,7 @@ def glmm_de(
     design: str,
     contrast,
     *,
-    family: Literal["nb", "poisson", "binomial", "gaussian"] = "nb",
+    family: str = "nb",
     layer: str | None = None,
     offset: str | None = "auto",
     trials: str | None = None,
@@ -60,7 +89,7 @@ def glmm_de(
     replication: Literal["auto", "as_written"] = "auto",
     genes=None,
     min_cells_expressing: int = 10,
-    method: Literal["REML", "ML"] = "REML",
+    estimation: Literal["REML", "ML"] = "REML",
     test: Literal["wald", "lrt"] = "wald",
     moderate: bool = True,
     n_jobs: int | None = None,
@@ -123,7 +152,7 @@ def glmm_de(
     ``batch`` effect is moderated). Extra columns: ``df_prior`` and ``var_prior`` (``τ²`` scale), ``se_raw`` (the gene's
     own standard error), ``tau2``, ``df_resid`` (the df of ``τ̂²``), ``unit_scale`` (``c``), ``df_satterthwaite`` and
     ``moderation`` (``moderated``, ``off``, ``cell-level contrast``, ``pending`` in a sharded run, or why not). See
-    :mod:`scmlm.models._moderate` for the design and its measurements. A sharded run (``shard=``) stores the per-gene
+    :func:`scmlm.models.moderate` for the design and its measurements. A sharded run (``shard=``) stores the per-gene
     quantities and :func:`scmlm.results.merge_shards` (``scmlm merge``) finishes the moderation over all genes, giving
     the numbers of an unsharded run.
 
@@ -177,14 +206,14 @@ def glmm_de(
         Gene names or a boolean mask over ``var_names``; ``None`` fits all genes.
     min_cells_expressing
         Genes (within a group) with fewer cells with a non-zero value get status ``"too few expressing cells"``.
-    method
+    estimation
         ``"REML"`` (default, used for inference) or ``"ML"`` (Laplace maximum likelihood, as glmmTMB). ML is for
         comparison with other ML fits only: its variance components are biased down with few donors and its Wald
         tests are anticonservative (6.5–10.5 % of null genes at p < 0.05 on 10-donor nulls).
     test
         ``"wald"`` (moderated or per-gene t, default) or ``"lrt"``: likelihood ratio of ML fits, per gene (not
         moderated); for a contrast between units the LR becomes ``F = df (exp(LR / units) - 1)`` on ``F(1, df)``,
-        the exact relation for a normal model of the unit means (see :func:`scmlm.models._glmm.glmm_lrt`).
+        the exact relation for a normal model of the unit means (see :func:`scmlm.models.glmm_lrt`).
     moderate
         Empirical-Bayes moderated tests for contrasts between donors or samples (see above); ``False`` tests each
         gene alone.
@@ -228,197 +257,155 @@ def glmm_de(
     >>> res.params["design_fitted"]
     '~ condition + (1|donor) + (1|donor:condition)'
     """
-    from ..models import _glmm
-
-    if family not in _FAMILIES:
-        raise InputError(f"family={family!r} is not known; use one of {_fmt_list(_FAMILIES)}.")
-    if method not in ("REML", "ML"):
-        raise InputError(f"method={method!r} must be 'REML' or 'ML'.")
-    if test not in ("wald", "lrt"):
-        raise InputError(f"test={test!r} must be 'wald' or 'lrt'.")
-    if trials is not None and family != "binomial":
-        raise InputError("trials= is only used with family='binomial'.")
-    if replication not in _REPLICATION:
-        raise InputError(f"replication={replication!r} is not known; use one of {_fmt_list(_REPLICATION)}.")
-    check_unique_names(adata)
-    check_obs_keys(adata, [groups_key, trials, sample_key])
-    matrix = get_matrix(adata, layer)
-    if family == "gaussian":
-        check_finite(matrix, layer)
-    else:
-        check_counts(matrix, layer)
-    trial_vec = None
-    if trials is not None:
-        trial_vec = adata.obs[trials].to_numpy(dtype=float)
-
-    # validate formula and contrast on all cells before any fitting
-    full = build_design(adata.obs, design, check_rank=groups_key is None)
-    if not full.parsed.has_random:
+    opts = _Options(
+        design=design, contrast=contrast, family=family, layer=layer, offset=offset, trials=trials,
+        groups_key=groups_key, sample_key=sample_key, replication=replication, genes=genes,
+        min_cells_expressing=int(min_cells_expressing), estimation=estimation, test=test, moderate=moderate,
+        n_jobs=n_jobs, shard=shard,
+    )  # fmt: skip
+    run = _plan(adata, opts)
+    if not run.full.parsed.has_random:
         warnings.warn(
             f"design {design!r} has no random terms: this is a cell-level GLM that treats cells as independent "
             "replicates (pseudoreplication). Add e.g. '(1|donor)', or use scmlm.tl.pseudobulk_de.",
             UserWarning,
             stacklevel=2,
         )
-    specs = parse_contrasts(contrast)  # clear errors for a malformed list or dict before any fitting
-    names = [c.name for c in specs]
-    if groups_key is None:
-        joint = [c.name for c in full.contrasts(contrast) if c.is_f]
+    fitted: dict[str, FittedDesign] = {}
+    tables = fit_groups(
+        cell_groups(adata, groups_key),
+        lambda name, rows: _fit_group(run, adata.obs, name, rows, fitted),
+        lambda name, err: _not_estimable(run, name, err),
+        groups_key=groups_key,
+        tool="glmm_de",
+    )
+    table = _finish(tables, run)
+    _report_replication(fitted, run)
+    _warn_summary(table)
+    return DEResult(table=table, params=_params(run, fitted)).deliver(adata, key_added, inplace=inplace, copy=copy)
+
+
+# ---------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The choices of a ``glmm_de`` call, as given (see its parameters)."""
+
+    design: str
+    contrast: object
+    family: str
+    layer: str | None
+    offset: str | None
+    trials: str | None
+    groups_key: str | None
+    sample_key: str | None
+    replication: str
+    genes: object
+    min_cells_expressing: int
+    estimation: str
+    test: str
+    moderate: bool
+    n_jobs: int | None
+    shard: object
+
+
+@dataclass(frozen=True)
+class _Run(_Options):
+    """What every group of a ``glmm_de`` call shares: the checked choices and the data prepared once.
+
+    ``offset`` is resolved (``"tmm"``, ``"log_total"``, an obs column or ``None``), ``shard`` parsed to ``(i, n)``
+    or ``None``, and ``moderate`` true only where moderation applies (Wald tests).
+    """
+
+    names: list[str]
+    offset_samples: object
+    full: Design
+    """The design on all cells (formula and contrasts checked before any fit)."""
+    matrix: object
+    """Cells × selected genes (CSC or dense), in ``gene_idx`` order."""
+    gene_idx: np.ndarray
+    gene_names: np.ndarray
+    offset_values: np.ndarray | None
+    trial_values: np.ndarray | None
+
+
+def _check_choices(o: _Options) -> None:
+    if o.family not in FAMILY_NAMES:
+        raise InputError(f"family={o.family!r} is not known; use one of {_fmt_list(FAMILY_NAMES)}.")
+    if o.estimation not in ESTIMATION:
+        raise InputError(f"estimation={o.estimation!r} must be 'REML' or 'ML'.")
+    if o.test not in TESTS:
+        raise InputError(f"test={o.test!r} must be 'wald' or 'lrt'.")
+    if o.trials is not None and o.family != "binomial":
+        raise InputError("trials= is only used with family='binomial'.")
+    if o.replication not in REPLICATION_RULES:
+        raise InputError(f"replication={o.replication!r} is not known; use one of {_fmt_list(REPLICATION_RULES)}.")
+
+
+def _plan(adata: ad.AnnData, o: _Options) -> _Run:
+    """Check the choices, the data and the model on all cells before any fit; resolve the offset; select genes."""
+    _check_choices(o)
+    check_unique_names(adata)
+    check_obs_keys(adata, [o.groups_key, o.trials, o.sample_key])
+    matrix = get_matrix(adata, o.layer)
+    if o.family == "gaussian":
+        check_finite(matrix, o.layer)
+    else:
+        check_counts(matrix, o.layer)
+    trial_vec = None if o.trials is None else adata.obs[o.trials].to_numpy(dtype=float)
+    full = build_design(adata.obs, o.design, check_rank=o.groups_key is None)
+    specs = parse_contrasts(o.contrast)  # clear errors for a malformed list or dict before any fitting
+    if o.groups_key is None:
+        joint = [c.name for c in full.contrasts(o.contrast) if c.is_f]
     else:
         joint = [c.name for c in specs if c.joint and not (isinstance(c.spec, list) and len(c.spec) == 3)]
-    if test == "lrt" and joint:
+    if o.test == "lrt" and joint:
         raise InputError(f"test='lrt' tests single contrasts; the joint test(s) {_fmt_list(joint)} need test='wald'.")
-    if offset == "auto":
-        # TMM needs samples: an explicit sample_key, or the design's random factors crossed with the contrast
-        known = sample_key is not None or bool(design_samples(design, contrast, adata.obs))
-        offset = "tmm" if family in ("nb", "poisson") and known else "log_total"
+    design, contrast, family, sample_key, offset = o.design, o.contrast, o.family, o.sample_key, o.offset
+    # "auto": TMM needs samples (an explicit sample_key, or the design's random factors crossed with the contrast)
+    offset = resolve_offset(offset, family, design=design, contrast=contrast, obs=adata.obs, sample_key=sample_key)
     samples = resolve_samples(sample_key, design, contrast, adata.obs) if offset == "tmm" else None
     # over all genes of the layer, before any gene selection
-    off = cell_offset(adata, matrix, offset, layer, samples=samples, groups_key=groups_key)
-
-    gene_idx = gene_indices(adata, genes)
-    shard_t = parse_shard(shard)
-    gene_idx = gene_idx[shard_indices(gene_idx.size, shard_t)]
-    matrix = gene_columns(matrix, gene_idx)  # CSC (or dense) of the selected genes only, in gene_idx order
-
-    fitted: dict[str, tuple[list[Replication], str, list[str]]] = {}
-
-    def fit(name, rows):
-        group = "all" if name is None else name
-        d, cons, reps, added = _resolve_design(
-            adata.obs.iloc[rows] if groups_key is not None else adata.obs, design, contrast,
-            full if groups_key is None else None, sample_key, replication,
-        )  # fmt: skip
-        fitted[group] = (reps, d.formula, added)
-        return _fit_group(
-            adata, matrix, rows, gene_idx, group, d, cons, family=family, offset=off, trials=trial_vec,
-            min_cells_expressing=min_cells_expressing, method=method, test=test, n_jobs=n_jobs, kernel=_glmm,
-            moderate=moderate and test == "wald",
-        )  # fmt: skip
-
-    def not_estimable(name, err):
-        return pd.DataFrame(
-            {
-                "gene": np.tile(adata.var_names[gene_idx].to_numpy(), len(names)),
-                "group": name,
-                "contrast": np.repeat(names, gene_idx.size),
-                "method": f"glmm_{family}",
-                "converged": False,
-                "status": f"not estimable: {err}",
-                "moderation": "not moderated: the group's design is not estimable",
-            }
-        )
-
-    tables = fit_groups(cell_groups(adata, groups_key), fit, not_estimable, groups_key=groups_key, tool="glmm_de")
-    table = pd.concat(tables, ignore_index=True)
-    if shard_t is None:  # a sharded run leaves it to scmlm.results.merge_shards: the prior needs all genes
-        table = moderate_table(table)
-    table = finalize_table(table)
-    _report_replication(fitted, design, names, replication)
-    _warn_summary(table)
-    units = {name: _one_or_all({g: r[i].unit for g, (r, _, _) in fitted.items()}, "") for i, name in enumerate(names)}
-    formulas = {g: f for g, (_, f, _) in fitted.items()}
-    added_terms = sorted({a for _, _, ad_ in fitted.values() for a in ad_})
-    params = {
-        "tool": "glmm_de",
-        "design": design,
-        "design_fitted": _one_or_all(formulas, design),
-        "added_terms": added_terms,
-        "replication": replication,
-        "replication_unit": units[names[0]] if len(names) == 1 and not isinstance(contrast, dict) else units,
-        "sample_key": sample_key,
-        "contrast": contrast_param(contrast),
-        "contrasts": names,
-        "family": family,
-        "method": method,
-        "test": test,
-        "moderate": bool(moderate and test == "wald"),
-        "offset": offset,
-        "offset_samples": samples,
-        "trials": trials,
-        "layer": layer,
-        "groups_key": groups_key,
-        "min_cells_expressing": int(min_cells_expressing),
-        "shard": "" if shard_t is None else f"{shard_t[0]}/{shard_t[1]}",
-        "scmlm_version": __version__,
-    }
-    return DEResult(table=table, params=params).deliver(adata, key_added, inplace=inplace, copy=copy)
+    off = cell_offset(adata, matrix, offset, o.layer, samples=samples, groups_key=o.groups_key)
+    gene_idx = gene_indices(adata, o.genes)
+    shard = parse_shard(o.shard)
+    gene_idx = gene_idx[shard_indices(gene_idx.size, shard)]
+    given = {f.name: getattr(o, f.name) for f in fields(_Options)}
+    return _Run(
+        **{**given, "offset": offset, "shard": shard, "moderate": bool(o.moderate and o.test == "wald")},
+        names=[c.name for c in specs],
+        offset_samples=samples,
+        full=full,
+        matrix=gene_columns(matrix, gene_idx),  # CSC (or dense) of the selected genes only, in gene_idx order
+        gene_idx=gene_idx,
+        gene_names=adata.var_names[gene_idx].to_numpy(),
+        offset_values=off,
+        trial_values=trial_vec,
+    )
 
 
-def latent_icc(var: dict[str, np.ndarray], phi: np.ndarray, family: str, mean_count: np.ndarray) -> dict:
-    """Intraclass correlation of each random term on the latent (link) scale.
+@dataclass(frozen=True)
+class _ContrastPlan:
+    """Per contrast: its df rule, replication level and whether it is moderated."""
 
-    ``icc_k = σ²_k / (Σ_j σ²_j + σ²_ε)`` with the distribution-specific residual variance ``σ²_ε`` of
-    :func:`~scmlm.tl._common.residual_variance` (Nakagawa, Johnson & Schielzeth 2017).
-    """
-    total = sum(np.nan_to_num(v) for v in var.values()) if var else np.zeros_like(phi, dtype=float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        denom = total + residual_variance(family, phi, mean_count)
-        return {k: v / denom for k, v in var.items()}
-
-
-def _fit_chunk(Y, *, gdesign, method, test, plans, X, terms, offset, family, trials, min_nonzero, weighted=True):
-    """One fit per gene of the chunk, then every contrast's test from it: ``(res, [(con, extra) per plan])``."""
-    from ..models import _glmm
-
-    res = _glmm.fit_glmm(Y, gdesign, method=method, min_nonzero=min_nonzero)
-    if test == "lrt":
-        full = res if method == "ML" else _glmm.fit_glmm(Y, gdesign, method="ML", min_nonzero=min_nonzero)
-        tests = []
-        for pl in plans:
-            con = _glmm.glmm_lrt(
-                Y, X, terms, pl["L"], offset, family=family, trials=trials, df=pl["df"], full=full,
-                min_nonzero=min_nonzero, n_units=pl["n_units"],
-            )  # fmt: skip
-            tests.append((con, None))
-        return res, tests
-    tests = []
-    for pl in plans:
-        L, df = pl["L"], pl["df"]
-        # containment df (between-donor residual df), lowered per gene by Satterthwaite where the variance
-        # parameters are less informative than that count suggests (measured: 10-donor null, 400 cells per donor,
-        # 6.3 % of p < 0.05 with the containment rule alone, 5.0-5.9 % with the minimum); several rows (a joint F
-        # test): lmerTest's multi-row Satterthwaite df
-        sdf = _glmm.satterthwaite_df_f(res, L) if L.ndim == 2 else _glmm.satterthwaite_df(res, L)
-        # a Satterthwaite df below 1 is the approximation breaking down near the boundary (a variance close to zero,
-        # not at it: minimum 2e-11 on unbalanced nulls), where a fit at the boundary gets the containment df; such
-        # genes get the containment df too, so no gene's df falls below 1 from a degenerate estimate
-        sdf = np.where(sdf < 1, np.inf, sdf)
-        if pl["paired"]:
-            # a within-donor contrast at the sample level: the gene's Satterthwaite df alone. Where the sample
-            # variance is small the contrast is replicated by cells as well, and capping at the sample count throws
-            # that away (within-donor null, 8 donors x 2 samples x 120 cells, NB: 1.3 % of p < 0.05 with the cap
-            # when donors respond alike, 3.2 % without; 3.3 % and 5.4 % with donor-specific responses)
-            gene_df = np.where(np.isfinite(sdf), sdf, df)
-        else:
-            gene_df = np.where(np.isfinite(sdf), np.minimum(df, sdf), df)
-        if L.ndim == 2:
-            con = _glmm.glmm_wald_f(res, L, df=gene_df)
-            tau2 = np.full(con.stat.size, np.nan)
-            if pl["tau2"]:
-                # the joint test's between-unit variance: tr(C⁻¹ L V L') / q with C = L (X_u' X_u)⁻¹ L' (a
-                # variance on the containment df in the balanced LMM of unit means, like se² / c of one row)
-                M = np.einsum("ai,gij,bj->gab", L, res.cov_beta, L)
-                raw = np.einsum("ab,gba->g", np.linalg.inv(pl["C"]), M) / L.shape[0]
-                v = _support(L)
-                c_v = unit_scale(X, [t.codes for t in terms], v)[0]
-                with np.errstate(invalid="ignore"):
-                    # the unweighted unit scale: tau2 = raw is on the variance scale of the joint test itself
-                    tau2, _, dft = gene_tau2(
-                        Y, res, np.sqrt(raw * c_v), CellModel(X, terms, offset, family, trials), v, df, weighted=False
-                    )
-                tests.append((con, (tau2, np.nan, dft, sdf)))
-                continue
-            tests.append((con, (tau2, np.nan, np.nan, sdf)))
-            continue
-        con = _glmm.glmm_contrast(res, L, df=gene_df)
-        if pl["tau2"]:
-            model = CellModel(X, terms, offset, family, trials)
-            tau2, scale, dft = gene_tau2(Y, res, con.se, model, L, df, weighted=weighted)
-        else:
-            tau2 = scale = dft = np.nan
-        tests.append((con, (tau2, scale, dft, sdf)))
-    return res, tests
+    name: str
+    L: np.ndarray
+    df: float
+    """Containment df of a contrast carried by a random term; the cell-level residual df otherwise."""
+    between: bool
+    """A random term's levels contain the contrast."""
+    unit_level: bool
+    """Between units, with replication there (containment df >= 1)."""
+    coarse: list[str]
+    """Coarser random terms the contrast's variance also rests on (which keep it from being moderated)."""
+    paired: bool
+    joint: bool
+    n_units: int | None
+    needs_tau2: bool
+    """The moderated test needs each gene's between-unit variance."""
+    C: np.ndarray | None
+    """A joint test's unit-level scale ``L (X_u' X_u)⁻¹ L'``."""
 
 
 def _support(L: np.ndarray) -> np.ndarray:
@@ -426,8 +413,8 @@ def _support(L: np.ndarray) -> np.ndarray:
     return L if L.ndim == 1 else np.abs(L).sum(axis=0)
 
 
-def _plan(d, con, kernel, moderate: bool) -> dict:
-    """Per contrast: its df rule, replication level and whether it is moderated (what the single contrast had)."""
+def _contrast_plan(d: Design, con, moderate: bool) -> _ContrastPlan:
+    """The df rule, replication level and moderation of one contrast (the same for every gene of a group)."""
     v = _support(con.L)
     # df of a contrast carried by a random term: containment at that level (nlme's rule); of a cell-level contrast:
     # the residual df of the cell-level model
@@ -439,20 +426,20 @@ def _plan(d, con, kernel, moderate: bool) -> dict:
     coarse = sorted({t for r in rows for t in coarser_terms(d.X, d.terms, r)}) if unit_level and moderate else []
     paired = df is not None and within_parent(d, v)
     if df is None:
-        df = kernel.contrast_df(d.X, d.terms, v)
-    return {
-        "name": con.name,
-        "L": con.L,
-        "df": df,
-        "between": between,
-        "unit_level": unit_level,
-        "coarse": coarse,
-        "paired": paired,
-        "joint": joint,
-        "n_units": unit_scale(d.X, [t.codes for t in d.terms], v)[1] if unit_level else None,
-        "tau2": unit_level and moderate and not coarse,
-        "C": _unit_cov(d, con.L, v) if joint and unit_level else None,
-    }
+        df = contrast_df(d.X, d.terms, v)
+    return _ContrastPlan(
+        name=con.name,
+        L=con.L,
+        df=df,
+        between=between,
+        unit_level=unit_level,
+        coarse=coarse,
+        paired=paired,
+        joint=joint,
+        n_units=unit_scale(d.X, [t.codes for t in d.terms], v)[1] if unit_level else None,
+        needs_tau2=unit_level and moderate and not coarse,
+        C=_unit_cov(d, con.L, v) if joint and unit_level else None,
+    )
 
 
 def _unit_cov(d, L: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -469,148 +456,271 @@ def _unit_cov(d, L: np.ndarray, v: np.ndarray) -> np.ndarray:
     return Lu @ np.linalg.pinv(Xu.T @ Xu) @ Lu.T
 
 
-def _fit_group(
-    adata,
-    matrix,
-    rows,
-    gene_idx,
-    group,
-    d,
-    cons,
-    *,
-    family,
-    offset,
-    trials,
-    min_cells_expressing,
-    method,
-    test,
-    n_jobs,
-    kernel,
-    moderate=True,
-) -> pd.DataFrame:
-    plans = [_plan(d, con, kernel, moderate) for con in cons]
-    sub = cell_rows(matrix, rows)  # matrix holds only the selected genes
-    size_factor = np.exp(offset[rows] - offset[rows].mean()) if offset is not None else np.ones(rows.size)
-    eligible, _, colsum = gene_eligibility(sub, family, min_cells_expressing)  # the rule variance_partition uses
+# ---------------------------------------------------------------- fit
+
+
+@dataclass(frozen=True)
+class _ChunkModel:
+    """What the fit of a chunk of genes needs besides their counts (bound once, sent to each worker once)."""
+
+    gdesign: object
+    estimation: str
+    test: str
+    plans: list[_ContrastPlan]
+    X: np.ndarray
+    terms: tuple
+    offset: np.ndarray | None
+    family: str
+    trials: np.ndarray | None
+    min_nonzero: int = 1
+
+
+def _cell_model(m: _ChunkModel) -> CellModel:
+    """The cell-level model of a chunk, as the moderation's per-gene quantities take it."""
+    return CellModel(m.X, m.terms, m.offset, m.family, m.trials)
+
+
+@dataclass
+class _GroupFits:
+    """Per gene of a group: the shared fit quantities, and per contrast the test columns."""
+
+    status: np.ndarray
+    shared: dict[str, np.ndarray]
+    """``dispersion`` and the variance of every random component."""
+    components: list[str]
+    n_iter: np.ndarray
+    converged: np.ndarray
+    per: list[dict[str, np.ndarray]]
+    """Per contrast: ``coef, se, stat, df, pvalue`` and the moderation inputs ``tau2, uscale, dft, satt``."""
+
+
+_TEST_COLUMNS = ("coef", "se", "stat", "df", "pvalue", "tau2", "uscale", "dft", "satt")
+
+
+def _fit_group(run: _Run, obs: pd.DataFrame, name, rows: np.ndarray, fitted: dict) -> pd.DataFrame:
+    """One group: its fitted design, one GLMM per eligible gene, every contrast's test; the group's rows."""
+    group = "all" if name is None else name
+    fd = fitted_design(
+        obs.iloc[rows] if run.groups_key is not None else obs, run.design, run.contrast, sample_key=run.sample_key,
+        replication=run.replication, built=run.full if run.groups_key is None else None,
+    )  # fmt: skip
+    fitted[group] = fd
+    d = fd.design
+    plans = [_contrast_plan(d, con, run.moderate) for con in fd.contrasts]
+    sub = cell_rows(run.matrix, rows)  # the matrix holds only the selected genes
+    off = None if run.offset_values is None else run.offset_values[rows]
+    size_factor = np.exp(off - off.mean()) if off is not None else np.ones(rows.size)
+    eligible, _, colsum = gene_eligibility(sub, run.family, run.min_cells_expressing)  # variance_partition's rule
     if sp.issparse(sub):
         # a vector of the matrix's own dtype: a float64 vector would make scipy copy the whole matrix to float64
         base_mean = np.asarray(sub.T @ (1.0 / size_factor).astype(sub.dtype)).ravel().astype(float) / rows.size
     else:
         base_mean = (sub / size_factor[:, None]).mean(axis=0)
-    n_genes = gene_idx.size
-    status = eligible.copy()
-    fit = np.flatnonzero(eligible == "ok")
-    gdesign = kernel.prepare_glmm(
-        d.X,
-        d.terms,
-        None if offset is None else offset[rows],
-        family=family,
-        trials=None if trials is None else trials[rows],
-    )
-    comp = list(gdesign.component_names)
-    shared = {c: np.full(n_genes, np.nan) for c in ("dispersion", *comp)}
-    n_iter = np.zeros(n_genes, dtype=int)
-    conv = np.zeros(n_genes, dtype=bool)
-    names = ("coef", "se", "stat", "df", "pvalue", "tau2", "uscale", "dft", "satt")
-    per = [{c: np.full(n_genes, np.nan) for c in names} for _ in plans]
-    if fit.size:
-        fit_chunk = functools.partial(
-            _fit_chunk,
-            gdesign=gdesign,
-            method=method,
-            test=test,
-            plans=plans,
-            X=d.X,
-            terms=d.terms,
-            offset=None if offset is None else offset[rows],
-            family=family,
-            trials=None if trials is None else trials[rows],
-            min_nonzero=1,
-        )
-        # chunks index the columns of sub directly: no copy of the fitted genes' counts; one fit per gene serves
-        # every contrast
-        chunks = [fit[c] for c in gene_chunks(fit.size)]
-        results = run_chunks(fit_chunk, sub, chunks, n_jobs=n_jobs)
-        for g, (res, tests) in zip(chunks, results, strict=True):
-            shared["dispersion"][g] = res.phi
-            for name in comp:
-                shared[name][g] = res.var[name]
-            n_iter[g] = res.n_iter
-            conv[g] = res.converged
-            status[g] = [kernel.STATUS.get(int(s), str(s)) if not isinstance(s, str) else s for s in res.status]
-            for cols, (c, extra) in zip(per, tests, strict=True):
-                cols["coef"][g] = c.coef
-                cols["se"][g] = c.se
-                cols["stat"][g] = c.stat
-                cols["df"][g] = c.df
-                cols["pvalue"][g] = c.pvalue
-                if extra is not None:
-                    cols["tau2"][g], cols["uscale"][g], cols["dft"][g], cols["satt"][g] = extra
+    model = _ChunkModel(
+        gdesign=prepare_glmm(
+            d.X, d.terms, off, family=run.family, trials=None if run.trial_values is None else run.trial_values[rows]
+        ),
+        estimation=run.estimation, test=run.test, plans=plans, X=d.X, terms=d.terms, offset=off, family=run.family,
+        trials=None if run.trial_values is None else run.trial_values[rows],
+    )  # fmt: skip
+    fits = _fit_genes(model, sub, eligible, run.n_jobs)
     mean_count = colsum / max(rows.size, 1)
-    icc = latent_icc({c: shared[c] for c in comp}, shared["dispersion"], family, mean_count)
-    outs = []
-    for pl, cols in zip(plans, per, strict=True):
-        out = pd.DataFrame(
-            {
-                "gene": adata.var_names[gene_idx].to_numpy(),
-                "group": group,
-                "contrast": pl["name"],
-                "method": f"glmm_{family}",
-                "base_mean": base_mean,
-                "converged": conv,
-            }
+    icc = latent_icc({c: fits.shared[c] for c in fits.components}, fits.shared["dispersion"], run.family, mean_count)
+    frame = {"gene": run.gene_names, "group": group, "method": f"glmm_{run.family}", "base_mean": base_mean}
+    return pd.concat(
+        [_contrast_rows(frame, d, pl, cols, fits, icc, run.moderate) for pl, cols in zip(plans, fits.per, strict=True)],
+        ignore_index=True,
+    )
+
+
+def _fit_genes(model: _ChunkModel, sub, eligible: np.ndarray, n_jobs: int | None) -> _GroupFits:
+    """Fit the eligible genes of a group in chunks (one fit per gene serves every contrast)."""
+    n_genes = eligible.size
+    comp = list(model.gdesign.component_names)
+    fits = _GroupFits(
+        status=eligible.copy(),
+        shared={c: np.full(n_genes, np.nan) for c in ("dispersion", *comp)},
+        components=comp,
+        n_iter=np.zeros(n_genes, dtype=int),
+        converged=np.zeros(n_genes, dtype=bool),
+        per=[{c: np.full(n_genes, np.nan) for c in _TEST_COLUMNS} for _ in model.plans],
+    )
+    fit = np.flatnonzero(eligible == "ok")
+    if not fit.size:
+        return fits
+    # chunks index the columns of sub directly: no copy of the fitted genes' counts
+    chunks = [fit[c] for c in gene_chunks(fit.size)]
+    results = run_chunks(functools.partial(_fit_chunk, model=model), sub, chunks, n_jobs=n_jobs)
+    for g, (res, tests) in zip(chunks, results, strict=True):
+        fits.shared["dispersion"][g] = res.phi
+        for name in comp:
+            fits.shared[name][g] = res.var[name]
+        fits.n_iter[g] = res.n_iter
+        fits.converged[g] = res.converged
+        fits.status[g] = [STATUS.get(int(s), str(s)) if not isinstance(s, str) else s for s in res.status]
+        for cols, (c, extra) in zip(fits.per, tests, strict=True):
+            cols["coef"][g] = c.coef
+            cols["se"][g] = c.se
+            cols["stat"][g] = c.stat
+            cols["df"][g] = c.df
+            cols["pvalue"][g] = c.pvalue
+            if extra is not None:
+                cols["tau2"][g], cols["uscale"][g], cols["dft"][g], cols["satt"][g] = extra
+    return fits
+
+
+def _fit_chunk(Y, *, model: _ChunkModel):
+    """One fit per gene of the chunk, then every contrast's test from it: ``(res, [(con, extra) per plan])``."""
+    res = fit_glmm(Y, model.gdesign, method=model.estimation, min_nonzero=model.min_nonzero)
+    if model.test == "lrt":
+        return res, _lrt_tests(Y, res, model)
+    return res, [_wald_test(Y, res, model, pl) for pl in model.plans]
+
+
+def _lrt_tests(Y, res, model: _ChunkModel) -> list:
+    m = model
+    full = res if m.estimation == "ML" else fit_glmm(Y, m.gdesign, method="ML", min_nonzero=m.min_nonzero)
+    return [
+        (
+            glmm_lrt(
+                Y,
+                m.X,
+                m.terms,
+                pl.L,
+                m.offset,
+                family=m.family,
+                trials=m.trials,
+                df=pl.df,
+                full=full,
+                min_nonzero=m.min_nonzero,
+                n_units=pl.n_units,
+            ),  # fmt: skip
+            None,
         )
-        for c in ("coef", "se", "stat", "df", "pvalue"):
-            out[c] = cols[c]
-        out["dispersion"] = shared["dispersion"]
-        bad = ~conv
-        for c in ("stat", "pvalue"):
-            out.loc[bad, c] = np.nan
-        # no replication at the contrast's level (e.g. one donor per condition), or a gene whose variance
-        # parameters leave less than one df: the fit stands, the test does not
-        st = status.copy()
-        untestable = conv & ~(cols["df"] >= 1)
-        if untestable.any():
-            out.loc[untestable, ["stat", "pvalue"]] = np.nan
-            st[untestable] = "not testable"
-        out["status"] = st
-        for name in comp:
-            out[f"var_{name}"] = shared[name]
-        for name in comp:
-            out[f"icc_{name}"] = icc[name]
-        out["n_iter"] = n_iter
-        _moderation_columns(out, d, pl, cols["tau2"], moderate, cols["uscale"], cols["dft"])
-        out["df_satterthwaite"] = cols["satt"]
-        outs.append(out)
-    return pd.concat(outs, ignore_index=True)
+        for pl in m.plans
+    ]
 
 
-def _moderation_columns(out: pd.DataFrame, d, pl: dict, tau2, moderate: bool, uscale=None, dft=None) -> None:
-    """Per-gene inputs of the moderated test (``scmlm.models._moderate``), finished over all genes of the group.
+def _wald_test(Y, res, model: _ChunkModel, pl: _ContrastPlan) -> tuple:
+    """One contrast's Wald test of the chunk's fits: ``(con, (tau2, unit scale, df of tau2, Satterthwaite df))``."""
+    m, L, df = model, pl.L, pl.df
+    # containment df (between-donor residual df), lowered per gene by Satterthwaite where the variance
+    # parameters are less informative than that count suggests (measured: 10-donor null, 400 cells per donor,
+    # 6.3 % of p < 0.05 with the containment rule alone, 5.0-5.9 % with the minimum); several rows (a joint F
+    # test): lmerTest's multi-row Satterthwaite df
+    sdf = satterthwaite_df_f(res, L) if L.ndim == 2 else satterthwaite_df(res, L)
+    # a Satterthwaite df below 1 is the approximation breaking down near the boundary (a variance close to zero,
+    # not at it: minimum 2e-11 on unbalanced nulls), where a fit at the boundary gets the containment df; such
+    # genes get the containment df too, so no gene's df falls below 1 from a degenerate estimate
+    sdf = np.where(sdf < 1, np.inf, sdf)
+    if pl.paired:
+        # a within-donor contrast at the sample level: the gene's Satterthwaite df alone. Where the sample
+        # variance is small the contrast is replicated by cells as well, and capping at the sample count throws
+        # that away (within-donor null, 8 donors x 2 samples x 120 cells, NB: 1.3 % of p < 0.05 with the cap
+        # when donors respond alike, 3.2 % without; 3.3 % and 5.4 % with donor-specific responses)
+        gene_df = np.where(np.isfinite(sdf), sdf, df)
+    else:
+        gene_df = np.where(np.isfinite(sdf), np.minimum(df, sdf), df)
+    if L.ndim == 2:
+        con = glmm_wald_f(res, L, df=gene_df)
+        if not pl.needs_tau2:
+            return con, (np.full(con.stat.size, np.nan), np.nan, np.nan, sdf)
+        # the joint test's between-unit variance: tr(C⁻¹ L V L') / q with C = L (X_u' X_u)⁻¹ L' (a
+        # variance on the containment df in the balanced LMM of unit means, like se² / c of one row)
+        M = np.einsum("ai,gij,bj->gab", L, res.cov_beta, L)
+        raw = np.einsum("ab,gba->g", np.linalg.inv(pl.C), M) / L.shape[0]
+        v = _support(L)
+        c_v = unit_scale(m.X, [t.codes for t in m.terms], v)[0]
+        with np.errstate(invalid="ignore"):
+            # the unweighted unit scale: tau2 = raw is on the variance scale of the joint test itself
+            tau2, _, dft = gene_tau2(Y, res, np.sqrt(raw * c_v), _cell_model(m), v, df, weighted=False)
+        return con, (tau2, np.nan, dft, sdf)
+    con = glmm_contrast(res, L, df=gene_df)
+    if pl.needs_tau2:
+        tau2, scale, dft = gene_tau2(Y, res, con.se, _cell_model(m), L, df, weighted=True)
+    else:
+        tau2 = scale = dft = np.nan
+    return con, (tau2, scale, dft, sdf)
+
+
+# ---------------------------------------------------------------- rows of a group
+
+
+def _contrast_rows(frame: dict, d, pl: _ContrastPlan, cols: dict, fits: _GroupFits, icc: dict, moderate: bool):
+    """The rows of one contrast of a group: estimates, test, status, variance components and moderation inputs."""
+    conv = fits.converged
+    out = pd.DataFrame(
+        {
+            "gene": frame["gene"],
+            "group": frame["group"],
+            "contrast": pl.name,
+            "method": frame["method"],
+            "base_mean": frame["base_mean"],
+            "converged": conv,
+        }
+    )
+    for c in ("coef", "se", "stat", "df", "pvalue"):
+        out[c] = cols[c]
+    out["dispersion"] = fits.shared["dispersion"]
+    bad = ~conv
+    for c in ("stat", "pvalue"):
+        out.loc[bad, c] = np.nan
+    # no replication at the contrast's level (e.g. one donor per condition), or a gene whose variance
+    # parameters leave less than one df: the fit stands, the test does not
+    st = fits.status.copy()
+    untestable = conv & ~(cols["df"] >= 1)
+    if untestable.any():
+        out.loc[untestable, ["stat", "pvalue"]] = np.nan
+        st[untestable] = "not testable"
+    out["status"] = st
+    for name in fits.components:
+        out[f"var_{name}"] = fits.shared[name]
+    for name in fits.components:
+        out[f"icc_{name}"] = icc[name]
+    out["n_iter"] = fits.n_iter
+    _moderation_columns(out, d, pl, cols["tau2"], moderate, cols["uscale"], cols["dft"])
+    out["df_satterthwaite"] = cols["satt"]
+    return out
+
+
+def latent_icc(var: dict[str, np.ndarray], phi: np.ndarray, family: str, mean_count: np.ndarray) -> dict:
+    """Intraclass correlation of each random term on the latent (link) scale.
+
+    ``icc_k = σ²_k / (Σ_j σ²_j + σ²_ε)`` with the distribution-specific residual variance ``σ²_ε`` of
+    :func:`~scmlm.tl._common.residual_variance` (Nakagawa, Johnson & Schielzeth 2017).
+    """
+    total = sum(np.nan_to_num(v) for v in var.values()) if var else np.zeros_like(phi, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        denom = total + residual_variance(family, phi, mean_count)
+        return {k: v / denom for k, v in var.items()}
+
+
+def _moderation_columns(out: pd.DataFrame, d, pl: _ContrastPlan, tau2, moderate: bool, uscale=None, dft=None) -> None:
+    """Per-gene inputs of the moderated test (:func:`scmlm.models.moderate`), finished over all genes of the group.
 
     ``uscale`` and ``dft`` are the unit scale ``c_g`` and the df of each gene's ``τ̂²`` (boundary fits: the df of
-    their moment estimate, at most the containment df) from :func:`~scmlm.models._moderate.gene_tau2`."""
-    unit = pl["unit_level"]
+    their moment estimate, at most the containment df) from :func:`~scmlm.models.gene_tau2`."""
+    unit = pl.unit_level
     out["se_raw"] = out["se"]
     out["tau2"] = tau2
     if not unit:
         out["df_resid"] = np.nan
     else:  # boundary fits: the df of their moment estimate of tau2 (gene_tau2), at most the containment df
-        out["df_resid"] = float(pl["df"]) if dft is None else np.fmin(float(pl["df"]), dft)
-    if pl["joint"]:
+        out["df_resid"] = float(pl.df) if dft is None else np.fmin(float(pl.df), dft)
+    if pl.joint:
         # a joint test: tau2 is on the variance scale itself; the moderated F is f_raw · tau2 / posterior
         out["unit_scale"] = 1.0 if unit else np.nan
         out["f_raw"] = out["stat"]
-        out["df_num"] = float(pl["L"].shape[0])
+        out["df_num"] = float(pl.L.shape[0])
     else:
-        c = unit_scale(d.X, [t.codes for t in d.terms], pl["L"])[0] if unit else np.nan
+        c = unit_scale(d.X, [t.codes for t in d.terms], pl.L)[0] if unit else np.nan
         # per gene where the unit design is weighted as the gene's fit weighs the units (gene_tau2), else c
         out["unit_scale"] = c if uscale is None else np.where(np.isfinite(uscale), uscale, c)
     out["df_prior"] = np.nan
     out["var_prior"] = np.nan
-    if moderate and unit and pl["coarse"]:
+    if moderate and unit and pl.coarse:
         out["moderation"] = (
-            f"not moderated: the contrast's variance also rests on {', '.join(f'(1|{c})' for c in pl['coarse'])}, a "
+            f"not moderated: the contrast's variance also rests on {', '.join(f'(1|{c})' for c in pl.coarse)}, a "
             "term over whole units with few levels; per-gene test (a fixed effect for it allows moderation)"
         )
     elif moderate and unit:
@@ -619,52 +729,79 @@ def _moderation_columns(out: pd.DataFrame, d, pl: dict, tau2, moderate: bool, us
         out["moderation"] = "off"
     else:
         out["moderation"] = (
-            "not moderated: no replication at the contrast's level" if pl["between"] else "cell-level contrast"
+            "not moderated: no replication at the contrast's level" if pl.between else "cell-level contrast"
         )
 
 
-def _resolve_design(obs, design, contrast, built, sample_key, replication):
-    """The design to fit: as written, or with every sample-level term any contrast needs (``replication="auto"``).
-
-    Several contrasts share one model: it holds the union of the terms their replication asks for, and each
-    contrast keeps its own replication (and so its own df and moderation) in that model.
-    """
-    d = built if built is not None else build_design(obs, design)
-    cons = d.contrasts(contrast)
-    sample = None if sample_key is None else obs[sample_key].rename(sample_key)
-    reps, added = [], []
-    for c in cons:
-        # a joint test: each row's own replication (a term for the union of the rows' columns could be a redundant
-        # finer one, e.g. donor:condition:sex for a donor-level sex next to a paired condition); reported at the
-        # finest level among its rows
-        rows = [find_replication(d, r, sample) for r in np.atleast_2d(c.L)]
-        reps.append(max(rows, key=lambda r: r.n_units))
-        added.extend(r.term for r in rows if r.level == "sample" and r.term)
-    added = list(dict.fromkeys(added))
-    if replication == "as_written" or not added:
-        return d, cons, reps, []
-    formula = " + ".join([design, *added])
-    d2 = build_design(obs, formula)
-    return d2, d2.contrasts(contrast), reps, added
+def _not_estimable(run: _Run, name, err) -> pd.DataFrame:
+    """The rows of a group whose design cannot be fitted: every gene and contrast, with the reason."""
+    return pd.DataFrame(
+        {
+            "gene": np.tile(run.gene_names, len(run.names)),
+            "group": name,
+            "contrast": np.repeat(run.names, run.gene_idx.size),
+            "method": f"glmm_{run.family}",
+            "converged": False,
+            "status": f"not estimable: {err}",
+            "moderation": "not moderated: the group's design is not estimable",
+        }
+    )
 
 
-def _report_replication(fitted: dict, design: str, names: list[str], replication: str) -> None:
+# ---------------------------------------------------------------- finish and deliver
+
+
+def _finish(tables: list[pd.DataFrame], run: _Run) -> pd.DataFrame:
+    """Moderate the tests over all genes of each group and contrast (left to ``merge_shards`` in a sharded run)."""
+    table = pd.concat(tables, ignore_index=True)
+    if run.shard is None:  # a sharded run leaves it to scmlm.results.merge_shards: the prior needs all genes
+        table = finish_moderation(table)
+    return finalize_table(table)
+
+
+def _params(run: _Run, fitted: dict[str, FittedDesign]) -> dict:
+    single = len(run.names) == 1 and not isinstance(run.contrast, dict)
+    return {
+        "tool": "glmm_de",
+        "design": run.design,
+        **fitted_params(fitted, run.design, run.names, single=single),
+        "replication": run.replication,
+        "sample_key": run.sample_key,
+        "contrast": contrast_param(run.contrast),
+        "contrasts": run.names,
+        "family": run.family,
+        "estimation": run.estimation,
+        "test": run.test,
+        "moderate": run.moderate,
+        "offset": run.offset,
+        "offset_samples": run.offset_samples,
+        "trials": run.trials,
+        "layer": run.layer,
+        "groups_key": run.groups_key,
+        "min_cells_expressing": run.min_cells_expressing,
+        "shard": "" if run.shard is None else f"{run.shard[0]}/{run.shard[1]}",
+        "scmlm_version": __version__,
+    }
+
+
+def _report_replication(fitted: dict[str, FittedDesign], run: _Run) -> None:
+    """Say, once per unit and contrast, where a sample-level contrast got its term (INFO) or lacks it (a warning)."""
     seen = set()
-    for reps, formula, added in fitted.values():
-        for name, rep in zip(names, reps, strict=True):
+    for fd in fitted.values():
+        for name, rep in zip(run.names, fd.replication, strict=True):
             if rep.level != "sample" or (rep.unit, name) in seen:
                 continue
             seen.add((rep.unit, name))
-            why = rep.message(name, design)
-            if added:
+            why = rep.message(name, run.design)
+            if fd.added_terms:
                 log.info(
                     "glmm_de: %s; added %s and fitted %r (replication='auto'; replication='as_written' fits the "
                     "design as written).",
                     why,
-                    " + ".join(added),
-                    formula,
+                    " + ".join(fd.added_terms),
+                    fd.formula,
                 )
-            elif replication == "as_written":
+            elif run.replication == "as_written":
                 warnings.warn(
                     f"glmm_de: {why}. Fitting it as written (replication='as_written'): its p-values treat cells as "
                     "replicates of the contrast.",
@@ -673,16 +810,9 @@ def _report_replication(fitted: dict, design: str, names: list[str], replication
                 )
 
 
-def _one_or_all(per_group: dict[str, str], default: str):
-    values = set(per_group.values())
-    if not values:
-        return default
-    return values.pop() if len(values) == 1 else dict(per_group)
-
-
 def _warn_summary(table: pd.DataFrame) -> None:
     counts = table["status"].value_counts()
-    notable = {k: int(v) for k, v in counts.items() if k not in ("ok", "singular")}
+    notable = {k: int(v) for k, v in counts.items() if k not in USABLE_STATUS}
     if notable:
         parts = ", ".join(f"{v} {k}" for k, v in counts.items())
         warnings.warn(f"glmm_de: {len(table)} gene fits: {parts}.", UserWarning, stacklevel=3)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
 
 import anndata as ad
 import numpy as np
@@ -12,9 +12,10 @@ import scipy.sparse as sp
 from .._errors import DesignError, InputError, _fmt_list
 from .._validate import check_counts, check_obs_keys, check_unique_names, get_matrix
 from .._version import __version__
-from ..design import build_design, resolve_offset
+from ..design import FittedDesign, build_design, resolve_offset, stored_formula
 from ..engine import gene_chunks, run_chunks
-from ..models import fit_unpooled
+from ..models import FAMILY_NAMES, STATUS, build_Z, fit_glmm, fit_unpooled, prepare_glmm, term_slices
+from ..results import DEResult
 from ._common import (
     cell_groups,
     cell_offset,
@@ -25,7 +26,6 @@ from ._common import (
     gene_indices,
     residual_variance,
 )
-from ._glmm_de import _FAMILIES
 
 
 def _term_variance(term, theta: np.ndarray) -> np.ndarray:
@@ -37,8 +37,8 @@ def _term_variance(term, theta: np.ndarray) -> np.ndarray:
 
 
 def _prepare(adata, design, family, layer, offset, groups_key, genes, samples=None):
-    if family not in _FAMILIES:
-        raise InputError(f"family={family!r} is not known; use one of {_fmt_list(_FAMILIES)}.")
+    if family not in FAMILY_NAMES:
+        raise InputError(f"family={family!r} is not known; use one of {_fmt_list(FAMILY_NAMES)}.")
     check_unique_names(adata)
     check_obs_keys(adata, [groups_key])
     matrix = get_matrix(adata, layer)
@@ -53,13 +53,11 @@ def _prepare(adata, design, family, layer, offset, groups_key, genes, samples=No
     return matrix, off, gene_idx, cell_groups(adata, groups_key)
 
 
-def _fit_chunk(Y, *, gdesign, method):
-    from ..models import _glmm
-
-    return _glmm.fit_glmm(Y, gdesign, method=method, min_nonzero=1)
+def _fit_chunk(Y, *, gdesign, estimation):
+    return fit_glmm(Y, gdesign, method=estimation, min_nonzero=1)
 
 
-def _fit_genes(matrix, rows, gene_idx, d, off, family, method, n_jobs, min_cells_expressing):
+def _fit_genes(matrix, rows, gene_idx, d, off, family, estimation, n_jobs, min_cells_expressing):
     """Fit the GLMM of design ``d`` on cells ``rows`` for the eligible genes of ``gene_idx`` (glmm_de's rule).
 
     Returns (cells × genes block, results per chunk, chunks as positions in ``gene_idx``, status of every gene:
@@ -67,23 +65,21 @@ def _fit_genes(matrix, rows, gene_idx, d, off, family, method, n_jobs, min_cells
     """
     import functools
 
-    from ..models import _glmm
-
     sub = cell_rows(matrix, rows)  # matrix holds the selected genes
     eligible, _, _ = gene_eligibility(sub, family, min_cells_expressing)
     fit = np.flatnonzero(eligible == "ok")
-    gdesign = _glmm.prepare_glmm(d.X, d.terms, None if off is None else off[rows], family=family)
+    gdesign = prepare_glmm(d.X, d.terms, None if off is None else off[rows], family=family)
     chunks = [fit[c] for c in gene_chunks(fit.size)] if fit.size else []
-    fit_chunk = functools.partial(_fit_chunk, gdesign=gdesign, method=method)
+    fit_chunk = functools.partial(_fit_chunk, gdesign=gdesign, estimation=estimation)
     results = run_chunks(fit_chunk, sub, chunks, n_jobs=n_jobs) if chunks else []
     return sub, results, chunks, eligible
 
 
 def variance_partition(
     adata: ad.AnnData,
-    design: str,
+    design: str | FittedDesign,
     *,
-    family: Literal["nb", "poisson", "binomial", "gaussian"] = "nb",
+    family: str = "nb",
     layer: str | None = None,
     offset: str | None = "auto",
     groups_key: str | None = None,
@@ -93,7 +89,7 @@ def variance_partition(
     key_added: str = "variance_partition",
     inplace: bool = True,
     copy: bool = False,
-) -> pd.DataFrame | ad.AnnData | None:
+) -> DEResult | ad.AnnData | None:
     """Fraction of each gene's variance at each level of the hierarchy, and the ICC of each grouping factor.
 
     The design is written dream-style, e.g. ``"~ (1|donor) + (1|batch) + condition"``; categorical variables can
@@ -117,7 +113,9 @@ def variance_partition(
     adata
         Cell-level AnnData with raw counts (count families) or normalised values (Gaussian).
     design
-        Formula with random terms (at least one), e.g. ``"~ (1|donor) + (1|batch) + condition"``.
+        Formula with random terms (at least one), e.g. ``"~ (1|donor) + (1|batch) + condition"``, or the
+        :class:`~scmlm.design.FittedDesign` of a ``glmm_de`` analysis (:func:`scmlm.design.fitted_design`), whose
+        fitted formula (with the sample-level terms ``replication="auto"`` adds) then gets a component per level.
     family, layer, offset, groups_key, genes, min_cells_expressing, n_jobs
         As in :func:`scmlm.tl.glmm_de` (``offset="auto"``: TMM factors of the samples the design names, for NB and
         Poisson; ``"log_total"`` otherwise); genes are fitted by the same rule (``"all zero"`` and ``"too few expressing
@@ -125,25 +123,26 @@ def variance_partition(
     key_added
         Key in ``adata.uns`` for ``{"params": …, "results": DataFrame}``.
     inplace, copy
-        Write into ``adata`` (returns ``None``) or a copy (returned); ``inplace=False`` returns the DataFrame.
+        As in :func:`scmlm.tl.pseudobulk_de`: write into ``adata`` (returns ``None``) or a copy (returned);
+        ``inplace=False`` returns the :class:`~scmlm.results.DEResult`.
 
     Returns
     -------
-    A DataFrame with one row per gene (× group): one column per random term, ``fixed`` and ``residual`` (fractions
-    summing to 1), ``icc_<term>``, the latent variances ``var_<term>``, ``var_fixed``, ``var_residual``, and
-    ``group``, ``converged``, ``status``.
+    ``None``, the copy, or the result, whose ``table`` is a DataFrame with one row per gene (× group): one column
+    per random term, ``fixed`` and ``residual`` (fractions summing to 1), ``icc_<term>``, the latent variances
+    ``var_<term>``, ``var_fixed``, ``var_residual``, and ``group``, ``converged``, ``status``.
 
     Examples
     --------
     >>> import scmlm
     >>> adata = scmlm.datasets.simulate(n_donors=8, n_cells=50, n_genes=100, seed=2)
-    >>> vp = scmlm.tl.variance_partition(adata, "~ (1|donor) + (1|batch) + condition", inplace=False)
+    >>> vp = scmlm.tl.variance_partition(adata, "~ (1|donor) + (1|batch) + condition", inplace=False).table
     >>> fitted = vp[vp["converged"]]
     >>> bool(((fitted[["donor", "batch", "fixed", "residual"]].sum(axis=1) - 1).abs() < 1e-9).all())
     True
     """
-    from ..models._random import term_slices
-
+    if isinstance(design, FittedDesign):
+        design = design.formula
     offset = resolve_offset(offset, family, design=design, obs=adata.obs)
     matrix, off, gene_idx, groups = _prepare(adata, design, family, layer, offset, groups_key, genes)
     full = build_design(adata.obs, design, check_rank=groups_key is None)
@@ -151,62 +150,14 @@ def variance_partition(
         raise DesignError(
             f"design {design!r} has no random terms; variance_partition needs at least one, e.g. '(1|donor)'."
         )
-    from ..models._glmm import STATUS
-
     frames = []
     for group, rows in groups:
         d = build_design(adata.obs.iloc[rows], design)
-        sub, results, chunks, status = _fit_genes(
-            matrix, rows, gene_idx, d, off, family, "REML", n_jobs, min_cells_expressing
-        )
-        names = [t.name if t.k == 1 else f"{t.name}({'+'.join(t.col_names)})" for t in d.terms]
-        if len(set(names)) != len(names):
-            names = [f"{n}_{i}" for i, n in enumerate(names)]
-        colsum = np.asarray(sub.sum(axis=0)).ravel()
-        mean_count = colsum / rows.size
-        G = gene_idx.size
-        var = {n: np.full(G, np.nan) for n in names}
-        var_fixed = np.full(G, np.nan)
-        phi = np.full(G, np.nan)
-        conv = np.zeros(G, dtype=bool)
-        fixed_cols = [j for j, c in enumerate(d.columns) if c != "(Intercept)"]
-        Xf = d.X[:, fixed_cols]
-        slices = term_slices(d.terms)
-        for idx, res in zip(chunks, results, strict=True):
-            theta = np.asarray(res.theta)
-            for t, n, (_, ts) in zip(d.terms, names, slices, strict=True):
-                var[n][idx] = _term_variance(t, theta[:, ts])
-            if fixed_cols:
-                eta = res.beta[:, fixed_cols] @ Xf.T
-                var_fixed[idx] = eta.var(axis=1)
-            else:
-                var_fixed[idx] = 0.0
-            phi[idx] = res.phi
-            status[idx] = [STATUS.get(int(s), str(s)) if not isinstance(s, str) else s for s in res.status]
-            conv[idx] = res.converged
-        resid = residual_variance(family, phi, mean_count)
-        total = sum(np.nan_to_num(v) for v in var.values()) + var_fixed + resid
-        df = pd.DataFrame(index=adata.var_names[gene_idx].astype(str))
+        fits = _fit_genes(matrix, rows, gene_idx, d, off, family, "REML", n_jobs, min_cells_expressing)
+        df = _partition(d, fits, family, rows.size, adata.var_names[gene_idx].astype(str))
         if group is not None:
-            df["group"] = group
-        for n in names:
-            df[n] = var[n] / total
-        df["fixed"] = var_fixed / total
-        df["residual"] = resid / total
-        random_total = sum(np.nan_to_num(v) for v in var.values()) + resid
-        for n in names:
-            df[f"icc_{n}"] = var[n] / random_total
-        for n in names:
-            df[f"var_{n}"] = var[n]
-        df["var_fixed"] = var_fixed
-        df["var_residual"] = resid
-        df["converged"] = conv
-        df["status"] = status
-        bad = ~conv
-        value_cols = [c for c in df.columns if c not in ("group", "converged", "status")]
-        df.loc[bad, value_cols] = np.nan
+            df.insert(0, "group", group)
         frames.append(df)
-    out = pd.concat(frames)
     params = {
         "tool": "variance_partition",
         "design": design,
@@ -217,24 +168,64 @@ def variance_partition(
         "min_cells_expressing": int(min_cells_expressing),
         "scmlm_version": __version__,
     }
-    if not inplace and not copy:
-        return out
-    target = adata.copy() if copy else adata
-    from ..results import _uns_safe
+    return DEResult(table=pd.concat(frames), params=params).deliver(adata, key_added, inplace=inplace, copy=copy)
 
-    target.uns[key_added] = {"params": _uns_safe(params), "results": out}
-    return target if copy else None
+
+def _partition(d, fits, family: str, n_cells: int, gene_names) -> pd.DataFrame:
+    """Variance fractions, ICCs and latent variances of one group's fits (one row per gene)."""
+    sub, results, chunks, status = fits
+    names = [t.name if t.k == 1 else f"{t.name}({'+'.join(t.col_names)})" for t in d.terms]
+    if len(set(names)) != len(names):
+        names = [f"{n}_{i}" for i, n in enumerate(names)]
+    colsum = np.asarray(sub.sum(axis=0)).ravel()
+    mean_count = colsum / n_cells
+    G = len(gene_names)
+    var = {n: np.full(G, np.nan) for n in names}
+    var_fixed = np.full(G, np.nan)
+    phi = np.full(G, np.nan)
+    conv = np.zeros(G, dtype=bool)
+    fixed_cols = [j for j, c in enumerate(d.columns) if c != "(Intercept)"]
+    Xf = d.X[:, fixed_cols]
+    slices = term_slices(d.terms)
+    for idx, res in zip(chunks, results, strict=True):
+        theta = np.asarray(res.theta)
+        for t, n, (_, ts) in zip(d.terms, names, slices, strict=True):
+            var[n][idx] = _term_variance(t, theta[:, ts])
+        var_fixed[idx] = (res.beta[:, fixed_cols] @ Xf.T).var(axis=1) if fixed_cols else 0.0
+        phi[idx] = res.phi
+        status[idx] = [STATUS.get(int(s), str(s)) if not isinstance(s, str) else s for s in res.status]
+        conv[idx] = res.converged
+    resid = residual_variance(family, phi, mean_count)
+    total = sum(np.nan_to_num(v) for v in var.values()) + var_fixed + resid
+    df = pd.DataFrame(index=gene_names)
+    for n in names:
+        df[n] = var[n] / total
+    df["fixed"] = var_fixed / total
+    df["residual"] = resid / total
+    random_total = sum(np.nan_to_num(v) for v in var.values()) + resid
+    for n in names:
+        df[f"icc_{n}"] = var[n] / random_total
+    for n in names:
+        df[f"var_{n}"] = var[n]
+    df["var_fixed"] = var_fixed
+    df["var_residual"] = resid
+    df["converged"] = conv
+    df["status"] = status
+    value_cols = [c for c in df.columns if c not in ("converged", "status")]
+    df.loc[~conv, value_cols] = np.nan
+    return df
 
 
 def random_effects(
     adata: ad.AnnData,
+    *,
     key: str = "glmm_de",
     genes=None,
-    *,
     n_jobs: int | None = None,
     key_added: str = "random_effects",
     inplace: bool = True,
-) -> pd.DataFrame | None:
+    copy: bool = False,
+) -> DEResult | ad.AnnData | None:
     """Conditional modes (BLUPs) of each donor's (and batch's) effect beside the unpooled per-level estimates.
 
     Refits the model stored by :func:`scmlm.tl.glmm_de` under ``adata.uns[key]`` for the selected genes and returns,
@@ -255,87 +246,93 @@ def random_effects(
         Worker processes.
     key_added
         Key in ``adata.uns`` for ``{"params": …, "results": DataFrame}`` (what :func:`scmlm.pl.shrinkage` reads).
-    inplace
-        Store the table in ``adata.uns[key_added]`` and return ``None``; ``False`` returns it instead.
+    inplace, copy
+        As in :func:`scmlm.tl.pseudobulk_de`: store the table in ``adata.uns[key_added]`` (returns ``None``) or in a
+        copy (returned); ``inplace=False`` returns the :class:`~scmlm.results.DEResult`.
 
     Returns
     -------
-    Long DataFrame with columns ``gene, group, term, level, blup, blup_se, unpooled, unpooled_se, n_cells``
+    ``None``, the copy, or the result, whose ``table`` is a long DataFrame with columns
+    ``gene, group, term, level, blup, blup_se, unpooled, unpooled_se, n_cells``
     (natural-log / link scale; random slopes have ``term`` ``"<factor>:<covariate>"`` and no unpooled estimate).
     """
-    if key not in adata.uns or "params" not in adata.uns[key]:
-        raise InputError(f"adata.uns[{key!r}] holds no glmm_de result; run scmlm.tl.glmm_de(..., key_added={key!r}).")
-    params = dict(adata.uns[key]["params"])
-    if params.get("tool") != "glmm_de":
-        raise InputError(f"adata.uns[{key!r}] was written by {params.get('tool')!r}, not glmm_de.")
+    params = _glmm_params(adata, key)
     if genes is None:
         raise InputError("pass genes=[...] (names): random_effects refits the model for those genes.")
     family = params["family"]
     layer = params.get("layer") or None
     offset = params.get("offset") or None
     groups_key = params.get("groups_key") or None
-    method = params.get("method", "REML")
-    design = params["design"]
+    # "method" in results stored before the argument was named estimation
+    estimation = params.get("estimation", params.get("method", "REML"))
     # the model glmm_de fitted: with replication="auto" it may hold an added sample-level term (per group if the
     # groups differ)
-    fitted = params.get("design_fitted") or design
-    per_group = dict(fitted) if isinstance(fitted, dict) else {}
-    if isinstance(fitted, str):
-        design = fitted
+    fitted = params.get("design_fitted")
+    design = params["design"] if isinstance(fitted, Mapping) else stored_formula(params, "all")
     genes = [genes] if isinstance(genes, str) else list(genes)
     # the offset glmm_de used: TMM factors over the same samples
     samples = params.get("offset_samples") if offset == "tmm" else None
     samples = list(samples) if samples is not None and not isinstance(samples, str) else samples
     matrix, off, gene_idx, groups = _prepare(adata, design, family, layer, offset, groups_key, genes, samples)
-    from ..models._random import build_Z, term_slices
-
+    min_expr = int(params.get("min_cells_expressing", 10))
     frames = []
     for group, rows in groups:
-        d = build_design(adata.obs.iloc[rows], per_group.get("all" if group is None else group, design))
-        min_expr = int(params.get("min_cells_expressing", 10))
-        sub, results, chunks, _ = _fit_genes(matrix, rows, gene_idx, d, off, family, method, n_jobs, min_expr)
+        name = "all" if group is None else group
+        d = build_design(adata.obs.iloc[rows], stored_formula(params, name) if isinstance(fitted, Mapping) else design)
+        sub, results, chunks, _ = _fit_genes(matrix, rows, gene_idx, d, off, family, estimation, n_jobs, min_expr)
         Z = build_Z(d.terms, rows.size)
         Ysub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
         for idx, res in zip(chunks, results, strict=True):
             for j, g in enumerate(idx):
-                if not res.converged[j]:
-                    continue
-                b = res.b[j]
-                eta_all = (0.0 if off is None else off[rows]) + d.X @ res.beta[j] + Z @ b
-                for t, (zs, _) in zip(d.terms, term_slices(d.terms), strict=True):
-                    bt = b[zs].reshape(t.n_levels, t.k)
-                    st = res.b_se[j][zs].reshape(t.n_levels, t.k)
-                    n_cells = np.bincount(t.codes, minlength=t.n_levels)
-                    for c, cname in enumerate(t.col_names):
-                        term_name = t.name if cname == "(Intercept)" else f"{t.name}:{cname}"
-                        if cname == "(Intercept)":
-                            eta_minus = eta_all - bt[t.codes, c]
-                            u, u_se = fit_unpooled(Ysub[:, g], eta_minus, t.codes, t.n_levels, family, res.phi[j])
-                        else:
-                            u = u_se = np.full(t.n_levels, np.nan)
-                        frames.append(
-                            pd.DataFrame(
-                                {
-                                    "gene": str(adata.var_names[gene_idx[g]]),
-                                    "group": "all" if group is None else group,
-                                    "term": term_name,
-                                    "level": list(t.level_names) or [str(i) for i in range(t.n_levels)],
-                                    "blup": bt[:, c],
-                                    "blup_se": st[:, c],
-                                    "unpooled": u,
-                                    "unpooled_se": u_se,
-                                    "n_cells": n_cells,
-                                }
-                            )
-                        )
+                if res.converged[j]:
+                    gene = str(adata.var_names[gene_idx[g]])
+                    eta = (0.0 if off is None else off[rows]) + d.X @ res.beta[j] + Z @ res.b[j]
+                    frames += _gene_levels(d, res, j, Ysub[:, g], eta, family, gene=gene, group=name)
     cols = ["gene", "group", "term", "level", "blup", "blup_se", "unpooled", "unpooled_se", "n_cells"]
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
-    if not inplace:
-        return table
-    from ..results import _uns_safe
+    params = {**params, "tool": "random_effects", "source_key": key, "genes": genes}
+    return DEResult(table=table, params=params).deliver(adata, key_added, inplace=inplace, copy=copy)
 
-    adata.uns[key_added] = {
-        "params": _uns_safe({"tool": "random_effects", "source_key": key, "genes": genes, **params}),
-        "results": table,
-    }
-    return None
+
+def _glmm_params(adata: ad.AnnData, key: str) -> dict:
+    """The ``params`` of the ``glmm_de`` result under ``adata.uns[key]``."""
+    if key not in adata.uns or "params" not in adata.uns[key]:
+        raise InputError(f"adata.uns[{key!r}] holds no glmm_de result; run scmlm.tl.glmm_de(..., key_added={key!r}).")
+    params = dict(adata.uns[key]["params"])
+    if params.get("tool") != "glmm_de":
+        raise InputError(f"adata.uns[{key!r}] was written by {params.get('tool')!r}, not glmm_de.")
+    return params
+
+
+def _gene_levels(d, res, j: int, y, eta_all, family: str, *, gene: str, group: str) -> list[pd.DataFrame]:
+    """Per random term of one gene's fit: each level's BLUP beside its unpooled estimate."""
+    b = res.b[j]
+    out = []
+    for t, (zs, _) in zip(d.terms, term_slices(d.terms), strict=True):
+        bt = b[zs].reshape(t.n_levels, t.k)
+        st = res.b_se[j][zs].reshape(t.n_levels, t.k)
+        n_cells = np.bincount(t.codes, minlength=t.n_levels)
+        for c, cname in enumerate(t.col_names):
+            term_name = t.name if cname == "(Intercept)" else f"{t.name}:{cname}"
+            if cname == "(Intercept)":
+                eta_minus = eta_all - bt[t.codes, c]
+                u, u_se = fit_unpooled(y, eta_minus, t.codes, t.n_levels, family, res.phi[j])
+            else:
+                u = u_se = np.full(t.n_levels, np.nan)
+            out.append(
+                pd.DataFrame(
+                    {
+                        "gene": gene,
+                        "group": group,
+                        "term": term_name,
+                        "level": list(t.level_names) or [str(i) for i in range(t.n_levels)],
+                        "blup": bt[:, c],
+                        "blup_se": st[:, c],
+                        "unpooled": u,
+                        "unpooled_se": u_se,
+                        "n_cells": n_cells,
+                    }
+                )
+            )
+    return out
+

@@ -14,6 +14,7 @@ from .._validate import check_counts, check_obs_keys, check_unique_names, get_ma
 from .._version import __version__
 from ..design import build_design, contrast_names, contrast_param, parse_contrasts, parse_formula
 from ..design._design import _variables
+from ..models import filter_by_expr, nb_ql_multi, tmm_factors, voom_limma_multi
 from ..results import DEResult, finalize_table
 from ._common import NotTestable, cell_groups, fit_groups, group_status
 
@@ -25,7 +26,7 @@ _METHODS = ("nb_ql", "voom", "pydeseq2")
 
 
 def pseudobulk_de(
-    pb: ad.AnnData,
+    adata: ad.AnnData,
     design: str,
     contrast,
     *,
@@ -42,10 +43,10 @@ def pseudobulk_de(
 
     Parameters
     ----------
-    pb
+    adata
         Pseudobulk AnnData (samples × genes) with summed raw counts, e.g. from :func:`scmlm.pp.pseudobulk`.
     design
-        Model formula over ``pb.obs`` columns, e.g. ``"~ batch + condition"``, ``"~ donor + condition"`` (paired),
+        Model formula over ``adata.obs`` columns, e.g. ``"~ batch + condition"``, ``"~ donor + condition"`` (paired),
         ``"~ condition * sex"``. With ``method="voom"`` random terms such as ``"~ condition + (1|donor)"`` fit a
         precision-weighted linear mixed model per gene (variancePartition's dream).
     contrast
@@ -71,14 +72,14 @@ def pseudobulk_de(
     filter_genes
         Apply edgeR's ``filterByExpr`` rule per group; removed genes keep a row with ``status="filtered"``.
     key_added
-        Key in ``pb.uns`` for ``{"params": …, "results": DataFrame}``.
+        Key in ``adata.uns`` for ``{"params": …, "results": DataFrame}``.
     inplace
-        Write into ``pb`` (and return ``None``); ``False`` returns the :class:`~scmlm.results.DEResult` and leaves
-        ``pb`` untouched.
+        Write into ``adata`` (and return ``None``); ``False`` returns the :class:`~scmlm.results.DEResult` and leaves
+        ``adata`` untouched.
     copy
-        Write into a copy of ``pb`` and return it.
+        Write into a copy of ``adata`` and return it.
     rows_are_samples
-        The rows are samples even though ``pb`` carries no aggregation record (``uns["pseudobulk"]`` or
+        The rows are samples even though ``adata`` carries no aggregation record (``uns["pseudobulk"]`` or
         ``obs["n_cells"]`` from :func:`scmlm.pp.pseudobulk`), e.g. bulk RNA-seq with many replicates. Without it, data
         whose rows look like cells (no record and many rows per design cell) are refused: testing cells as samples is
         pseudoreplication.
@@ -99,15 +100,15 @@ def pseudobulk_de(
     """
     if method not in _METHODS:
         raise InputError(f"method={method!r} is not known; use one of {_fmt_list(_METHODS)}.")
-    check_unique_names(pb)
-    check_obs_keys(pb, [groups_key], what="groups_key")
-    check_sample_rows(pb, design, groups_key=groups_key, rows_are_samples=rows_are_samples)
-    counts_all = get_matrix(pb, layer)
+    check_unique_names(adata)
+    check_obs_keys(adata, [groups_key], what="groups_key")
+    check_sample_rows(adata, design, groups_key=groups_key, rows_are_samples=rows_are_samples)
+    counts_all = get_matrix(adata, layer)
     counts_all = counts_all.toarray() if hasattr(counts_all, "toarray") else np.asarray(counts_all)
     counts_all = counts_all.astype(float, copy=False)
     check_counts(counts_all, layer)
     # validate formula and contrast on all samples first: clear errors before any fitting
-    full = build_design(pb.obs, design, check_rank=groups_key is None)
+    full = build_design(adata.obs, design, check_rank=groups_key is None)
     if full.parsed.has_random and method != "voom":
         raise DesignError(
             f"design {design!r} has random terms; pseudobulk method {method!r} fits fixed effects only. Use "
@@ -124,11 +125,11 @@ def pseudobulk_de(
                 "are not. Use method='nb_ql' or 'voom' for coefficient names, numeric vectors and joint F tests."
             )
     tables = fit_groups(
-        cell_groups(pb, groups_key),
+        cell_groups(adata, groups_key),
         lambda name, rows: _fit_group(
-            pb, counts_all, rows, name, design, contrast, method=method, filter_genes=filter_genes
+            adata, counts_all, rows, name, design, contrast, method=method, filter_genes=filter_genes
         ),
-        lambda name, err: _failed_group(pb, name, contrast, method, group_status(err)),
+        lambda name, err: _failed_group(adata, name, contrast, method, group_status(err)),
         groups_key=groups_key,
         tool="pseudobulk_de",
     )
@@ -144,7 +145,7 @@ def pseudobulk_de(
         "filter_genes": bool(filter_genes),
         "scmlm_version": __version__,
     }
-    return DEResult(table=table, params=params).deliver(pb, key_added, inplace=inplace, copy=copy)
+    return DEResult(table=table, params=params).deliver(adata, key_added, inplace=inplace, copy=copy)
 
 
 def _dropped_columns(pb: ad.AnnData) -> dict[str, str]:
@@ -214,8 +215,6 @@ def _failed_group(pb, group, contrast, method, status) -> pd.DataFrame:
 
 
 def _fit_group(pb, counts_all, rows, group, design, contrast, *, method, filter_genes) -> pd.DataFrame:
-    from ..models import _edger, _limma
-
     obs = pb.obs.iloc[rows]
     counts = counts_all[rows].T  # genes × samples
     d = build_design(obs, design)
@@ -229,7 +228,7 @@ def _fit_group(pb, counts_all, rows, group, design, contrast, *, method, filter_
             "coefficients",
         )
     if filter_genes:
-        keep = np.asarray(_edger.filter_by_expr(counts, design=d.X), dtype=bool)
+        keep = np.asarray(filter_by_expr(counts, design=d.X), dtype=bool)
     else:
         keep = counts.sum(axis=1) > 0
     outs = []
@@ -252,14 +251,34 @@ def _fit_group(pb, counts_all, rows, group, design, contrast, *, method, filter_
     y = counts[keep]
     idx = np.flatnonzero(keep)
     # edgeR: y[keep, , keep.lib.sizes = FALSE] then calcNormFactors (TMM) on the kept genes
-    norm_factors = _edger.tmm_factors(y)
+    norm_factors = tmm_factors(y)
     eff_lib = y.sum(axis=0) * norm_factors
     base_mean = (y / (eff_lib / np.exp(np.mean(np.log(eff_lib))))[None, :]).mean(axis=1)
+    genes = pb.var_names[keep]
+    per_contrast = _group_tests(
+        method, y, d, cons, norm_factors, base_mean, obs=obs, design=design, contrast=contrast, genes=genes
+    )
+    for out, (stats, conv, status, var_components) in zip(outs, per_contrast, strict=True):
+        if status is not None:
+            out.loc[idx, "status"] = np.asarray(status, dtype=object)
+        if var_components:
+            for name, v in var_components.items():
+                out.loc[idx, f"var_{name}"] = np.asarray(v, dtype=float)
+        _fill(out, idx, stats, conv)
+    return pd.concat(outs, ignore_index=True)
+
+
+def _group_tests(method: str, y, d, cons, norm_factors, base_mean, *, obs, design, contrast, genes) -> list[tuple]:
+    """Every contrast's test of one group's kept genes: ``(stats, converged, status, var_components)`` each.
+
+    One fit serves every contrast (edgeR's dispersions and QL fit, limma's voom weights and prior), as when edgeR or
+    limma test several contrasts of one fit.
+    """
     Ls = [con.L.T for con in cons]  # p-vectors, or p × q for a joint test
     per_contrast = []
     if method == "nb_ql":
         # one dispersion estimate and QL fit for every contrast; each test adds only its null-model fit
-        for r in _edger.nb_ql_multi(y, d.X, Ls, norm_factors=norm_factors, robust=True):
+        for r in nb_ql_multi(y, d.X, Ls, norm_factors=norm_factors, robust=True):
             stats = {
                 "coef": _scalar_or_nan(r.coef),
                 "se": _scalar_or_nan(r.se),
@@ -272,7 +291,7 @@ def _fit_group(pb, counts_all, rows, group, design, contrast, *, method, filter_
             per_contrast.append((stats, np.asarray(r.converged, dtype=bool), None, None))
     elif method == "voom":
         kwargs = {"terms": d.terms} if d.terms else {}
-        for r in _limma.voom_limma_multi(y, d.X, Ls, norm_factors=norm_factors, **kwargs):
+        for r in voom_limma_multi(y, d.X, Ls, norm_factors=norm_factors, **kwargs):
             stats = {
                 "coef": _scalar_or_nan(r.coef),
                 "se": _scalar_or_nan(r.se),
@@ -283,16 +302,9 @@ def _fit_group(pb, counts_all, rows, group, design, contrast, *, method, filter_
             }
             per_contrast.append((stats, np.asarray(r.converged, dtype=bool), r.status, r.var_components))
     else:
-        for stats, conv in _pydeseq2(y, obs, design, parse_contrasts(contrast), pb.var_names[keep]):
+        for stats, conv in _pydeseq2(y, obs, design, parse_contrasts(contrast), genes):
             per_contrast.append((stats, conv, None, None))
-    for out, (stats, conv, status, var_components) in zip(outs, per_contrast, strict=True):
-        if status is not None:
-            out.loc[idx, "status"] = np.asarray(status, dtype=object)
-        if var_components:
-            for name, v in var_components.items():
-                out.loc[idx, f"var_{name}"] = np.asarray(v, dtype=float)
-        _fill(out, idx, stats, conv)
-    return pd.concat(outs, ignore_index=True)
+    return per_contrast
 
 
 def _scalar_or_nan(a: np.ndarray) -> np.ndarray:

@@ -200,13 +200,13 @@ def shard_csvs(wildcards):
 def de_args(wildcards):
     """The analysis-specific options of `scmlm de`, shell-quoted."""
     a = ANALYSES[wildcards.analysis]
-    args = ["--method", a["method"], "--design", a["design"]]
+    args = ["--tool", a["method"], "--design", a["design"]]
     args += contrast_args(a["contrast"])
     if config["groups_key"]:
         args += ["--groups-key", config["groups_key"]]
     # pseudobulk fits read the aggregated h5ad and GLMM shards the split h5ads, both with the counts in .X
     if a["method"] == "pseudobulk":
-        args += ["--pb-method", a.get("pb_method", "nb_ql")]
+        args += ["--method", a.get("pb_method", "nb_ql")]
     else:
         args += ["--family", a.get("family", "nb")]
         args += ["--replication", a.get("replication", "auto")]
@@ -216,12 +216,19 @@ def de_args(wildcards):
 
 
 def glmm_offset(name):
-    """The offset a GLMM analysis uses: `offset` (default auto: tmm for nb/poisson, log_total otherwise)."""
+    """The offset a GLMM analysis uses: `offset`, with auto resolved by scmlm's one rule (tmm for nb/poisson when
+    the design or sample_key names the samples, log_total otherwise)."""
+    from scmlm.design import resolve_offset
+
     a = ANALYSES[name]
-    offset = a.get("offset", "auto")
-    if offset == "auto":
-        return "tmm" if a.get("family", "nb") in ("nb", "poisson") else "log_total"
-    return offset
+    c = a["contrast"]
+    return resolve_offset(
+        a.get("offset", "auto"),
+        a.get("family", "nb"),
+        design=a["design"],
+        contrast=tuple(c) if _is_triple(c) else contrast_spec(c),
+        sample_key=a.get("sample_key"),
+    )
 
 
 def tmm_specs(wildcards):
