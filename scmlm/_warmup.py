@@ -111,7 +111,7 @@ def warmup(cache_dir: str | os.PathLike | None = None, *, verbose: bool = False)
     contrast = ("condition", "case", "ctrl")
     kw = {"min_cells_expressing": 1, "inplace": False, "n_jobs": 1}
     step("glmm_de nb REML", lambda: tl.glmm_de(a, design, contrast, **kw))
-    step("glmm_de nb ML lrt", lambda: tl.glmm_de(a, design, contrast, method="ML", test="lrt", **kw))
+    step("glmm_de nb ML lrt", lambda: tl.glmm_de(a, design, contrast, estimation="ML", test="lrt", **kw))
     step("glmm_de poisson", lambda: tl.glmm_de(a, design, contrast, family="poisson", **kw))
     b = a.copy()
     b.X = sp.csr_matrix((np.asarray(a.X.todense()) > 0).astype(np.float64))

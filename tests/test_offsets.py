@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -324,8 +325,12 @@ def test_streamed_tmm_equals_in_memory(tmp_path):
     samples = resolve_samples(None, spec["design"], STIM, adata.obs)
     expect, _ = tmm_offset(adata.obs, adata.X, _log_total(adata), samples, "cell_type")
     np.testing.assert_allclose(sub.obs[io.TMM_OFFSET].to_numpy(), expect, rtol=0, atol=1e-12)
-    assert _glmm_offset(sub, "auto", "nb") == io.TMM_OFFSET
-    assert _glmm_offset(sub, "log_total", "nb") == io.LOG_TOTAL
+
+    def args(offset):
+        return SimpleNamespace(offset=offset, family="nb", design=spec["design"], contrast=STIM, sample_key=None)
+
+    assert _glmm_offset(sub, args("auto")) == io.TMM_OFFSET
+    assert _glmm_offset(sub, args("log_total")) == io.LOG_TOTAL
     del sub.obs[io.TMM_OFFSET]
     with pytest.raises(scmlm.ScmlmError, match="counts of some genes only"):
-        _glmm_offset(sub, "tmm", "nb")
+        _glmm_offset(sub, args("tmm"))

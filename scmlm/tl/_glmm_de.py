@@ -56,7 +56,7 @@ from ..models import (
     satterthwaite_df_f,
     unit_scale,
 )
-from ..results import DEResult, finish_moderation, finalize_table, parse_shard, shard_indices
+from ..results import DEResult, finalize_table, finish_moderation, parse_shard, shard_indices
 from ._common import (
     cell_groups,
     cell_offset,

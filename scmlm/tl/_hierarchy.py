@@ -335,4 +335,3 @@ def _gene_levels(d, res, j: int, y, eta_all, family: str, *, gene: str, group: s
                 )
             )
     return out
-
