@@ -68,8 +68,7 @@ def peak_rss_gb() -> float:
 def fit_from_disk(path: Path, chunk: int, method: str) -> dict:
     from threadpoolctl import threadpool_limits
 
-    from scmlm.models._glmm import fit_glmm, prepare_glmm
-    from scmlm.models._random import intercept_term
+    from scmlm.models import fit_glmm, intercept_term, prepare_glmm
 
     Y = sp.load_npz(path / "Y.npz").tocsc()
     o = np.load(path / "obs.npz")

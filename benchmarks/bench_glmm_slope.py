@@ -53,8 +53,7 @@ def simulate(n_donors: int, n_cells: int, n_genes: int, seed: int, log_mu_range=
 def calibration(n_genes: int, seed: int) -> None:
     from threadpoolctl import threadpool_limits
 
-    from scmlm.models._glmm import contrast_df, fit_glmm, glmm_contrast, prepare_glmm, satterthwaite_df
-    from scmlm.models._random import RandomTerm
+    from scmlm.models import RandomTerm, contrast_df, fit_glmm, glmm_contrast, prepare_glmm, satterthwaite_df
 
     rng = np.random.default_rng(seed)
     nd, nc = 8, 40
@@ -88,8 +87,7 @@ def calibration(n_genes: int, seed: int) -> None:
 def main() -> None:
     from threadpoolctl import threadpool_limits
 
-    from scmlm.models._glmm import fit_glmm, prepare_glmm
-    from scmlm.models._random import RandomTerm, intercept_term
+    from scmlm.models import RandomTerm, fit_glmm, intercept_term, prepare_glmm
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--donors", type=int, default=8)

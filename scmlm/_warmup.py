@@ -29,11 +29,11 @@ def _kernel_modules() -> None:
     """Import every module that defines kernels (they register in :data:`scmlm.models.KERNELS` as they load).
 
     Every kernel is in :mod:`scmlm.models`; some of its modules load their kernel module only when first called, so
-    every module of the package is imported here.
+    every module of the package and of its subpackages is imported here.
     """
     from . import models
 
-    for info in pkgutil.iter_modules(models.__path__, f"{models.__name__}."):
+    for info in pkgutil.walk_packages(models.__path__, f"{models.__name__}."):
         importlib.import_module(info.name)
 
 

@@ -16,7 +16,7 @@ from threadpoolctl import threadpool_limits
 
 import scmlm
 from scmlm.design import build_design
-from scmlm.models._glmm import fit_glmm, prepare_glmm
+from scmlm.models import fit_glmm, prepare_glmm
 
 FIXTURE = REFERENCE / "sim_binomial_detection"
 DESIGN = "~ condition + (1|donor) + (1|batch)"
@@ -177,7 +177,7 @@ def test_separated_genes_are_flagged_not_ok(separated_data, family):
 def test_separation_check_needs_a_separating_direction():
     """The linear program flags a combination of columns (two levels without counts), not a single all-zero cell of
     an additive two-factor design, which has finite estimates."""
-    from scmlm.models._glmm import _separating_direction
+    from scmlm.models.glmm.fit import _separating_direction
 
     # rows: intercept, B, C (a three-level factor)
     Xf = np.array([[1.0, 0, 0], [1, 1, 0], [1, 0, 1]])

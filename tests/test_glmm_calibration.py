@@ -8,8 +8,7 @@ import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
 from scmlm.datasets import simulate
-from scmlm.models._glmm import contrast_df, fit_glmm, glmm_contrast, prepare_glmm, satterthwaite_df
-from scmlm.models._random import intercept_term
+from scmlm.models import contrast_df, fit_glmm, glmm_contrast, intercept_term, prepare_glmm, satterthwaite_df
 
 N_GENES = 2000
 L = np.array([0.0, 1.0])

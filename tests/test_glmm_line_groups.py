@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from scmlm.models import _glmm
-from scmlm.models._glmm import fit_glmm, prepare_glmm
-from scmlm.models._random import RandomTerm
+from scmlm.models import RandomTerm, fit_glmm, prepare_glmm
+from scmlm.models.glmm import design as _glmm
 
 
 def _data(seed: int = 3, n_genes: int = 16):

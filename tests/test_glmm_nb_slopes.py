@@ -20,8 +20,7 @@ from helpers import REFERENCE, read_reference_table
 from threadpoolctl import threadpool_limits
 
 import scmlm
-from scmlm.models._glmm import contrast_df, fit_glmm, glmm_contrast, prepare_glmm, satterthwaite_df
-from scmlm.models._random import RandomTerm
+from scmlm.models import RandomTerm, contrast_df, fit_glmm, glmm_contrast, prepare_glmm, satterthwaite_df
 
 NAME = "sim_slope_small"
 

@@ -1,4 +1,4 @@
-"""Cell-level GLMM kernel (scmlm.models._glmm): agreement with glmmTMB, statsmodels and direct computations."""
+"""Cell-level GLMM kernel (scmlm.models.glmm): agreement with glmmTMB, statsmodels and direct computations."""
 
 from __future__ import annotations
 
@@ -15,16 +15,19 @@ from scipy import optimize
 from statsmodels.discrete.discrete_model import NegativeBinomial
 from threadpoolctl import threadpool_limits
 
-from scmlm.models._families import get_family
-from scmlm.models._glmm import (
+from scmlm.models import (
+    RandomTerm,
+    build_Z,
     contrast_df,
+    cov_b,
     fit_glmm,
+    get_family,
     glmm_contrast,
     glmm_lrt,
+    intercept_term,
     prepare_glmm,
     satterthwaite_df,
 )
-from scmlm.models._random import RandomTerm, build_Z, cov_b, intercept_term
 
 N_REF_GENES = 60
 

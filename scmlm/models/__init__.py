@@ -23,26 +23,23 @@ Everything outside ``scmlm.models`` imports the names listed in ``__all__`` from
 from .._jit import KERNELS
 from ._edger import filter_by_expr, nb_ql, nb_ql_multi, tmm_factors
 from ._families import FAMILIES, Family, get_family
-from ._glmm import (
-    STATUS,
-    ContrastResult,
-    GLMMDesign,
-    GLMMResult,
-    contrast_df,
-    fit_glmm,
-    glmm_contrast,
-    glmm_lrt,
-    glmm_wald_f,
-    prepare_glmm,
-    satterthwaite_df,
-    satterthwaite_df_f,
-    separated_genes,
-)
 from ._limma import LimmaResult, fit_f_dist, fit_f_dist_robustly, lowess, squeeze_var, voom_limma, voom_limma_multi
 from ._lmm import LMMResult, dream, fit_weighted_lmm
 from ._random import RandomTerm, build_Z, cov_b, intercept_term, n_theta, q_total, term_slices, variance_components
 from .aggregate import accumulate
 from .gee import GEE_DF_METHODS, GEE_FAMILIES, GEE_SMALL_SAMPLE, GEEData, GEEResult, fit_gee, prepare_gee
+from .glmm.design import GLMMDesign, prepare_glmm
+from .glmm.fit import GLMMResult, fit_glmm, separated_genes
+from .glmm.inference import (
+    ContrastResult,
+    contrast_df,
+    glmm_contrast,
+    glmm_lrt,
+    glmm_wald_f,
+    satterthwaite_df,
+    satterthwaite_df_f,
+)
+from .glmm.status import STATUS
 from .moderate import PENDING, CellModel, coarser_terms, gene_tau2, moderate, unit_scale
 from .offsets import StreamedSums, TMMFactors, sample_sums, tmm_cell_offset, tmm_sample_factors
 from .unpooled import UnpooledFit, fit_unpooled

@@ -1,7 +1,7 @@
 """Response families of the cell-level GLMM (numpy only).
 
 A :class:`Family` holds what the API and the tests need at the cell level (inverse link, variance, log-likelihood,
-deviance); the GLMM kernel (``_glmm_kernel``) evaluates the same log-likelihoods on covariate patterns and knows a
+deviance); the GLMM kernel (``scmlm.models.glmm``) evaluates the same log-likelihoods on covariate patterns and knows a
 family by its ``code``.
 
 ===========  =========  =================================  ==========================================
