@@ -32,8 +32,8 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
+from scmlm.models import voom_limma
 from scmlm.models._edger import filter_by_expr, nb_ql, tmm_factors
-from scmlm.models._limma import voom_limma
 
 
 def simulate_pseudobulk(n_genes: int, n_samples: int, seed: int = 0):

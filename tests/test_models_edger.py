@@ -16,6 +16,7 @@ from helpers import REFERENCE, null_pseudobulk, read_reference_table, reference_
 from scipy import stats
 from threadpoolctl import threadpool_limits
 
+from scmlm.models import fit_f_dist_robustly
 from scmlm.models._edger import (
     _average_rank,
     _locfit_deg0,
@@ -25,7 +26,6 @@ from scmlm.models._edger import (
     nb_ql,
     tmm_factors,
 )
-from scmlm.models._limma import fit_f_dist_robustly
 
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers shared with test_models_limma.py (kept local: test modules do not import each other)

@@ -30,10 +30,12 @@ from ._glmm import (
     satterthwaite_df_f,
     separated_genes,
 )
-from ._limma import LimmaResult, fit_f_dist, fit_f_dist_robustly, lowess, squeeze_var, voom_limma, voom_limma_multi
-from ._lmm import LMMResult, dream, fit_weighted_lmm
 from ._moderate import PENDING, coarser_terms, gene_tau2, moderate, unit_scale
 from ._random import RandomTerm, build_Z, cov_b, intercept_term, n_theta, q_total, term_slices, variance_components
+from .dream import LMMResult, dream, fit_weighted_lmm
+from .ebayes import fit_f_dist, fit_f_dist_robustly, lowess, squeeze_var
+from .limma import LimmaResult
+from .voom import voom_limma, voom_limma_multi
 
 FAMILY_NAMES: tuple[str, ...] = tuple(FAMILIES)
 """Names of the GLMM response families, in their code order (``nb``, ``poisson``, ``binomial``, ``gaussian``)."""

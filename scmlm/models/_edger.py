@@ -41,7 +41,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy import linalg, special, stats
 
-from scmlm.models._limma import squeeze_var
+from scmlm.models.ebayes import squeeze_var
 
 __all__ = [
     "DispersionResult",
