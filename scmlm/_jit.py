@@ -54,7 +54,7 @@ def jit(func: Callable | None = None, /, **options) -> Callable:
 
 def _kernel_modules() -> None:
     """Import every module that defines kernels (they register in :data:`KERNELS`)."""
-    from .models import _edger_kernel, _glmm_kernel  # noqa: F401
+    from . import models  # noqa: F401
     from .pp import _aggregate  # noqa: F401
 
 

@@ -16,16 +16,10 @@ from helpers import REFERENCE, null_pseudobulk, read_reference_table, reference_
 from scipy import stats
 from threadpoolctl import threadpool_limits
 
-from scmlm.models import fit_f_dist_robustly
-from scmlm.models._edger import (
-    _average_rank,
-    _locfit_deg0,
-    _maximize_interpolant,
-    filter_by_expr,
-    fit_nb_glm,
-    nb_ql,
-    tmm_factors,
-)
+from scmlm.models import filter_by_expr, fit_f_dist_robustly, nb_ql, tmm_factors
+from scmlm.models.edger import fit_nb_glm
+from scmlm.models.edger.dispersion import _locfit_deg0, _maximize_interpolant
+from scmlm.models.edger.tmm import _average_rank
 
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers shared with test_models_limma.py (kept local: test modules do not import each other)

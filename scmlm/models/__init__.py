@@ -13,7 +13,6 @@ Everything outside ``scmlm.models`` imports the names listed in ``__all__`` from
   :func:`fit_f_dist_robustly`).
 """
 
-from ._edger import filter_by_expr, nb_ql, nb_ql_multi, tmm_factors
 from ._families import FAMILIES, Family, get_family
 from ._glmm import (
     STATUS,
@@ -34,6 +33,7 @@ from ._moderate import PENDING, coarser_terms, gene_tau2, moderate, unit_scale
 from ._random import RandomTerm, build_Z, cov_b, intercept_term, n_theta, q_total, term_slices, variance_components
 from .dream import LMMResult, dream, fit_weighted_lmm
 from .ebayes import fit_f_dist, fit_f_dist_robustly, lowess, squeeze_var
+from .edger import filter_by_expr, nb_ql, nb_ql_multi, tmm_factors
 from .limma import LimmaResult
 from .voom import voom_limma, voom_limma_multi
 
