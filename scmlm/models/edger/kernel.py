@@ -260,7 +260,7 @@ def _exact_loss(Xu, idx, wyr, wt, step, phi, em1, buf):  # pragma: no cover - co
     return _rsum(buf, 0, n)
 
 
-@jit
+@jit(inline="always")
 def _mean(lib, idx, Xu, b, e, mu):  # pragma: no cover - compiled
     """``mu_j = lib_j exp(x_u' b)`` (one exponential per distinct design row)."""
     U, p = Xu.shape
@@ -273,7 +273,7 @@ def _mean(lib, idx, Xu, b, e, mu):  # pragma: no cover - compiled
         mu[j] = lib[j] * e[idx[j]]
 
 
-@jit
+@jit(inline="always")
 def _weights(y, wyr, phi, mu, kl, wt, yi):  # pragma: no cover - compiled
     """At the means ``mu``: the terms ``(y + 1/phi) log1p(phi mu)`` into ``kl``, the IRLS weights into ``wt`` and
     ``y / (1 + phi mu)`` into ``yi``."""
@@ -285,7 +285,7 @@ def _weights(y, wyr, phi, mu, kl, wt, yi):  # pragma: no cover - compiled
         yi[j] = y[j] * inv
 
 
-@jit
+@jit(inline="always")
 def _row_sums(starts, wt, yi, Sw, Syi):  # pragma: no cover - compiled
     """Row sums of the IRLS weights ``wt`` into ``Sw`` and of ``yi`` into ``Syi`` (the next step's ``X'WX`` and
     score)."""
@@ -293,7 +293,7 @@ def _row_sums(starts, wt, yi, Sw, Syi):  # pragma: no cover - compiled
         Sw[u], Syi[u] = _rsum2(wt, yi, starts[u], starts[u + 1])
 
 
-@jit
+@jit(inline="always")
 def _dot(a, b):  # pragma: no cover - compiled
     s = 0.0
     for k in range(a.shape[0]):
@@ -495,7 +495,7 @@ def _fit(d, cfg, gene, phi, active, cur, new, s):  # pragma: no cover - compiled
     return kern, ell, n_it, fail or active, bad, flipped
 
 
-@jit
+@jit(inline="always")
 def _max_diag(A):  # pragma: no cover - compiled
     mi = A[0, 0]
     for k in range(1, A.shape[0]):
