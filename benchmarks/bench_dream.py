@@ -26,7 +26,7 @@ def main() -> None:
     from threadpoolctl import threadpool_limits
 
     import scmlm
-    from scmlm.models import _lmm
+    from scmlm.models import voom
 
     adata = scmlm.datasets.simulate(n_donors=12, n_cells=400, n_genes=args.genes, n_batches=3, seed=0)
     adata = adata[np.asarray(adata.X.sum(axis=1)).ravel() > 0].copy()
@@ -40,15 +40,15 @@ def main() -> None:
             ("nb_ql ~ batch + condition", "~ batch + condition", "nb_ql", None),
         ]
         for label, design, method, ddf in runs:
-            original = _lmm.dream
+            original = voom.dream  # the dream that voom_limma_multi calls
             if ddf is not None:
-                _lmm.dream = lambda *a, _f=original, _d=ddf, **k: _f(*a, **{**k, "ddf": _d})
+                voom.dream = lambda *a, _f=original, _d=ddf, **k: _f(*a, **{**k, "ddf": _d})
             try:
                 t = time.perf_counter()
                 res = scmlm.tl.pseudobulk_de(pb, design, CONTRAST, method=method, inplace=False)
                 secs = time.perf_counter() - t
             finally:
-                _lmm.dream = original
+                voom.dream = original
             tab = res.table
             tested = tab["pvalue"].notna().sum()
             print(f"{label:34s} {secs:6.2f} s  ({tested} genes tested, median df {tab['df'].median():.2f})")

@@ -16,7 +16,7 @@ Usage::
     python benchmarks/bench_pseudobulk_de.py [--reps 3] [--small-only] [--sizes 2000x10,20000x200]
 
 ``--sizes`` picks the genes × samples sizes (default both; ``--small-only`` is ``--sizes 2000x10``). ``nb_ql`` runs
-its NB fits in a numba kernel (``scmlm.models._edger_kernel``) compiled on first use and cached on disk; the
+its NB fits in a numba kernel (``scmlm.models.edger.kernel``) compiled on first use and cached on disk; the
 untimed warm-up run keeps that one-off compilation out of the timings.
 """
 
@@ -32,8 +32,7 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
-from scmlm.models._edger import filter_by_expr, nb_ql, tmm_factors
-from scmlm.models._limma import voom_limma
+from scmlm.models import filter_by_expr, nb_ql, tmm_factors, voom_limma
 
 
 def simulate_pseudobulk(n_genes: int, n_samples: int, seed: int = 0):

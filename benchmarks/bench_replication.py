@@ -51,7 +51,7 @@ def _run(adata, null: bool) -> list[tuple[str, np.ndarray, np.ndarray, float]]:
             print(f"  [{name}: median coef of the non-DE genes {np.nanmedian(coef):+.3f} (default offset: TMM)]")
     # a check of the default offset: the same model with the samples' TMM factors computed here by hand from the
     # pseudobulk (edgeR's normalisation) and passed as an obs column gives the same fits
-    from scmlm.models._edger import tmm_factors
+    from scmlm.models import tmm_factors
 
     pb = scmlm.pp.pseudobulk(adata, "sample")
     pb_counts = np.asarray(pb.X.toarray() if hasattr(pb.X, "toarray") else pb.X, dtype=float)

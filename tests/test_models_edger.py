@@ -16,16 +16,10 @@ from helpers import REFERENCE, null_pseudobulk, read_reference_table, reference_
 from scipy import stats
 from threadpoolctl import threadpool_limits
 
-from scmlm.models._edger import (
-    _average_rank,
-    _locfit_deg0,
-    _maximize_interpolant,
-    filter_by_expr,
-    fit_nb_glm,
-    nb_ql,
-    tmm_factors,
-)
-from scmlm.models._limma import fit_f_dist_robustly
+from scmlm.models import filter_by_expr, fit_f_dist_robustly, nb_ql, tmm_factors
+from scmlm.models.edger import fit_nb_glm
+from scmlm.models.edger.dispersion import _locfit_deg0, _maximize_interpolant
+from scmlm.models.edger.tmm import _average_rank
 
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers shared with test_models_limma.py (kept local: test modules do not import each other)
@@ -84,9 +78,10 @@ def test_nb_ql_matches_edger(edger_case):
     # the criteria
     assert pval["spearman"] >= 0.99
     assert coef["pearson"] >= 0.995
-    # near-exact: same method as edgeR, differences only from convergence tolerances
-    assert coef["max_abs"] < 1e-5, coef
-    assert pval["max_rel"] < 1e-4, pval
+    # near-exact: same method as edgeR, differences only from convergence tolerances (measured: coefficients
+    # 3.8e-14 (between) and 3.0e-9 (within) apart, p-values 1.4e-6 and 2.1e-7 relative)
+    assert coef["max_abs"] < 5e-9, coef
+    assert pval["max_rel"] < 2e-6, pval
     assert res.converged.all()
     assert np.all(res.df1 == 1)
     assert np.all(res.df2 > res.df1)
@@ -131,10 +126,11 @@ def test_nb_ql_matches_edger_with_infinite_prior_df():
         res = nb_ql(y, X, np.eye(X.shape[1])[-1], norm_factors=tmm_factors(y))
     assert np.isinf(ref["df_prior"]).mean() > 0.5  # the fixture exercises the infinite branch
     np.testing.assert_array_equal(np.isinf(res.df_prior), np.isinf(ref["df_prior"].to_numpy()))
-    np.testing.assert_allclose(res.s2_post, ref["s2_post"], rtol=1e-6)
-    np.testing.assert_allclose(res.coef, ref["logFC"], atol=1e-6)
+    # measured: s2_post 2.6e-8 relative, coefficients 1.8e-9 apart, log10 p-values 1.1e-7 apart
+    np.testing.assert_allclose(res.s2_post, ref["s2_post"], rtol=5e-8)
+    np.testing.assert_allclose(res.coef, ref["logFC"], atol=3e-9)
     dlog = np.abs(np.log10(res.pvalue) - np.log10(ref["pvalue"].to_numpy()))
-    assert dlog.max() < 1e-5, dlog.max()
+    assert dlog.max() < 2e-7, dlog.max()
 
 
 def test_fit_f_dist_robustly_infinite_df_uses_the_chi_square_limit():

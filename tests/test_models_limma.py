@@ -9,9 +9,17 @@ from helpers import null_pseudobulk, read_reference_table, reference_pseudobulk,
 from scipy import stats
 from threadpoolctl import threadpool_limits
 
-from scmlm.models._edger import filter_by_expr, tmm_factors
-from scmlm.models._limma import fit_f_dist, fit_f_dist_robustly, lowess, squeeze_var, voom_limma
-from scmlm.models._random import intercept_term
+from scmlm.models import (
+    dream,
+    filter_by_expr,
+    fit_f_dist,
+    fit_f_dist_robustly,
+    intercept_term,
+    lowess,
+    squeeze_var,
+    tmm_factors,
+    voom_limma,
+)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # against limma
@@ -167,8 +175,6 @@ def test_dream_null_with_three_level_random_batch_is_calibrated():
     """12 samples in 3 batches (condition unbalanced within batch), ``~ condition + (1|batch)``, no true effect:
     dream's default (Kenward–Roger below 20 samples) gives p < 0.05 for 0.0485 of ~2,000 genes on these data;
     Satterthwaite df with the unadjusted SE gave 0.0585."""
-    from scmlm.models._lmm import dream
-
     rng = np.random.default_rng(1)
     G, n = 2000, 12
     batch = np.repeat([0, 1, 2], 4)

@@ -11,8 +11,7 @@ import pytest
 import statsmodels.formula.api as smf
 from threadpoolctl import threadpool_limits
 
-from scmlm.models._lmm import fit_weighted_lmm
-from scmlm.models._random import RandomTerm, build_Z, intercept_term
+from scmlm.models import RandomTerm, build_Z, fit_weighted_lmm, intercept_term
 
 
 @pytest.fixture(autouse=True)
@@ -307,8 +306,7 @@ def test_kenward_roger_equals_satterthwaite_in_a_balanced_one_way_layout():
 
 def test_batched_single_term_fit_equals_gene_by_gene():
     """The vectorised golden-section path for one random intercept gives the per-gene optimiser's answer."""
-    from scmlm.models._lmm import _fit_gene, _LambdaMap
-    from scmlm.models._random import build_Z
+    from scmlm.models.dream import _fit_gene, _LambdaMap
 
     E, W, X, batch, _ = _kr_fixture()
     terms = (intercept_term("batch", batch),)

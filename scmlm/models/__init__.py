@@ -21,12 +21,12 @@ Everything outside ``scmlm.models`` imports the names listed in ``__all__`` from
 """
 
 from .._jit import KERNELS
-from ._edger import filter_by_expr, nb_ql, nb_ql_multi, tmm_factors
 from ._families import FAMILIES, Family, get_family
-from ._limma import LimmaResult, fit_f_dist, fit_f_dist_robustly, lowess, squeeze_var, voom_limma, voom_limma_multi
-from ._lmm import LMMResult, dream, fit_weighted_lmm
 from ._random import RandomTerm, build_Z, cov_b, intercept_term, n_theta, q_total, term_slices, variance_components
 from .aggregate import accumulate
+from .dream import LMMResult, dream, fit_weighted_lmm
+from .ebayes import fit_f_dist, fit_f_dist_robustly, lowess, squeeze_var
+from .edger import filter_by_expr, nb_ql, nb_ql_multi, tmm_factors
 from .gee import GEE_DF_METHODS, GEE_FAMILIES, GEE_SMALL_SAMPLE, GEEData, GEEResult, fit_gee, prepare_gee
 from .glmm.design import GLMMDesign, prepare_glmm
 from .glmm.fit import GLMMResult, fit_glmm, separated_genes
@@ -40,9 +40,11 @@ from .glmm.inference import (
     satterthwaite_df_f,
 )
 from .glmm.status import STATUS
+from .limma import LimmaResult
 from .moderate import PENDING, CellModel, coarser_terms, gene_tau2, moderate, unit_scale
 from .offsets import StreamedSums, TMMFactors, sample_sums, tmm_cell_offset, tmm_sample_factors
 from .unpooled import UnpooledFit, fit_unpooled
+from .voom import voom_limma, voom_limma_multi
 
 FAMILY_NAMES: tuple[str, ...] = tuple(FAMILIES)
 """Names of the GLMM response families, in their code order (``nb``, ``poisson``, ``binomial``, ``gaussian``)."""

@@ -77,7 +77,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import stats
 
-from ._limma import squeeze_var
+from .ebayes import squeeze_var
 
 MIN_GENES = 10
 """Fewest genes of a group and contrast with a usable unmoderated test for a prior to be estimated."""

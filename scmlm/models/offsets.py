@@ -22,8 +22,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._edger import tmm_factors
 from .aggregate import accumulate
+from .edger import tmm_factors
 
 __all__ = ["StreamedSums", "TMMFactors", "sample_sums", "tmm_cell_offset", "tmm_sample_factors"]
 

@@ -1,42 +1,30 @@
-"""limma's empirical-Bayes machinery and voom, in numpy/scipy.
+"""limma's empirical-Bayes pieces, shared by edgeR's QL fit, limma-voom, dream and the moderated GLMM tests.
 
-This module re-implements, for pseudobulk count matrices (genes in rows, samples in columns):
+Defined here once, on ndarrays:
 
-* ``lowess`` — R's ``stats::lowess`` (Cleveland's algorithm as in R's ``clowess``: ``delta`` skipping, tricube
-  weights, three bisquare robustness iterations).
-* ``squeeze_var`` — limma's ``squeezeVar``: ``fitFDist`` (moment estimation of a scaled F prior on the
-  log scale, optionally with a natural-spline trend in a covariate) and ``fitFDistRobustly`` (Winsorized moments
-  and per-gene outlier-shrunken prior degrees of freedom). edgeR's quasi-likelihood test uses the same functions.
-* ``voom_limma`` — ``voom`` (log-CPM with 0.5 prior count, lowess trend of the quarter-root residual variance
-  against the average log count, precision weights), a weighted ``lmFit`` and ``eBayes`` (moderated t).
-  Coefficients and standard errors are returned on the natural-log scale (limma works in log2).
-
-With random-effect ``terms``, ``voom_limma`` follows variancePartition's ``dream``: voom weights, then a per-gene
-precision-weighted linear mixed model (:func:`scmlm.models._lmm.fit_weighted_lmm`) with Kenward–Roger degrees of
-freedom below 20 samples and Satterthwaite from 20 on (``dream``'s ``ddf = "adaptive"``), and no empirical-Bayes
-moderation (``dream``'s default).
+* :func:`lowess` — R's ``stats::lowess`` (Cleveland's algorithm as in R's ``clowess``: ``delta`` skipping, tricube
+  weights, three bisquare robustness iterations), and :func:`approx_rule2`, R's ``approx(rule = 2)`` (voom's trend
+  lookup, the robust scale of genes left out of a fit).
+* :func:`trigamma_inverse`, :func:`fit_f_dist` (limma's ``fitFDist``: moment estimation of a scaled F prior on the
+  log scale, optionally with a natural-spline trend in a covariate) and :func:`fit_f_dist_robustly`
+  (``fitFDistRobustly``: Winsorized moments, by 128-point Gauss–Legendre quadrature, and per-gene outlier-shrunken
+  prior degrees of freedom).
+* :func:`squeeze_var` — limma's ``squeezeVar``: empirical-Bayes posterior variances.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 from scipy import optimize, special, stats
 
 __all__ = [
-    "LimmaResult",
+    "approx_rule2",
     "fit_f_dist",
     "fit_f_dist_robustly",
     "lowess",
     "squeeze_var",
     "trigamma_inverse",
-    "voom_limma",
-    "voom_weights",
 ]
-
-LN2 = float(np.log(2.0))
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # lowess (R's clowess)
@@ -163,7 +151,7 @@ def _loess_fit_unweighted(y: np.ndarray, x: np.ndarray, span: float) -> tuple[np
     return fitted, y - fitted
 
 
-def _approx_rule2(x: np.ndarray, y: np.ndarray, xout: np.ndarray) -> np.ndarray:
+def approx_rule2(x: np.ndarray, y: np.ndarray, xout: np.ndarray) -> np.ndarray:
     """R's ``approx(x, y, xout, rule = 2, ties = mean)``: linear interpolation, constant outside."""
     ux, inv = np.unique(x, return_inverse=True)
     uy = np.bincount(inv, weights=y) / np.bincount(inv)
@@ -378,7 +366,7 @@ def fit_f_dist_robustly(
         else:
             scale = x.copy()
             scale[ok] = scale_ok
-            scale[~ok] = np.exp(_approx_rule2(cov[ok], np.log(scale_ok), cov[~ok]))
+            scale[~ok] = np.exp(approx_rule2(cov[ok], np.log(scale_ok), cov[~ok]))
         return scale, df2, shrunk
     m = np.median(x)
     if m <= 0:
@@ -510,230 +498,3 @@ def squeeze_var(
     fin = np.isfinite(df_prior)
     var_post[fin] = (df_arr[fin] * var[fin] + df_prior[fin] * var_prior[fin]) / (df_arr[fin] + df_prior[fin])
     return df_prior, var_prior, var_post
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# voom + lmFit + eBayes
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LimmaResult:
-    """Per-gene results of :func:`voom_limma` (one entry per row of ``counts``).
-
-    ``coef`` and ``se`` are on the natural-log scale (limma's log2 values times ln 2); ``s2_post`` and ``ave_expr``
-    stay on limma's log2-CPM scale. For a multi-column contrast, ``coef``/``se`` have one column per contrast
-    column and ``stat`` is the moderated F statistic. Without random terms ``converged`` is all True; with them it is
-    the per-gene status of the mixed-model fit.
-    """
-
-    coef: np.ndarray
-    se: np.ndarray
-    stat: np.ndarray
-    df: np.ndarray
-    pvalue: np.ndarray
-    weights: np.ndarray
-    s2_post: np.ndarray
-    df_prior: np.ndarray
-    ave_expr: np.ndarray
-    converged: np.ndarray
-    df1: int = 1
-    status: np.ndarray | None = None
-    """Per-gene status text (mixed-model path only): ``"ok"`` or why a gene failed."""
-    var_components: dict[str, np.ndarray] | None = None
-    """Random-effect variances per gene (mixed-model path only), log2-CPM scale."""
-
-
-def _effective_lib_size(counts: np.ndarray, lib_size, norm_factors) -> np.ndarray:
-    lib = counts.sum(axis=0).astype(float) if lib_size is None else np.asarray(lib_size, dtype=float)
-    if norm_factors is not None:
-        lib = lib * np.asarray(norm_factors, dtype=float)
-    return lib
-
-
-def _batched_wls(E: np.ndarray, X: np.ndarray, W: np.ndarray | None):
-    """Weighted least squares for every row of ``E`` (genes × samples) with its own weights.
-
-    Returns ``(beta (G×p), XtWX_inv (G×p×p), rss (G,))``.
-    """
-    if W is None:
-        XtX = X.T @ X
-        inv = np.linalg.inv(XtX)
-        beta = E @ X @ inv
-        resid = E - beta @ X.T
-        rss = np.sum(resid**2, axis=1)
-        return beta, np.broadcast_to(inv, (E.shape[0], *inv.shape)), rss
-    XtWX = np.einsum("gn,ni,nj->gij", W, X, X)
-    XtWy = np.einsum("gn,ni,gn->gi", W, X, E)
-    inv = np.linalg.inv(XtWX)
-    beta = np.einsum("gij,gj->gi", inv, XtWy)
-    resid = E - beta @ X.T
-    rss = np.sum(W * resid**2, axis=1)
-    return beta, inv, rss
-
-
-def voom_weights(
-    counts: np.ndarray, X: np.ndarray, lib_size: np.ndarray, span: float = 0.5
-) -> tuple[np.ndarray, np.ndarray]:
-    """limma's ``voom``: log2-CPM values ``E`` and precision weights (both genes × samples).
-
-    ``lib_size`` are the effective (normalised) library sizes.
-    """
-    counts = np.asarray(counts, dtype=float)
-    n_genes, n = counts.shape
-    E = np.log2((counts + 0.5) / (lib_size + 1.0)[None, :] * 1e6)
-    p = np.linalg.matrix_rank(X)
-    if n - p <= 0 or n_genes < 2:
-        return E, np.ones_like(E)
-    beta, _, rss = _batched_wls(E, X, None)
-    sigma = np.sqrt(rss / (n - p))
-    amean = E.mean(axis=1)
-    sx = amean + np.mean(np.log2(lib_size + 1.0)) - np.log2(1e6)
-    sy = np.sqrt(sigma)
-    allzero = counts.sum(axis=1) == 0
-    xs, ys = lowess(sx[~allzero], sy[~allzero], f=span, iterations=3)
-    fitted = beta @ X.T
-    fitted_logcount = np.log2(1e-6 * 2.0**fitted * (lib_size + 1.0)[None, :])
-    trend = _approx_rule2(xs, ys, fitted_logcount.ravel()).reshape(fitted_logcount.shape)
-    return E, 1.0 / trend**4
-
-
-def _as_contrast(L: np.ndarray, p: int) -> np.ndarray:
-    L = np.asarray(L, dtype=float)
-    if L.ndim == 1:
-        L = L[:, None]
-    if L.shape[0] != p:
-        raise ValueError(f"contrast has {L.shape[0]} rows but the design has {p} columns")
-    return L
-
-
-def voom_limma(
-    counts: np.ndarray,
-    X: np.ndarray,
-    L: np.ndarray,
-    *,
-    lib_size: np.ndarray | None = None,
-    norm_factors: np.ndarray | None = None,
-    terms: tuple | None = None,
-    span: float = 0.5,
-) -> LimmaResult:
-    """limma-voom (``voom`` → ``lmFit`` → ``eBayes``) or, with random ``terms``, dream.
-
-    Parameters
-    ----------
-    counts
-        Genes × samples counts (already filtered, e.g. with ``filter_by_expr``).
-    X
-        Samples × p fixed-effect design (full column rank).
-    L
-        Contrast: a length-p vector or a p × m matrix.
-    lib_size, norm_factors
-        Library sizes (default: column sums) and normalisation factors (default: 1, e.g. from ``tmm_factors``);
-        voom uses their product.
-    terms
-        Random-effect terms (:class:`scmlm.models._random.RandomTerm`). With terms, each gene gets a
-        precision-weighted LMM (REML) with the voom weights, as variancePartition's ``dream``; the voom trend is
-        then re-estimated from the mixed-model fits and the weights recomputed once (``voomWithDreamWeights``).
-        Tests use Satterthwaite df, without empirical-Bayes moderation.
-    span
-        lowess span of the voom trend.
-
-    Returns
-    -------
-    LimmaResult
-
-    Examples
-    --------
-    >>> rng = np.random.default_rng(0)
-    >>> y = rng.poisson(50, size=(100, 6))
-    >>> X = np.column_stack([np.ones(6), [0, 0, 0, 1, 1, 1]])
-    >>> res = voom_limma(y, X, np.array([0.0, 1.0]))
-    """
-    return voom_limma_multi(counts, X, [L], lib_size=lib_size, norm_factors=norm_factors, terms=terms, span=span)[0]
-
-
-def voom_limma_multi(
-    counts: np.ndarray,
-    X: np.ndarray,
-    Ls: list[np.ndarray],
-    *,
-    lib_size: np.ndarray | None = None,
-    norm_factors: np.ndarray | None = None,
-    terms: tuple | None = None,
-    span: float = 0.5,
-) -> list[LimmaResult]:
-    """:func:`voom_limma` for several contrasts: one ``voom`` + ``lmFit`` + ``eBayes`` serves all of them.
-
-    Each item of ``Ls`` is a length-p vector (moderated t) or a p × m matrix (moderated F of its m columns, as limma's
-    ``eBayes`` ``F`` and ``topTableF``: ``classifyTestsF`` of the moderated t statistics with the correlation of the
-    coefficients from the unweighted design, ``fit$cov.coefficients``). With random ``terms`` (dream) the test is
-    part of each gene's mixed-model fit (``scmlm.models._lmm``), so each contrast runs :func:`dream` on its own.
-    """
-    counts = np.asarray(counts, dtype=float)
-    X = np.asarray(X, dtype=float)
-    n_genes, n = counts.shape
-    p = X.shape[1]
-    Ls = [_as_contrast(L, p) for L in Ls]
-    lib = _effective_lib_size(counts, lib_size, norm_factors)
-    if terms:
-        from scmlm.models._lmm import dream
-
-        return [dream(counts, X, L, terms, lib, span=span) for L in Ls]
-
-    E, W = voom_weights(counts, X, lib, span=span)
-    beta, inv, rss = _batched_wls(E, X, W)
-    df_res = float(n - p)
-    s2 = rss / df_res if df_res > 0 else np.full(n_genes, np.nan)
-    df_prior, s2_prior, s2_post = squeeze_var(s2, df_res)
-    df_total = np.minimum(df_res + df_prior, df_res * n_genes)
-    amean = E.mean(axis=1)
-    # lmFit's cov.coefficients: from the unweighted design (limma uses it for the correlation of the t statistics)
-    cov_unweighted = np.linalg.inv(X.T @ X)
-    out = []
-    for L in Ls:
-        m = L.shape[1]
-        est = beta @ L  # G × m
-        V = np.einsum("im,gij,jk->gmk", L, inv, L)  # unscaled covariance of the contrasts
-        su = np.sqrt(np.diagonal(V, axis1=1, axis2=2))  # G × m
-        t = est / su / np.sqrt(s2_post)[:, None]
-        if m == 1:
-            t = t[:, 0]
-            pval = 2 * stats.t.sf(np.abs(t), df_total)
-            coef = est[:, 0] * LN2
-            se = su[:, 0] * np.sqrt(s2_post) * LN2
-            stat = t
-            df1 = 1
-        else:
-            stat, df1 = _classify_tests_f(t, L.T @ cov_unweighted @ L)
-            pval = stats.f.sf(stat, df1, df_total)
-            coef = est * LN2
-            se = su * np.sqrt(s2_post)[:, None] * LN2
-        out.append(
-            LimmaResult(
-                coef=coef,
-                se=se,
-                stat=stat,
-                df=df_total,
-                pvalue=pval,
-                weights=W,
-                s2_post=s2_post,
-                df_prior=df_prior,
-                ave_expr=amean,
-                converged=np.ones(n_genes, dtype=bool),
-                df1=df1,
-            )
-        )
-    return out
-
-
-def _classify_tests_f(t: np.ndarray, cov: np.ndarray) -> tuple[np.ndarray, int]:
-    """limma's ``classifyTestsF(fstat.only = TRUE)``: F of the moderated t statistics ``t`` (G × m) given the
-    covariance of the contrasts ``cov`` (m × m, turned into a correlation); numerator df is its rank."""
-    d = np.sqrt(np.diag(cov))
-    cor = cov / np.outer(d, d)
-    vals, vecs = np.linalg.eigh(cor)
-    order = np.argsort(vals)[::-1]
-    vals, vecs = vals[order], vecs[:, order]
-    r = int(np.sum(vals / vals[0] > 1e-8))
-    Q = vecs[:, :r] / np.sqrt(vals[:r])[None, :] / np.sqrt(r)
-    return np.sum((t @ Q) ** 2, axis=1), r

@@ -38,16 +38,17 @@ A gene never raises: numerical failures are reported in ``status`` with NaN stat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from scipy import linalg, optimize, stats
 from threadpoolctl import threadpool_limits
 
-from scmlm.models._random import RandomTerm, build_Z, n_theta, term_slices
+from ._random import RandomTerm, build_Z, n_theta, term_slices
+from .ebayes import approx_rule2, lowess
+from .limma import LN2, LimmaResult
 
 __all__ = ["LMMResult", "dream", "fit_weighted_lmm"]
-
-LN2 = float(np.log(2.0))
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,25 @@ def _theta_bounds(terms: tuple[RandomTerm, ...]) -> list[tuple[float | None, flo
         else:
             bounds += [(0.0, None)] * t.k
     return bounds
+
+
+class _GeneModel(NamedTuple):
+    """One gene's weighted LMM: response ``y`` (n), fixed and random designs ``X`` (n × p) and ``Z`` (n × q),
+    precision weights ``w`` (n) and the random terms."""
+
+    y: np.ndarray
+    X: np.ndarray
+    Z: np.ndarray
+    w: np.ndarray
+    terms: tuple[RandomTerm, ...]
+
+
+class _Estimates(NamedTuple):
+    """REML estimates of one gene: residual variance, each term's covariance ``Σ_t`` and the fixed effects."""
+
+    sigma2: float
+    Sigmas: list[np.ndarray]
+    beta: np.ndarray
 
 
 class _GeneData:
@@ -252,8 +272,10 @@ def _psi_structure(terms: tuple[RandomTerm, ...], Z: np.ndarray, Sigmas: list[np
     return derivs, names, free
 
 
-def _satterthwaite(y, X, Z, w, terms, sigma2, Sigmas, Lm):
-    """Satterthwaite df for each column of ``Lm`` (after rotation for F tests) and ``C = Var(beta)``."""
+def _satterthwaite(model: _GeneModel, sigma2: float, Sigmas: list[np.ndarray]):
+    """What Satterthwaite's df of any contrast needs: ``C = Var(beta)``, the inverse REML information ``A`` of the
+    free variance parameters and the derivatives ``dC`` of ``C`` with respect to them."""
+    y, X, Z, w, terms = model
     n = X.shape[0]
     derivs, _, free = _psi_structure(terms, Z, Sigmas)
     Vw = np.diag(1.0 / w)
@@ -326,7 +348,7 @@ def _fit_gene(y, X, Z, w, terms, lmap: _LambdaMap, Lm, ddf: str = "satterthwaite
         Sigmas.append(sigma2 * T @ T.T)
     fitted = X @ beta + Z @ lam_u
     r = {"beta": beta, "sigma2": sigma2, "Sigmas": Sigmas, "theta": theta, "dev": dev, "fitted": fitted, "ok": ok}
-    r.update(_tests(y, X, Z, w, terms, sigma2, Sigmas, beta, Lm, ddf))
+    r.update(_tests(_GeneModel(y, X, Z, w, terms), _Estimates(sigma2, Sigmas, beta), Lm, ddf))
     return r
 
 
@@ -561,18 +583,20 @@ def _fit_batch_one_term(Y, X, Z, W, term: RandomTerm, lmap: _LambdaMap, Lm, ddf:
             r.update({"C": Phi[i], "est": est, "se": np.array([se]), "stat": t, "df": kr_df[i],
                       "pval": 2 * stats.t.sf(abs(t), kr_df[i])})  # fmt: skip
         else:
-            r.update(_tests(Y[i], X, Z, W[i], (term,), sigma2, Sigmas, beta, Lm, ddf))
+            r.update(_tests(_GeneModel(Y[i], X, Z, W[i], (term,)), _Estimates(sigma2, Sigmas, beta), Lm, ddf))
         out.append(r)
     return out
 
 
-def _tests(y, X, Z, w, terms, sigma2, Sigmas, beta, Lm, ddf: str) -> dict:
+def _tests(model: _GeneModel, est: _Estimates, Lm: np.ndarray, ddf: str) -> dict:
     """``C = Var(beta)`` and the test of ``L'beta``: Satterthwaite, Kenward–Roger (one contrast column) or none."""
+    _, X, Z, w, terms = model
+    sigma2, Sigmas, beta = est
     if ddf == "none":
         nanv = np.full(Lm.shape[1], np.nan)
         return {"C": np.full((X.shape[1],) * 2, np.nan), "est": Lm.T @ beta, "se": nanv, "stat": np.nan,
                 "df": np.nan, "pval": np.nan}  # fmt: skip
-    C, A, dC, _ = _satterthwaite(y, X, Z, w, terms, sigma2, Sigmas, Lm)
+    C, A, dC, _ = _satterthwaite(model, sigma2, Sigmas)
     if ddf == "kenward-roger" and Lm.shape[1] == 1:
         derivs, _, _ = _psi_structure(terms, Z, Sigmas)
         psi = [S[a, b] for S, t in zip(Sigmas, terms, strict=True) for a, b in _pairs(t)]
@@ -613,7 +637,7 @@ def fit_weighted_lmm(
     X
         n × p fixed-effect design (full column rank).
     terms
-        Random-effect terms (:class:`~scmlm.models._random.RandomTerm`).
+        Random-effect terms (:class:`~scmlm.models.RandomTerm`).
     weights
         Precision weights ``w`` (``Var(e_i) = sigma² / w_i``): None (all 1), length n, or genes × n.
     L
@@ -632,7 +656,7 @@ def fit_weighted_lmm(
 
     Examples
     --------
-    >>> from scmlm.models._random import intercept_term
+    >>> from scmlm.models import intercept_term
     >>> rng = np.random.default_rng(0)
     >>> groups = np.repeat(np.arange(6), 4)
     >>> X = np.column_stack([np.ones(24), groups % 2])
@@ -741,10 +765,8 @@ def dream(
     ``ddf="adaptive"`` (variancePartition's default) uses Kenward–Roger df below 20 samples and Satterthwaite from
     20 on; ``"kenward-roger"`` or ``"satterthwaite"`` force one.
 
-    Returns a :class:`scmlm.models._limma.LimmaResult` with coefficients and SEs on the natural-log scale.
+    Returns a :class:`~scmlm.models.limma.LimmaResult` with coefficients and SEs on the natural-log scale.
     """
-    from scmlm.models._limma import LimmaResult, _approx_rule2, lowess
-
     counts = np.asarray(counts, dtype=float)
     n_genes, n = counts.shape
     E = np.log2((counts + 0.5) / (lib_size + 1.0)[None, :] * 1e6)
@@ -761,7 +783,7 @@ def dream(
     xs, ys = lowess(sx[use], sy[use], f=span, iterations=3)
     fitted = np.where(np.isfinite(first.fitted), first.fitted, E)
     fitted_logcount = np.log2(1e-6 * 2.0**fitted * (lib_size + 1.0)[None, :])
-    W = 1.0 / _approx_rule2(xs, ys, fitted_logcount.ravel()).reshape(fitted_logcount.shape) ** 4
+    W = 1.0 / approx_rule2(xs, ys, fitted_logcount.ravel()).reshape(fitted_logcount.shape) ** 4
     res = fit_weighted_lmm(E, X, terms, W, Lm, ddf=ddf)
     m = Lm.shape[1]
     return LimmaResult(
