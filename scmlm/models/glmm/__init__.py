@@ -50,4 +50,12 @@ Why numba: one fit is a long chain of tiny dense operations (q x q with q = dono
 iteration counts; numpy would spend its time in call overhead and a per-gene Python loop with scipy.optimize is two
 orders of magnitude slower. ``cache=True`` keeps the compiled code on disk, so only the first import in a new
 environment pays the compilation.
+
+Named records and numba's reference counting: a function that binds a record (``dz.x_rows``, or the record itself
+as an argument) increments and later decrements the reference count of every array in it, atomically, which on
+small designs (ten patterns) costs more than the arithmetic. The functions of the inner and outer loops that neither
+allocate nor call a function that allocates are therefore compiled with ``_nrt=False`` (no reference counting; the
+arrays they touch belong to the per-chunk records, alive for the whole call), and the per-row helpers, called once
+per pattern, with ``inline="always"``. Functions that allocate (``make_workspace``, ``snap_zero``, ``fit_gene``,
+``chunk``) keep numba's runtime, and a function compiled without it must not call one of them.
 """

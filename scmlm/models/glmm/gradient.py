@@ -12,14 +12,14 @@ import numpy as np
 
 from ..._jit import jit
 from .._families import NB
-from .laplace import assemble, penalised
+from .laplace import assemble, penalised, rows_of
 from .likelihood import nb_D
 from .linalg import chol, chol_inverse, chol_logdet
 from .records import OuterParam
 from .special import LEVEL, LOG2PI
 
 
-@jit
+@jit(_nrt=False)
 def _criterion(cf, gd, gamma, psi, dz, ws):
     """The criterion at the modes ``gamma`` (``-inf`` if a Hessian is not PD); ``ws.crit`` gets
     ``[h, logdet(H), logdet(H_uu), ok]`` and ``ws.L``, ``ws.Luu`` the Cholesky factors."""
@@ -49,7 +49,7 @@ def _criterion(cf, gd, gamma, psi, dz, ws):
     return h - 0.5 * ldU
 
 
-@jit
+@jit(_nrt=False)
 def objective_grad(cf, gd, want_grad, gamma, psi, dz, ws, grad):
     """Laplace (ML) or restricted-Laplace (REML) criterion at the modes ``gamma`` and its gradient in ``psi``.
 
@@ -70,22 +70,24 @@ def objective_grad(cf, gd, want_grad, gamma, psi, dz, ws, grad):
     return obj
 
 
-@jit
-def _add_row(vec, f, p, dz, av, npar):
+@jit(_nrt=False, inline="always")
+def _add_row(vec, f, p, ro, npar):
     """``vec += f a_p`` (the design vector of pattern ``p`` in ``gamma`` coordinates)."""
-    Xp = dz.x_rows
-    Zc = dz.z_col
+    Xp = ro.x_rows
+    Zc = ro.z_col
+    av = ro.av
     for c in range(npar):
         vec[c] += f * Xp[p, c]
     for j in range(Zc.shape[1]):
         vec[npar + Zc[p, j]] += f * av[p, j]
 
 
-@jit
-def _dot_row(vec, p, s0, dz, av, npar):
+@jit(_nrt=False, inline="always")
+def _dot_row(vec, p, s0, ro, npar):
     """``s0 + a_p' vec``, summed from ``s0`` on."""
-    Xp = dz.x_rows
-    Zc = dz.z_col
+    Xp = ro.x_rows
+    Zc = ro.z_col
+    av = ro.av
     s = s0
     for c in range(npar):
         s += Xp[p, c] * vec[c]
@@ -94,14 +96,14 @@ def _dot_row(vec, p, s0, dz, av, npar):
     return s
 
 
-@jit
-def _quad_rows(p1, p2, reml, dz, ws, npar):
+@jit(_nrt=False, inline="always")
+def _quad_rows(p1, p2, reml, ro, npar):
     """``a_p1' S a_p2`` with ``S = H^{-1}`` (REML) or ``H_uu^{-1}`` on the u entries (ML)."""
-    Xp = dz.x_rows
-    Zc = dz.z_col
-    av = ws.av
-    Hinv = ws.Hinv
-    Huinv = ws.Huinv
+    Xp = ro.x_rows
+    Zc = ro.z_col
+    av = ro.av
+    Hinv = ro.Hinv
+    Huinv = ro.Huinv
     na = npar + Zc.shape[1]
     s = 0.0
     for a in range(na):
@@ -131,13 +133,13 @@ def _quad_rows(p1, p2, reml, dz, ws, npar):
     return s
 
 
-@jit
-def _hinv_dot(col, p, reml, dz, ws, npar):
+@jit(_nrt=False, inline="always")
+def _hinv_dot(col, p, reml, ro, npar):
     """``(H_S^{-1} a_{p,S})`` at the u column ``col`` (S: everything for REML, the u block for ML)."""
-    Xp = dz.x_rows
-    Zc = dz.z_col
-    av = ws.av
-    Hinv = ws.Hinv
+    Xp = ro.x_rows
+    Zc = ro.z_col
+    av = ro.av
+    Hinv = ro.Hinv
     s = 0.0
     for a in range(npar + Zc.shape[1]):
         if a < npar:
@@ -148,11 +150,11 @@ def _hinv_dot(col, p, reml, dz, ws, npar):
             if reml:
                 s += Hinv[npar + col, npar + c2] * av[p, a - npar]
             else:
-                s += ws.Huinv[col, c2] * av[p, a - npar]
+                s += ro.Huinv[col, c2] * av[p, a - npar]
     return s
 
 
-@jit
+@jit(_nrt=False)
 def _param_kind(k, cf, dz):
     """Outer parameter ``k`` (see :class:`~scmlm.models.glmm.records.OuterParam`)."""
     nth = cf.n_theta
@@ -168,13 +170,13 @@ def _param_kind(k, cf, dz):
     return OuterParam(kind, k - nps, slot, jslot)
 
 
-@jit
-def _fill_ee(op, gamma, dz, ws, npar):
+@jit(_nrt=False)
+def _fill_ee(op, gamma, ro, npar):
     """Direct derivative of every row's linear predictor in the outer parameter (modes held fixed)."""
-    Xp = dz.x_rows
-    Zc = dz.z_col
-    Zv = dz.z_val
-    ee = ws.ee
+    Xp = ro.x_rows
+    Zc = ro.z_col
+    Zv = ro.z_val
+    ee = ro.ee
     kind, slot, jslot = op.kind, op.slot, op.jslot
     for p in range(Xp.shape[0]):
         if kind == 0:
@@ -185,13 +187,13 @@ def _fill_ee(op, gamma, dz, ws, npar):
             ee[p] = Xp[p, op.col]
 
 
-@jit
-def _mode_derivative(cf, ws):
+@jit(_nrt=False)
+def _mode_derivative(cf, ro):
     """``gdot = H_S^{-1} rvec``: the derivative of the modes (only ``u`` when ``beta`` is an outer parameter)."""
     npar, q = cf.n_fixed, cf.q
-    rvec, gdot = ws.rvec, ws.gdot
+    rvec, gdot = ro.rvec, ro.gdot
     if cf.laplace_beta:
-        Huinv = ws.Huinv
+        Huinv = ro.Huinv
         for i in range(npar):
             gdot[i] = 0.0
         for i in range(q):
@@ -200,7 +202,7 @@ def _mode_derivative(cf, ws):
                 s += Huinv[i, j] * rvec[npar + j]
             gdot[npar + i] = s
     else:
-        Hinv = ws.Hinv
+        Hinv = ro.Hinv
         d = npar + q
         for i in range(d):
             s = 0.0
@@ -209,7 +211,7 @@ def _mode_derivative(cf, ws):
             gdot[i] = s
 
 
-@jit
+@jit(_nrt=False)
 def _n_outer(cf, gd, psi):
     """Number of outer parameters and ``dD/dtau`` (NB)."""
     nps = cf.n_theta + cf.has_tau
@@ -221,17 +223,17 @@ def _n_outer(cf, gd, psi):
     return ntot, D1
 
 
-@jit
-def _pattern_rhs(op, dz, ws, npar):
+@jit(_nrt=False)
+def _pattern_rhs(op, ro, npar):
     """``rvec`` (derivative of the gradient of ``h`` at fixed modes) and the direct derivative of ``h`` (patterns)."""
-    FE, av, rvec, ee = ws.FE, ws.av, ws.rvec, ws.ee
-    Zc = dz.z_col
-    Zv = dz.z_val
+    FE, rvec, ee = ro.FE, ro.rvec, ro.ee
+    Zc = ro.z_col
+    Zv = ro.z_val
     kind, slot, jslot = op.kind, op.slot, op.jslot
     for i in range(rvec.shape[0]):
         rvec[i] = 0.0
     dh = 0.0
-    for p in range(dz.x_rows.shape[0]):
+    for p in range(ro.x_rows.shape[0]):
         if kind == 0:
             f = FE[p, 2] * ee[p]
             dh += FE[p, 1] * ee[p]
@@ -242,32 +244,33 @@ def _pattern_rhs(op, dz, ws, npar):
         else:
             f = FE[p, 2] * ee[p]
             dh += FE[p, 1] * ee[p]
-        _add_row(rvec, f, p, dz, av, npar)
+        _add_row(rvec, f, p, ro, npar)
     return dh
 
 
-@jit
+@jit(_nrt=False)
 def _grad_patterns(cf, gd, gamma, psi, dz, ws, grad):
     """Gradient of the criterion in ``psi`` on covariate patterns."""
     npar, reml = cf.n_fixed, cf.reml
-    FE, av, rho, ee, gdot = ws.FE, ws.av, ws.rho, ws.ee, ws.gdot
-    Zc = dz.z_col
-    Zv = dz.z_val
-    P = dz.x_rows.shape[0]
+    ro = rows_of(dz, ws)
+    FE, rho, ee, gdot = ro.FE, ro.rho, ro.ee, ro.gdot
+    Zc = ro.z_col
+    Zv = ro.z_val
+    P = ro.x_rows.shape[0]
     # rho_p = a_S' H_S^{-1} a_S with S = everything (REML) or the u block (ML)
     for p in range(P):
-        rho[p] = _quad_rows(p, p, reml, dz, ws, npar)
+        rho[p] = _quad_rows(p, p, reml, ro, npar)
     ntot, D1 = _n_outer(cf, gd, psi)
     for k in range(ntot):
         op = _param_kind(k, cf, dz)
-        _fill_ee(op, gamma, dz, ws, npar)
-        dh = _pattern_rhs(op, dz, ws, npar)
+        _fill_ee(op, gamma, ro, npar)
+        dh = _pattern_rhs(op, ro, npar)
         if op.kind == 1:
             dh += D1
-        _mode_derivative(cf, ws)
+        _mode_derivative(cf, ro)
         tr = 0.0
         for p in range(P):
-            wd = -FE[p, 3] * _dot_row(gdot, p, ee[p], dz, av, npar)
+            wd = -FE[p, 3] * _dot_row(gdot, p, ee[p], ro, npar)
             if op.kind == 1:
                 wd -= FE[p, 6]
             tr += wd * rho[p]
@@ -276,31 +279,31 @@ def _grad_patterns(cf, gd, gamma, psi, dz, ws, grad):
                 cd = Zv[p, op.jslot]
                 if cd == 0.0:
                     continue
-                tr += 2.0 * (-FE[p, 2]) * cd * _hinv_dot(Zc[p, op.slot], p, reml, dz, ws, npar)
+                tr += 2.0 * (-FE[p, 2]) * cd * _hinv_dot(Zc[p, op.slot], p, reml, ro, npar)
         grad[k] = dh - 0.5 * tr
 
 
-@jit
-def _group_rhs(op, dz, ws, npar):
-    """``rvec`` and the direct derivative of ``h`` on groups (as :func:`_pattern_rhs`)."""
-    FG, av, rvec, ee = ws.FG, ws.av, ws.rvec, ws.ee
-    Zc = dz.z_col
-    Zv = dz.z_val
+@jit(_nrt=False)
+def _group_rhs(op, ro, G, npar):
+    """``rvec`` and the direct derivative of ``h`` on the ``G`` groups (as :func:`_pattern_rhs`)."""
+    FG, rvec, ee = ro.FG, ro.rvec, ro.ee
+    Zc = ro.z_col
+    Zv = ro.z_val
     kind, slot, jslot = op.kind, op.slot, op.jslot
     for i in range(rvec.shape[0]):
         rvec[i] = 0.0
     dh = 0.0
-    for gg in range(dz.grp_tmax.shape[0]):
+    for gg in range(G):
         p0 = 2 * gg
         if kind == 1:
             dh += FG[gg, 10]
             for s in range(2):
-                _add_row(rvec, FG[gg, 11 + s], p0 + s, dz, av, npar)
+                _add_row(rvec, FG[gg, 11 + s], p0 + s, ro, npar)
         else:
             dh += FG[gg, 1] * ee[p0] + FG[gg, 2] * ee[p0 + 1]
             for s in range(2):
                 f = FG[gg, 3 + s] * ee[p0] + FG[gg, 4 + s] * ee[p0 + 1]
-                _add_row(rvec, f, p0 + s, dz, av, npar)
+                _add_row(rvec, f, p0 + s, ro, npar)
             if kind == 0:
                 for r in range(2):
                     p = p0 + r
@@ -308,16 +311,16 @@ def _group_rhs(op, dz, ws, npar):
     return dh
 
 
-@jit
-def _group_trace(tr, gg, op, reml, dz, ws, npar):
+@jit(_nrt=False)
+def _group_trace(tr, gg, op, reml, ro, npar):
     """Add group ``gg``'s terms of the derivative of the log-determinant to ``tr``."""
-    FG, av, ee, gdot = ws.FG, ws.av, ws.ee, ws.gdot
-    Zc = dz.z_col
-    Zv = dz.z_val
+    FG, ee, gdot = ro.FG, ro.ee, ro.gdot
+    Zc = ro.z_col
+    Zv = ro.z_val
     kind, slot, jslot = op.kind, op.slot, op.jslot
     p0 = 2 * gg
-    t0 = ee[p0] + _dot_row(gdot, p0, 0.0, dz, av, npar)
-    t1 = ee[p0 + 1] + _dot_row(gdot, p0 + 1, 0.0, dz, av, npar)
+    t0 = ee[p0] + _dot_row(gdot, p0, 0.0, ro, npar)
+    t1 = ee[p0 + 1] + _dot_row(gdot, p0 + 1, 0.0, ro, npar)
     R00 = FG[gg, 16]
     R01 = FG[gg, 17]
     R11 = FG[gg, 18]
@@ -333,30 +336,31 @@ def _group_trace(tr, gg, op, reml, dz, ws, npar):
                 continue
             col = Zc[p0 + s, slot]
             for r in range(2):
-                tr += 2.0 * (-FG[gg, 3 + r + s]) * cd * _hinv_dot(col, p0 + r, reml, dz, ws, npar)
+                tr += 2.0 * (-FG[gg, 3 + r + s]) * cd * _hinv_dot(col, p0 + r, reml, ro, npar)
     return tr
 
 
-@jit
+@jit(_nrt=False)
 def _grad_groups(cf, gd, gamma, psi, dz, ws, grad):
     """Gradient of the criterion in ``psi`` on groups (as on patterns, with 2 x 2 blocks per group)."""
     npar, reml = cf.n_fixed, cf.reml
-    FG = ws.FG
+    ro = rows_of(dz, ws)
+    FG = ro.FG
     G = dz.grp_tmax.shape[0]
     for gg in range(G):
         p0 = 2 * gg
-        FG[gg, 16] = _quad_rows(p0, p0, reml, dz, ws, npar)
-        FG[gg, 17] = _quad_rows(p0, p0 + 1, reml, dz, ws, npar)
-        FG[gg, 18] = _quad_rows(p0 + 1, p0 + 1, reml, dz, ws, npar)
+        FG[gg, 16] = _quad_rows(p0, p0, reml, ro, npar)
+        FG[gg, 17] = _quad_rows(p0, p0 + 1, reml, ro, npar)
+        FG[gg, 18] = _quad_rows(p0 + 1, p0 + 1, reml, ro, npar)
     ntot, D1 = _n_outer(cf, gd, psi)
     for k in range(ntot):
         op = _param_kind(k, cf, dz)
-        _fill_ee(op, gamma, dz, ws, npar)
-        dh = _group_rhs(op, dz, ws, npar)
+        _fill_ee(op, gamma, ro, npar)
+        dh = _group_rhs(op, ro, G, npar)
         if op.kind == 1:
             dh += D1
-        _mode_derivative(cf, ws)
+        _mode_derivative(cf, ro)
         tr = 0.0
         for gg in range(G):
-            tr = _group_trace(tr, gg, op, reml, dz, ws, npar)
+            tr = _group_trace(tr, gg, op, reml, ro, npar)
         grad[k] = dh - 0.5 * tr

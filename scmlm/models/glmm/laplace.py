@@ -15,10 +15,19 @@ from ..._jit import jit
 from .._families import NB
 from .likelihood import KV, fam_eval, fam_eval_grp, grp_centre, nb_D, softplus_derivs
 from .linalg import chol, chol_solve
-from .records import Workspace
+from .records import Rows, Workspace
 from .special import KU, LEVEL
 
 MAX_ETA_STEP = 4.0  # largest change of a pattern's linear predictor in one inner Newton step (damping)
+
+
+@jit(_nrt=False)
+def rows_of(dz, ws):
+    """The :class:`Rows` view of a design and a workspace."""
+    return Rows(
+        dz.x_rows, dz.z_col, dz.z_val, ws.av, ws.FE, ws.FG, ws.g, ws.H, ws.Hinv, ws.Huinv, ws.rho, ws.ee, ws.gdot,
+        ws.rvec,
+    )  # fmt: skip
 
 
 @jit
@@ -51,11 +60,9 @@ def make_workspace(P, m, npar, q, G):
     )
 
 
-@jit
-def lam_values(theta, dz, av):
-    """Values of ``Lambda' z_p`` at the slots of ``Z`` (``av``, P x m)."""
-    Zv = dz.z_val
-    tm = dz.terms
+@jit(_nrt=False)
+def lam_values(theta, tm, Zv, av):
+    """Values of ``Lambda' z_p`` at the slots of ``Z`` (``av``, P x m; ``tm`` the :class:`TermMap`)."""
     P = Zv.shape[0]
     for t in range(tm.k.shape[0]):
         k = tm.k[t]
@@ -75,11 +82,9 @@ def lam_values(theta, dz, av):
                     av[p, s0 + i] = theta[h0 + i] * Zv[p, s0 + i]
 
 
-@jit
-def lin_pred(gamma, av, dz, npar, e):
+@jit(_nrt=False)
+def lin_pred(gamma, av, Xp, Zc, npar, e):
     """Linear predictor ``e_p = a_p' gamma`` of every pattern (without offsets)."""
-    Xp = dz.x_rows
-    Zc = dz.z_col
     P = Xp.shape[0]
     m = Zc.shape[1]
     for p in range(P):
@@ -91,14 +96,14 @@ def lin_pred(gamma, av, dz, npar, e):
         e[p] = s
 
 
-@jit
-def _accumulate(p, p2, F1, W, with_g, dz, ws, npar):
+@jit(_nrt=False, inline="always")
+def _accumulate(p, p2, F1, W, with_g, ro, npar):
     """``g += F1 a_p`` (when ``with_g``) and ``H += W a_p a_p2'`` in ``gamma`` coordinates."""
-    Xp = dz.x_rows
-    Zc = dz.z_col
-    av = ws.av
-    g = ws.g
-    H = ws.H
+    Xp = ro.x_rows
+    Zc = ro.z_col
+    av = ro.av
+    g = ro.g
+    H = ro.H
     na = npar + Zc.shape[1]
     for a in range(na):
         if a < npar:
@@ -122,7 +127,7 @@ def _accumulate(p, p2, F1, W, with_g, dz, ws, npar):
             H[ia, ib] += wa * vb
 
 
-@jit
+@jit(_nrt=False)
 def assemble(gamma, dz, ws, npar, q):
     """Gradient ``ws.g`` and negative Hessian ``ws.H`` of ``h`` in ``gamma = (beta, u)`` (from ``ws.FE``, or from
     ``ws.FG`` on groups: 2 x 2 blocks of the rows ``2g, 2g + 1``)."""
@@ -136,27 +141,28 @@ def assemble(gamma, dz, ws, npar, q):
     for i in range(npar, d):
         g[i] = -gamma[i]
         H[i, i] = 1.0
+    ro = rows_of(dz, ws)
     G = dz.grp_tmax.shape[0]
     if G > 0:
         FG = ws.FG
         for gg in range(G):
             for r in range(2):
                 for s in range(2):
-                    _accumulate(2 * gg + r, 2 * gg + s, FG[gg, 1 + r], -FG[gg, 3 + r + s], s == 0, dz, ws, npar)
+                    _accumulate(2 * gg + r, 2 * gg + s, FG[gg, 1 + r], -FG[gg, 3 + r + s], s == 0, ro, npar)
         return
     FE = ws.FE
     for p in range(dz.x_rows.shape[0]):
-        _accumulate(p, p, FE[p, 1], -FE[p, 2], True, dz, ws, npar)
+        _accumulate(p, p, FE[p, 1], -FE[p, 2], True, ro, npar)
 
 
-@jit
+@jit(_nrt=False)
 def penalised(cf, gd, gamma, psi, level, dz, ws):
     """``h(gamma)`` at the variance parameters in ``psi`` (without the gene constant); fills ``ws.FE`` (or ``ws.FG``)
     at ``level``."""
     nth, npar = cf.n_theta, cf.n_fixed
     tau = psi[nth] if cf.has_tau else 0.0
-    lam_values(psi[:nth], dz, ws.av)
-    lin_pred(gamma, ws.av, dz, npar, ws.e)
+    lam_values(psi[:nth], dz.terms, dz.z_val, ws.av)
+    lin_pred(gamma, ws.av, dz.x_rows, dz.z_col, npar, ws.e)
     if dz.grp_tmax.shape[0] > 0:
         h = fam_eval_grp(ws.e, tau, level, gd, dz, ws)
     else:
@@ -169,14 +175,12 @@ def penalised(cf, gd, gamma, psi, level, dz, ws):
     return h
 
 
-@jit
-def max_eta_change(step, av, dz, npar):
-    """Largest ``|change of e_p|`` over the patterns for a step in ``gamma`` (``av`` at the current ``psi``)."""
-    Xp = dz.x_rows
-    Zc = dz.z_col
+@jit(_nrt=False)
+def max_eta_change(step, av, Xp, Zc, tabs, npar):
+    """Largest ``|change of e_p|`` over the patterns for a step in ``gamma`` (``av`` at the current ``psi``; ``tabs``
+    the largest ``|t|`` of each group, empty without groups)."""
     P = Xp.shape[0]
     m = Zc.shape[1]
-    tabs = dz.grp_tmax
     grp = tabs.shape[0] > 0
     out = 0.0
     s0 = 0.0
@@ -197,7 +201,7 @@ def max_eta_change(step, av, dz, npar):
     return out
 
 
-@jit
+@jit(_nrt=False)
 def _fix_beta(cf, H, g, d):
     """Laplace-ML ``beta`` (an outer parameter): no Newton step in ``beta``."""
     for i in range(cf.n_fixed):
@@ -208,7 +212,7 @@ def _fix_beta(cf, H, g, d):
         H[i, i] = 1.0
 
 
-@jit
+@jit(_nrt=False)
 def inner_solve(cf, gd, gamma, psi, dz, ws, max_iter):
     """Newton iterations for the conditional modes (of ``(beta, u)``, or of ``u`` alone when ``laplace_beta``).
 
@@ -248,7 +252,7 @@ def inner_solve(cf, gd, gamma, psi, dz, ws, max_iter):
         # damping: a step that moves some linear predictor by more than MAX_ETA_STEP is shortened. Far from the
         # mode a logit fit can be saturated (all p near 0 or 1); the Newton step there is huge, and its halves land
         # on the other flat side, where the Hessian vanishes. The mode itself is unchanged.
-        smax = max_eta_change(step, ws.av, dz, npar)
+        smax = max_eta_change(step, ws.av, dz.x_rows, dz.z_col, dz.grp_tmax, npar)
         if smax > MAX_ETA_STEP:
             sc = MAX_ETA_STEP / smax
             for i in range(d):
@@ -281,7 +285,7 @@ def inner_solve(cf, gd, gamma, psi, dz, ws, max_iter):
     return False, max_iter
 
 
-@jit
+@jit(_nrt=False)
 def recentre(cf, gd, gamma, psi, dz, ws):
     """Move the Taylor centres of ``U_p`` to the current ``v_p = e_p + tau``; return the largest move."""
     if dz.grp_tmax.shape[0] > 0:
@@ -292,8 +296,8 @@ def recentre(cf, gd, gamma, psi, dz, ws):
     e = ws.e
     vmode = dz.vtabs.vmode
     tau = psi[nth] if cf.has_tau else 0.0
-    lam_values(psi[:nth], dz, ws.av)
-    lin_pred(gamma, ws.av, dz, cf.n_fixed, e)
+    lam_values(psi[:nth], dz.terms, dz.z_val, ws.av)
+    lin_pred(gamma, ws.av, dz.x_rows, dz.z_col, cf.n_fixed, e)
     P = e.shape[0]
     shift = 0.0
     for p in range(P):
@@ -319,7 +323,7 @@ def recentre(cf, gd, gamma, psi, dz, ws):
     return shift
 
 
-@jit
+@jit(_nrt=False)
 def grp_gap(cf, gd, gamma, psi, dz, ws):
     """Largest change of a cell's ``v`` between the group surrogates' centres and the current modes."""
     nth = cf.n_theta
@@ -327,8 +331,8 @@ def grp_gap(cf, gd, gamma, psi, dz, ws):
     e = ws.e
     tabs = dz.grp_tmax
     tau = psi[nth] if cf.has_tau else 0.0
-    lam_values(psi[:nth], dz, ws.av)
-    lin_pred(gamma, ws.av, dz, cf.n_fixed, e)
+    lam_values(psi[:nth], dz.terms, dz.z_val, ws.av)
+    lin_pred(gamma, ws.av, dz.x_rows, dz.z_col, cf.n_fixed, e)
     gap = 0.0
     for g in range(tabs.shape[0]):
         p0 = 2 * g
@@ -338,7 +342,7 @@ def grp_gap(cf, gd, gamma, psi, dz, ws):
     return gap
 
 
-@jit
+@jit(_nrt=False)
 def recentre_grp(cf, gd, gamma, psi, dz, ws):
     """Move the centres of the group surrogates to the current modes (one pass over the cells)."""
     nth = cf.n_theta
@@ -346,8 +350,8 @@ def recentre_grp(cf, gd, gamma, psi, dz, ws):
     e = ws.e
     tabs = dz.grp_tmax
     tau = psi[nth] if cf.has_tau else 0.0
-    lam_values(psi[:nth], dz, ws.av)
-    lin_pred(gamma, ws.av, dz, cf.n_fixed, e)
+    lam_values(psi[:nth], dz.terms, dz.z_val, ws.av)
+    lin_pred(gamma, ws.av, dz.x_rows, dz.z_col, cf.n_fixed, e)
     shift = 0.0
     for g in range(tabs.shape[0]):
         p0 = 2 * g
@@ -360,7 +364,7 @@ def recentre_grp(cf, gd, gamma, psi, dz, ws):
     return shift
 
 
-@jit
+@jit(_nrt=False)
 def surrogate_gap(cf, gd, gamma, psi, dz, ws):
     """Largest distance between the modes' ``v_p`` and the ``U_p`` centres over the patterns with a surrogate."""
     if dz.grp_tmax.shape[0] > 0:
@@ -370,8 +374,8 @@ def surrogate_gap(cf, gd, gamma, psi, dz, ws):
     tau = psi[nth] if cf.has_tau else 0.0
     e = ws.e
     vmode = dz.vtabs.vmode
-    lam_values(psi[:nth], dz, ws.av)
-    lin_pred(gamma, ws.av, dz, cf.n_fixed, e)
+    lam_values(psi[:nth], dz.terms, dz.z_val, ws.av)
+    lin_pred(gamma, ws.av, dz.x_rows, dz.z_col, cf.n_fixed, e)
     gap = 0.0
     for p in range(e.shape[0]):
         if Yp[p] > 0 and vmode[p] != 2:

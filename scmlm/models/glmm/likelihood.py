@@ -15,6 +15,7 @@ import numpy as np
 
 from ..._jit import jit
 from .._families import BINOMIAL, NB, POISSON
+from .records import Scratch
 from .special import HV, KU, KV, LOG2PI, NSER, TRUST, softplus_derivs, taylor
 
 KS = 6  # total order of the bivariate Taylor surrogates of a group (cell-level continuous covariate)
@@ -24,7 +25,7 @@ TRUSTG = 1.0  # largest change of a cell's linear predictor where a group's surr
 GOFF = np.array([0, 19, 29, KS], dtype=np.int64)
 
 
-@jit
+@jit(_nrt=False)
 def v_eval(p, v, K, out, work, vt):
     """``out[k] = V_p^(k)(v)`` for ``k = 0..K`` (K <= 3): table, tail series or direct sum over the cells."""
     for k in range(K + 1):
@@ -67,7 +68,7 @@ def v_eval(p, v, K, out, work, vt):
         out[k] = taylor(row, KV, d, k)
 
 
-@jit
+@jit(_nrt=False)
 def u_eval(p, v, out, ucen, ucoef):
     """``out[k] = U_p^(k)(v)``, ``k = 0..3``, from the Taylor surrogate (quadratic continuation past TRUST)."""
     d = v - ucen[p]
@@ -87,13 +88,12 @@ def u_eval(p, v, out, ucen, ucoef):
     out[3] = 0.0
 
 
-@jit
-def _fam_nb(e, tau, level, gd, dz, ws):
-    FE = ws.FE
-    vout = ws.vbuf
-    uout = ws.ubuf
+@jit(_nrt=False)
+def _fam_nb(e, tau, level, gd, vt, o1, FE, bufs):
+    vout = bufs.vbuf
+    uout = bufs.ubuf
     Yp = gd.y_pat
-    vmode = dz.vtabs.vmode
+    vmode = vt.vmode
     K = 0 if level == 0 else (2 if level == 1 else 3)
     total = 0.0
     r = math.exp(-tau)
@@ -101,7 +101,7 @@ def _fam_nb(e, tau, level, gd, dz, ws):
         v = e[p] + tau
         if vmode[p] == 2:
             # one cell: U_p = y softplus(v + o), V_p = softplus(v + o), exact
-            softplus_derivs(v + dz.pat_sum_o[p], K, vout)
+            softplus_derivs(v + o1[p], K, vout)
             y = Yp[p]
             a = y + r
             F = y * e[p] - a * vout[0]
@@ -116,7 +116,7 @@ def _fam_nb(e, tau, level, gd, dz, ws):
                 FE[p, 5] = -y * vout[2] + r * (vout[1] - vout[2])
                 FE[p, 6] = -y * vout[3] + r * (vout[2] - vout[3])
             continue
-        v_eval(p, v, K, vout, ws.wbuf, dz.vtabs)
+        v_eval(p, v, K, vout, bufs.wbuf, vt)
         if Yp[p] > 0:
             u_eval(p, v, uout, gd.ucen, gd.ucoef)
         else:
@@ -136,12 +136,11 @@ def _fam_nb(e, tau, level, gd, dz, ws):
     return total
 
 
-@jit
-def _fam_poisson(e, gd, dz, FE):
-    Yp = gd.y_pat
+@jit(_nrt=False)
+def _fam_poisson(e, Yp, Mp, FE):
     total = 0.0
     for p in range(e.shape[0]):
-        m = dz.pat_m[p] * math.exp(e[p])
+        m = Mp[p] * math.exp(e[p])
         F = Yp[p] * e[p] - m
         FE[p, 0] = F
         total += F
@@ -154,21 +153,18 @@ def _fam_poisson(e, gd, dz, FE):
     return total
 
 
-@jit
-def _fam_binomial(e, level, gd, dz, ws):
-    FE = ws.FE
-    vout = ws.vbuf
-    Yp = gd.y_pat
-    vt = dz.vtabs
+@jit(_nrt=False)
+def _fam_binomial(e, level, Yp, vt, o1, FE, bufs):
+    vout = bufs.vbuf
     K = 0 if level == 0 else (2 if level == 1 else 3)
     total = 0.0
     for p in range(e.shape[0]):
         if vt.vmode[p] == 2:
-            softplus_derivs(e[p] + dz.pat_sum_o[p], K, vout)
+            softplus_derivs(e[p] + o1[p], K, vout)
             for k in range(K + 1):
                 vout[k] *= vt.sum_c[p]
         else:
-            v_eval(p, e[p], K, vout, ws.wbuf, vt)
+            v_eval(p, e[p], K, vout, bufs.wbuf, vt)
         F = Yp[p] * e[p] - vout[0]
         FE[p, 0] = F
         total += F
@@ -183,14 +179,12 @@ def _fam_binomial(e, level, gd, dz, ws):
     return total
 
 
-@jit
-def _fam_gaussian(e, tau, gd, dz, FE):
-    S1 = gd.s1
-    S2 = gd.s2
+@jit(_nrt=False)
+def _fam_gaussian(e, tau, S1, S2, npat, FE):
     total = 0.0
     r = math.exp(-tau)
     for p in range(e.shape[0]):
-        n = dz.pat_n[p]
+        n = npat[p]
         ep = e[p]
         Q = S2[p] - 2.0 * ep * S1[p] + n * ep * ep
         F = -0.5 * n * (LOG2PI + tau) - 0.5 * r * Q
@@ -205,22 +199,22 @@ def _fam_gaussian(e, tau, gd, dz, FE):
     return total
 
 
-@jit
+@jit(_nrt=False)
 def fam_eval(fam, e, tau, level, gd, dz, ws):
     """Fill ``ws.FE[p] = (F, F', F'', F''', dF/dtau, dF'/dtau, dF''/dtau)`` (derivatives in ``e``); return sum F.
 
     ``level`` 0: value only; 1: up to F''; 2: everything.
     """
     if fam == NB:
-        return _fam_nb(e, tau, level, gd, dz, ws)
+        return _fam_nb(e, tau, level, gd, dz.vtabs, dz.pat_sum_o, ws.FE, Scratch(ws.vbuf, ws.ubuf, ws.wbuf))
     if fam == POISSON:
-        return _fam_poisson(e, gd, dz, ws.FE)
+        return _fam_poisson(e, gd.y_pat, dz.pat_m, ws.FE)
     if fam == BINOMIAL:
-        return _fam_binomial(e, level, gd, dz, ws)
-    return _fam_gaussian(e, tau, gd, dz, ws.FE)
+        return _fam_binomial(e, level, gd.y_pat, dz.vtabs, dz.pat_sum_o, ws.FE, Scratch(ws.vbuf, ws.ubuf, ws.wbuf))
+    return _fam_gaussian(e, tau, gd.s1, gd.s2, dz.pat_n, ws.FE)
 
 
-@jit
+@jit(_nrt=False)
 def nb_D(cj, tau):
     """``D(tau) = sum_j c_j log1p(j phi)`` and its derivative in ``tau``."""
     phi = math.exp(tau)
@@ -255,7 +249,7 @@ def nb_D(cj, tau):
 # 29-38 V moments (index k (k + 1) / 2 + j for derivative k <= 3 and power j <= k), 39 spare.
 
 
-@jit
+@jit(_nrt=False)
 def _grp_poly(C, ds, dc, K, out, o0, ps, pc):
     """``out[o0 + k(k+1)/2 + j] = d^k/ds^(k-j) dc^j`` of the bivariate Taylor polynomial with moments ``C``."""
     ps[0] = 1.0
@@ -273,7 +267,7 @@ def _grp_poly(C, ds, dc, K, out, o0, ps, pc):
             out[o0 + k * (k + 1) // 2 + j] = acc
 
 
-@jit
+@jit(_nrt=False)
 def grp_centre(g, s, c, gd, dz, w):
     """Centre group ``g``'s surrogates at ``(s, c)``: ``ucoef[2g]`` gets the U moments ``sum y softplus^(k)(s + c t
     + o) t^j`` and ``ucoef[2g + 1]`` the V moments (weight 1), ``k + j <= KS``, over the group's cells."""
@@ -312,7 +306,7 @@ def grp_centre(g, s, c, gd, dz, w):
                     idx += 1
 
 
-@jit
+@jit(_nrt=False)
 def fam_eval_grp(e, tau, level, gd, dz, ws):
     """NB family on groups: fill ``ws.FG`` (columns 0-15 up to the derivatives of ``level``) and return sum F."""
     Yp, ucen, ucoef = gd.y_pat, gd.ucen, gd.ucoef

@@ -60,7 +60,7 @@ def snap_zero(cf, gd, dz, ws, gamma, psi, obj, ow):
     return nsnap
 
 
-@jit
+@jit(_nrt=False)
 def settle(cf, gd, gamma, psi, dz, ws):
     """Conditional modes at ``psi`` with the ``U_p`` surrogate centred at them (exact there). Returns success."""
     ok, _ = inner_solve(cf, gd, gamma, psi, dz, ws, INNER_MAX)
@@ -87,7 +87,7 @@ def settle(cf, gd, gamma, psi, dz, ws):
     return True
 
 
-@jit
+@jit(_nrt=False)
 def _fd_hessian(cf, gd, dz, ws, psi, gamma, ow):
     """Forward-difference Hessian ``ow.hess`` of the analytic gradient ``ow.grad`` and derivative ``ow.dcov`` of the
     conditional covariance of beta. False if a perturbed fit fails."""
@@ -140,7 +140,7 @@ def _newton_direction(cf, psi, ow):
     return modified_newton_step(ow.hess, grad, free, n, ow.step)
 
 
-@jit
+@jit(_nrt=False)
 def _final_step(cf, gd, dz, ws, psi, gamma, ow, obj):
     """At convergence the Newton step is tiny and its quadratic model exact: take it (error ~ dec^2) if it does not
     lower the criterion. Returns the criterion."""
@@ -164,7 +164,7 @@ def _final_step(cf, gd, dz, ws, psi, gamma, ow, obj):
     return obj
 
 
-@jit
+@jit(_nrt=False)
 def _limit_step(cf, psi, ow):
     """Shorten the step to at most 1 in the SDs and 3 in ``tau``; speed up the approach to the Poisson limit."""
     n = psi.shape[0]
@@ -184,7 +184,7 @@ def _limit_step(cf, psi, ow):
         step[nth] *= 4.0
 
 
-@jit
+@jit(_nrt=False)
 def _line_search(cf, gd, dz, ws, psi, gamma, ow, obj):
     """Backtracking along ``ow.step`` from ``psi``; the accepted point is left in ``ow.psit``/``ow.gamt``."""
     n = psi.shape[0]

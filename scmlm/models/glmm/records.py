@@ -213,6 +213,34 @@ class Workspace(NamedTuple):
     """``[h, logdet(H), logdet(H_uu), ok]`` of the last ``objective_grad``."""
 
 
+class Scratch(NamedTuple):
+    """The workspace's small scratch vectors (what the family evaluations write)."""
+
+    vbuf: np.ndarray
+    ubuf: np.ndarray
+    wbuf: np.ndarray
+
+
+class Rows(NamedTuple):
+    """The arrays of the design rows and of the workspace that the per-row helpers of the inner problem and of the
+    gradient read (a small record: the helpers run once per pattern, and numba passes a record field by field)."""
+
+    x_rows: np.ndarray
+    z_col: np.ndarray
+    z_val: np.ndarray
+    av: np.ndarray
+    FE: np.ndarray
+    FG: np.ndarray
+    g: np.ndarray
+    H: np.ndarray
+    Hinv: np.ndarray
+    Huinv: np.ndarray
+    rho: np.ndarray
+    ee: np.ndarray
+    gdot: np.ndarray
+    rvec: np.ndarray
+
+
 class OuterWork(NamedTuple):
     """One stage of the outer Newton loop over ``psi``: limits, scratch and what it leaves for the caller."""
 
