@@ -159,7 +159,7 @@ def fit_glmm(
     Examples
     --------
     >>> import numpy as np
-    >>> from scmlm.models import intercept_term
+    >>> from scmlm.models import intercept_term, prepare_glmm
     >>> rng = np.random.default_rng(0)
     >>> donor = np.repeat(np.arange(6), 50)
     >>> X = np.column_stack([np.ones(300), donor % 2])
