@@ -13,7 +13,7 @@ import pandas as pd
 from .._errors import DesignError, InputError, _fmt_list
 from .._validate import category_codes, check_obs_keys
 from .._version import __version__
-from ..design import build_design, containment_df, contrast_param, parse_contrasts, parse_formula
+from ..design import build_design, containment_df, contrast_param, parse_contrasts, parse_formula, within_parent
 from ..models.abundance import clr_transform, fit_abundance_glmm, fit_abundance_lm, logit_transform
 from ..results import DEResult, finalize_table
 
@@ -54,11 +54,13 @@ def abundance_de(
     ``"glmm"`` (default): a binomial GLMM per cell type of ``k_ts`` out of ``N_s``, logit link, with the design's
     random terms plus an observation-level ``(1|<sample_key>)`` term for the over-dispersion between samples (added
     unless the design has a term with one level per sample, e.g. ``(1|donor)`` when each donor is one sample; see
-    ``replication``). Laplace fit (REML by default), Wald t test on ``min(containment df, Satterthwaite df)``: the
-    containment df counts the units that replicate the contrast (donors minus 2 between donors, donors minus 1 for a
-    paired condition). Not moderated across types: the package's empirical-Bayes prior needs many features (≥ 10),
-    a study has a handful of types, and types differ systematically in their over-dispersion (rare and common types),
-    so a shared prior would move each type's variance toward the wrong value. ``coef`` is the change of the log odds
+    ``replication``). Laplace fit (REML by default), Wald t test: between donors on ``min(containment df,
+    Satterthwaite df)`` (the containment df counts the units that replicate the contrast: donors minus 2), within
+    donors (paired) on the containment df, donors minus 1 (the best calibrated of the rules measured, see
+    :func:`scmlm.models.abundance.fit_abundance_glmm`). Not moderated
+    across types: the package's empirical-Bayes prior needs many features (≥ 10), a study has a handful of types,
+    and types differ systematically in their over-dispersion (rare and common types), so a shared prior would move
+    each type's variance toward the wrong value. ``coef`` is the change of the log odds
     of the type's share of the sample.
 
     ``"clr"``: centred log-ratios of each sample's type counts (pseudocount ``pseudocount``) with delta-method
@@ -171,9 +173,11 @@ def abundance_de(
     tests = None
     if fit.size:
         if method == "glmm":
-            dfs = [containment_df(d, np.abs(np.atleast_2d(L)).sum(axis=0)) for L in Ls]
+            support = [np.abs(np.atleast_2d(L)).sum(axis=0) for L in Ls]
+            dfs = [containment_df(d, v) for v in support]
+            paired = [within_parent(d, v) for v in support]
             tests = fit_abundance_glmm(
-                counts[:, fit].T, totals, d.X, d.terms, Ls, dfs=dfs, method=str(estimation).upper()
+                counts[:, fit].T, totals, d.X, d.terms, Ls, dfs=dfs, paired=paired, method=str(estimation).upper()
             )
         else:
             transform = clr_transform if method == "clr" else logit_transform
