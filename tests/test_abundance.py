@@ -9,6 +9,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 from scipy import stats
 
 import scmlm
@@ -149,11 +150,27 @@ def test_several_contrasts_and_joint_f():
         assert t.loc[t["contrast"] == "mid", "coef"].notna().all()
 
 
-def test_masc_like_fit_as_written(paired):
+def test_masc_model_at_cell_level_is_the_sample_level_binomial(paired):
+    """MASC's cell-level logistic GLMM ("is this cell of the type?", (1|donor), ML) has the likelihood of the
+    sample-level binomial without (1|sample): glmm_de on per-type indicators gives the same estimates."""
     res = scmlm.tl.abundance_de(
         paired, "~ condition + (1|donor)", CON, replication="as_written", estimation="ML", inplace=False
     )
     assert res.params["design_fitted"] == "~ condition + (1|donor)" and "var_sample" not in res.table
+    codes = paired.obs["cell_type"].cat.codes.to_numpy()
+    n_types = codes.max() + 1
+    X = sp.csr_matrix((np.ones(paired.n_obs, dtype=np.float32), (np.arange(paired.n_obs), codes)))
+    cells = ad.AnnData(X=X, obs=paired.obs.copy())
+    cells.var_names = list(paired.obs["cell_type"].cat.categories[:n_types])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cell = scmlm.tl.glmm_de(
+            cells, "~ condition + (1|donor)", CON, family="binomial", offset=None, replication="as_written",
+            method="ML", moderate=False, min_cells_expressing=1, inplace=False,
+        ).table  # fmt: skip
+    np.testing.assert_allclose(cell["coef"], res.table["coef"], rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(cell["se"], res.table["se"], rtol=1e-6)
+    np.testing.assert_allclose(cell["var_donor"], res.table["var_donor"], rtol=1e-5, atol=1e-8)
 
 
 # ------------------------------------------------------------------ statuses

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Literal
 
 import anndata as ad
@@ -323,7 +324,9 @@ def _fitted_formula(design, sample_obs, sample_key, method, replication):
 
     Returns ``(formula, added_terms, dropped_terms)``.
     """
-    d = build_design(sample_obs, design)
+    with warnings.catch_warnings():  # the fitted formula is built again and says the same
+        warnings.simplefilter("ignore")
+        d = build_design(sample_obs, design)
     per_sample = [t.name for t in d.terms if _same_partition(t.codes, np.arange(len(sample_obs)))]
     if method == "glmm":
         if replication == "as_written" or per_sample:
