@@ -5,6 +5,6 @@ each function's docstring and in ``DATA_LICENSES.md``. Nothing is downloaded at 
 """
 
 from ._bundled import glioblastoma, kang2018, kang2018_100genes, pig_airway
-from ._simulate import simulate
+from ._simulate import simulate, simulate_composition
 
-__all__ = ["glioblastoma", "kang2018", "kang2018_100genes", "pig_airway", "simulate"]
+__all__ = ["glioblastoma", "kang2018", "kang2018_100genes", "pig_airway", "simulate", "simulate_composition"]

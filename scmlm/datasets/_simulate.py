@@ -220,3 +220,167 @@ def simulate(
         "seed": seed,
     }
     return adata
+
+
+def simulate_composition(
+    n_donors: int = 6,
+    n_cell_types: int = 8,
+    design: Literal["paired", "between"] = "paired",
+    n_cells: int | tuple[int, int] = (200, 2000),
+    n_changed: int = 2,
+    logfc: float = 1.0,
+    null: bool = False,
+    sd_donor: float = 0.3,
+    sd_sample: float = 0.2,
+    n_genes: int = 20,
+    seed: int = 0,
+) -> ad.AnnData:
+    """Simulate cell-type composition of multi-donor samples with known abundance changes.
+
+    For sample ``s`` of donor ``d`` and cell type ``t``::
+
+        eta_st = a_t + logfc_t * [condition_s == case] + u_dt + e_st
+        u_dt ~ N(0, sd_donor**2),   e_st ~ N(0, sd_sample**2)
+        pi_s = softmax(eta_s)                 (proportions of the types in sample s)
+        (cells of each type in s) ~ Multinomial(N_s, pi_s)
+
+    ``a_t`` are baseline log abundances (proportions from about 0.3 down to 0.02, in a random order of the types),
+    ``u_dt`` the donor's own composition (shared by all its samples) and ``e_st`` what differs between two samples of
+    one donor (dissociation, sampling of the tissue). ``logfc_t`` is the change of type ``t``'s abundance, natural
+    log, before the proportions are renormalised: composition is relative, so a type that expands lowers the
+    proportions of all the others a little. ``uns["simulate_composition"]`` holds both the abundance changes
+    (``logfc``, ``changed``) and their consequence for each type's proportion at zero random effects (``prop_ctrl``,
+    ``prop_case``, ``log_odds_ratio``): with ``n_changed > 0`` every type's proportion moves, only ``changed``
+    types' abundance does.
+
+    Each cell gets a small count vector (Poisson, type-specific means over ``n_genes`` genes) so that the object
+    looks like single-cell data; only its ``obs`` matters for composition.
+
+    Parameters
+    ----------
+    n_donors
+        Donors per condition (at least 2): ``"paired"`` has ``n_donors`` donors, each with one sample per condition;
+        ``"between"`` has ``2 * n_donors`` donors, each one sample (half ``ctrl``, half ``case``).
+    n_cell_types
+        Number of cell types (at least 2).
+    design
+        ``"paired"`` or ``"between"`` (see ``n_donors``).
+    n_cells
+        Cells per sample, or a range ``(low, high)`` drawn log-uniformly per sample (unbalanced samples).
+    n_changed
+        Number of cell types whose abundance changes (half up, half down); ignored with ``null=True``.
+    logfc
+        Size of the abundance change (natural log) of the changed types.
+    null
+        No composition change at all.
+    sd_donor
+        Standard deviation of the donor effect of each type (log-abundance scale).
+    sd_sample
+        Standard deviation of the sample effect of each type within a donor (log-abundance scale).
+    n_genes
+        Genes of the small counts matrix.
+    seed
+        Seed of the random generator; the same seed gives the same data.
+
+    Returns
+    -------
+    AnnData (cells × genes) with integer counts in ``.X`` and ``layers["counts"]``; obs ``donor``, ``condition``
+    (``ctrl`` first), ``sample`` (``donor03_case``), ``sample_id`` (the same) and ``cell_type``; the truth in
+    ``uns["simulate_composition"]``: ``cell_types``, ``logfc``, ``changed``, ``base_log_abundance``, ``prop_ctrl``,
+    ``prop_case``, ``log_odds_ratio`` (per type, in the order of ``cell_types``) and the parameters.
+
+    Examples
+    --------
+    >>> import scmlm
+    >>> adata = scmlm.datasets.simulate_composition(n_donors=4, n_cell_types=5, seed=1)
+    >>> adata.obs["sample"].nunique(), adata.obs["cell_type"].nunique()
+    (8, 5)
+    """
+    if n_donors < 2:
+        raise InputError(
+            f"simulate_composition: n_donors={n_donors} is too small; use at least 2 donors per condition."
+        )
+    if n_cell_types < 2:
+        raise InputError(f"simulate_composition: n_cell_types={n_cell_types}; composition needs at least 2 types.")
+    if design not in ("paired", "between"):
+        raise InputError(f"simulate_composition: design={design!r} is not known; use 'paired' or 'between'.")
+    if isinstance(n_cells, tuple | list):
+        if len(n_cells) != 2 or not 1 <= int(n_cells[0]) <= int(n_cells[1]):
+            raise InputError(f"simulate_composition: n_cells={n_cells!r} must be a number or a range (low, high).")
+        cell_range = (int(n_cells[0]), int(n_cells[1]))
+    else:
+        if int(n_cells) < 1:
+            raise InputError(f"simulate_composition: n_cells={n_cells} must be at least 1.")
+        cell_range = (int(n_cells), int(n_cells))
+    if not 0 <= n_changed <= n_cell_types:
+        raise InputError(f"simulate_composition: n_changed={n_changed} must lie in [0, n_cell_types].")
+    if sd_donor < 0 or sd_sample < 0:
+        raise InputError("simulate_composition: sd_donor and sd_sample must be >= 0.")
+    rng = np.random.default_rng([seed, 22])
+    T = n_cell_types
+    base = np.log(np.geomspace(0.3, 0.02, T))
+    base = base[rng.permutation(T)]
+    effect = np.zeros(T)
+    changed = np.zeros(T, dtype=bool)
+    if not null and n_changed > 0:
+        idx = rng.choice(T, n_changed, replace=False)
+        changed[idx] = True
+        effect[idx] = logfc * np.where(np.arange(n_changed) % 2 == 0, 1.0, -1.0)
+    paired = design == "paired"
+    n_d = n_donors if paired else 2 * n_donors
+    n_s = 2 * n_donors
+    s_donor = np.arange(n_s) // 2 if paired else np.arange(n_s)
+    s_case = np.arange(n_s) % 2 if paired else (np.arange(n_s) >= n_donors).astype(int)
+    u = rng.normal(0.0, 1.0, (n_d, T)) * sd_donor
+    e = rng.normal(0.0, 1.0, (n_s, T)) * sd_sample
+    lo, hi = np.log(cell_range[0]), np.log(cell_range[1] + 1)
+    sizes = np.floor(np.exp(rng.uniform(lo, hi, n_s))).astype(int).clip(*cell_range)
+    eta = base[None, :] + s_case[:, None] * effect[None, :] + u[s_donor] + e
+    props = np.exp(eta - eta.max(axis=1, keepdims=True))
+    props /= props.sum(axis=1, keepdims=True)
+    counts = np.vstack([rng.multinomial(sizes[s], props[s]) for s in range(n_s)])  # samples × types
+    sample_of_cell = np.repeat(np.repeat(np.arange(n_s), T), counts.ravel())
+    type_of_cell = np.repeat(np.tile(np.arange(T), n_s), counts.ravel())
+    n = type_of_cell.size
+    type_mu = np.exp(rng.normal(0.0, 1.0, (T, n_genes)))
+    X = sp.csr_matrix(rng.poisson(type_mu[type_of_cell]).astype(np.float32))
+    X.eliminate_zeros()
+
+    donor_names = np.array([f"donor{d:02d}" for d in range(n_d)])
+    type_names = [f"type{t}" for t in range(T)]
+    cond = np.where(s_case == 1, "case", "ctrl")
+    sample_names = np.array([f"{donor_names[s_donor[s]]}_{cond[s]}" for s in range(n_s)])
+    obs = pd.DataFrame(
+        {
+            "donor": pd.Categorical(donor_names[s_donor[sample_of_cell]], categories=donor_names),
+            "condition": pd.Categorical(cond[sample_of_cell], categories=["ctrl", "case"]),
+            "sample": pd.Categorical(sample_names[sample_of_cell], categories=sample_names),
+            "cell_type": pd.Categorical(np.asarray(type_names)[type_of_cell], categories=type_names),
+        },
+        index=[f"cell{i:07d}" for i in range(n)],
+    )
+    obs["sample_id"] = obs["sample"]
+    adata = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[f"g{j:03d}" for j in range(n_genes)]))
+    adata.layers["counts"] = X.copy()
+    p0 = np.exp(base) / np.exp(base).sum()
+    p1 = np.exp(base + effect) / np.exp(base + effect).sum()
+    adata.uns["simulate_composition"] = {
+        "cell_types": type_names,
+        "logfc": effect,
+        "changed": changed,
+        "base_log_abundance": base,
+        "prop_ctrl": p0,
+        "prop_case": p1,
+        "log_odds_ratio": np.log(p1 / (1 - p1)) - np.log(p0 / (1 - p0)),
+        "n_donors": n_donors,
+        "n_cell_types": T,
+        "design": design,
+        "n_cells": list(cell_range),
+        "n_changed": 0 if null else n_changed,
+        "logfc_size": float(logfc),
+        "null": bool(null),
+        "sd_donor": float(sd_donor),
+        "sd_sample": float(sd_sample),
+        "seed": seed,
+    }
+    return adata
