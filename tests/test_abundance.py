@@ -166,7 +166,7 @@ def test_masc_model_at_cell_level_is_the_sample_level_binomial(paired):
         warnings.simplefilter("ignore")
         cell = scmlm.tl.glmm_de(
             cells, "~ condition + (1|donor)", CON, family="binomial", offset=None, replication="as_written",
-            method="ML", moderate=False, min_cells_expressing=1, inplace=False,
+            estimation="ML", moderate=False, min_cells_expressing=1, inplace=False,
         ).table  # fmt: skip
     np.testing.assert_allclose(cell["coef"], res.table["coef"], rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(cell["se"], res.table["se"], rtol=1e-6)

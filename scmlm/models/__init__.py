@@ -23,6 +23,14 @@ Everything outside ``scmlm.models`` imports the names listed in ``__all__`` from
 from .._jit import KERNELS
 from ._families import FAMILIES, Family, get_family
 from ._random import RandomTerm, build_Z, cov_b, intercept_term, n_theta, q_total, term_slices, variance_components
+from .abundance import (
+    AbundanceTest,
+    between_sample_weights,
+    clr_transform,
+    fit_abundance_glmm,
+    fit_abundance_lm,
+    logit_transform,
+)
 from .aggregate import accumulate
 from .dream import LMMResult, dream, fit_weighted_lmm
 from .ebayes import fit_f_dist, fit_f_dist_robustly, lowess, squeeze_var
@@ -53,35 +61,40 @@ USABLE_STATUS: tuple[str, ...] = ("ok", "singular")
 """Statuses of a fit whose estimates and tests are reported (``singular``: a variance component at zero)."""
 
 __all__ = [
-    "FAMILIES",
-    "FAMILY_NAMES",
-    "GEE_DF_METHODS",
-    "GEE_FAMILIES",
-    "GEE_SMALL_SAMPLE",
-    "KERNELS",
-    "PENDING",
-    "STATUS",
-    "USABLE_STATUS",
+    "AbundanceTest",
     "CellModel",
     "ContrastResult",
+    "FAMILIES",
+    "FAMILY_NAMES",
     "Family",
     "GEEData",
     "GEEResult",
+    "GEE_DF_METHODS",
+    "GEE_FAMILIES",
+    "GEE_SMALL_SAMPLE",
     "GLMMDesign",
     "GLMMResult",
+    "KERNELS",
     "LMMResult",
     "LimmaResult",
+    "PENDING",
     "RandomTerm",
+    "STATUS",
     "StreamedSums",
     "TMMFactors",
+    "USABLE_STATUS",
     "UnpooledFit",
     "accumulate",
+    "between_sample_weights",
     "build_Z",
+    "clr_transform",
     "coarser_terms",
     "contrast_df",
     "cov_b",
     "dream",
     "filter_by_expr",
+    "fit_abundance_glmm",
+    "fit_abundance_lm",
     "fit_f_dist",
     "fit_f_dist_robustly",
     "fit_gee",
@@ -94,6 +107,7 @@ __all__ = [
     "glmm_lrt",
     "glmm_wald_f",
     "intercept_term",
+    "logit_transform",
     "lowess",
     "moderate",
     "n_theta",

@@ -22,16 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from . import (
-    fit_glmm,
-    fit_weighted_lmm,
-    glmm_contrast,
-    glmm_wald_f,
-    prepare_glmm,
-    satterthwaite_df,
-    satterthwaite_df_f,
-    squeeze_var,
-)
+from .dream import fit_weighted_lmm
+from .ebayes import squeeze_var
+from .glmm.design import prepare_glmm
+from .glmm.fit import fit_glmm
+from .glmm.inference import glmm_contrast, glmm_wald_f, satterthwaite_df, satterthwaite_df_f
 
 
 @dataclass(frozen=True)

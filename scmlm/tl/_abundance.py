@@ -15,7 +15,7 @@ from .._errors import DesignError, InputError, _fmt_list
 from .._validate import category_codes, check_obs_keys
 from .._version import __version__
 from ..design import build_design, containment_df, contrast_param, parse_contrasts, parse_formula, within_parent
-from ..models.abundance import clr_transform, fit_abundance_glmm, fit_abundance_lm, logit_transform
+from ..models import clr_transform, fit_abundance_glmm, fit_abundance_lm, logit_transform
 from ..results import DEResult, finalize_table
 
 _METHODS = ("glmm", "clr", "logit")
