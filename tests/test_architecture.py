@@ -192,6 +192,24 @@ def test_cli_report_and_workflow_use_public_names_only():
     assert not bad, "\n".join(bad)
 
 
+def test_workflow_rules_use_public_names_only():
+    """The Snakemake rules (not Python files, so read line by line) import only public scmlm names."""
+    import re
+
+    pattern = re.compile(r"^\s*(?:from\s+(scmlm[\w.]*)\s+import\s+([\w, ()]+)|import\s+(scmlm[\w.]*))")
+    bad = []
+    for path in sorted((WORKFLOW / "rules").glob("*.smk")) + [WORKFLOW / "Snakefile"]:
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            m = pattern.match(line)
+            if not m:
+                continue
+            module = m.group(1) or m.group(3)
+            names = [n.strip(" ()") for n in (m.group(2) or "").split(",") if n.strip(" ()")]
+            if any(p.startswith("_") for p in module.split(".")) or any(n.startswith("_") for n in names):
+                bad.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert not bad, "\n".join(bad)
+
+
 def test_no_module_over_the_line_limit():
     long = {m: n for m, p in _modules().items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
@@ -263,7 +281,7 @@ def test_each_concept_is_defined_once():
     assert not bad, "\n".join(bad)
 
 
-TL_TOOLS = ("pseudobulk_de", "glmm_de", "gee_de", "variance_partition", "random_effects")
+TL_TOOLS = ("pseudobulk_de", "glmm_de", "gee_de", "variance_partition", "random_effects", "abundance_de")
 
 
 @pytest.mark.parametrize("name", TL_TOOLS)
