@@ -38,7 +38,7 @@ SIGP = _sigmoid_polys(KV)
 LEVEL = np.arange(3, dtype=np.int64)
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def softplus_derivs(x, K, out):
     """``out[k] = d^k softplus(x) / dx^k`` for ``k = 0..K``, accurate in both tails.
 
@@ -75,7 +75,7 @@ def softplus_derivs(x, K, out):
             out[k] = -out[k]
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def taylor(c, kmax, d, k):
     """``sum_{j=k}^{kmax} c[j] d^(j-k) / (j-k)!``."""
     acc = c[kmax]
