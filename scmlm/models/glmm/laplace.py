@@ -16,7 +16,7 @@ from .._families import NB
 from .likelihood import KV, fam_eval, fam_eval_grp, grp_centre, nb_D, softplus_derivs
 from .linalg import chol, chol_solve
 from .records import Rows, Workspace
-from .special import KU, LEVEL
+from .special import KU, LEVEL, ORDER
 
 MAX_ETA_STEP = 4.0  # largest change of a pattern's linear predictor in one inner Newton step (damping)
 
@@ -316,7 +316,7 @@ def recentre(cf, gd, gamma, psi, dz, ws):
         p = nzp[i]
         if vmode[p] == 2:
             continue
-        softplus_derivs(ucen[p] + nzo[i], KU, w)
+        softplus_derivs(ucen[p] + nzo[i], ORDER[0], w)
         y = nzy[i]
         for k in range(KU + 1):
             ucoef[p, k] += y * w[k]

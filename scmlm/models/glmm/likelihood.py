@@ -16,7 +16,7 @@ import numpy as np
 from ..._jit import jit
 from .._families import BINOMIAL, NB, POISSON
 from .records import Scratch
-from .special import HV, KU, KV, LOG2PI, NSER, TRUST, softplus_derivs, taylor
+from .special import HV, KV, LEVEL, LOG2PI, NSER, ORDER, TRUST, softplus_derivs, taylor
 
 KS = 6  # total order of the bivariate Taylor surrogates of a group (cell-level continuous covariate)
 NCG = (KS + 1) * (KS + 2) // 2  # their moments per group
@@ -65,7 +65,7 @@ def v_eval(p, v, K, out, work, vt):
     d = v - (vt.vlo[p] + g * HV)
     row = vt.tab[vt.tab_start[p] + g]
     for k in range(K + 1):
-        out[k] = taylor(row, KV, d, k)
+        out[k] = taylor(row, ORDER[1], d, k)
 
 
 @jit(_nrt=False, no_cpython_wrapper=True)
@@ -73,14 +73,15 @@ def u_eval(p, v, out, ucen, ucoef):
     """``out[k] = U_p^(k)(v)``, ``k = 0..3``, from the Taylor surrogate (quadratic continuation past TRUST)."""
     d = v - ucen[p]
     c = ucoef[p]
+    ku = ORDER[0]
     if abs(d) <= TRUST:
         for k in range(4):
-            out[k] = taylor(c, KU, d, k)
+            out[k] = taylor(c, ku, d, k)
         return
     db = TRUST if d > 0 else -TRUST
-    u0 = taylor(c, KU, db, 0)
-    u1 = taylor(c, KU, db, 1)
-    u2 = taylor(c, KU, db, 2)
+    u0 = taylor(c, ku, db, LEVEL[0])
+    u1 = taylor(c, ku, db, LEVEL[1])
+    u2 = taylor(c, ku, db, LEVEL[2])
     dd = d - db
     out[0] = u0 + u1 * dd + 0.5 * u2 * dd * dd
     out[1] = u1 + u2 * dd
@@ -369,7 +370,7 @@ def build_tables(vt, tab_n):
             for k in range(KV + 1):
                 tab[row, k] = 0.0
             for ii in range(vt.cell_ptr[p], vt.cell_ptr[p + 1]):
-                softplus_derivs(node + vt.cell_o[ii], KV, w)
+                softplus_derivs(node + vt.cell_o[ii], ORDER[1], w)
                 c = vt.cell_c[ii]
                 for k in range(KV + 1):
                     tab[row, k] += c * w[k]

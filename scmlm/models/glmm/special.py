@@ -36,6 +36,7 @@ def _sigmoid_polys(jmax: int) -> np.ndarray:
 SIGP = _sigmoid_polys(KV)
 # runtime (non-literal) small integers: literal arguments would make numba compile one specialisation per value
 LEVEL = np.arange(3, dtype=np.int64)
+ORDER = np.array([KU, KV], dtype=np.int64)  # KU and KV as runtime values (one specialisation of taylor/softplus)
 
 
 @jit(_nrt=False, no_cpython_wrapper=True)
