@@ -44,7 +44,7 @@ numbers, and its sums over cells are replaced by bivariate Taylor polynomials re
 (see ``fam_eval_grp``): O(cells) per re-centring, O(groups) per pass. Designs that do not group (two continuous
 covariates, other families) keep one pattern per cell, evaluated exactly. ``benchmarks/bench_glmm_slope.py``
 measures ``~ x + (1 + x|donor)`` against categorical designs on the same data.
-The compilation (first use in a new environment) takes ~25 s of CPU.
+The compilation (first use in a new environment) takes one to two minutes of CPU for all families.
 
 Why numba: one fit is a long chain of tiny dense operations (q x q with q = donors + batches) with data-dependent
 iteration counts; numpy would spend its time in call overhead and a per-gene Python loop with scipy.optimize is two
@@ -57,5 +57,8 @@ small designs (ten patterns) costs more than the arithmetic. The functions of th
 allocate nor call a function that allocates are therefore compiled with ``_nrt=False`` (no reference counting; the
 arrays they touch belong to the per-chunk records, alive for the whole call), and the per-row helpers, called once
 per pattern, with ``inline="always"``. Functions that allocate (``make_workspace``, ``snap_zero``, ``fit_gene``,
-``chunk``) keep numba's runtime, and a function compiled without it must not call one of them.
+``chunk``) keep numba's runtime, and a function compiled without it must not call one of them. Only
+``chunk.fit_chunk`` and ``likelihood.build_tables`` are called from Python; every other kernel is compiled without a
+CPython wrapper (``no_cpython_wrapper=True``), which would box and unbox each array of its records and costs a third
+of the compilation time.
 """

@@ -26,7 +26,7 @@ from .status import ST_BADY, ST_FEW, ST_NONFINITE, ST_NONINT, ST_NOTPD, ST_OK, S
 SNAP_SD = 0.01  # SDs below this (times the scale) are tried at exactly zero
 
 
-@jit
+@jit(no_cpython_wrapper=True)
 def _scan_gene(cf, dz, chunk, gi, min_nz):
     """Status of gene ``gi`` before fitting (bad values, too few non-zero cells), its non-zero count and max."""
     fam = cf.family
@@ -55,7 +55,7 @@ def _scan_gene(cf, dz, chunk, gi, min_nz):
     return status, nnz, maxy
 
 
-@jit
+@jit(no_cpython_wrapper=True)
 def _nonzero_cells(cf, dz, chunk, gi, nnz):
     """Pattern, offset, response (and groups: ``t``) of the gene's non-zero cells."""
     detection = dz.trials.shape[0] == 0
@@ -78,7 +78,7 @@ def _nonzero_cells(cf, dz, chunk, gi, nnz):
     return nzp, nzo, nzy, nzx
 
 
-@jit
+@jit(no_cpython_wrapper=True)
 def _count_tail(nzy, maxy):
     """``c_j`` = number of cells with ``y > j`` (NB's ``D(tau)``)."""
     my = int(maxy)
@@ -93,7 +93,7 @@ def _count_tail(nzy, maxy):
     return cj
 
 
-@jit
+@jit(no_cpython_wrapper=True)
 def _binomial_const(dz, chunk, gi, nzy, nzo):
     """Constant of the binomial log-likelihood (binomial coefficients and offsets of the successes)."""
     detection = dz.trials.shape[0] == 0
@@ -108,7 +108,7 @@ def _binomial_const(dz, chunk, gi, nzy, nzo):
     return const
 
 
-@jit
+@jit(no_cpython_wrapper=True)
 def _gene_data(cf, dz, chunk, gi, nnz, maxy, base):
     """The gene's :class:`GeneData` (reusing the pattern arrays of ``base``)."""
     fam = cf.family
@@ -143,7 +143,7 @@ def _gene_data(cf, dz, chunk, gi, nnz, maxy, base):
     return GeneData(Yp, base.ucen, base.ucoef, S1, S2, cj, nzp, nzo, nzy, nzx, ysort, const)
 
 
-@jit
+@jit(no_cpython_wrapper=True)
 def _start_eta(cf, dz, gd, e0, om):
     """Saturated linear predictor ``e0`` of every pattern and its IRLS weight ``om``."""
     fam = cf.family
@@ -182,7 +182,7 @@ def _start_eta(cf, dz, gd, e0, om):
             om[p] = dz.pat_n[p]
 
 
-@jit
+@jit(no_cpython_wrapper=True)
 def _wls_beta(dz, e0, om, gamma, npar):
     """Weighted least squares of ``e0`` on the fixed design (ridge 1e-10 of the trace) into ``gamma``; returns the
     residuals."""
@@ -214,7 +214,7 @@ def _wls_beta(dz, e0, om, gamma, npar):
     return res
 
 
-@jit
+@jit(no_cpython_wrapper=True)
 def _start_tau(cf, dz, gd, e0, res, psi):
     """Starting dispersion (Gaussian: residual variance; NB: moment estimate); returns the scale of the SDs."""
     fam = cf.family
@@ -256,7 +256,7 @@ def _start_tau(cf, dz, gd, e0, res, psi):
     return scale
 
 
-@jit
+@jit(no_cpython_wrapper=True)
 def _start_sds(dz, om, res, scale, psi):
     """Random-effect SDs from the level means of the residuals (slopes start at 0.1 times the scale)."""
     tm = dz.terms
@@ -295,7 +295,7 @@ def _start_sds(dz, om, res, scale, psi):
                 psi[h0 + j] = sd if j == 0 else 0.1 * scale
 
 
-@jit
+@jit(no_cpython_wrapper=True)
 def init_values(cf, dz, gd, psi, gamma):
     """Starting values: saturated pattern means, weighted least squares for beta, moment estimates for the rest.
 
@@ -311,7 +311,7 @@ def init_values(cf, dz, gd, psi, gamma):
     return scale
 
 
-@jit
+@jit(no_cpython_wrapper=True)
 def _outer_work(n, d, npar, tau_lo, tau_hi, snap_sd, max_outer):
     """Arrays of one stage of the outer loop over ``n`` parameters (``d`` modes, ``npar`` fixed effects)."""
     return OuterWork(
@@ -334,7 +334,7 @@ def _outer_work(n, d, npar, tau_lo, tau_hi, snap_sd, max_outer):
     )
 
 
-@jit
+@jit(no_cpython_wrapper=True)
 def _tau_bounds(cf, psi, control):
     """Bounds of ``tau``: fixed for NB (``control``), 40 around the start otherwise; clips the start."""
     nth = cf.n_theta
@@ -349,7 +349,7 @@ def _tau_bounds(cf, psi, control):
     return tau_lo, tau_hi
 
 
-@jit
+@jit(no_cpython_wrapper=True)
 def _keep_stage0(out, gi, ow, n_psi, npar):
     """Hessian of the criterion in the variance parameters and d cov(beta) / d psi (Satterthwaite)."""
     for i in range(n_psi):
@@ -361,7 +361,7 @@ def _keep_stage0(out, gi, ow, n_psi, npar):
                 out.dcov[gi, i, a, b] = ow.dcov[i, a, b]
 
 
-@jit
+@jit(no_cpython_wrapper=True)
 def _fit_stages(cf, gd, dz, ws, est, ow0):
     """Stage 0 (joint modes) and, for ML, stage 1 (Laplace-ML beta) from the starting values in ``est``.
 
@@ -407,7 +407,7 @@ def _fit_stages(cf, gd, dz, ws, est, ow0):
     return st, it, ml_cov_beta(ow1.hess, n_psi, npar, est.covl)
 
 
-@jit
+@jit(no_cpython_wrapper=True)
 def _lambda_entry(psi, tm, t, j, i):
     """Entry ``(j, i)`` of the term's ``Lambda`` block from ``theta``."""
     k = tm.k[t]
@@ -419,7 +419,7 @@ def _lambda_entry(psi, tm, t, j, i):
     return psi[h0 + j] if i == j else 0.0
 
 
-@jit
+@jit(no_cpython_wrapper=True)
 def _write_modes(dz, ws, est, out, gi, npar):
     """Conditional modes ``b = Lambda u`` and their conditional SDs."""
     tm = dz.terms
@@ -443,7 +443,7 @@ def _write_modes(dz, ws, est, out, gi, npar):
                 out.b_se[gi, base + j] = math.sqrt(max(vj, 0.0))
 
 
-@jit
+@jit(no_cpython_wrapper=True)
 def _normalise_theta(dz, psi, scale):
     """``theta`` with a non-negative Cholesky diagonal; True if some SD is (numerically) zero."""
     tm = dz.terms
@@ -470,7 +470,7 @@ def _normalise_theta(dz, psi, scale):
     return singular
 
 
-@jit
+@jit(no_cpython_wrapper=True)
 def _write_fit(cf, gd, dz, ws, est, out, gi, scale):
     """Estimates, covariance, modes, variance parameters and log-likelihoods of gene ``gi``; returns (all finite,
     singular)."""
@@ -492,7 +492,7 @@ def _write_fit(cf, gd, dz, ws, est, out, gi, scale):
     return finite, singular
 
 
-@jit
+@jit(no_cpython_wrapper=True)
 def _write_beta(ws, est, out, gi, npar, ml_cov):
     """``beta`` and its covariance (Laplace-ML from stage 1, else the ``beta`` block of ``H^{-1}``)."""
     for a in range(npar):
@@ -501,7 +501,7 @@ def _write_beta(ws, est, out, gi, npar, ml_cov):
             out.cov[gi, a, b] = est.covl[a, b] if ml_cov else ws.Hinv[a, b]
 
 
-@jit
+@jit(no_cpython_wrapper=True)
 def _fit_one(cf, gd, dz, ws, est, control, out, gi):
     """Fit gene ``gi`` (its :class:`GeneData` built) and write its results; returns its status."""
     P = dz.x_rows.shape[0]

@@ -19,7 +19,7 @@ from .records import OuterParam
 from .special import LEVEL, LOG2PI
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def _criterion(cf, gd, gamma, psi, dz, ws):
     """The criterion at the modes ``gamma`` (``-inf`` if a Hessian is not PD); ``ws.crit`` gets
     ``[h, logdet(H), logdet(H_uu), ok]`` and ``ws.L``, ``ws.Luu`` the Cholesky factors."""
@@ -49,7 +49,7 @@ def _criterion(cf, gd, gamma, psi, dz, ws):
     return h - 0.5 * ldU
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def objective_grad(cf, gd, want_grad, gamma, psi, dz, ws, grad):
     """Laplace (ML) or restricted-Laplace (REML) criterion at the modes ``gamma`` and its gradient in ``psi``.
 
@@ -70,7 +70,7 @@ def objective_grad(cf, gd, want_grad, gamma, psi, dz, ws, grad):
     return obj
 
 
-@jit(_nrt=False, inline="always")
+@jit(_nrt=False, inline="always", no_cpython_wrapper=True)
 def _add_row(vec, f, p, ro, npar):
     """``vec += f a_p`` (the design vector of pattern ``p`` in ``gamma`` coordinates)."""
     Xp = ro.x_rows
@@ -82,7 +82,7 @@ def _add_row(vec, f, p, ro, npar):
         vec[npar + Zc[p, j]] += f * av[p, j]
 
 
-@jit(_nrt=False, inline="always")
+@jit(_nrt=False, inline="always", no_cpython_wrapper=True)
 def _dot_row(vec, p, s0, ro, npar):
     """``s0 + a_p' vec``, summed from ``s0`` on."""
     Xp = ro.x_rows
@@ -96,7 +96,7 @@ def _dot_row(vec, p, s0, ro, npar):
     return s
 
 
-@jit(_nrt=False, inline="always")
+@jit(_nrt=False, inline="always", no_cpython_wrapper=True)
 def _quad_rows(p1, p2, reml, ro, npar):
     """``a_p1' S a_p2`` with ``S = H^{-1}`` (REML) or ``H_uu^{-1}`` on the u entries (ML)."""
     Xp = ro.x_rows
@@ -133,7 +133,7 @@ def _quad_rows(p1, p2, reml, ro, npar):
     return s
 
 
-@jit(_nrt=False, inline="always")
+@jit(_nrt=False, inline="always", no_cpython_wrapper=True)
 def _hinv_dot(col, p, reml, ro, npar):
     """``(H_S^{-1} a_{p,S})`` at the u column ``col`` (S: everything for REML, the u block for ML)."""
     Xp = ro.x_rows
@@ -154,7 +154,7 @@ def _hinv_dot(col, p, reml, ro, npar):
     return s
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def _param_kind(k, cf, dz):
     """Outer parameter ``k`` (see :class:`~scmlm.models.glmm.records.OuterParam`)."""
     nth = cf.n_theta
@@ -170,7 +170,7 @@ def _param_kind(k, cf, dz):
     return OuterParam(kind, k - nps, slot, jslot)
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def _fill_ee(op, gamma, ro, npar):
     """Direct derivative of every row's linear predictor in the outer parameter (modes held fixed)."""
     Xp = ro.x_rows
@@ -187,7 +187,7 @@ def _fill_ee(op, gamma, ro, npar):
             ee[p] = Xp[p, op.col]
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def _mode_derivative(cf, ro):
     """``gdot = H_S^{-1} rvec``: the derivative of the modes (only ``u`` when ``beta`` is an outer parameter)."""
     npar, q = cf.n_fixed, cf.q
@@ -211,7 +211,7 @@ def _mode_derivative(cf, ro):
             gdot[i] = s
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def _n_outer(cf, gd, psi):
     """Number of outer parameters and ``dD/dtau`` (NB)."""
     nps = cf.n_theta + cf.has_tau
@@ -223,7 +223,7 @@ def _n_outer(cf, gd, psi):
     return ntot, D1
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def _pattern_rhs(op, ro, npar):
     """``rvec`` (derivative of the gradient of ``h`` at fixed modes) and the direct derivative of ``h`` (patterns)."""
     FE, rvec, ee = ro.FE, ro.rvec, ro.ee
@@ -248,7 +248,7 @@ def _pattern_rhs(op, ro, npar):
     return dh
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def _grad_patterns(cf, gd, gamma, psi, dz, ws, grad):
     """Gradient of the criterion in ``psi`` on covariate patterns."""
     npar, reml = cf.n_fixed, cf.reml
@@ -283,7 +283,7 @@ def _grad_patterns(cf, gd, gamma, psi, dz, ws, grad):
         grad[k] = dh - 0.5 * tr
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def _group_rhs(op, ro, G, npar):
     """``rvec`` and the direct derivative of ``h`` on the ``G`` groups (as :func:`_pattern_rhs`)."""
     FG, rvec, ee = ro.FG, ro.rvec, ro.ee
@@ -311,7 +311,7 @@ def _group_rhs(op, ro, G, npar):
     return dh
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def _group_trace(tr, gg, op, reml, ro, npar):
     """Add group ``gg``'s terms of the derivative of the log-determinant to ``tr``."""
     FG, ee, gdot = ro.FG, ro.ee, ro.gdot
@@ -340,7 +340,7 @@ def _group_trace(tr, gg, op, reml, ro, npar):
     return tr
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def _grad_groups(cf, gd, gamma, psi, dz, ws, grad):
     """Gradient of the criterion in ``psi`` on groups (as on patterns, with 2 x 2 blocks per group)."""
     npar, reml = cf.n_fixed, cf.reml

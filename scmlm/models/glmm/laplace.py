@@ -16,12 +16,12 @@ from .._families import NB
 from .likelihood import KV, fam_eval, fam_eval_grp, grp_centre, nb_D, softplus_derivs
 from .linalg import chol, chol_solve
 from .records import Rows, Workspace
-from .special import KU, LEVEL
+from .special import KU, LEVEL, ORDER
 
 MAX_ETA_STEP = 4.0  # largest change of a pattern's linear predictor in one inner Newton step (damping)
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def rows_of(dz, ws):
     """The :class:`Rows` view of a design and a workspace."""
     return Rows(
@@ -30,7 +30,7 @@ def rows_of(dz, ws):
     )  # fmt: skip
 
 
-@jit
+@jit(no_cpython_wrapper=True)
 def make_workspace(P, m, npar, q, G):
     """Scratch arrays of one fit (see :class:`~scmlm.models.glmm.records.Workspace`)."""
     d = npar + q
@@ -60,7 +60,7 @@ def make_workspace(P, m, npar, q, G):
     )
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def lam_values(theta, tm, Zv, av):
     """Values of ``Lambda' z_p`` at the slots of ``Z`` (``av``, P x m; ``tm`` the :class:`TermMap`)."""
     P = Zv.shape[0]
@@ -82,7 +82,7 @@ def lam_values(theta, tm, Zv, av):
                     av[p, s0 + i] = theta[h0 + i] * Zv[p, s0 + i]
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def lin_pred(gamma, av, Xp, Zc, npar, e):
     """Linear predictor ``e_p = a_p' gamma`` of every pattern (without offsets)."""
     P = Xp.shape[0]
@@ -96,7 +96,7 @@ def lin_pred(gamma, av, Xp, Zc, npar, e):
         e[p] = s
 
 
-@jit(_nrt=False, inline="always")
+@jit(_nrt=False, inline="always", no_cpython_wrapper=True)
 def _accumulate(p, p2, F1, W, with_g, ro, npar):
     """``g += F1 a_p`` (when ``with_g``) and ``H += W a_p a_p2'`` in ``gamma`` coordinates."""
     Xp = ro.x_rows
@@ -127,7 +127,7 @@ def _accumulate(p, p2, F1, W, with_g, ro, npar):
             H[ia, ib] += wa * vb
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def assemble(gamma, dz, ws, npar, q):
     """Gradient ``ws.g`` and negative Hessian ``ws.H`` of ``h`` in ``gamma = (beta, u)`` (from ``ws.FE``, or from
     ``ws.FG`` on groups: 2 x 2 blocks of the rows ``2g, 2g + 1``)."""
@@ -155,7 +155,7 @@ def assemble(gamma, dz, ws, npar, q):
         _accumulate(p, p, FE[p, 1], -FE[p, 2], True, ro, npar)
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def penalised(cf, gd, gamma, psi, level, dz, ws):
     """``h(gamma)`` at the variance parameters in ``psi`` (without the gene constant); fills ``ws.FE`` (or ``ws.FG``)
     at ``level``."""
@@ -175,7 +175,7 @@ def penalised(cf, gd, gamma, psi, level, dz, ws):
     return h
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def max_eta_change(step, av, Xp, Zc, tabs, npar):
     """Largest ``|change of e_p|`` over the patterns for a step in ``gamma`` (``av`` at the current ``psi``; ``tabs``
     the largest ``|t|`` of each group, empty without groups)."""
@@ -201,7 +201,7 @@ def max_eta_change(step, av, Xp, Zc, tabs, npar):
     return out
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def _fix_beta(cf, H, g, d):
     """Laplace-ML ``beta`` (an outer parameter): no Newton step in ``beta``."""
     for i in range(cf.n_fixed):
@@ -212,7 +212,7 @@ def _fix_beta(cf, H, g, d):
         H[i, i] = 1.0
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def inner_solve(cf, gd, gamma, psi, dz, ws, max_iter):
     """Newton iterations for the conditional modes (of ``(beta, u)``, or of ``u`` alone when ``laplace_beta``).
 
@@ -285,7 +285,7 @@ def inner_solve(cf, gd, gamma, psi, dz, ws, max_iter):
     return False, max_iter
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def recentre(cf, gd, gamma, psi, dz, ws):
     """Move the Taylor centres of ``U_p`` to the current ``v_p = e_p + tau``; return the largest move."""
     if dz.grp_tmax.shape[0] > 0:
@@ -316,14 +316,14 @@ def recentre(cf, gd, gamma, psi, dz, ws):
         p = nzp[i]
         if vmode[p] == 2:
             continue
-        softplus_derivs(ucen[p] + nzo[i], KU, w)
+        softplus_derivs(ucen[p] + nzo[i], ORDER[0], w)
         y = nzy[i]
         for k in range(KU + 1):
             ucoef[p, k] += y * w[k]
     return shift
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def grp_gap(cf, gd, gamma, psi, dz, ws):
     """Largest change of a cell's ``v`` between the group surrogates' centres and the current modes."""
     nth = cf.n_theta
@@ -342,7 +342,7 @@ def grp_gap(cf, gd, gamma, psi, dz, ws):
     return gap
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def recentre_grp(cf, gd, gamma, psi, dz, ws):
     """Move the centres of the group surrogates to the current modes (one pass over the cells)."""
     nth = cf.n_theta
@@ -364,7 +364,7 @@ def recentre_grp(cf, gd, gamma, psi, dz, ws):
     return shift
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def surrogate_gap(cf, gd, gamma, psi, dz, ws):
     """Largest distance between the modes' ``v_p`` and the ``U_p`` centres over the patterns with a surrogate."""
     if dz.grp_tmax.shape[0] > 0:

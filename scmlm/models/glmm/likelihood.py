@@ -16,7 +16,7 @@ import numpy as np
 from ..._jit import jit
 from .._families import BINOMIAL, NB, POISSON
 from .records import Scratch
-from .special import HV, KU, KV, LOG2PI, NSER, TRUST, softplus_derivs, taylor
+from .special import HV, KV, LEVEL, LOG2PI, NSER, ORDER, TRUST, softplus_derivs, taylor
 
 KS = 6  # total order of the bivariate Taylor surrogates of a group (cell-level continuous covariate)
 NCG = (KS + 1) * (KS + 2) // 2  # their moments per group
@@ -25,7 +25,7 @@ TRUSTG = 1.0  # largest change of a cell's linear predictor where a group's surr
 GOFF = np.array([0, 19, 29, KS], dtype=np.int64)
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def v_eval(p, v, K, out, work, vt):
     """``out[k] = V_p^(k)(v)`` for ``k = 0..K`` (K <= 3): table, tail series or direct sum over the cells."""
     for k in range(K + 1):
@@ -65,22 +65,23 @@ def v_eval(p, v, K, out, work, vt):
     d = v - (vt.vlo[p] + g * HV)
     row = vt.tab[vt.tab_start[p] + g]
     for k in range(K + 1):
-        out[k] = taylor(row, KV, d, k)
+        out[k] = taylor(row, ORDER[1], d, k)
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def u_eval(p, v, out, ucen, ucoef):
     """``out[k] = U_p^(k)(v)``, ``k = 0..3``, from the Taylor surrogate (quadratic continuation past TRUST)."""
     d = v - ucen[p]
     c = ucoef[p]
+    ku = ORDER[0]
     if abs(d) <= TRUST:
         for k in range(4):
-            out[k] = taylor(c, KU, d, k)
+            out[k] = taylor(c, ku, d, k)
         return
     db = TRUST if d > 0 else -TRUST
-    u0 = taylor(c, KU, db, 0)
-    u1 = taylor(c, KU, db, 1)
-    u2 = taylor(c, KU, db, 2)
+    u0 = taylor(c, ku, db, LEVEL[0])
+    u1 = taylor(c, ku, db, LEVEL[1])
+    u2 = taylor(c, ku, db, LEVEL[2])
     dd = d - db
     out[0] = u0 + u1 * dd + 0.5 * u2 * dd * dd
     out[1] = u1 + u2 * dd
@@ -88,7 +89,7 @@ def u_eval(p, v, out, ucen, ucoef):
     out[3] = 0.0
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def _fam_nb(e, tau, level, gd, vt, o1, FE, bufs):
     vout = bufs.vbuf
     uout = bufs.ubuf
@@ -136,7 +137,7 @@ def _fam_nb(e, tau, level, gd, vt, o1, FE, bufs):
     return total
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def _fam_poisson(e, Yp, Mp, FE):
     total = 0.0
     for p in range(e.shape[0]):
@@ -153,7 +154,7 @@ def _fam_poisson(e, Yp, Mp, FE):
     return total
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def _fam_binomial(e, level, Yp, vt, o1, FE, bufs):
     vout = bufs.vbuf
     K = 0 if level == 0 else (2 if level == 1 else 3)
@@ -179,7 +180,7 @@ def _fam_binomial(e, level, Yp, vt, o1, FE, bufs):
     return total
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def _fam_gaussian(e, tau, S1, S2, npat, FE):
     total = 0.0
     r = math.exp(-tau)
@@ -199,7 +200,7 @@ def _fam_gaussian(e, tau, S1, S2, npat, FE):
     return total
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def fam_eval(fam, e, tau, level, gd, dz, ws):
     """Fill ``ws.FE[p] = (F, F', F'', F''', dF/dtau, dF'/dtau, dF''/dtau)`` (derivatives in ``e``); return sum F.
 
@@ -214,7 +215,7 @@ def fam_eval(fam, e, tau, level, gd, dz, ws):
     return _fam_gaussian(e, tau, gd.s1, gd.s2, dz.pat_n, ws.FE)
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def nb_D(cj, tau):
     """``D(tau) = sum_j c_j log1p(j phi)`` and its derivative in ``tau``."""
     phi = math.exp(tau)
@@ -249,7 +250,7 @@ def nb_D(cj, tau):
 # 29-38 V moments (index k (k + 1) / 2 + j for derivative k <= 3 and power j <= k), 39 spare.
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def _grp_poly(C, ds, dc, K, out, o0, ps, pc):
     """``out[o0 + k(k+1)/2 + j] = d^k/ds^(k-j) dc^j`` of the bivariate Taylor polynomial with moments ``C``."""
     ps[0] = 1.0
@@ -267,7 +268,7 @@ def _grp_poly(C, ds, dc, K, out, o0, ps, pc):
             out[o0 + k * (k + 1) // 2 + j] = acc
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def grp_centre(g, s, c, gd, dz, w):
     """Centre group ``g``'s surrogates at ``(s, c)``: ``ucoef[2g]`` gets the U moments ``sum y softplus^(k)(s + c t
     + o) t^j`` and ``ucoef[2g + 1]`` the V moments (weight 1), ``k + j <= KS``, over the group's cells."""
@@ -306,7 +307,7 @@ def grp_centre(g, s, c, gd, dz, w):
                     idx += 1
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def fam_eval_grp(e, tau, level, gd, dz, ws):
     """NB family on groups: fill ``ws.FG`` (columns 0-15 up to the derivatives of ``level``) and return sum F."""
     Yp, ucen, ucoef = gd.y_pat, gd.ucen, gd.ucoef
@@ -369,7 +370,7 @@ def build_tables(vt, tab_n):
             for k in range(KV + 1):
                 tab[row, k] = 0.0
             for ii in range(vt.cell_ptr[p], vt.cell_ptr[p + 1]):
-                softplus_derivs(node + vt.cell_o[ii], KV, w)
+                softplus_derivs(node + vt.cell_o[ii], ORDER[1], w)
                 c = vt.cell_c[ii]
                 for k in range(KV + 1):
                     tab[row, k] += c * w[k]

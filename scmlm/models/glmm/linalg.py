@@ -10,7 +10,7 @@ import numpy as np
 from ..._jit import jit
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def chol(A, L, d):
     """Lower Cholesky factor of the leading ``d x d`` block of ``A`` into ``L``; False if not positive definite."""
     for j in range(d):
@@ -31,7 +31,7 @@ def chol(A, L, d):
     return True
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def chol_solve(L, b, x, d):
     """``x = (L L')^{-1} b`` on the leading ``d`` entries."""
     for i in range(d):
@@ -46,7 +46,7 @@ def chol_solve(L, b, x, d):
         x[i] = s / L[i, i]
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def chol_logdet(L, d):
     """``log det(L L')``."""
     s = 0.0
@@ -55,7 +55,7 @@ def chol_logdet(L, d):
     return 2.0 * s
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def chol_inverse(L, Ainv, d, work):
     """``Ainv = (L L')^{-1}``; ``work`` is a ``d x d`` scratch array (holds ``L^{-1}``)."""
     for j in range(d):
@@ -76,7 +76,7 @@ def chol_inverse(L, Ainv, d, work):
             Ainv[j, i] = s
 
 
-@jit
+@jit(no_cpython_wrapper=True)
 def modified_newton_step(Hs, grad, free, n, step):
     """Ascent step ``(-Hs)^{-1} grad`` on the free coordinates, with eigenvalues made positive.
 

@@ -24,7 +24,7 @@ SHIFT_TOL = 0.02  # modes this close to the Taylor centres: the surrogate is exa
 INNER_MAX = 60  # Newton iterations of the inner problem
 
 
-@jit
+@jit(no_cpython_wrapper=True)
 def snap_zero(cf, gd, dz, ws, gamma, psi, obj, ow):
     """Set near-zero SDs of intercept / uncorrelated terms to exactly zero when that does not lower the criterion.
 
@@ -60,7 +60,7 @@ def snap_zero(cf, gd, dz, ws, gamma, psi, obj, ow):
     return nsnap
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def settle(cf, gd, gamma, psi, dz, ws):
     """Conditional modes at ``psi`` with the ``U_p`` surrogate centred at them (exact there). Returns success."""
     ok, _ = inner_solve(cf, gd, gamma, psi, dz, ws, INNER_MAX)
@@ -87,7 +87,7 @@ def settle(cf, gd, gamma, psi, dz, ws):
     return True
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def _fd_hessian(cf, gd, dz, ws, psi, gamma, ow):
     """Forward-difference Hessian ``ow.hess`` of the analytic gradient ``ow.grad`` and derivative ``ow.dcov`` of the
     conditional covariance of beta. False if a perturbed fit fails."""
@@ -123,7 +123,7 @@ def _fd_hessian(cf, gd, dz, ws, psi, gamma, ow):
     return True
 
 
-@jit
+@jit(no_cpython_wrapper=True)
 def _newton_direction(cf, psi, ow):
     """Modified Newton step ``ow.step`` on the parameters not fixed (frozen SDs, ``tau`` at a bound it is pushed
     against); returns its predicted gain."""
@@ -140,7 +140,7 @@ def _newton_direction(cf, psi, ow):
     return modified_newton_step(ow.hess, grad, free, n, ow.step)
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def _final_step(cf, gd, dz, ws, psi, gamma, ow, obj):
     """At convergence the Newton step is tiny and its quadratic model exact: take it (error ~ dec^2) if it does not
     lower the criterion. Returns the criterion."""
@@ -164,7 +164,7 @@ def _final_step(cf, gd, dz, ws, psi, gamma, ow, obj):
     return obj
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def _limit_step(cf, psi, ow):
     """Shorten the step to at most 1 in the SDs and 3 in ``tau``; speed up the approach to the Poisson limit."""
     n = psi.shape[0]
@@ -184,7 +184,7 @@ def _limit_step(cf, psi, ow):
         step[nth] *= 4.0
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def _line_search(cf, gd, dz, ws, psi, gamma, ow, obj):
     """Backtracking along ``ow.step`` from ``psi``; the accepted point is left in ``ow.psit``/``ow.gamt``."""
     n = psi.shape[0]
@@ -213,7 +213,7 @@ def _line_search(cf, gd, dz, ws, psi, gamma, ow, obj):
     return False
 
 
-@jit
+@jit(no_cpython_wrapper=True)
 def fit_gene(cf, gd, dz, ws, psi, gamma, ow):
     """Optimise the criterion over ``psi`` (in place, with ``gamma``). Returns (status, outer iterations).
 
@@ -277,7 +277,7 @@ def fit_gene(cf, gd, dz, ws, psi, gamma, ow):
     return ST_NOCONV, ow.max_outer
 
 
-@jit
+@jit(no_cpython_wrapper=True)
 def ml_cov_beta(Hs, nps, npar, out):
     """``[(-Hs)^{-1}]_beta`` for psi = (variance parameters, beta), via the Schur complement with a pseudo-inverse
     of the variance-parameter block (flat directions at a boundary carry no information). False if not PD."""

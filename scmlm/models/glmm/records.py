@@ -10,8 +10,12 @@ tuples read by attribute, and which its on-disk cache can key. Arrays are C-cont
 * :class:`GeneData`: one gene's pattern sums, non-zero cells and the Taylor surrogate of ``U_p`` (or of a group).
 * :class:`Workspace`: the scratch arrays of one fit, allocated once per chunk.
 * :class:`OuterWork`: the outer (variance-parameter) Newton loop of one stage: its limits, scratch and results.
+* :class:`Estimates`: a gene's estimates and the buffers of its two stages.
 * :class:`ChunkInput`, :class:`FitControl`, :class:`KernelOut`: a chunk's counts (CSC, genes as columns), the fit
   settings, and the per-gene output arrays the kernel fills.
+* :class:`Rows`, :class:`Scratch`, :class:`OuterParam`: small views for the per-row helpers and the family
+  evaluations (numba passes a record field by field, so the helpers called once per pattern take small ones), and
+  one outer parameter as the gradient sees it.
 """
 
 from __future__ import annotations

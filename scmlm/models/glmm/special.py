@@ -36,9 +36,10 @@ def _sigmoid_polys(jmax: int) -> np.ndarray:
 SIGP = _sigmoid_polys(KV)
 # runtime (non-literal) small integers: literal arguments would make numba compile one specialisation per value
 LEVEL = np.arange(3, dtype=np.int64)
+ORDER = np.array([KU, KV], dtype=np.int64)  # KU and KV as runtime values (one specialisation of taylor/softplus)
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def softplus_derivs(x, K, out):
     """``out[k] = d^k softplus(x) / dx^k`` for ``k = 0..K``, accurate in both tails.
 
@@ -75,7 +76,7 @@ def softplus_derivs(x, K, out):
             out[k] = -out[k]
 
 
-@jit(_nrt=False)
+@jit(_nrt=False, no_cpython_wrapper=True)
 def taylor(c, kmax, d, k):
     """``sum_{j=k}^{kmax} c[j] d^(j-k) / (j-k)!``."""
     acc = c[kmax]
