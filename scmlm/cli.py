@@ -402,7 +402,7 @@ def _run_report(args: argparse.Namespace) -> int:
         name = arg.split("=", 1)[0] if path != arg else None
         key = name or (Path(path).name if Path(path).is_dir() else Path(path).stem)
         a = analysis_from_folder(path, name=name, figure_dirs=figure_dirs.get(key, ()))
-        a.params = dict(params.get(a.name, {}))
+        a.params = {**a.params, **params.get(a.name, {})}  # a folder's params.json, then --params
         analyses.append(a)
     names = [a.name for a in analyses]
     for option, given_names in (("--params", params), ("--figures", figure_dirs)):
@@ -767,6 +767,12 @@ def _add_abundance_parser(sub) -> None:
     p.add_argument("--key-added", default=None, help="uns key of the result (default abundance_de)")
     p.add_argument("--out", required=True, help="result table (.csv, .tsv or .parquet): one row per cell type")
     p.add_argument(
+        "--out-params",
+        default=None,
+        help="also write the result's parameters (fitted design, added terms, ...) as JSON; the report reads a "
+        "result folder's params.json",
+    )
+    p.add_argument(
         "--plots",
         default=None,
         metavar="DIR",
@@ -780,7 +786,7 @@ def _run_abundance(args: argparse.Namespace) -> int:
 
     from . import io, tl
 
-    _check_outputs([args.out], args.input)
+    _check_outputs([args.out, args.out_params], args.input)
     if args.plots is not None:
         if Path(args.plots).resolve() == Path(args.input).resolve():
             raise ScmlmError(f"--plots {args.plots!r} is the input; choose a folder for the plots.")
@@ -819,6 +825,11 @@ def _run_abundance(args: argparse.Namespace) -> int:
         log.info("cell type %s (%s): %s", row.gene, row.contrast, row.status)
     io.write_csv(table, args.out)
     p = res.params
+    if args.out_params:
+        import json
+
+        with io.atomic_path(args.out_params) as tmp:
+            Path(tmp).write_text(json.dumps(p, indent=1, default=str) + "\n")
     log.info("abundance: fitted %r (added %s) with method %s", p["design_fitted"], p["added_terms"] or "no term",
              p["method"])  # fmt: skip
     log.info("wrote %s: %d cell types × %d contrasts", args.out, p["n_cell_types"], len(p["contrasts"]))

@@ -196,3 +196,25 @@ def test_cli_abundance_unknown_method_and_outputs_checked_first(h5ad, tmp_path, 
     assert main(_args(h5ad, tmp_path / "t.csv", "--plots", str(blocker))) == 2
     assert "is a file" in capsys.readouterr().err
     assert not (tmp_path / "t.csv").exists()
+
+
+# ---------------------------------------------------------------- report
+
+
+def test_report_abundance_section(h5ad, tmp_path):
+    """A result folder of `scmlm abundance` (table, params.json, plots) gets its own section in the report."""
+    folder = tmp_path / "abund"
+    args = _args(h5ad, folder / "results.csv", "--sample-key", "sample", "--method", "clr")
+    assert main([*args, "--out-params", str(folder / "params.json"), "--plots", str(folder / "plots")]) == 0
+    out = tmp_path / "report.html"
+    assert main(["report", str(out), str(folder), "--params", '{"abund": {"design": "~ condition + (1|donor)"}}']) == 0
+    html = out.read_text()
+    section = html.split('<h2 id="s-abund">abund</h2>')[1]
+    assert "Fitted design: <code>~ condition + (1|donor)</code>; added terms: none." in section
+    assert "Composition is relative" in section
+    head = section.split("<thead>")[1].split("</thead>")[0]
+    for col in ("cell type", "coef", "se", "df", "pvalue", "padj", "status"):
+        assert f">{col}</th>" in head, col
+    assert section.count("<tr><td") == 5  # one row per cell type
+    assert section.count('src="data:image/png;base64,') == 2
+    assert "<dt>method</dt><dd>clr</dd>" in section  # params.json, under --params

@@ -16,6 +16,8 @@ rule plot:
         out("logs/{analysis}/plot.log"),
     benchmark:
         out("benchmarks/{analysis}/plot.tsv")
+    wildcard_constraints:
+        analysis=names_regex("pseudobulk") + "|" + names_regex("glmm"),
     conda:
         "../envs/scmlm.yaml"
     threads: 1
