@@ -210,9 +210,9 @@ def out(*parts):
     return os.path.join(OUTDIR, *parts)
 
 
-def names_regex(method):
-    """A regex matching the names of the analyses with this method (and nothing when there are none)."""
-    names = [n for n, a in ANALYSES.items() if a["method"] == method]
+def names_regex(*methods):
+    """A regex matching the names of the analyses with these methods (and nothing when there are none)."""
+    names = [n for n, a in ANALYSES.items() if a["method"] in methods]
     return "|".join(map(re.escape, names)) or "(?!)"
 
 

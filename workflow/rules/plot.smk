@@ -17,7 +17,7 @@ rule plot:
     benchmark:
         out("benchmarks/{analysis}/plot.tsv")
     wildcard_constraints:
-        analysis=names_regex("pseudobulk") + "|" + names_regex("glmm"),
+        analysis=names_regex("pseudobulk", "glmm"),  # abundance plots: rule fit_abundance
     conda:
         "../envs/scmlm.yaml"
     threads: 1
