@@ -82,6 +82,8 @@ def test_composition_without_a_result_needs_the_keys(comp):
         scmlm.pl.composition(bare, show=False)
     ax = scmlm.pl.composition(bare, cell_type_key="cell_type", sample_key="sample", condition="condition", show=False)
     assert len(ax.patches) == 8 * 5
+    with pytest.raises(InputError, match="condition='cell_type' varies within sample"):
+        scmlm.pl.composition(bare, cell_type_key="cell_type", sample_key="sample", condition="cell_type", show=False)
     with pytest.raises(InputError, match="condition='arm'"):
         scmlm.pl.composition(bare, cell_type_key="cell_type", sample_key="sample", condition="arm", show=False)
 

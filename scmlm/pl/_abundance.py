@@ -105,6 +105,12 @@ def composition(
     props = counts.div(counts.sum(axis=1), axis=0)
     groups = None
     if condition is not None:
+        varies = obs.groupby(obs[sample_key].astype(str), observed=True)[condition].nunique(dropna=False) > 1
+        if varies.any():
+            raise InputError(
+                f"composition: condition={condition!r} varies within sample(s) {_fmt_list(list(varies.index[varies]))} "
+                f"of obs[{sample_key!r}]; pass a sample-level column as condition= (or condition=None)."
+            )
         per_sample = obs.groupby(obs[sample_key].astype(str), observed=True)[condition].agg(
             lambda s: s.astype(str).iloc[0]
         )
