@@ -212,7 +212,8 @@ def main() -> None:
         f"{d[d['gene'] == gene]['shrink'].median():.0%}). For {symbol} ({gene}):\n"
     )
     w(f"![shrinkage]({_fig('gbm_shrinkage.png')})\n")
-    w("## 3. Which tool when\n")
+    out += abundance_section()
+    w("## 4. Which tool when\n")
     w(
         "- **Pseudobulk (`pseudobulk_de`, nb_ql)**: the first choice for condition effects between donors; fast, "
         'calibrated, matches edgeR. Use `method="voom"` with `(1|donor)` when samples repeat within donors.\n'
@@ -222,9 +223,97 @@ def main() -> None:
         "donor-level contrasts get donor-level df, paired contrasts a sample-level term (added by default) and "
         "sample-level df, cell-level covariates cell-level df.\n"
         "- **GEE (`gee_de`)**: population-average effects (see `docs/gee_vs_glmm.md`).\n"
+        "- **Differential abundance (`abundance_de`)**: which cell types change in share; one test per type between "
+        'samples, with `method="clr"` as the reference-free check (see `docs/abundance.md`).\n'
     )
     (HERE / "tutorial.md").write_text("\n".join(out) + "\n")
     print(f"wrote {HERE / 'tutorial.md'} and figures in {FIG} in {time.perf_counter() - t0:.0f} s")
+
+
+_RES_COLS = ["gene", "base_mean", "coef", "se", "df", "pvalue", "padj", "status"]
+
+
+def abundance_section() -> list[str]:
+    """Section 3: which cell types change in abundance (``tl.abundance_de``), on Kang 2018 and the pig airways."""
+    out: list[str] = []
+    w = out.append
+    kang = scmlm.datasets.kang2018()
+    scmlm.tl.abundance_de(kang, "~ donor + condition", ("condition", "stim", "ctrl"), sample_key="sample_id")
+    k_fitted = kang.uns["abundance_de"]["params"]["design_fitted"]
+    k_res = scmlm.get.de_df(kang)[_RES_COLS].round(3).to_string()
+    n_cells = kang.obs.groupby(["sample_id", "cell_type"], observed=True).size()
+    pig = scmlm.datasets.pig_airway()
+    printed = {}
+    for method in ("glmm", "clr"):
+        scmlm.tl.abundance_de(pig, "~ condition", ("condition", "CFTRKO", "WT"), sample_key="sample_id", method=method)
+        res = scmlm.get.de_df(pig)
+        printed[method] = (pig.uns["abundance_de"]["params"]["design_fitted"], res[_RES_COLS].round(3).to_string())
+    # the figures show the default (GLMM) result
+    scmlm.tl.abundance_de(pig, "~ condition", ("condition", "CFTRKO", "WT"), sample_key="sample_id")
+    for name, func in (
+        ("pig_composition.png", scmlm.pl.composition),
+        ("pig_abundance.png", scmlm.pl.abundance_effects),
+    ):
+        ax = func(pig, show=False)
+        ax.get_figure().savefig(FIG / name, dpi=110)
+        plt.close(ax.get_figure())
+    immune = pig.obs[pig.obs["condition"] == "CFTRKO"].groupby("sample_id", observed=True)["cell_type"]
+    share = immune.apply(lambda c: float((c == "Immune cell").mean()))
+
+    w("## 3. Which cell types change? Differential abundance\n")
+    w(
+        "`scmlm.tl.abundance_de` counts the cells of each type in each sample and tests every type between samples: "
+        "samples, not cells, replicate a condition (`docs/abundance.md` has the methods and their calibration). The "
+        "default is a binomial GLMM per type with a sample-level term for the over-dispersion of composition between "
+        'samples; `method="clr"` (centred log-ratios) is the reference-free check. Composition is relative: the '
+        "shares of a sample sum to one, so a type that expands lowers the others' shares even if their numbers of "
+        "cells do not change.\n"
+    )
+    w(
+        "**Kang 2018 (bundled subset), IFN-β stimulated vs control PBMCs, paired by donor.** The bundled subset has "
+        f"2 donors and at most {int(n_cells.max())} cells per type and sample, so its composition is set by the "
+        "subsampling, not by the study: it shows the call, not the study's composition. With 2 donors the donor is "
+        "a fixed effect (two levels cannot estimate a variance) and the paired contrast has 1 df.\n"
+    )
+    w("```python\nkang = scmlm.datasets.kang2018()")
+    w('scmlm.tl.abundance_de(kang, "~ donor + condition", ("condition", "stim", "ctrl"), sample_key="sample_id")')
+    w('print(kang.uns["abundance_de"]["params"]["design_fitted"])')
+    w(f"cols = {_RES_COLS!r}")
+    w('print(scmlm.get.de_df(kang, key="abundance_de")[cols].round(3).to_string())\n```\n')
+    w(f"```\n{k_fitted}\n{k_res}\n```\n")
+    capped = [t for t in n_cells.index.levels[1] if (n_cells.xs(t, level="cell_type") == n_cells.max()).all()]
+    if len(capped) > 1:
+        w(
+            f"{' and '.join(capped)} reach the cap in every sample, so their counts, and their rows, are the same: an "
+            "artefact of the subset.\n"
+        )
+    w(
+        '**Pig airway, CFTR knockout vs wild type.** Seven pigs, one sample each (`sample_key="sample_id"`): '
+        "between donors, the GLMM's added `(1|sample_id)` is the pig term.\n"
+    )
+    w('```python\nfor method in ("glmm", "clr"):')
+    w('    scmlm.tl.abundance_de(pig, "~ condition", ("condition", "CFTRKO", "WT"), sample_key="sample_id",')
+    w("                          method=method)")
+    w('    print(method, pig.uns["abundance_de"]["params"]["design_fitted"])')
+    w('    print(scmlm.get.de_df(pig, key="abundance_de")[cols].round(3).to_string())\n```\n')
+    w("```\n" + "\n".join(f"{m} {f}\n{t}" for m, (f, t) in printed.items()) + "\n```\n")
+    w(
+        "No type changes detectably with 7 pigs: the immune share of the three knockout pigs ranges from "
+        f"{share.min():.0%} to {share.max():.0%}. The two methods measure against different references (the GLMM a "
+        "type against all other cells of its sample, `clr` against the geometric mean of the three types), so their "
+        "coefficients differ. `scmlm.pl.composition(pig)` draws each sample's composition grouped by condition, "
+        "`scmlm.pl.abundance_effects(pig)` each type's log2 change with its 95 % interval (the GLMM result):\n"
+    )
+    w('```python\nscmlm.tl.abundance_de(pig, "~ condition", ("condition", "CFTRKO", "WT"), sample_key="sample_id")')
+    w("scmlm.pl.composition(pig)\nscmlm.pl.abundance_effects(pig)\n```\n")
+    w(f"![composition]({_fig('pig_composition.png')})\n")
+    w(f"![abundance effects]({_fig('pig_abundance.png')})\n")
+    w(
+        'The same from the command line: `scmlm abundance --input pig.h5ad --design "~ condition" --contrast '
+        "condition:CFTRKO:WT --sample-key sample_id --out abundance.csv --plots abundance_plots`; in the workflow, "
+        "an analysis with `method: abundance` (config/README.md).\n"
+    )
+    return out
 
 
 if __name__ == "__main__":

@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--shard", default=None, help="fit only gene shard i of n ('i/n', 1-based)")
 
+    _add_abundance_parser(sub)
+
     p = sub.add_parser("merge", help="merge gene-shard tables; recompute BH per group and contrast")
     p.add_argument("shards", nargs="+", help="shard tables written by 'scmlm de --shard i/n'")
     p.add_argument("--out", required=True)
@@ -336,6 +338,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "de":
         return _run_de(args)
 
+    if args.command == "abundance":
+        return _run_abundance(args)
+
     if args.command == "merge":
         from .results import merge_shards
 
@@ -397,7 +402,7 @@ def _run_report(args: argparse.Namespace) -> int:
         name = arg.split("=", 1)[0] if path != arg else None
         key = name or (Path(path).name if Path(path).is_dir() else Path(path).stem)
         a = analysis_from_folder(path, name=name, figure_dirs=figure_dirs.get(key, ()))
-        a.params = dict(params.get(a.name, {}))
+        a.params = {**a.params, **params.get(a.name, {})}  # a folder's params.json, then --params
         analyses.append(a)
     names = [a.name for a in analyses]
     for option, given_names in (("--params", params), ("--figures", figure_dirs)):
@@ -728,6 +733,140 @@ def _run_de(args: argparse.Namespace) -> int:
     counts = table["status"].value_counts().to_dict()
     log.info("wrote %s: %d rows; status %s", args.out, len(table), counts)
     return 0
+
+
+_ABUNDANCE_METHODS = ("glmm", "clr", "logit")
+
+
+def _add_abundance_parser(sub) -> None:
+    """``scmlm abundance``: differential abundance of cell types (tl.abundance_de); flags mirror its keywords."""
+    p = sub.add_parser(
+        "abundance",
+        help="differential abundance: which cell types change in share between conditions, tested between samples",
+    )
+    p.add_argument("--input", required=True, help="cell-level .h5ad (only obs is read)")
+    p.add_argument("--design", required=True, help='sample-level formula, e.g. "~ condition + (1|donor)" (paired)')
+    p.add_argument("--contrast", required=True, type=_contrast_item, action="append", help=_CONTRAST_HELP)
+    p.add_argument("--cell-type-key", default="cell_type", help="obs column with each cell's type (cluster)")
+    p.add_argument("--sample-key", default="sample", help="obs column naming each sample: the unit of replication")
+    p.add_argument(
+        "--method",
+        choices=_ABUNDANCE_METHODS,
+        default="glmm",
+        help="glmm (binomial GLMM per type, default), clr (centred log-ratios, the reference-free check) or logit",
+    )
+    p.add_argument(
+        "--replication",
+        choices=["auto", "as_written"],
+        default="auto",
+        help="glmm: add (1|<sample key>) for the over-dispersion between samples (auto) or fit the design as written",
+    )
+    p.add_argument("--estimation", choices=["REML", "ML"], default="REML", help="glmm: REML (default) or Laplace ML")
+    p.add_argument("--min-cells", type=int, default=10, help="types with fewer cells over all samples are not tested")
+    p.add_argument("--pseudocount", type=float, default=0.5, help="clr/logit: added to each count before the log")
+    p.add_argument("--key-added", default=None, help="uns key of the result (default abundance_de)")
+    p.add_argument("--out", required=True, help="result table (.csv, .tsv or .parquet): one row per cell type")
+    p.add_argument(
+        "--out-params",
+        default=None,
+        help="also write the result's parameters (fitted design, added terms, ...) as JSON; the report reads a "
+        "result folder's params.json",
+    )
+    p.add_argument(
+        "--plots",
+        default=None,
+        metavar="DIR",
+        help="also write composition.png and abundance_effects__<contrast>.png into DIR",
+    )
+
+
+def _run_abundance(args: argparse.Namespace) -> int:
+    """Read the cells' obs, run tl.abundance_de, write the table (and plots) atomically."""
+    import anndata as ad
+
+    from . import io, tl
+
+    _check_outputs([args.out, args.out_params], args.input)
+    if args.plots is not None:
+        if Path(args.plots).resolve() == Path(args.input).resolve():
+            raise ScmlmError(f"--plots {args.plots!r} is the input; choose a folder for the plots.")
+        _check_outdir(args.plots)
+    if args.min_cells < 0:
+        raise ScmlmError(f"--min-cells {args.min_cells} must be 0 or more.")
+    backed = io.read(args.input, backed=True)
+    try:
+        obs = backed.obs.copy()
+    finally:
+        if backed.isbacked:
+            backed.file.close()
+    for flag, col in (("--cell-type-key", args.cell_type_key), ("--sample-key", args.sample_key)):
+        if col not in obs.columns:
+            raise ScmlmError(
+                f"{flag} {col!r} is not a column of the input's obs; columns: {', '.join(map(repr, obs.columns))}."
+            )
+    adata = ad.AnnData(obs=obs)
+    key = args.key_added or "abundance_de"
+    res = tl.abundance_de(
+        adata,
+        args.design,
+        args.contrast,
+        cell_type_key=args.cell_type_key,
+        sample_key=args.sample_key,
+        method=args.method,
+        replication=args.replication,
+        estimation=args.estimation,
+        min_cells=args.min_cells,
+        pseudocount=args.pseudocount,
+        key_added=key,
+        inplace=False,
+    )
+    table = res.table
+    for row in table[~table["status"].isin(_FINE)].itertuples(index=False):
+        log.info("cell type %s (%s): %s", row.gene, row.contrast, row.status)
+    io.write_csv(table, args.out)
+    p = res.params
+    if args.out_params:
+        import json
+
+        with io.atomic_path(args.out_params) as tmp:
+            Path(tmp).write_text(json.dumps(p, indent=1, default=str) + "\n")
+    log.info("abundance: fitted %r (added %s) with method %s", p["design_fitted"], p["added_terms"] or "no term",
+             p["method"])  # fmt: skip
+    log.info("wrote %s: %d cell types × %d contrasts", args.out, p["n_cell_types"], len(p["contrasts"]))
+    if args.plots is not None:
+        res.to_uns(adata, key)
+        for path in _abundance_plots(adata, key, table, args.plots):
+            log.info("wrote %s", path)
+    return 0
+
+
+def _abundance_plots(adata, key: str, table, outdir: str) -> list[Path]:
+    """composition.png and one abundance_effects__<contrast>.png per contrast with effects (not joint F tests)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from . import pl
+    from .pl.files import file_labels
+
+    folder = Path(outdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [folder / "composition.png"]
+    ax = pl.composition(adata, key=key, show=False, save=written[0])
+    plt.close(ax.get_figure())
+    contrasts = list(dict.fromkeys(table["contrast"].astype(str)))
+    names = file_labels(contrasts)
+    for c in contrasts:
+        rows = table[table["contrast"].astype(str) == c]
+        if not (rows["coef"].notna() & rows["se"].notna()).any():
+            log.info("abundance: contrast %s has no effect size (joint F test or nothing tested); no effects plot", c)
+            continue
+        path = folder / f"abundance_effects__{names[c]}.png"
+        ax = pl.abundance_effects(adata, key, contrast=c, show=False, save=path)
+        plt.close(ax.get_figure())
+        written.append(path)
+    return written
 
 
 def analysis_fingerprint(adata, args: argparse.Namespace, n_shards: int) -> str:

@@ -46,7 +46,7 @@ _PARAM_ORDER = [
 ]
 #: Columns of the top-gene tables, when present.
 _TOP_COLUMNS = ["gene", "log2fc", "se", "stat", "df", "pvalue", "padj", "base_mean", "status"]
-_NUMERIC = {"log2fc", "se", "stat", "df", "pvalue", "padj", "base_mean"}
+_NUMERIC = {"log2fc", "se", "stat", "df", "pvalue", "padj", "base_mean", "coef"}
 
 
 @dataclass
@@ -101,7 +101,21 @@ def analysis_from_folder(
         if not d.is_dir():
             raise InputError(f"figure folder {str(d)!r} does not exist.")
     figures = sorted(p for d in dirs for p in d.glob("*.png"))
-    return Analysis(name or folder.name, table, dict(params or {}), figures)
+    stored = _stored_params(folder / "params.json") if path.is_dir() else {}
+    return Analysis(name or folder.name, table, {**stored, **dict(params or {})}, figures)
+
+
+def _stored_params(path: Path) -> dict:
+    """The ``params.json`` a result folder may hold (``scmlm abundance --out-params``: the fitted design)."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{str(path)!r} is not valid JSON ({err}); delete it or write it again.") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{str(path)!r} must hold a JSON object of parameters, not {type(value).__name__}.")
+    return value
 
 
 def _as_analysis(name: str, value) -> Analysis:
@@ -213,6 +227,56 @@ def _fmt(value, col: str) -> tuple[str, str]:
         return text, repr(x)
     text = "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
     return html.escape(text), html.escape(text)
+
+
+# ---------------------------------------------------------------- differential abundance
+
+#: Columns of an abundance analysis' tables: every cell type, in the order of the result.
+_ABUNDANCE_COLUMNS = ["cell type", "coef", "se", "df", "pvalue", "padj", "status"]
+_ABUNDANCE_NOTE = (
+    "Composition is relative: the shares of a sample sum to one, so a change in one cell type shifts the others' "
+    "proportions even when their numbers of cells do not change. Read the CLR method (centred log-ratios, each type "
+    "against the geometric mean of all types) as the reference-free check, and a significant type next to the types "
+    "with the largest effects."
+)
+
+
+def _is_abundance(analysis: Analysis) -> bool:
+    """Whether an analysis is a differential abundance test of cell types (``tl.abundance_de``, ``scmlm abundance``)."""
+    if str(analysis.params.get("tool", "")) == "abundance_de" or str(analysis.params.get("method", "")) == "abundance":
+        return True
+    methods = analysis.table["method"].dropna().astype(str) if "method" in analysis.table else pd.Series(dtype=str)
+    return bool(len(methods)) and bool(methods.str.startswith("abundance_").all())
+
+
+def _abundance_section(a: Analysis, s: pd.DataFrame, anchors: dict, alpha: float) -> list[str]:
+    """An abundance analysis: the fitted design, the relative-composition caveat, one table of types per contrast."""
+    parts = []
+    fitted, added = a.params.get("design_fitted"), a.params.get("added_terms")
+    if fitted:
+        terms = ", ".join(map(str, added)) if isinstance(added, list | tuple) else str(added or "")
+        parts.append(
+            f'<p class="abundance-design">Fitted design: <code>{_e(fitted)}</code>; added terms: '
+            f"{_e(terms) if terms else 'none'}.</p>"
+        )
+    parts.append(f'<p class="note abundance-note">{_e(_ABUNDANCE_NOTE)}</p>')
+    table = a.table.copy()
+    table["group"] = table["group"].astype(object).where(table["group"].notna(), "all").astype(str)
+    table["contrast"] = table["contrast"].astype(str)
+    for r in s.itertuples(index=False):
+        sub = table[(table["group"] == r.group) & (table["contrast"] == r.contrast)].rename(
+            columns={"gene": "cell type"}
+        )
+        parts.append(f'<h3 id="{anchors[(a.name, r.group, r.contrast)]}">{_e(a.name)} · {_e(r.contrast)}</h3>')
+        parts.append(
+            f'<p class="counts">{r.n_tested} of {r.n_genes} cell types tested; <b>{r.n_called}</b> changed at padj '
+            f"&lt; {alpha:g}: <b>{r.n_up}</b> up, <b>{r.n_down}</b> down.</p>"
+        )
+        parts.append(_table(sub[[c for c in _ABUNDANCE_COLUMNS if c in sub.columns]]))
+    if a.figures:
+        figs = sorted(a.figures, key=lambda p: (not Path(p).name.startswith("composition"), Path(p).name))
+        parts.append('<div class="figs">' + "".join(_figure(p) for p in figs) + "</div>")
+    return parts
 
 
 # ---------------------------------------------------------------- HTML pieces
@@ -427,6 +491,9 @@ def render_report(
         parts.append(f'<h2 id="{_anchor(a.name)}">{_e(a.name)}</h2>')
         parts.append("<h3>Methods</h3>" + _params(a.params))
         s = summary[summary["analysis"] == a.name]
+        if _is_abundance(a):
+            parts += _abundance_section(a, s, anchors, alpha)
+            continue
         combos = list(zip(s["group"], s["contrast"], strict=True))
         figs, rest = _figures_by_group(list(a.figures), combos)
         table = a.table.copy()

@@ -98,6 +98,7 @@ def test_workflow_through_slurm_equals_local_run(slurm, tmp_path):
     # every job except the target rule went through sbatch, and SLURM saw them finish
     expected = {"simulate_input": 1, "aggregate": 1, "fit_pseudobulk": 1, "split_shards": 1, "fit_glmm": 2}
     expected |= {"warmup": 1, "merge": 1, "plot": 2, "hierarchy": 1, "summary": 1, "report_html": 1}
+    expected |= {"fit_abundance": 1}  # the differential abundance analysis of .test: one job, no plot job
     submitted = re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: \S*/rule_(\w+)/", log)
     assert sorted(rule for _, rule in submitted) == sorted(r for r, n in expected.items() for _ in range(n)), log
     ids = ",".join(job for job, _ in submitted)

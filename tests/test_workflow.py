@@ -123,6 +123,11 @@ def _analysis(**kw) -> dict:
         (_analysis(family="nbinom"), "config.analyses[0].family: 'nbinom' is not one of 'nb', 'poisson'"),
         (_analysis(method="pseudobulk", shards=2), "config.analyses[0] (x): 'shards' applies to method glmm only"),
         (_analysis(contrast=["a", "b"]), "config.analyses[0].contrast: must be [factor, level, reference level]"),
+        (_analysis(cell_type_key="ct"), "config.analyses[0] (x): 'cell_type_key' applies to method abundance only"),
+        (
+            _analysis(method="abundance", shards=2),
+            "config.analyses[0] (x): 'shards' does not apply to method abundance",
+        ),
     ],
 )
 def test_bad_config_fails_with_one_clear_line(tmp_path, edit, message):
@@ -209,6 +214,7 @@ def test_plots_and_summary(local_run):
         for p in (local_run / "results" / name / "plots").glob("*.png"):
             assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = pd.read_csv(local_run / "results" / "summary.csv")
+    summary = summary[summary["analysis"] != "abundance"]  # one row per cell type, test_abundance_analysis
     assert sorted(zip(summary["analysis"], summary["group"], strict=True)) == [
         ("glmm", "type0"),
         ("glmm", "type1"),
@@ -245,6 +251,8 @@ def test_landing_report(local_run):
     cfg = yaml.safe_load(TEST_CONFIG.read_text())
     for a in cfg["analyses"]:
         assert f'<h2 id="s-{a["name"]}">{a["name"]}</h2>' in html, a["name"]
+        if a["method"] == "abundance":
+            continue
         assert f"<dt>design</dt><dd>{a['design']}</dd>" in html
         for group in GROUPS:
             row = summary[(summary["analysis"] == a["name"]) & (summary["group"] == group)].iloc[0]
@@ -256,6 +264,32 @@ def test_landing_report(local_run):
     assert "<dt>offset</dt><dd>tmm</dd>" in html  # the GLMM's resolved offset is listed
     # and the design it fitted (a donor-level contrast: no term added)
     assert "<dt>design_fitted</dt><dd>~ condition + (1|donor) + (1|batch)</dd>" in html
+
+
+def test_abundance_analysis(local_run):
+    """method: abundance runs `scmlm abundance` on the input (no shards): a row per cell type, plots, report section."""
+    folder = local_run / "results" / "abundance"
+    res = pd.read_csv(folder / "results.csv")
+    assert set(res["gene"]) == GROUPS and set(res["group"]) == {"all"}
+    assert set(res["contrast"]) == {"condition_case_vs_ctrl"} and set(res["method"]) == {"abundance_glmm"}
+    assert res["pvalue"].between(0, 1).all() and (res["df"] == 4).all()  # 6 donors, one sample each
+    params = yaml.safe_load((folder / "params.json").read_text())
+    assert params["design_fitted"] == "~ condition + (1|donor)" and params["added_terms"] == ["(1|donor)"]
+    assert sorted(p.name for p in (folder / "plots").glob("*.png")) == [
+        "abundance_effects__condition_case_vs_ctrl.png",
+        "composition.png",
+    ]
+    assert not (folder / "shards").exists() and not (folder / "hierarchy").exists()
+    html = (local_run / "results" / "report.html").read_text()
+    section = html.split('<h2 id="s-abundance">abundance</h2>')[1].split("<h2 ")[0]
+    assert "Fitted design: <code>~ condition + (1|donor)</code>; added terms: (1|donor)." in section
+    assert "Composition is relative" in section and "CLR method" in section
+    assert "<th>cell type</th>" in section and section.count('src="data:image/png;base64,') == 2
+    for t in GROUPS:
+        assert f'data-v="{t}">{t}</td>' in section
+    summary = pd.read_csv(local_run / "results" / "summary.csv")
+    row = summary[summary["analysis"] == "abundance"]
+    assert len(row) == 1 and int(row["n_genes"].iloc[0]) == 2
 
 
 def test_html_report(local_run):

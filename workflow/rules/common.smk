@@ -111,7 +111,10 @@ def validate_config(cfg):
         problems.append(f"config.analyses: name {name!r} is used more than once")
     for i, a in enumerate(cfg["analyses"]):
         where = f"config.analyses[{i}] ({a['name']})"
-        if a["method"] == "pseudobulk":
+        problems += _abundance_key_problems(a, where)
+        if a["method"] == "abundance":
+            pass
+        elif a["method"] == "pseudobulk":
             for key in ("family", "shards"):
                 if key in a:
                     problems.append(f"{where}: {key!r} applies to method glmm only")
@@ -135,6 +138,35 @@ def validate_config(cfg):
     problems += _input_problems(cfg)
     if problems:
         raise WorkflowError(f"invalid scmlm configuration: {'; '.join(problems)}")
+
+
+_ABUNDANCE_ONLY = ("cell_type_key", "abundance_method", "estimation", "min_cells_type")
+_NOT_ABUNDANCE = (
+    "pb_method",
+    "family",
+    "shards",
+    "offset",
+    "hierarchy_genes",
+    "shrinkage_genes",
+)
+
+
+def _abundance_key_problems(a, where):
+    """Keys of differential abundance on other analyses, and gene-level keys on an abundance analysis."""
+    if a["method"] == "abundance":
+        bad = [k for k in _NOT_ABUNDANCE if k in a]
+        if a.get("abundance_method", "glmm") != "glmm" and "estimation" in a:
+            bad.append("estimation")
+        return [
+            f"{where}: {k!r} does not apply to method abundance"
+            + (" with abundance_method glmm only" if k == "estimation" else "")
+            for k in bad
+        ]
+    return [
+        f"{where}: {k!r} applies to method abundance only"
+        for k in _ABUNDANCE_ONLY
+        if k in a
+    ]
 
 
 def _input_problems(cfg):
@@ -178,9 +210,9 @@ def out(*parts):
     return os.path.join(OUTDIR, *parts)
 
 
-def names_regex(method):
-    """A regex matching the names of the analyses with this method (and nothing when there are none)."""
-    names = [n for n, a in ANALYSES.items() if a["method"] == method]
+def names_regex(*methods):
+    """A regex matching the names of the analyses with these methods (and nothing when there are none)."""
+    names = [n for n, a in ANALYSES.items() if a["method"] in methods]
     return "|".join(map(re.escape, names)) or "(?!)"
 
 
@@ -253,6 +285,23 @@ def shard_offset(name):
     return {"log_total": "scmlm_log_total"}.get(offset, offset)
 
 
+def abundance_args(wildcards):
+    """The options of `scmlm abundance` for one analysis, shell-quoted."""
+    a = ANALYSES[wildcards.analysis]
+    args = ["--design", a["design"], *contrast_args(a["contrast"])]
+    args += ["--cell-type-key", abundance_cell_type_key(a)]
+    args += ["--sample-key", a.get("sample_key", config["sample_key"])]
+    args += ["--method", a.get("abundance_method", "glmm")]
+    args += ["--replication", a.get("replication", "auto")]
+    args += ["--estimation", a.get("estimation", "REML")]
+    args += ["--min-cells", str(a.get("min_cells_type", 10))]
+    return shlex.join(args)
+
+
+def abundance_cell_type_key(a):
+    return a.get("cell_type_key") or config["groups_key"] or "cell_type"
+
+
 def aggregate_args(wildcards):
     args = ["--sample-key", config["sample_key"]]
     if config["groups_key"]:
@@ -314,6 +363,14 @@ def report_params(name):
         "design": a["design"],
         "contrast": list(a["contrast"]),
     }
+    if a["method"] == "abundance":
+        params["abundance_method"] = a.get("abundance_method", "glmm")
+        params["cell_type_key"] = abundance_cell_type_key(a)
+        params["sample_key"] = a.get("sample_key", config["sample_key"])
+        params["replication"] = a.get("replication", "auto")
+        if params["abundance_method"] == "glmm":
+            params["estimation"] = a.get("estimation", "REML")
+        return params
     if a["method"] == "pseudobulk":
         params["pb_method"] = a.get("pb_method", "nb_ql")
         params["normalisation"] = {

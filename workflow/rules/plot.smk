@@ -16,6 +16,8 @@ rule plot:
         out("logs/{analysis}/plot.log"),
     benchmark:
         out("benchmarks/{analysis}/plot.tsv")
+    wildcard_constraints:
+        analysis=names_regex("pseudobulk", "glmm"),  # abundance plots: rule fit_abundance
     conda:
         "../envs/scmlm.yaml"
     threads: 1
