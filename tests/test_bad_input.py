@@ -964,3 +964,106 @@ def test_workflow_typo_in_input_is_an_error(tmp_path):
     proc = _snakemake(tmp_path, "--configfile", str(tmp_path / "my.yaml"), "-n")
     assert proc.returncode != 0
     assert "config.input: 'data/typo.h5ad' does not exist" in proc.stdout + proc.stderr
+
+
+# ======================================================================================================================
+# integer-coded grouping columns (a model the user did not mean)
+# ======================================================================================================================
+def _int_donor(a: ad.AnnData) -> ad.AnnData:
+    a = a.copy()
+    a.obs["donor"] = a.obs["donor"].astype(str).str.replace("donor", "").astype(int)
+    return a
+
+
+@pytest.fixture(scope="module")
+def paired_pb() -> ad.AnnData:
+    return scmlm.pp.pseudobulk(_sim("within"), "sample", layer="counts")
+
+
+def test_design_grouping_column_of_integers_is_a_factor():
+    from scmlm.design import build_design
+
+    obs = pd.DataFrame({"donor": np.repeat([3, 1, 2], 2), "condition": ["a", "b"] * 3})
+    before = obs.copy()
+    as_key = build_design(obs, "~ donor + condition", factors=["donor"])
+    as_random = build_design(obs, "~ donor + condition + (1|donor)")
+    assert as_key.columns == as_random.columns == ["(Intercept)", "donor[T.2]", "donor[T.3]", "condition[T.b]"]
+    pd.testing.assert_frame_equal(obs, before)
+
+
+@pytest.mark.parametrize(
+    ("column", "values", "warns"),
+    [
+        ("donor", [1, 2, 3], True),
+        ("patient_id", [5, 6, 7], True),
+        ("sampleID", [5, 6, 7], True),
+        ("code", list(range(12)), True),
+        ("dose", [0, 1, 2], False),
+        ("age", [31, 45, 60], False),
+    ],
+)
+def test_design_integer_identifier_entering_as_a_number_warns(column, values, warns):
+    from scmlm.design import build_design
+
+    n = len(values)
+    obs = pd.DataFrame({column: np.repeat(values, 2), "condition": ["a", "b"] * n})
+    if warns:
+        with pytest.warns(UserWarning, match=rf"column '{column}' holds integers.*C\({column}\).*astype\('category'\)"):
+            build_design(obs, f"~ {column} + condition")
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            build_design(obs, f"~ {column} + condition")
+    with warnings.catch_warnings():  # the fix the warning names is silent
+        warnings.simplefilter("error")
+        d = build_design(obs, f"~ C({column}) + condition")
+    assert d.n_coef == n + 1
+
+
+def test_api_pseudobulk_de_integer_donor_warns_and_c_restores_the_pairing(paired_pb):
+    ref = scmlm.tl.pseudobulk_de(paired_pb, "~ donor + condition", CONTRAST, inplace=False).table
+    p = _int_donor(paired_pb)
+    before = p.obs.copy()
+    with pytest.warns(UserWarning, match=r"column 'donor' holds integers .* one numeric slope.*C\(donor\)"):
+        scmlm.tl.pseudobulk_de(p, "~ donor + condition", CONTRAST, inplace=False)
+    pd.testing.assert_frame_equal(p.obs, before)
+    fixed = scmlm.tl.pseudobulk_de(p, "~ C(donor) + condition", CONTRAST, inplace=False).table
+    np.testing.assert_allclose(fixed["pvalue"].to_numpy(), ref["pvalue"].to_numpy(), rtol=1e-8)
+
+
+def test_api_pseudobulk_de_integer_sample_key_is_a_factor(pb):
+    """The recorded sample key of a pseudobulk is a grouping column: a factor in the design, not a slope."""
+    p = _int_donor(pb)
+    p.uns["pseudobulk"] = {**p.uns["pseudobulk"], "sample_key": "donor"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DesignError, match=r"rank-deficient|confounded|cannot be fitted"):
+            # donor as a factor absorbs the between-donor condition: refused, not silently fitted as a slope
+            scmlm.tl.pseudobulk_de(p, "~ donor + condition", CONTRAST, groups_key="cell_type", inplace=False)
+
+
+def test_api_glmm_de_integer_donor_warns(cells):
+    """The warning comes while the design is checked, before any fit (the bad shard then stops the call cheaply)."""
+    c = _int_donor(cells)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(InputError, match=r"shard"):
+            scmlm.tl.glmm_de(c, "~ condition + donor + (1|batch)", CONTRAST, layer="counts", shard="5/3")
+    assert any(re.search(r"column 'donor' holds integers.*C\(donor\)", str(w.message)) for w in caught)
+    with warnings.catch_warnings(record=True) as caught:  # the donor of a random term is a factor: no warning
+        warnings.simplefilter("always")
+        with pytest.raises(InputError, match=r"shard"):
+            scmlm.tl.glmm_de(c, "~ condition + (1|donor)", CONTRAST, layer="counts", shard="5/3")
+    assert not [w for w in caught if "holds integers" in str(w.message)]
+
+
+def test_cli_integer_donor_warns(tmp_path, paired_pb, capsys):
+    inp = tmp_path / "pb.h5ad"
+    _int_donor(paired_pb).write_h5ad(inp)
+    guard = Guard([inp], tmp_path)
+    args = _de(inp, tmp_path / "r.csv")
+    args[args.index("--design") + 1] = "~ donor + condition"
+    with pytest.warns(UserWarning, match=r"column 'donor' holds integers.*C\(donor\)"):  # on stderr outside pytest
+        rc, err = run_cli(args, capsys)
+    assert rc == 0, err
+    guard.check(allowed=[tmp_path / "r.csv"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -88,7 +89,67 @@ def _variables(parsed: ParsedFormula) -> list[str]:
     return out
 
 
-def _prepare_data(data: pd.DataFrame, variables: Sequence[str], formula: str) -> pd.DataFrame:
+_ID_NAMES = ("donor", "sample", "batch", "patient", "subject", "individual", "id")
+"""Column names (or name parts, split at ``_``, ``.`` and ``-``) that mark an identifier rather than a quantity."""
+
+_ID_MIN_LEVELS = 10
+"""An integer column whose values are the consecutive codes 0..k-1 or 1..k with at least this many levels looks like
+an identifier."""
+
+
+def _grouping_variables(parsed: ParsedFormula, factors: Sequence[str | None]) -> list[str]:
+    """Columns used as groups: the random terms' grouping factors and the caller's keys (sample, groups, cluster)."""
+    out = [g for r in parsed.random for g in r.group] + [f for f in factors if f]
+    return list(dict.fromkeys(out))
+
+
+def _as_factor(col: pd.Series) -> pd.Series:
+    """A numeric or boolean column as a categorical of its values written as text, in numeric order."""
+    values = pd.unique(col.to_numpy())
+    try:
+        values = sorted(values)
+    except TypeError:
+        pass
+    cats = list(dict.fromkeys(str(v) for v in values))
+    return pd.Series(pd.Categorical(col.astype(str), categories=cats), index=col.index)
+
+
+def _looks_like_id(name: str, col: pd.Series) -> str | None:
+    """Why an integer column entering a design as a number looks like an identifier (``None`` if it does not)."""
+    if not (pd.api.types.is_integer_dtype(col) and not pd.api.types.is_bool_dtype(col)):
+        return None
+    parts = [p for p in re.split(r"[_.\-\s]+", str(name)) if p]
+    if any(p.lower() == "id" or p.endswith(("Id", "ID")) or p.lower().startswith(_ID_NAMES[:-1]) for p in parts):
+        return "it is named like an identifier"
+    levels = np.unique(col.to_numpy())
+    k = levels.size
+    if k >= _ID_MIN_LEVELS and levels[0] in (0, 1) and levels[-1] - levels[0] == k - 1:
+        return f"its values are the consecutive codes {levels[0]}..{levels[-1]}"
+    return None
+
+
+def _numeric_in_fixed(var: str, column_names: Sequence[str]) -> bool:
+    """Whether ``var`` enters the fixed part as a number (a column or interaction part named exactly ``var``)."""
+    return any(var in c.split(":") for c in column_names)
+
+
+def _warn_numeric_ids(df: pd.DataFrame, fixed_vars: Sequence[str], column_names: Sequence[str], formula: str) -> None:
+    for v in fixed_vars:
+        why = _looks_like_id(v, df[v])
+        if why is None or not _numeric_in_fixed(v, column_names):
+            continue
+        warnings.warn(
+            f"column {v!r} holds integers and enters design {formula!r} as one numeric slope, but {why}; if its "
+            f"values are labels (donors, samples, batches), write C({v}) in the design or make it categorical: "
+            f"adata.obs[{v!r}] = adata.obs[{v!r}].astype('category').",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _prepare_data(
+    data: pd.DataFrame, variables: Sequence[str], formula: str, grouping: Sequence[str] = ()
+) -> pd.DataFrame:
     missing = [v for v in variables if v not in data.columns]
     if missing:
         raise DesignError(
@@ -104,6 +165,8 @@ def _prepare_data(data: pd.DataFrame, variables: Sequence[str], formula: str) ->
             )
         if isinstance(col.dtype, pd.CategoricalDtype):
             col = col.cat.remove_unused_categories()
+        elif v in grouping:
+            col = _as_factor(col)  # a grouping column is a factor, whatever its dtype
         elif col.dtype == object or pd.api.types.is_string_dtype(col) or pd.api.types.is_bool_dtype(col):
             col = pd.Categorical(col.astype(str))
             col = pd.Series(col, index=data.index)
@@ -111,8 +174,36 @@ def _prepare_data(data: pd.DataFrame, variables: Sequence[str], formula: str) ->
     return out
 
 
-def build_design(data: pd.DataFrame, formula: str, *, check_rank: bool = True) -> Design:
+def build_design(
+    data: pd.DataFrame,
+    formula: str,
+    *,
+    check_rank: bool = True,
+    factors: Sequence[str | None] = (),
+    warn: bool = True,
+) -> Design:
     """Parse ``formula`` and evaluate it on ``data`` (one row per observation: sample or cell).
+
+    Grouping columns are factors: a column that is a random term's grouping factor (``donor`` in ``(1|donor)``) or one
+    of ``factors`` (the caller's sample, group or cluster keys) enters the fixed part, where it appears, as a factor
+    with one coefficient per level, even when it holds integers (``~ donor + condition`` is then the paired design).
+    Any other integer column enters as a number (one slope); when it looks like an identifier (named like one:
+    donor, sample, batch, patient, subject, individual, ...id; or holding the consecutive codes 0..k-1 / 1..k with
+    many levels) a :class:`UserWarning` says so and how to make it a factor (``C(donor)`` in the formula, or
+    ``adata.obs['donor'] = adata.obs['donor'].astype('category')``).
+
+    Parameters
+    ----------
+    data
+        One row per observation with the design's columns.
+    formula
+        The model formula, e.g. ``"~ condition + (1|donor)"``.
+    check_rank
+        Raise :class:`EstimabilityError` for rank-deficient fixed effects.
+    factors
+        Further grouping columns (``None`` entries are ignored) treated as factors wherever the design uses them.
+    warn
+        Warn about integer identifier columns entering as numbers (``False`` for repeated builds of one design).
 
     Raises
     ------
@@ -124,7 +215,7 @@ def build_design(data: pd.DataFrame, formula: str, *, check_rank: bool = True) -
     """
     parsed = parse_formula(formula)
     variables = _variables(parsed)
-    df = _prepare_data(data, variables, formula)
+    df = _prepare_data(data, variables, formula, _grouping_variables(parsed, factors))
     fixed_vars = sorted(formulaic.Formula(parsed.fixed).required_variables)
     for v in fixed_vars:
         col = df[v]
@@ -139,6 +230,8 @@ def build_design(data: pd.DataFrame, formula: str, *, check_rank: bool = True) -
         raise DesignError(f"cannot build the model matrix of {parsed.fixed!r}: {err}") from err
     X = np.asarray(mm, dtype=float)
     columns = [_rename(c) for c in mm.model_spec.column_names]
+    if warn:
+        _warn_numeric_ids(df, fixed_vars, mm.model_spec.column_names, formula)
     term_columns = {str(t): list(range(sl.start, sl.stop)) for t, sl in mm.model_spec.term_slices.items()}
     terms = tuple(_random_term(df, r, formula) for r in parsed.random)
     comp = [c for t in terms for c in t.component_names()]

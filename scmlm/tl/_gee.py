@@ -152,7 +152,7 @@ def gee_de(
     )
     gene_idx = gene_indices(adata, genes)
 
-    full = build_design(adata.obs, design, check_rank=groups_key is None)
+    full = build_design(adata.obs, design, check_rank=groups_key is None, factors=[cluster_key, groups_key])
     if full.parsed.has_random:
         terms = " + ".join(str(r) for r in full.parsed.random)
         raise DesignError(
@@ -242,7 +242,7 @@ def _fit_group(
     n_jobs,
 ) -> pd.DataFrame:
     obs = adata.obs.iloc[rows]
-    d = build_design(obs, design)
+    d = build_design(obs, design, factors=[cluster_key], warn=False)
     cons = _contrast_matrices(d, contrast)
     clusters, levels = category_codes(obs[cluster_key])
     n_clusters = len(levels)

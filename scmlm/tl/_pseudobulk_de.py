@@ -48,7 +48,9 @@ def pseudobulk_de(
     design
         Model formula over ``adata.obs`` columns, e.g. ``"~ batch + condition"``, ``"~ donor + condition"`` (paired),
         ``"~ condition * sex"``. With ``method="voom"`` random terms such as ``"~ condition + (1|donor)"`` fit a
-        precision-weighted linear mixed model per gene (variancePartition's dream).
+        precision-weighted linear mixed model per gene (variancePartition's dream). Grouping columns (the recorded
+        sample key, ``groups_key``, random-term factors) are factors even when they hold integers; another integer
+        column that looks like an ID (e.g. ``donor``) enters as a number with a warning: write ``C(donor)``.
     contrast
         ``(factor, test_level, reference_level)``, a coefficient name, or a numeric vector over the design's columns.
         Several contrasts in one call: a list of tuples or names, or a dict ``{name: contrast}`` (numeric vectors need
@@ -108,7 +110,8 @@ def pseudobulk_de(
     counts_all = counts_all.astype(float, copy=False)
     check_counts(counts_all, layer)
     # validate formula and contrast on all samples first: clear errors before any fitting
-    full = build_design(adata.obs, design, check_rank=groups_key is None)
+    keys = grouping_keys(adata, groups_key)
+    full = build_design(adata.obs, design, check_rank=groups_key is None, factors=keys)
     if full.parsed.has_random and method != "voom":
         raise DesignError(
             f"design {design!r} has random terms; pseudobulk method {method!r} fits fixed effects only. Use "
@@ -127,7 +130,7 @@ def pseudobulk_de(
     tables = fit_groups(
         cell_groups(adata, groups_key),
         lambda name, rows: _fit_group(
-            adata, counts_all, rows, name, design, contrast, method=method, filter_genes=filter_genes
+            adata, counts_all, rows, name, design, contrast, method=method, filter_genes=filter_genes, factors=keys
         ),
         lambda name, err: _failed_group(adata, name, contrast, method, group_status(err)),
         groups_key=groups_key,
@@ -214,10 +217,18 @@ def _failed_group(pb, group, contrast, method, status) -> pd.DataFrame:
     )
 
 
-def _fit_group(pb, counts_all, rows, group, design, contrast, *, method, filter_genes) -> pd.DataFrame:
+def grouping_keys(pb: ad.AnnData, groups_key: str | None) -> list[str]:
+    """The grouping columns of a pseudobulk: its recorded sample key and ``groups_key`` (factors in any design)."""
+    rec = pb.uns.get("pseudobulk", {})
+    sample_key = rec.get("sample_key") if isinstance(rec, dict) else None
+    keys = [str(k) for k in np.atleast_1d(sample_key if sample_key is not None else [])]
+    return [k for k in [*keys, groups_key] if k and k in pb.obs.columns]
+
+
+def _fit_group(pb, counts_all, rows, group, design, contrast, *, method, filter_genes, factors=()) -> pd.DataFrame:
     obs = pb.obs.iloc[rows]
     counts = counts_all[rows].T  # genes × samples
-    d = build_design(obs, design)
+    d = build_design(obs, design, factors=factors, warn=False)
     cons = d.contrasts(contrast)
     n, rank = d.X.shape[0], int(np.linalg.matrix_rank(d.X))
     if n - rank < 1:
