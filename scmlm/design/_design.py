@@ -68,19 +68,61 @@ class Design:
         return make_contrasts(self, spec)
 
 
-def _variables(parsed: ParsedFormula) -> list[str]:
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_PLAIN_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+
+
+def _clean(err: Exception) -> str:
+    """The formulaic message on one line, without terminal colour codes."""
+    return " ".join(_ANSI.sub("", str(err)).split())
+
+
+def _backtick_hint(formula: str, columns) -> str:
+    """Name columns with spaces or operator characters that the formula uses unquoted, and how to quote them."""
+    odd = [str(c) for c in columns if not _PLAIN_NAME.match(str(c)) and str(c) in formula and f"`{c}`" not in formula]
+    if not odd:
+        return ""
+    example = formula.replace(odd[0], f"`{odd[0]}`")
+    return (
+        f" Column name(s) {_fmt_list(odd)} contain spaces or characters that formulas read as operators (- ( ) : + * "
+        f"/ ^); quote them in backticks: {example!r}."
+    )
+
+
+_FORMULA_FUNCTIONS = frozenset(formulaic.transforms.TRANSFORMS) | {"C", "I", "Q"}
+
+
+def _check_function_names(columns, formula: str) -> None:
+    """A column named like a formula function (``C``, ``I``, ``log``) used as a variable confuses formulaic."""
+    used = set(re.findall(r"(?<![`\w.])([A-Za-z_][A-Za-z0-9_]*)(?![\w.`]|\s*\()", formula))
+    clash = [str(c) for c in columns if str(c) in _FORMULA_FUNCTIONS and str(c) in used]
+    if clash:
+        v = clash[0]
+        raise DesignError(
+            f"column {v!r} used in design {formula!r} has the name of the formula function {v}(); rename the column, "
+            f"e.g. adata.obs = adata.obs.rename(columns={{{v!r}: {v + '_'!r}}}), and write {v + '_'!r} in the design."
+        )
+
+
+def _variables(parsed: ParsedFormula, columns=()) -> list[str]:
     names: list[str] = []
     try:
         names.extend(sorted(formulaic.Formula(parsed.fixed).required_variables))
     except Exception as err:
-        raise DesignError(f"cannot parse the fixed part {parsed.fixed!r} of design {parsed.formula!r}: {err}") from err
+        raise DesignError(
+            f"cannot parse the fixed part {parsed.fixed!r} of design {parsed.formula!r}: {_clean(err)}"
+            + _backtick_hint(parsed.formula, columns)
+        ) from err
     for r in parsed.random:
         names.extend(r.group)
         if r.lhs not in ("1", "0", "-1"):
             try:
                 names.extend(sorted(formulaic.Formula("~ " + r.lhs).required_variables))
             except Exception as err:
-                raise DesignError(f"cannot parse random term {r} of design {parsed.formula!r}: {err}") from err
+                raise DesignError(
+                    f"cannot parse random term {r} of design {parsed.formula!r}: {_clean(err)}"
+                    + _backtick_hint(parsed.formula, columns)
+                ) from err
     seen, out = set(), []
     for n in names:
         if n not in seen:
@@ -154,7 +196,9 @@ def _prepare_data(
     if missing:
         raise DesignError(
             f"design {formula!r} uses {_fmt_list(missing)}, not found among the columns: {_fmt_list(data.columns)}."
+            + _backtick_hint(formula, data.columns)
         )
+    _check_function_names(data.columns, formula)
     out = pd.DataFrame(index=data.index)
     for v in variables:
         col = data[v]
@@ -165,6 +209,8 @@ def _prepare_data(
             )
         if isinstance(col.dtype, pd.CategoricalDtype):
             col = col.cat.remove_unused_categories()
+            if not all(isinstance(c, str) for c in col.cat.categories):  # levels are text, as for other factors
+                col = col.cat.rename_categories([str(c) for c in col.cat.categories])
         elif v in grouping:
             col = _as_factor(col)  # a grouping column is a factor, whatever its dtype
         elif col.dtype == object or pd.api.types.is_string_dtype(col) or pd.api.types.is_bool_dtype(col):
@@ -214,7 +260,7 @@ def build_design(
         coefficients than observations.
     """
     parsed = parse_formula(formula)
-    variables = _variables(parsed)
+    variables = _variables(parsed, data.columns)
     df = _prepare_data(data, variables, formula, _grouping_variables(parsed, factors))
     fixed_vars = sorted(formulaic.Formula(parsed.fixed).required_variables)
     for v in fixed_vars:
@@ -227,7 +273,9 @@ def build_design(
     try:
         mm = formulaic.model_matrix(parsed.fixed, df, na_action="raise")
     except Exception as err:
-        raise DesignError(f"cannot build the model matrix of {parsed.fixed!r}: {err}") from err
+        raise DesignError(
+            f"cannot build the model matrix of {parsed.fixed!r}: {_clean(err)}" + _backtick_hint(formula, data.columns)
+        ) from err
     X = np.asarray(mm, dtype=float)
     columns = [_rename(c) for c in mm.model_spec.column_names]
     if warn:
@@ -374,11 +422,27 @@ def _confounding_hint(design: Design, aliased: dict[int, list[int]]) -> str:
     return "".join(hints) if hints else " Remove or merge the aliased terms."
 
 
+def split_contrast(text: str) -> tuple[str, str, str] | None:
+    r"""``"factor:test:reference"`` as a triple (``None`` for other text); ``\:`` is a colon inside a name or level.
+
+    Examples
+    --------
+    >>> split_contrast("condition:case:ctrl")
+    ('condition', 'case', 'ctrl')
+    >>> split_contrast(r"time:8\:00:0\:00")
+    ('time', '8:00', '0:00')
+    """
+    parts = re.split(r"(?<!\\):", text)
+    if len(parts) != 3:
+        return None
+    return tuple(p.replace("\\:", ":") for p in parts)  # type: ignore[return-value]
+
+
 def contrast_label(spec) -> str:
     """Display name of a contrast specification, the same whether or not a design was built."""
-    if isinstance(spec, str) and spec.count(":") == 2:
-        spec = tuple(spec.split(":"))
-    if isinstance(spec, list | tuple) and len(spec) == 3 and all(isinstance(s, str) for s in spec):
+    if isinstance(spec, str) and split_contrast(spec) is not None:
+        spec = split_contrast(spec)
+    if _is_factor_triple(spec):
         return f"{spec[0]}_{spec[1]}_vs_{spec[2]}"
     if isinstance(spec, str):
         return spec
@@ -395,15 +459,15 @@ def make_contrast(design: Design, spec) -> Contrast:
     cols = design.columns
     p = len(cols)
     if isinstance(spec, str):
-        if ":" in spec and spec.count(":") == 2 and spec not in cols:
-            spec = tuple(spec.split(":"))
+        if split_contrast(spec) is not None and spec not in cols:
+            spec = split_contrast(spec)
         else:
             j = _find_column(cols, spec)
             L = np.zeros(p)
             L[j] = 1.0
             return Contrast(name=cols[j], L=L)
-    if isinstance(spec, list | tuple) and len(spec) == 3 and all(isinstance(s, str) for s in spec):
-        return _factor_contrast(design, *spec)
+    if _is_factor_triple(spec):
+        return _factor_contrast(design, *(str(v) for v in spec))
     arr = np.asarray(spec, dtype=float)
     if arr.ndim != 1 or arr.shape[0] != p:
         raise DesignError(
@@ -432,10 +496,14 @@ def _factor_contrast(design: Design, factor: str, test: str, ref: str) -> Contra
         )
     col = df[factor]
     if not isinstance(col.dtype, pd.CategoricalDtype):
-        raise DesignError(
-            f"contrast ({factor!r}, {test!r}, {ref!r}) needs a categorical {factor!r}, but it is numeric; "
-            f"use the coefficient name {factor!r} instead."
-        )
+        if _numeric_in_fixed(factor, design.model_spec.column_names):
+            raise DesignError(
+                f"contrast ({factor!r}, {test!r}, {ref!r}) compares levels, but {factor!r} is numeric and enters "
+                f"design {design.formula!r} as one slope; write C({factor}) in the design (or make the column "
+                f"categorical: adata.obs[{factor!r}] = adata.obs[{factor!r}].astype('category')) to compare levels, "
+                f"or test the slope by its coefficient name {factor!r}."
+            )
+        return _wrapped_factor_contrast(design, fixed_vars, factor, test, ref)
     levels = [str(c) for c in col.cat.categories]
     for lev in (test, ref):
         if lev not in levels:
@@ -462,6 +530,29 @@ def _factor_contrast(design: Design, factor: str, test: str, ref: str) -> Contra
     return Contrast(name=contrast_label((factor, test, ref)), L=L)
 
 
+def _wrapped_factor_contrast(design: Design, fixed_vars, factor: str, test: str, ref: str) -> Contrast:
+    """A level contrast of a numeric column that the design turns into a factor, e.g. ``C(dose)``."""
+    df = design.data
+    values = {str(v): v for v in pd.unique(df[factor].to_numpy())}
+    for lev in (test, ref):
+        if lev not in values:
+            raise DesignError(f"level {lev!r} of {factor!r} is not in the data; its levels are: {_fmt_list(values)}.")
+    if test == ref:
+        raise DesignError(f"contrast compares level {test!r} of {factor!r} with itself; give two different levels.")
+    base = {v: (df[v].cat.categories[0] if isinstance(df[v].dtype, pd.CategoricalDtype) else 0) for v in fixed_vars}
+    new = pd.DataFrame([{**base, factor: values[test]}, {**base, factor: values[ref]}])
+    for v in fixed_vars:
+        c = df[v]
+        if isinstance(c.dtype, pd.CategoricalDtype):
+            new[v] = pd.Categorical(new[v].astype(str), categories=[str(x) for x in c.cat.categories])
+        else:
+            new[v] = new[v].astype(c.dtype)
+    L = np.asarray(design.model_spec.get_model_matrix(new), dtype=float)
+    L = L[0] - L[1]
+    _check_contrast_estimable(design, L)
+    return Contrast(name=contrast_label((factor, test, ref)), L=L)
+
+
 def _check_contrast_estimable(design: Design, L: np.ndarray) -> None:
     if not np.any(L):
         raise EstimabilityError(f"the contrast is zero for every coefficient of {design.formula!r}; nothing to test.")
@@ -480,7 +571,8 @@ def _check_contrast_estimable(design: Design, L: np.ndarray) -> None:
 # several contrasts in one call
 
 _CONTRAST_FORMS = (
-    "a contrast is (factor, test_level, reference_level), 'factor:test:reference', a coefficient name or a numeric "
+    "a contrast is (factor, test_level, reference_level) (levels as text, or the column's int/bool values), "
+    "'factor:test:reference' (write \\: for a colon inside a level), a coefficient name or a numeric "
     "vector over the design's columns; several go in a list (of tuples or names) or a dict {name: contrast}; a dict "
     "value that is a list of contrasts (e.g. coefficient names) or a 2-D array of rows is one joint F test"
 )
@@ -491,7 +583,13 @@ def _is_number(x) -> bool:
 
 
 def _is_factor_triple(x) -> bool:
-    return isinstance(x, list | tuple) and len(x) == 3 and all(isinstance(s, str) for s in x)
+    """``(factor, test, reference)``: a column name and two levels, given as text or as the column's int/bool values."""
+    return (
+        isinstance(x, list | tuple)
+        and len(x) == 3
+        and isinstance(x[0], str)
+        and all(isinstance(s, str | int | bool | np.integer | np.bool_) for s in x[1:])
+    )
 
 
 def _is_numeric_vector(x) -> bool:
@@ -581,10 +679,10 @@ def parse_contrasts(spec) -> list[ContrastSpec]:
 
 
 def _as_tuple(spec):
-    if isinstance(spec, str) and spec.count(":") == 2:
-        return tuple(spec.split(":"))
+    if isinstance(spec, str) and split_contrast(spec) is not None:
+        return split_contrast(spec)
     if _is_factor_triple(spec):
-        return tuple(spec)
+        return tuple(str(v) for v in spec)
     return spec
 
 
@@ -627,12 +725,18 @@ def contrast_param(spec):
             if s.joint:
                 rows = s.spec if not isinstance(s.spec, np.ndarray) else list(s.spec)
                 out[s.name] = [
-                    r if isinstance(r, str) else (":" if _is_factor_triple(r) else ",").join(one(r)) for r in rows
+                    r if isinstance(r, str) else _join_triple(r) if _is_factor_triple(r) else ",".join(one(r))
+                    for r in rows
                 ]
             else:
-                out[s.name] = ":".join(s.spec) if _is_factor_triple(s.spec) else one(s.spec)
+                out[s.name] = _join_triple(s.spec) if _is_factor_triple(s.spec) else one(s.spec)
         return out
-    return [":".join(one(s.spec)) if _is_factor_triple(s.spec) else one(s.spec) for s in parse_contrasts(spec)]
+    return [_join_triple(s.spec) if _is_factor_triple(s.spec) else one(s.spec) for s in parse_contrasts(spec)]
+
+
+def _join_triple(t) -> str:
+    """``factor:test:reference`` with colons inside names escaped, as :func:`split_contrast` reads it back."""
+    return ":".join(str(v).replace(":", "\\:") for v in t)
 
 
 def make_contrasts(design: Design, spec) -> list[Contrast]:

@@ -37,7 +37,7 @@ from ..design import (
     resolve_samples,
     within_parent,
 )
-from ..engine import gene_chunks, run_chunks
+from ..engine import gene_chunks, resolve_n_jobs, run_chunks
 from ..models import (
     FAMILY_NAMES,
     PENDING,
@@ -333,6 +333,7 @@ class _Run(_Options):
 
 
 def _check_choices(o: _Options) -> None:
+    resolve_n_jobs(o.n_jobs)  # a clear error for n_jobs="two" before any work
     if o.family not in FAMILY_NAMES:
         raise InputError(f"family={o.family!r} is not known; use one of {_fmt_list(FAMILY_NAMES)}.")
     if o.estimation not in ESTIMATION:
