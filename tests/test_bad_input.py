@@ -1278,3 +1278,26 @@ def test_cli_says_how_to_read_the_table(tmp_path, files, capsys, caplog):
     text = caplog.text + err
     assert "reading the table: df = degrees of freedom of each test" in text
     assert "df_prior" not in text  # only the columns the table has are explained
+
+
+def test_workflow_contrast_level_with_a_colon_reaches_the_cli_intact(common):
+    from scmlm.cli import _contrast_item
+
+    args = common["contrast_args"](["time", "8:00", "0:00"])
+    assert args == ["--contrast", r"time:8\:00:0\:00"]
+    assert _contrast_item(args[1]) == (None, ("time", "8:00", "0:00"), False)
+    named = common["contrast_args"]({"late": ["time", "8:00", "0:00"]})
+    assert _contrast_item(named[1]) == ("late", ("time", "8:00", "0:00"), False)
+
+
+def test_cli_all_zero_sample_is_left_out(tmp_path, pb, capsys):
+    inp = tmp_path / "pb.h5ad"
+    _zero_sample(pb, pb.obs_names[0]).write_h5ad(inp)
+    guard = Guard([inp], tmp_path)
+    args = [*_de(inp, tmp_path / "r.csv"), "--groups-key", "cell_type"]
+    with pytest.warns(UserWarning, match=rf"zero counts .* left out: '{pb.obs_names[0]}'"):
+        rc, err = run_cli(args, capsys)
+    assert rc == 0, err
+    res = pd.read_csv(tmp_path / "r.csv")
+    assert set(res["status"]) <= {"ok", "filtered"}
+    guard.check(allowed=[tmp_path / "r.csv"])
