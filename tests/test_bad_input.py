@@ -971,7 +971,7 @@ def test_workflow_typo_in_input_is_an_error(tmp_path):
 # ======================================================================================================================
 def _int_donor(a: ad.AnnData) -> ad.AnnData:
     a = a.copy()
-    a.obs["donor"] = a.obs["donor"].astype(str).str.replace("donor", "").astype(int)
+    a.obs["donor"] = a.obs["donor"].astype(str).str.replace("donor", "").astype(int) + 101  # IDs such as 101, 107
     return a
 
 

@@ -510,10 +510,7 @@ def _factor_contrast(design: Design, factor: str, test: str, ref: str) -> Contra
             raise DesignError(f"level {lev!r} of {factor!r} is not in the data; its levels are: {_fmt_list(levels)}.")
     if test == ref:
         raise DesignError(f"contrast compares level {test!r} of {factor!r} with itself; give two different levels.")
-    base = {}
-    for v in fixed_vars:
-        c = df[v]
-        base[v] = c.cat.categories[0] if isinstance(c.dtype, pd.CategoricalDtype) else 0.0
+    base = {v: _base_value(design, v) for v in fixed_vars}
     rows = []
     for lev in (test, ref):
         row = dict(base)
@@ -530,6 +527,19 @@ def _factor_contrast(design: Design, factor: str, test: str, ref: str) -> Contra
     return Contrast(name=contrast_label((factor, test, ref)), L=L)
 
 
+def _base_value(design: Design, v: str):
+    """Where a contrast holds the other variables: a factor's reference level, a number at 0 (as R's coefficients).
+
+    A numeric column that the design makes a factor (``C(dose)``) is held at its smallest value, the reference level.
+    """
+    c = design.data[v]
+    if isinstance(c.dtype, pd.CategoricalDtype):
+        return c.cat.categories[0]
+    if any(part.startswith(f"C({v})") for col in design.model_spec.column_names for part in col.split(":")):
+        return np.sort(pd.unique(c.to_numpy()))[0]
+    return 0.0
+
+
 def _wrapped_factor_contrast(design: Design, fixed_vars, factor: str, test: str, ref: str) -> Contrast:
     """A level contrast of a numeric column that the design turns into a factor, e.g. ``C(dose)``."""
     df = design.data
@@ -539,7 +549,7 @@ def _wrapped_factor_contrast(design: Design, fixed_vars, factor: str, test: str,
             raise DesignError(f"level {lev!r} of {factor!r} is not in the data; its levels are: {_fmt_list(values)}.")
     if test == ref:
         raise DesignError(f"contrast compares level {test!r} of {factor!r} with itself; give two different levels.")
-    base = {v: (df[v].cat.categories[0] if isinstance(df[v].dtype, pd.CategoricalDtype) else 0) for v in fixed_vars}
+    base = {v: _base_value(design, v) for v in fixed_vars}
     new = pd.DataFrame([{**base, factor: values[test]}, {**base, factor: values[ref]}])
     for v in fixed_vars:
         c = df[v]
