@@ -20,14 +20,17 @@ log = logging.getLogger("scmlm")
 
 
 _CONTRAST_HELP = (
-    "repeatable: factor:test:reference (e.g. condition:case:ctrl), a coefficient name, or NAME=one of those; "
+    "repeatable: factor:test:reference (e.g. condition:case:ctrl; write \\: for a colon inside a level, "
+    "e.g. 'time:8\\:00:0\\:00'), a coefficient name, or NAME=one of those; "
     "NAME=coefA,coefB (coefficient names) is one joint F test, e.g. doses=dose[T.mid],dose[T.high]; "
     "NAME=0,1,-1 a numeric vector over the design's columns"
 )
 
 
 def _contrast_item(text: str):
-    """One ``--contrast`` value: ``(name or None, specification, joint)``."""
+    r"""One ``--contrast`` value: ``(name or None, specification, joint)``; ``\:`` is a colon inside a level."""
+    from .design import split_contrast
+
     name, sep, spec = text.partition("=")
     if not sep:
         name, spec = None, text
@@ -48,9 +51,9 @@ def _contrast_item(text: str):
             raise argparse.ArgumentTypeError(f"{text!r} is {what} and needs a name: --contrast NAME={spec}")
         if vec is not None:
             return name, vec, False
-        return name, [tuple(p.split(":")) if p.count(":") == 2 else p for p in parts], True
-    if spec.count(":") == 2:
-        return name, tuple(spec.split(":")), False
+        return name, [split_contrast(p) or p for p in parts], True
+    if split_contrast(spec) is not None:
+        return name, split_contrast(spec), False
     return name, spec, False
 
 
@@ -270,7 +273,18 @@ def _read_table(path: str):
     if p.suffix == ".parquet":
         return pd.read_parquet(p)
     sep = "\t" if p.suffix in (".tsv", ".txt") else ","
-    return pd.read_csv(p, sep=sep, keep_default_na=True)
+    try:
+        return pd.read_csv(p, sep=sep, keep_default_na=True)
+    except pd.errors.EmptyDataError as err:
+        raise ScmlmError(
+            f"result table {path!r} is empty (no header, no rows); give the table written by 'scmlm de' or "
+            "'scmlm merge' (rerun the step that wrote it if it was interrupted)."
+        ) from err
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise ScmlmError(
+            f"result table {path!r} cannot be read as a {'tab' if sep != ',' else 'comma'}-separated "
+            f"table: {str(err).splitlines()[0]}"
+        ) from err
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -345,6 +359,7 @@ def _run(args: argparse.Namespace) -> int:
         from .results import merge_shards
 
         _check_outputs([args.out], *args.shards)
+        io.check_table_path(args.out, what="--out")
         tables = [_read_table(p) for p in args.shards]
         merged = merge_shards(tables, sources=args.shards)
         io.write_csv(merged, args.out)
@@ -651,6 +666,9 @@ def _run_de(args: argparse.Namespace) -> int:
 
     shard = args.shard
     _check_outputs([args.out, args.out_h5ad], args.input)
+    io.check_table_path(args.out, what="--out")
+    if args.out_h5ad is not None and Path(args.out_h5ad).suffix != ".h5ad":
+        raise ScmlmError(f"--out-h5ad {args.out_h5ad!r} must end in .h5ad.")
     if args.tool == "pseudobulk" and shard is not None:
         raise ScmlmError("--shard applies to --tool glmm; pseudobulk fits all genes of a group together.")
     if args.n_jobs is not None and args.n_jobs == 0:
@@ -718,6 +736,7 @@ def _run_de(args: argparse.Namespace) -> int:
         )
     table = res.table
     _log_gene_statuses(table)
+    _log_reading_guide(table)
     if shard is not None:
         from .results import parse_shard
 
@@ -905,6 +924,26 @@ def _log_gene_statuses(table) -> None:
         log.info("gene %s (group %s): %s", row.gene, row.group, row.status)
     if len(bad):
         log.info("%d of %d gene fits were not tested; see the status column", len(bad), len(table))
+
+
+def _log_reading_guide(table) -> None:
+    """One line saying what df, df_prior and 'singular' mean, and how many df the tests rest on."""
+    import numpy as np
+
+    parts = ["df = degrees of freedom of each test (for a between-donor contrast about donors minus donor-level "
+             "coefficients)"]  # fmt: skip
+    if "df_prior" in table.columns:
+        parts.append("df_prior = df borrowed from the other genes by moderation")
+    if (table["status"] == "singular").any():
+        parts.append("status 'singular' = a variance estimated at zero (still a valid test)")
+    ok = table.loc[table["status"].isin(USABLE_STATUS), "df"].to_numpy(dtype=float)
+    ok = ok[np.isfinite(ok)]
+    if ok.size and np.median(ok) < 5:
+        parts.append(
+            f"the median test has only {np.median(ok):.3g} df: p-values rest on very few replicates, so a very small "
+            "p-value is evidence from few donors, not from many cells"
+        )
+    log.info("reading the table: %s.", "; ".join(parts))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,12 @@ PROGRESS_MIN_GENES = 5000
 def resolve_n_jobs(n_jobs: int | None) -> int:
     """Worker count for ``n_jobs``: ``None`` means ``settings.n_jobs``, 0 means 1, negatives count from all cores."""
     n = settings.n_jobs if n_jobs is None else n_jobs
+    if isinstance(n, str) and n.strip().lstrip("-").isdigit():
+        n = int(n)
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int | np.integer)):
+        from ._errors import InputError
+
+        raise InputError(f"n_jobs={n!r} must be a whole number of worker processes (1, 2, …; -1 for all cores).")
     if n is None or n == 0:
         n = 1
     if n < 0:

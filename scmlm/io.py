@@ -13,7 +13,16 @@ import pandas as pd
 
 from ._errors import InputError
 
-__all__ = ["atomic_path", "check_writable", "iter_row_blocks", "read", "read_genes", "write_csv", "write_h5ad"]
+__all__ = [
+    "atomic_path",
+    "check_table_path",
+    "check_writable",
+    "iter_row_blocks",
+    "read",
+    "read_genes",
+    "write_csv",
+    "write_h5ad",
+]
 
 LOG_TOTAL = "scmlm_log_total"
 """obs column with each cell's log total count over all genes (the GLMM offset when only some genes are loaded)."""
@@ -23,13 +32,17 @@ LOG_TOTAL = "scmlm_log_total"
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
 
-    A crash or an error leaves no half-written file at ``path`` (and removes the temporary file). The file gets the
-    mode that the user's umask gives a new file (``mkstemp`` creates it private, 0600).
+    A crash or an error leaves no half-written file at ``path`` (and removes the temporary file). A write that fails
+    for the file system (disk full, quota exceeded, I/O error) raises an :class:`InputError` naming ``path`` and the
+    reason. The file gets the mode that the user's umask gives a new file (``mkstemp`` creates it private, 0600).
     """
     path = Path(path)
     check_writable(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _write_error(path, err) from err
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -37,9 +50,38 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if tmp.exists():
             os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as err:
+        raise _write_error(path, err) from err
     finally:
-        if tmp.exists():
+        if tmp.is_symlink() or tmp.exists():
             tmp.unlink()
+
+
+def _write_error(path: Path, err: OSError) -> InputError:
+    import errno
+
+    reason = err.strerror or str(err)
+    hint = {
+        errno.ENOSPC: "free some space or write to another disk",
+        errno.EDQUOT: "free some space within your quota or write elsewhere",
+        errno.EROFS: "the file system is read-only; write elsewhere",
+    }.get(err.errno, "check the folder and the disk, then run again")
+    return InputError(f"could not write {str(path)!r}: {reason}; {hint}. Nothing was written there.")
+
+
+TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet")
+"""File endings of the result tables :func:`write_csv` writes (``.txt`` is tab-separated, as ``.tsv``)."""
+
+
+def check_table_path(path: str | os.PathLike, *, what: str = "output table") -> Path:
+    """Refuse, before any work, a table path whose ending :func:`write_csv` cannot honour (e.g. ``.xlsx``)."""
+    path = Path(path)
+    if path.suffix.lower() not in TABLE_SUFFIXES:
+        raise InputError(
+            f"{what} {str(path)!r} ends in {path.suffix or 'no suffix'!r}; tables are written as "
+            f"{', '.join(TABLE_SUFFIXES)}: e.g. {str(path.with_suffix('.csv'))!r}."
+        )
+    return path
 
 
 def _umask() -> int:
@@ -84,8 +126,8 @@ def write_h5ad(adata: ad.AnnData, path: str | os.PathLike, **kwargs) -> None:
 
 
 def write_csv(df: pd.DataFrame, path: str | os.PathLike, *, index: bool = False, **kwargs) -> None:
-    """Write a table to CSV (or ``.tsv`` tab-separated, ``.parquet``) atomically."""
-    path = Path(path)
+    """Write a table to CSV (or ``.tsv``/``.txt`` tab-separated, ``.parquet``) atomically; other endings are refused."""
+    path = check_table_path(check_writable(path))
     with atomic_path(path) as tmp:
         if path.suffix == ".parquet":
             df.to_parquet(tmp, index=index)

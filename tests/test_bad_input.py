@@ -964,3 +964,340 @@ def test_workflow_typo_in_input_is_an_error(tmp_path):
     proc = _snakemake(tmp_path, "--configfile", str(tmp_path / "my.yaml"), "-n")
     assert proc.returncode != 0
     assert "config.input: 'data/typo.h5ad' does not exist" in proc.stdout + proc.stderr
+
+
+# ======================================================================================================================
+# integer-coded grouping columns (a model the user did not mean)
+# ======================================================================================================================
+def _int_donor(a: ad.AnnData) -> ad.AnnData:
+    a = a.copy()
+    a.obs["donor"] = a.obs["donor"].astype(str).str.replace("donor", "").astype(int) + 101  # IDs such as 101, 107
+    return a
+
+
+@pytest.fixture(scope="module")
+def paired_pb() -> ad.AnnData:
+    return scmlm.pp.pseudobulk(_sim("within"), "sample", layer="counts")
+
+
+def test_design_grouping_column_of_integers_is_a_factor():
+    from scmlm.design import build_design
+
+    obs = pd.DataFrame({"donor": np.repeat([3, 1, 2], 2), "condition": ["a", "b"] * 3})
+    before = obs.copy()
+    as_key = build_design(obs, "~ donor + condition", factors=["donor"])
+    as_random = build_design(obs, "~ donor + condition + (1|donor)")
+    assert as_key.columns == as_random.columns == ["(Intercept)", "donor[T.2]", "donor[T.3]", "condition[T.b]"]
+    pd.testing.assert_frame_equal(obs, before)
+
+
+@pytest.mark.parametrize(
+    ("column", "values", "warns"),
+    [
+        ("donor", [1, 2, 3], True),
+        ("patient_id", [5, 6, 7], True),
+        ("sampleID", [5, 6, 7], True),
+        ("code", list(range(12)), True),
+        ("dose", [0, 1, 2], False),
+        ("age", [31, 45, 60], False),
+    ],
+)
+def test_design_integer_identifier_entering_as_a_number_warns(column, values, warns):
+    from scmlm.design import build_design
+
+    n = len(values)
+    obs = pd.DataFrame({column: np.repeat(values, 2), "condition": ["a", "b"] * n})
+    if warns:
+        with pytest.warns(UserWarning, match=rf"column '{column}' holds integers.*C\({column}\).*astype\('category'\)"):
+            build_design(obs, f"~ {column} + condition")
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            build_design(obs, f"~ {column} + condition")
+    with warnings.catch_warnings():  # the fix the warning names is silent
+        warnings.simplefilter("error")
+        d = build_design(obs, f"~ C({column}) + condition")
+    assert d.n_coef == n + 1
+
+
+def test_api_pseudobulk_de_integer_donor_warns_and_c_restores_the_pairing(paired_pb):
+    ref = scmlm.tl.pseudobulk_de(paired_pb, "~ donor + condition", CONTRAST, inplace=False).table
+    p = _int_donor(paired_pb)
+    before = p.obs.copy()
+    with pytest.warns(UserWarning, match=r"column 'donor' holds integers .* one numeric slope.*C\(donor\)"):
+        scmlm.tl.pseudobulk_de(p, "~ donor + condition", CONTRAST, inplace=False)
+    pd.testing.assert_frame_equal(p.obs, before)
+    fixed = scmlm.tl.pseudobulk_de(p, "~ C(donor) + condition", CONTRAST, inplace=False).table
+    np.testing.assert_allclose(fixed["pvalue"].to_numpy(), ref["pvalue"].to_numpy(), rtol=1e-8)
+
+
+def test_api_pseudobulk_de_integer_sample_key_is_a_factor(pb):
+    """The recorded sample key of a pseudobulk is a grouping column: a factor in the design, not a slope."""
+    p = _int_donor(pb)
+    p.uns["pseudobulk"] = {**p.uns["pseudobulk"], "sample_key": "donor"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DesignError, match=r"rank-deficient|confounded|cannot be fitted"):
+            # donor as a factor absorbs the between-donor condition: refused, not silently fitted as a slope
+            scmlm.tl.pseudobulk_de(p, "~ donor + condition", CONTRAST, groups_key="cell_type", inplace=False)
+
+
+def test_api_glmm_de_integer_donor_warns(cells):
+    """The warning comes while the design is checked, before any fit (the bad shard then stops the call cheaply)."""
+    c = _int_donor(cells)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(InputError, match=r"shard"):
+            scmlm.tl.glmm_de(c, "~ condition + donor + (1|batch)", CONTRAST, layer="counts", shard="5/3")
+    assert any(re.search(r"column 'donor' holds integers.*C\(donor\)", str(w.message)) for w in caught)
+    with warnings.catch_warnings(record=True) as caught:  # the donor of a random term is a factor: no warning
+        warnings.simplefilter("always")
+        with pytest.raises(InputError, match=r"shard"):
+            scmlm.tl.glmm_de(c, "~ condition + (1|donor)", CONTRAST, layer="counts", shard="5/3")
+    assert not [w for w in caught if "holds integers" in str(w.message)]
+
+
+def test_cli_integer_donor_warns(tmp_path, paired_pb, capsys):
+    inp = tmp_path / "pb.h5ad"
+    _int_donor(paired_pb).write_h5ad(inp)
+    guard = Guard([inp], tmp_path)
+    args = _de(inp, tmp_path / "r.csv")
+    args[args.index("--design") + 1] = "~ donor + condition"
+    with pytest.warns(UserWarning, match=r"column 'donor' holds integers.*C\(donor\)"):  # on stderr outside pytest
+        rc, err = run_cli(args, capsys)
+    assert rc == 0, err
+    guard.check(allowed=[tmp_path / "r.csv"])
+
+
+# ======================================================================================================================
+# degenerate samples and groups
+# ======================================================================================================================
+def _zero_sample(p: ad.AnnData, name: str) -> ad.AnnData:
+    p = p.copy()
+    X = np.asarray(p.X.toarray() if sp.issparse(p.X) else p.X, dtype=float).copy()
+    X[p.obs_names.get_loc(name)] = 0
+    p.X = X
+    return p
+
+
+@pytest.mark.parametrize("method", ["nb_ql", "voom", "pydeseq2"])
+def test_api_all_zero_sample_is_left_out_with_a_warning(pb, method):
+    p = _zero_sample(pb, pb.obs_names[0])
+    before = p.X.copy()
+    with pytest.warns(UserWarning, match=rf"1 sample\(s\) have zero counts .* left out: '{pb.obs_names[0]}'"):
+        res = scmlm.tl.pseudobulk_de(p, "~ condition", CONTRAST, method=method, groups_key="cell_type", inplace=False)
+    t = res.table
+    assert set(t["status"]) <= {"ok", "filtered"}
+    ok = t[t["status"] == "ok"]
+    assert len(ok) > 5 and ok["pvalue"].between(0, 1).all()
+    np.testing.assert_array_equal(p.X, before)
+
+
+def test_api_all_zero_samples_leaving_nothing_to_test_is_an_error(pb):
+    sub = pb[(pb.obs["cell_type"] == "type0").to_numpy() & pb.obs["donor"].isin(["donor00", "donor01", "donor02"])]
+    p = _zero_sample(sub.copy(), sub.obs_names[0])
+    with pytest.warns(UserWarning, match=r"zero counts"):
+        with pytest.raises(DesignError, match=r"no residual df|single level"):
+            scmlm.tl.pseudobulk_de(p, "~ condition", CONTRAST, inplace=False)
+
+
+def test_api_no_testable_group_says_so_in_one_line(cells):
+    """Many groups of about one cell per donor: every group filtered or untestable, one warning, no numpy noise."""
+    c = cells.copy()
+    c.obs["cell_type"] = pd.Categorical([f"t{i % 150:03d}" for i in range(c.n_obs)])
+    p = scmlm.pp.pseudobulk(c, "donor", groups_key="cell_type", layer="counts", min_cells=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = scmlm.tl.pseudobulk_de(p, "~ condition", CONTRAST, groups_key="cell_type", inplace=False)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert re.search(r"no group of 'cell_type' was testable \(\d+ with status 'filtered'", messages[0]), messages
+    assert not (res.table["status"] == "ok").any()
+
+
+def test_api_dream_random_term_with_one_sample_per_level_is_reported(pb):
+    sub = pb[(pb.obs["cell_type"] == "type0").to_numpy()].copy()
+    with pytest.warns(UserWarning, match=r"random term \(1\|donor\) has one sample per level.*not estimable"):
+        res = scmlm.tl.pseudobulk_de(sub, "~ condition + (1|donor)", CONTRAST, method="voom", inplace=False)
+    assert any("(1|donor)" in n for n in res.params["notes"])
+
+
+# ======================================================================================================================
+# raw errors on ordinary mistakes
+# ======================================================================================================================
+def _disk_full(monkeypatch):
+    """Every atomic write goes to /dev/full (ENOSPC on write), through the real code path."""
+    import tempfile
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, **kwargs):
+        fd, name = real(*args, **kwargs)
+        os.close(fd)
+        os.unlink(name)
+        os.symlink("/dev/full", name)
+        return os.open(name, os.O_WRONLY), name
+
+    monkeypatch.setattr(scmlm.io.tempfile, "mkstemp", mkstemp)
+
+
+def test_api_full_disk_is_a_clear_error_without_partial_file(tmp_path, monkeypatch):
+    _disk_full(monkeypatch)
+    guard = Guard([], tmp_path)
+    table = pd.DataFrame({"gene": [f"g{i}" for i in range(20000)], "pvalue": 0.5})
+    with pytest.raises(InputError, match=r"could not write '.*r\.csv': No space left on device; free some space"):
+        scmlm.io.write_csv(table, tmp_path / "r.csv")
+    guard.check()
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_full_disk_after_the_fit_is_one_line(tmp_path, files, capsys, monkeypatch):
+    _disk_full(monkeypatch)
+    guard = Guard(files.values(), tmp_path)
+    rc, err = run_cli(_de(files["pb"], tmp_path / "r.csv"), capsys)
+    assert rc == 2, err
+    assert re.search(r"scmlm de: error: could not write '.*r\.csv': No space left on device", err), err
+    assert "Traceback" not in err
+    guard.check()
+
+
+@pytest.mark.parametrize("out", ["r.xlsx", "r.h5ad", "r"])
+def test_cli_de_out_with_a_suffix_it_cannot_write_fails_first(tmp_path, files, capsys, out):
+    guard = Guard(files.values(), tmp_path)
+    rc, err = run_cli(_de(files["pb"], tmp_path / out), capsys)
+    assert rc == 2, err
+    assert re.search(r"--out '.*' ends in .*tables are written as \.csv, \.tsv, \.txt, \.parquet", err), err
+    guard.check()
+
+
+def test_api_write_csv_refuses_an_excel_name(tmp_path):
+    with pytest.raises(InputError, match=r"ends in '\.xlsx'; tables are written as \.csv"):
+        scmlm.io.write_csv(pd.DataFrame({"a": [1]}), tmp_path / "r.xlsx")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("content", "message"), [("", r"is empty \(no header, no rows\)")])
+def test_cli_plot_of_an_empty_table(tmp_path, capsys, content, message):
+    table = tmp_path / "empty.csv"
+    table.write_text(content)
+    outdir = tmp_path / "plots"
+    guard = Guard([table], tmp_path)
+    rc, err = run_cli(["plot", table, "--outdir", outdir], capsys)
+    assert rc == 2, err
+    assert re.search(message, err) and "Traceback" not in err, err
+    guard.check()
+
+
+def test_api_n_jobs_as_text(cells):
+    with pytest.raises(InputError, match=r"n_jobs='two' must be a whole number"):
+        scmlm.tl.glmm_de(cells, "~ condition + (1|donor)", CONTRAST, layer="counts", n_jobs="two", inplace=False)
+    with pytest.raises(InputError, match=r"n_jobs=1.5 must be a whole number"):
+        scmlm.tl.gee_de(cells, "~ condition", CONTRAST, cluster_key="donor", layer="counts", n_jobs=1.5, inplace=False)
+    from scmlm.engine import resolve_n_jobs
+
+    assert resolve_n_jobs("2") == 2
+
+
+def test_api_volcano_of_several_groups_needs_a_group(pb):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    res = scmlm.tl.pseudobulk_de(pb, "~ condition", CONTRAST, groups_key="cell_type", inplace=False).table
+    for plot in (scmlm.pl.volcano, scmlm.pl.ma):
+        with pytest.raises(InputError, match=r"the result has 2 groups \('type0', 'type1'\); pick one with group="):
+            plot(res, show=False)
+    ax = scmlm.pl.volcano(res, group="type0", show=False)
+    assert ax is not None
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+@pytest.mark.parametrize(
+    ("column", "design", "message"),
+    [
+        ("C", "~ C", r"column 'C' .* has the name of the formula function C\(\); rename the column"),
+        ("cell type", "~ cell type", r"quote them in backticks: '~ `cell type`'"),
+        ("a-b", "~ a-b", r"'a-b' contain spaces or characters .* backticks: '~ `a-b`'"),
+        ("cond(x)", "~ cond(x)", r"backticks: '~ `cond\(x\)`'"),
+        ("t:x", "~ t:x", r"backticks: '~ `t:x`'"),
+    ],
+)
+def test_api_awkward_column_names_say_what_to_do(paired_pb, column, design, message):
+    p = paired_pb.copy()
+    p.obs[column] = p.obs["condition"].to_numpy()
+    with pytest.raises(DesignError, match=message) as info:
+        scmlm.tl.pseudobulk_de(p, design, (column, "case", "ctrl"), inplace=False)
+    assert "\x1b[" not in str(info.value) and "\n" not in str(info.value)
+    if column != "C":  # backticks work
+        quoted = design.replace(column, f"`{column}`")
+        res = scmlm.tl.pseudobulk_de(p, quoted, (column, "case", "ctrl"), inplace=False).table
+        assert (res["status"] == "ok").sum() > 5
+
+
+def test_api_contrast_with_int_and_bool_levels(paired_pb):
+    p = paired_pb.copy()
+    p.obs["dose"] = np.where(p.obs["condition"] == "case", 2, 1)
+    p.obs["treated"] = (p.obs["condition"] == "case").to_numpy()
+    ref = scmlm.tl.pseudobulk_de(p, "~ condition", CONTRAST, inplace=False).table
+    for design, contrast, label in [
+        ("~ C(dose)", ("dose", 2, 1), "dose_2_vs_1"),
+        ("~ treated", ("treated", True, False), "treated_True_vs_False"),
+    ]:
+        res = scmlm.tl.pseudobulk_de(p, design, contrast, inplace=False).table
+        assert set(res["contrast"]) == {label}
+        np.testing.assert_allclose(res["pvalue"], ref["pvalue"], rtol=1e-6)
+    with pytest.raises(DesignError, match=r"'dose' is numeric and enters design '~ dose' as one slope; write C\(dose"):
+        scmlm.tl.pseudobulk_de(p, "~ dose", ("dose", 2, 1), inplace=False)
+
+
+def test_cli_contrast_level_with_a_colon(tmp_path, paired_pb, capsys):
+    p = paired_pb.copy()
+    p.obs["time"] = np.where(p.obs["condition"] == "case", "8:00", "0:00")
+    inp = tmp_path / "pb.h5ad"
+    p.write_h5ad(inp)
+    guard = Guard([inp], tmp_path)
+    args = _de(inp, tmp_path / "r.csv")
+    args[args.index("--design") + 1] = "~ time"
+    args[args.index("--contrast") + 1] = r"time:8\:00:0\:00"
+    rc, err = run_cli(args, capsys)
+    assert rc == 0, err
+    res = pd.read_csv(tmp_path / "r.csv")
+    assert set(res["contrast"]) == {"time_8:00_vs_0:00"} and (res["status"] == "ok").sum() > 5
+    guard.check(allowed=[tmp_path / "r.csv"])
+
+
+def test_cli_says_how_to_read_the_table(tmp_path, files, capsys, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="scmlm"):
+        rc, err = run_cli(_de(files["pb"], tmp_path / "r.csv"), capsys)
+    assert rc == 0, err
+    text = caplog.text + err
+    assert "reading the table: df = degrees of freedom of each test" in text
+    assert "df_prior" not in text  # only the columns the table has are explained
+
+
+def test_workflow_contrast_level_with_a_colon_reaches_the_cli_intact(common):
+    from scmlm.cli import _contrast_item
+
+    args = common["contrast_args"](["time", "8:00", "0:00"])
+    assert args == ["--contrast", r"time:8\:00:0\:00"]
+    assert _contrast_item(args[1]) == (None, ("time", "8:00", "0:00"), False)
+    named = common["contrast_args"]({"late": ["time", "8:00", "0:00"]})
+    assert _contrast_item(named[1]) == ("late", ("time", "8:00", "0:00"), False)
+
+
+def test_cli_all_zero_sample_is_left_out(tmp_path, pb, capsys):
+    inp = tmp_path / "pb.h5ad"
+    _zero_sample(pb, pb.obs_names[0]).write_h5ad(inp)
+    guard = Guard([inp], tmp_path)
+    args = [*_de(inp, tmp_path / "r.csv"), "--groups-key", "cell_type"]
+    with pytest.warns(UserWarning, match=rf"zero counts .* left out: '{pb.obs_names[0]}'"):
+        rc, err = run_cli(args, capsys)
+    assert rc == 0, err
+    res = pd.read_csv(tmp_path / "r.csv")
+    assert set(res["status"]) <= {"ok", "filtered"}
+    guard.check(allowed=[tmp_path / "r.csv"])

@@ -13,6 +13,7 @@ from ._design import (
     make_contrast,
     make_contrasts,
     parse_contrasts,
+    split_contrast,
 )
 from ._fitted import REPLICATION_RULES, FittedDesign, fitted_design, fitted_params, one_or_all, stored_formula
 from ._formula import ParsedFormula, RandomSpec, parse_formula
@@ -58,6 +59,7 @@ __all__ = [
     "resolve_offset",
     "resolve_samples",
     "sample_labels",
+    "split_contrast",
     "streamed_tmm",
     "tmm_offset",
     "tmm_offset_from_sums",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -67,19 +68,61 @@ class Design:
         return make_contrasts(self, spec)
 
 
-def _variables(parsed: ParsedFormula) -> list[str]:
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_PLAIN_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+
+
+def _clean(err: Exception) -> str:
+    """The formulaic message on one line, without terminal colour codes."""
+    return " ".join(_ANSI.sub("", str(err)).split())
+
+
+def _backtick_hint(formula: str, columns) -> str:
+    """Name columns with spaces or operator characters that the formula uses unquoted, and how to quote them."""
+    odd = [str(c) for c in columns if not _PLAIN_NAME.match(str(c)) and str(c) in formula and f"`{c}`" not in formula]
+    if not odd:
+        return ""
+    example = formula.replace(odd[0], f"`{odd[0]}`")
+    return (
+        f" Column name(s) {_fmt_list(odd)} contain spaces or characters that formulas read as operators (- ( ) : + * "
+        f"/ ^); quote them in backticks: {example!r}."
+    )
+
+
+_FORMULA_FUNCTIONS = frozenset(formulaic.transforms.TRANSFORMS) | {"C", "I", "Q"}
+
+
+def _check_function_names(columns, formula: str) -> None:
+    """A column named like a formula function (``C``, ``I``, ``log``) used as a variable confuses formulaic."""
+    used = set(re.findall(r"(?<![`\w.])([A-Za-z_][A-Za-z0-9_]*)(?![\w.`]|\s*\()", formula))
+    clash = [str(c) for c in columns if str(c) in _FORMULA_FUNCTIONS and str(c) in used]
+    if clash:
+        v = clash[0]
+        raise DesignError(
+            f"column {v!r} used in design {formula!r} has the name of the formula function {v}(); rename the column, "
+            f"e.g. adata.obs = adata.obs.rename(columns={{{v!r}: {v + '_'!r}}}), and write {v + '_'!r} in the design."
+        )
+
+
+def _variables(parsed: ParsedFormula, columns=()) -> list[str]:
     names: list[str] = []
     try:
         names.extend(sorted(formulaic.Formula(parsed.fixed).required_variables))
     except Exception as err:
-        raise DesignError(f"cannot parse the fixed part {parsed.fixed!r} of design {parsed.formula!r}: {err}") from err
+        raise DesignError(
+            f"cannot parse the fixed part {parsed.fixed!r} of design {parsed.formula!r}: {_clean(err)}"
+            + _backtick_hint(parsed.formula, columns)
+        ) from err
     for r in parsed.random:
         names.extend(r.group)
         if r.lhs not in ("1", "0", "-1"):
             try:
                 names.extend(sorted(formulaic.Formula("~ " + r.lhs).required_variables))
             except Exception as err:
-                raise DesignError(f"cannot parse random term {r} of design {parsed.formula!r}: {err}") from err
+                raise DesignError(
+                    f"cannot parse random term {r} of design {parsed.formula!r}: {_clean(err)}"
+                    + _backtick_hint(parsed.formula, columns)
+                ) from err
     seen, out = set(), []
     for n in names:
         if n not in seen:
@@ -88,12 +131,74 @@ def _variables(parsed: ParsedFormula) -> list[str]:
     return out
 
 
-def _prepare_data(data: pd.DataFrame, variables: Sequence[str], formula: str) -> pd.DataFrame:
+_ID_NAMES = ("donor", "sample", "batch", "patient", "subject", "individual", "id")
+"""Column names (or name parts, split at ``_``, ``.`` and ``-``) that mark an identifier rather than a quantity."""
+
+_ID_MIN_LEVELS = 10
+"""An integer column whose values are the consecutive codes 0..k-1 or 1..k with at least this many levels looks like
+an identifier."""
+
+
+def _grouping_variables(parsed: ParsedFormula, factors: Sequence[str | None]) -> list[str]:
+    """Columns used as groups: the random terms' grouping factors and the caller's keys (sample, groups, cluster)."""
+    out = [g for r in parsed.random for g in r.group] + [f for f in factors if f]
+    return list(dict.fromkeys(out))
+
+
+def _as_factor(col: pd.Series) -> pd.Series:
+    """A numeric or boolean column as a categorical of its values written as text, in numeric order."""
+    values = pd.unique(col.to_numpy())
+    try:
+        values = sorted(values)
+    except TypeError:
+        pass
+    cats = list(dict.fromkeys(str(v) for v in values))
+    return pd.Series(pd.Categorical(col.astype(str), categories=cats), index=col.index)
+
+
+def _looks_like_id(name: str, col: pd.Series) -> str | None:
+    """Why an integer column entering a design as a number looks like an identifier (``None`` if it does not)."""
+    if not (pd.api.types.is_integer_dtype(col) and not pd.api.types.is_bool_dtype(col)):
+        return None
+    parts = [p for p in re.split(r"[_.\-\s]+", str(name)) if p]
+    if any(p.lower() == "id" or p.endswith(("Id", "ID")) or p.lower().startswith(_ID_NAMES[:-1]) for p in parts):
+        return "it is named like an identifier"
+    levels = np.unique(col.to_numpy())
+    k = levels.size
+    if k >= _ID_MIN_LEVELS and levels[0] in (0, 1) and levels[-1] - levels[0] == k - 1:
+        return f"its values are the consecutive codes {levels[0]}..{levels[-1]}"
+    return None
+
+
+def _numeric_in_fixed(var: str, column_names: Sequence[str]) -> bool:
+    """Whether ``var`` enters the fixed part as a number (a column or interaction part named exactly ``var``)."""
+    return any(var in c.split(":") for c in column_names)
+
+
+def _warn_numeric_ids(df: pd.DataFrame, fixed_vars: Sequence[str], column_names: Sequence[str], formula: str) -> None:
+    for v in fixed_vars:
+        why = _looks_like_id(v, df[v])
+        if why is None or not _numeric_in_fixed(v, column_names):
+            continue
+        warnings.warn(
+            f"column {v!r} holds integers and enters design {formula!r} as one numeric slope, but {why}; if its "
+            f"values are labels (donors, samples, batches), write C({v}) in the design or make it categorical: "
+            f"adata.obs[{v!r}] = adata.obs[{v!r}].astype('category').",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _prepare_data(
+    data: pd.DataFrame, variables: Sequence[str], formula: str, grouping: Sequence[str] = ()
+) -> pd.DataFrame:
     missing = [v for v in variables if v not in data.columns]
     if missing:
         raise DesignError(
             f"design {formula!r} uses {_fmt_list(missing)}, not found among the columns: {_fmt_list(data.columns)}."
+            + _backtick_hint(formula, data.columns)
         )
+    _check_function_names(data.columns, formula)
     out = pd.DataFrame(index=data.index)
     for v in variables:
         col = data[v]
@@ -104,6 +209,10 @@ def _prepare_data(data: pd.DataFrame, variables: Sequence[str], formula: str) ->
             )
         if isinstance(col.dtype, pd.CategoricalDtype):
             col = col.cat.remove_unused_categories()
+            if not all(isinstance(c, str) for c in col.cat.categories):  # levels are text, as for other factors
+                col = col.cat.rename_categories([str(c) for c in col.cat.categories])
+        elif v in grouping:
+            col = _as_factor(col)  # a grouping column is a factor, whatever its dtype
         elif col.dtype == object or pd.api.types.is_string_dtype(col) or pd.api.types.is_bool_dtype(col):
             col = pd.Categorical(col.astype(str))
             col = pd.Series(col, index=data.index)
@@ -111,8 +220,36 @@ def _prepare_data(data: pd.DataFrame, variables: Sequence[str], formula: str) ->
     return out
 
 
-def build_design(data: pd.DataFrame, formula: str, *, check_rank: bool = True) -> Design:
+def build_design(
+    data: pd.DataFrame,
+    formula: str,
+    *,
+    check_rank: bool = True,
+    factors: Sequence[str | None] = (),
+    warn: bool = True,
+) -> Design:
     """Parse ``formula`` and evaluate it on ``data`` (one row per observation: sample or cell).
+
+    Grouping columns are factors: a column that is a random term's grouping factor (``donor`` in ``(1|donor)``) or one
+    of ``factors`` (the caller's sample, group or cluster keys) enters the fixed part, where it appears, as a factor
+    with one coefficient per level, even when it holds integers (``~ donor + condition`` is then the paired design).
+    Any other integer column enters as a number (one slope); when it looks like an identifier (named like one:
+    donor, sample, batch, patient, subject, individual, ...id; or holding the consecutive codes 0..k-1 / 1..k with
+    many levels) a :class:`UserWarning` says so and how to make it a factor (``C(donor)`` in the formula, or
+    ``adata.obs['donor'] = adata.obs['donor'].astype('category')``).
+
+    Parameters
+    ----------
+    data
+        One row per observation with the design's columns.
+    formula
+        The model formula, e.g. ``"~ condition + (1|donor)"``.
+    check_rank
+        Raise :class:`EstimabilityError` for rank-deficient fixed effects.
+    factors
+        Further grouping columns (``None`` entries are ignored) treated as factors wherever the design uses them.
+    warn
+        Warn about integer identifier columns entering as numbers (``False`` for repeated builds of one design).
 
     Raises
     ------
@@ -123,8 +260,8 @@ def build_design(data: pd.DataFrame, formula: str, *, check_rank: bool = True) -
         coefficients than observations.
     """
     parsed = parse_formula(formula)
-    variables = _variables(parsed)
-    df = _prepare_data(data, variables, formula)
+    variables = _variables(parsed, data.columns)
+    df = _prepare_data(data, variables, formula, _grouping_variables(parsed, factors))
     fixed_vars = sorted(formulaic.Formula(parsed.fixed).required_variables)
     for v in fixed_vars:
         col = df[v]
@@ -136,9 +273,13 @@ def build_design(data: pd.DataFrame, formula: str, *, check_rank: bool = True) -
     try:
         mm = formulaic.model_matrix(parsed.fixed, df, na_action="raise")
     except Exception as err:
-        raise DesignError(f"cannot build the model matrix of {parsed.fixed!r}: {err}") from err
+        raise DesignError(
+            f"cannot build the model matrix of {parsed.fixed!r}: {_clean(err)}" + _backtick_hint(formula, data.columns)
+        ) from err
     X = np.asarray(mm, dtype=float)
     columns = [_rename(c) for c in mm.model_spec.column_names]
+    if warn:
+        _warn_numeric_ids(df, fixed_vars, mm.model_spec.column_names, formula)
     term_columns = {str(t): list(range(sl.start, sl.stop)) for t, sl in mm.model_spec.term_slices.items()}
     terms = tuple(_random_term(df, r, formula) for r in parsed.random)
     comp = [c for t in terms for c in t.component_names()]
@@ -281,11 +422,27 @@ def _confounding_hint(design: Design, aliased: dict[int, list[int]]) -> str:
     return "".join(hints) if hints else " Remove or merge the aliased terms."
 
 
+def split_contrast(text: str) -> tuple[str, str, str] | None:
+    r"""``"factor:test:reference"`` as a triple (``None`` for other text); ``\:`` is a colon inside a name or level.
+
+    Examples
+    --------
+    >>> split_contrast("condition:case:ctrl")
+    ('condition', 'case', 'ctrl')
+    >>> split_contrast(r"time:8\:00:0\:00")
+    ('time', '8:00', '0:00')
+    """
+    parts = re.split(r"(?<!\\):", text)
+    if len(parts) != 3:
+        return None
+    return tuple(p.replace("\\:", ":") for p in parts)  # type: ignore[return-value]
+
+
 def contrast_label(spec) -> str:
     """Display name of a contrast specification, the same whether or not a design was built."""
-    if isinstance(spec, str) and spec.count(":") == 2:
-        spec = tuple(spec.split(":"))
-    if isinstance(spec, list | tuple) and len(spec) == 3 and all(isinstance(s, str) for s in spec):
+    if isinstance(spec, str) and split_contrast(spec) is not None:
+        spec = split_contrast(spec)
+    if _is_factor_triple(spec):
         return f"{spec[0]}_{spec[1]}_vs_{spec[2]}"
     if isinstance(spec, str):
         return spec
@@ -302,15 +459,15 @@ def make_contrast(design: Design, spec) -> Contrast:
     cols = design.columns
     p = len(cols)
     if isinstance(spec, str):
-        if ":" in spec and spec.count(":") == 2 and spec not in cols:
-            spec = tuple(spec.split(":"))
+        if split_contrast(spec) is not None and spec not in cols:
+            spec = split_contrast(spec)
         else:
             j = _find_column(cols, spec)
             L = np.zeros(p)
             L[j] = 1.0
             return Contrast(name=cols[j], L=L)
-    if isinstance(spec, list | tuple) and len(spec) == 3 and all(isinstance(s, str) for s in spec):
-        return _factor_contrast(design, *spec)
+    if _is_factor_triple(spec):
+        return _factor_contrast(design, *(str(v) for v in spec))
     arr = np.asarray(spec, dtype=float)
     if arr.ndim != 1 or arr.shape[0] != p:
         raise DesignError(
@@ -339,20 +496,21 @@ def _factor_contrast(design: Design, factor: str, test: str, ref: str) -> Contra
         )
     col = df[factor]
     if not isinstance(col.dtype, pd.CategoricalDtype):
-        raise DesignError(
-            f"contrast ({factor!r}, {test!r}, {ref!r}) needs a categorical {factor!r}, but it is numeric; "
-            f"use the coefficient name {factor!r} instead."
-        )
+        if _numeric_in_fixed(factor, design.model_spec.column_names):
+            raise DesignError(
+                f"contrast ({factor!r}, {test!r}, {ref!r}) compares levels, but {factor!r} is numeric and enters "
+                f"design {design.formula!r} as one slope; write C({factor}) in the design (or make the column "
+                f"categorical: adata.obs[{factor!r}] = adata.obs[{factor!r}].astype('category')) to compare levels, "
+                f"or test the slope by its coefficient name {factor!r}."
+            )
+        return _wrapped_factor_contrast(design, fixed_vars, factor, test, ref)
     levels = [str(c) for c in col.cat.categories]
     for lev in (test, ref):
         if lev not in levels:
             raise DesignError(f"level {lev!r} of {factor!r} is not in the data; its levels are: {_fmt_list(levels)}.")
     if test == ref:
         raise DesignError(f"contrast compares level {test!r} of {factor!r} with itself; give two different levels.")
-    base = {}
-    for v in fixed_vars:
-        c = df[v]
-        base[v] = c.cat.categories[0] if isinstance(c.dtype, pd.CategoricalDtype) else 0.0
+    base = {v: _base_value(design, v) for v in fixed_vars}
     rows = []
     for lev in (test, ref):
         row = dict(base)
@@ -365,6 +523,42 @@ def _factor_contrast(design: Design, factor: str, test: str, ref: str) -> Contra
             new[v] = pd.Categorical(new[v].astype(str), categories=[str(x) for x in c.cat.categories])
     mm = np.asarray(design.model_spec.get_model_matrix(new), dtype=float)
     L = mm[0] - mm[1]
+    _check_contrast_estimable(design, L)
+    return Contrast(name=contrast_label((factor, test, ref)), L=L)
+
+
+def _base_value(design: Design, v: str):
+    """Where a contrast holds the other variables: a factor's reference level, a number at 0 (as R's coefficients).
+
+    A numeric column that the design makes a factor (``C(dose)``) is held at its smallest value, the reference level.
+    """
+    c = design.data[v]
+    if isinstance(c.dtype, pd.CategoricalDtype):
+        return c.cat.categories[0]
+    if any(part.startswith(f"C({v})") for col in design.model_spec.column_names for part in col.split(":")):
+        return np.sort(pd.unique(c.to_numpy()))[0]
+    return 0.0
+
+
+def _wrapped_factor_contrast(design: Design, fixed_vars, factor: str, test: str, ref: str) -> Contrast:
+    """A level contrast of a numeric column that the design turns into a factor, e.g. ``C(dose)``."""
+    df = design.data
+    values = {str(v): v for v in pd.unique(df[factor].to_numpy())}
+    for lev in (test, ref):
+        if lev not in values:
+            raise DesignError(f"level {lev!r} of {factor!r} is not in the data; its levels are: {_fmt_list(values)}.")
+    if test == ref:
+        raise DesignError(f"contrast compares level {test!r} of {factor!r} with itself; give two different levels.")
+    base = {v: _base_value(design, v) for v in fixed_vars}
+    new = pd.DataFrame([{**base, factor: values[test]}, {**base, factor: values[ref]}])
+    for v in fixed_vars:
+        c = df[v]
+        if isinstance(c.dtype, pd.CategoricalDtype):
+            new[v] = pd.Categorical(new[v].astype(str), categories=[str(x) for x in c.cat.categories])
+        else:
+            new[v] = new[v].astype(c.dtype)
+    L = np.asarray(design.model_spec.get_model_matrix(new), dtype=float)
+    L = L[0] - L[1]
     _check_contrast_estimable(design, L)
     return Contrast(name=contrast_label((factor, test, ref)), L=L)
 
@@ -387,7 +581,8 @@ def _check_contrast_estimable(design: Design, L: np.ndarray) -> None:
 # several contrasts in one call
 
 _CONTRAST_FORMS = (
-    "a contrast is (factor, test_level, reference_level), 'factor:test:reference', a coefficient name or a numeric "
+    "a contrast is (factor, test_level, reference_level) (levels as text, or the column's int/bool values), "
+    "'factor:test:reference' (write \\: for a colon inside a level), a coefficient name or a numeric "
     "vector over the design's columns; several go in a list (of tuples or names) or a dict {name: contrast}; a dict "
     "value that is a list of contrasts (e.g. coefficient names) or a 2-D array of rows is one joint F test"
 )
@@ -398,7 +593,13 @@ def _is_number(x) -> bool:
 
 
 def _is_factor_triple(x) -> bool:
-    return isinstance(x, list | tuple) and len(x) == 3 and all(isinstance(s, str) for s in x)
+    """``(factor, test, reference)``: a column name and two levels, given as text or as the column's int/bool values."""
+    return (
+        isinstance(x, list | tuple)
+        and len(x) == 3
+        and isinstance(x[0], str)
+        and all(isinstance(s, str | int | bool | np.integer | np.bool_) for s in x[1:])
+    )
 
 
 def _is_numeric_vector(x) -> bool:
@@ -488,10 +689,10 @@ def parse_contrasts(spec) -> list[ContrastSpec]:
 
 
 def _as_tuple(spec):
-    if isinstance(spec, str) and spec.count(":") == 2:
-        return tuple(spec.split(":"))
+    if isinstance(spec, str) and split_contrast(spec) is not None:
+        return split_contrast(spec)
     if _is_factor_triple(spec):
-        return tuple(spec)
+        return tuple(str(v) for v in spec)
     return spec
 
 
@@ -534,12 +735,18 @@ def contrast_param(spec):
             if s.joint:
                 rows = s.spec if not isinstance(s.spec, np.ndarray) else list(s.spec)
                 out[s.name] = [
-                    r if isinstance(r, str) else (":" if _is_factor_triple(r) else ",").join(one(r)) for r in rows
+                    r if isinstance(r, str) else _join_triple(r) if _is_factor_triple(r) else ",".join(one(r))
+                    for r in rows
                 ]
             else:
-                out[s.name] = ":".join(s.spec) if _is_factor_triple(s.spec) else one(s.spec)
+                out[s.name] = _join_triple(s.spec) if _is_factor_triple(s.spec) else one(s.spec)
         return out
-    return [":".join(one(s.spec)) if _is_factor_triple(s.spec) else one(s.spec) for s in parse_contrasts(spec)]
+    return [_join_triple(s.spec) if _is_factor_triple(s.spec) else one(s.spec) for s in parse_contrasts(spec)]
+
+
+def _join_triple(t) -> str:
+    """``factor:test:reference`` with colons inside names escaped, as :func:`split_contrast` reads it back."""
+    return ":".join(str(v).replace(":", "\\:") for v in t)
 
 
 def make_contrasts(design: Design, spec) -> list[Contrast]:

@@ -86,7 +86,7 @@ def fitted_design(
     """
     if replication not in REPLICATION_RULES:
         raise InputError(f"replication={replication!r} is not known; use one of {_fmt_list(REPLICATION_RULES)}.")
-    d = built if built is not None else build_design(obs, design)
+    d = built if built is not None else build_design(obs, design, factors=[sample_key], warn=False)
     cons = d.contrasts(contrast)
     sample = None if sample_key is None else obs[sample_key].rename(sample_key)
     reps, added = [], []
@@ -97,7 +97,7 @@ def fitted_design(
     added = list(dict.fromkeys(added))
     if replication == "as_written" or not added:
         return FittedDesign(design, d.formula, (), tuple(reps), sample_key, replication, d, tuple(cons))
-    d2 = build_design(obs, " + ".join([design, *added]))
+    d2 = build_design(obs, " + ".join([design, *added]), factors=[sample_key], warn=False)
     return FittedDesign(
         design, d2.formula, tuple(added), tuple(reps), sample_key, replication, d2, tuple(d2.contrasts(contrast))
     )

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from ._utils import finish, get_ax, require_columns, result_table
+from ._utils import finish, get_ax, require_columns, require_one_result, result_table
 
 
 def volcano(
@@ -41,6 +41,7 @@ def volcano(
     """
     df = result_table(data, key, group, contrast)
     require_columns(df, ["log2fc", "pvalue", "padj", "gene"], "volcano")
+    require_one_result(df, "volcano", group, contrast)
     df = df[np.isfinite(df["pvalue"].astype(float)) & np.isfinite(df["log2fc"].astype(float))]
     ax = get_ax(ax)
     sig = (df["padj"] < padj_threshold).to_numpy()
@@ -75,6 +76,7 @@ def ma(
     """MA plot: log2 fold change against mean expression (``base_mean``, log scale)."""
     df = result_table(data, key, group, contrast)
     require_columns(df, ["log2fc", "base_mean", "padj"], "ma")
+    require_one_result(df, "ma", group, contrast)
     df = df[np.isfinite(df["log2fc"].astype(float)) & (df["base_mean"].astype(float) > 0)]
     ax = get_ax(ax)
     sig = (df["padj"] < padj_threshold).to_numpy()

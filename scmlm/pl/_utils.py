@@ -24,6 +24,19 @@ def result_table(data, key: str | None = None, group: str | None = None, contras
     return de_df(data, key, group=group, contrast=contrast)
 
 
+def require_one_result(df: pd.DataFrame, what: str, group: str | None, contrast: str | None) -> None:
+    """Refuse to pool genes of several groups or contrasts into one per-gene plot; list the choices."""
+    for col, given in (("group", group), ("contrast", contrast)):
+        if given is None and col in df.columns:
+            levels = list(dict.fromkeys(df[col].astype(str)))
+            if len(levels) > 1:
+                raise InputError(
+                    f"{what}: the result has {len(levels)} {col}s ({', '.join(repr(v) for v in levels[:20])}"
+                    f"{', …' if len(levels) > 20 else ''}); pick one with {col}=, e.g. {col}={levels[0]!r}, or draw "
+                    "each in turn (scmlm plot writes one file per group and contrast)."
+                )
+
+
 def get_ax(ax=None, figsize=(4.5, 4.0)):
     import matplotlib.pyplot as plt
 

@@ -160,7 +160,7 @@ def abundance_de(
     sample_obs = _sample_table(adata.obs, design, sample_key, samples)
     specs = parse_contrasts(contrast)
     formula, added, dropped = _fitted_formula(design, sample_obs, sample_key, method, replication)
-    d = build_design(sample_obs, formula)
+    d = build_design(sample_obs, formula, factors=[sample_key])
     cons = d.contrasts(contrast)
     n, rank = d.X.shape[0], int(np.linalg.matrix_rank(d.X))
     if n - rank < 1:

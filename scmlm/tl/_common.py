@@ -165,7 +165,10 @@ def fit_groups(
             raise type(first)(f"the design cannot be fitted in any group of {groups_key!r}; e.g.: {first}") from first
         raise DesignError(f"no group of {groups_key!r} could be fitted; e.g.: {group_status(first)}") from first
     if failed:
-        why = "; ".join(f"{name!r}: {group_status(err)}" for name, err in failed.items())
+        by_status: dict[str, list] = {}
+        for name, err in failed.items():
+            by_status.setdefault(group_status(err), []).append(name)
+        why = "; ".join(f"{_fmt_list(names, limit=5)}: {status}" for status, names in by_status.items())
         warnings.warn(
             f"{tool}: {len(failed)} group(s) of {groups_key!r} could not be tested and keep rows with the reason in "
             f"'status': {why}.",

@@ -21,7 +21,7 @@ from .._settings import settings
 from .._validate import category_codes, check_counts, check_obs_keys, check_unique_names, get_matrix
 from .._version import __version__
 from ..design import build_design, contrast_names, contrast_param
-from ..engine import gene_chunks, run_chunks
+from ..engine import gene_chunks, resolve_n_jobs, run_chunks
 from ..models import GEE_DF_METHODS, GEE_FAMILIES, GEE_SMALL_SAMPLE, GEEResult, fit_gee, prepare_gee
 from ..results import DEResult, finalize_table
 from ._common import cell_groups, cell_offset, fit_groups, gene_indices
@@ -142,6 +142,7 @@ def gee_de(
         raise InputError(f"df={df!r} is not known; use one of {_fmt_list(GEE_DF_METHODS)}.")
     if int(min_cells_expressing) < 0:
         raise InputError(f"min_cells_expressing={min_cells_expressing} must be >= 0.")
+    resolve_n_jobs(n_jobs)  # a clear error for n_jobs="two" before any work
     check_unique_names(adata)
     check_obs_keys(adata, [cluster_key], what="cluster_key")
     check_obs_keys(adata, [groups_key], what="groups_key")
@@ -152,7 +153,7 @@ def gee_de(
     )
     gene_idx = gene_indices(adata, genes)
 
-    full = build_design(adata.obs, design, check_rank=groups_key is None)
+    full = build_design(adata.obs, design, check_rank=groups_key is None, factors=[cluster_key, groups_key])
     if full.parsed.has_random:
         terms = " + ".join(str(r) for r in full.parsed.random)
         raise DesignError(
@@ -242,7 +243,7 @@ def _fit_group(
     n_jobs,
 ) -> pd.DataFrame:
     obs = adata.obs.iloc[rows]
-    d = build_design(obs, design)
+    d = build_design(obs, design, factors=[cluster_key], warn=False)
     cons = _contrast_matrices(d, contrast)
     clusters, levels = category_codes(obs[cluster_key])
     n_clusters = len(levels)

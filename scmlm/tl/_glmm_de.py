@@ -37,7 +37,7 @@ from ..design import (
     resolve_samples,
     within_parent,
 )
-from ..engine import gene_chunks, run_chunks
+from ..engine import gene_chunks, resolve_n_jobs, run_chunks
 from ..models import (
     FAMILY_NAMES,
     PENDING,
@@ -161,7 +161,9 @@ def glmm_de(
     adata
         Cell-level AnnData with raw counts (count families) or normalised values (``family="gaussian"``).
     design
-        Fixed and random terms, e.g. ``"~ condition + (1|donor) + (1|batch)"``.
+        Fixed and random terms, e.g. ``"~ condition + (1|donor) + (1|batch)"``. Grouping columns (random-term
+        factors, ``sample_key``, ``groups_key``) are factors even when they hold integers; another integer column that
+        looks like an ID enters as a number with a warning (write ``C(donor)``).
     contrast
         ``(factor, test_level, reference_level)``, a coefficient name, or a numeric vector. Several contrasts in one
         call: a list of tuples or names, or a dict ``{name: contrast}`` (numeric vectors need a name). A dict value
@@ -331,6 +333,7 @@ class _Run(_Options):
 
 
 def _check_choices(o: _Options) -> None:
+    resolve_n_jobs(o.n_jobs)  # a clear error for n_jobs="two" before any work
     if o.family not in FAMILY_NAMES:
         raise InputError(f"family={o.family!r} is not known; use one of {_fmt_list(FAMILY_NAMES)}.")
     if o.estimation not in ESTIMATION:
@@ -354,7 +357,7 @@ def _plan(adata: ad.AnnData, o: _Options) -> _Run:
     else:
         check_counts(matrix, o.layer)
     trial_vec = None if o.trials is None else adata.obs[o.trials].to_numpy(dtype=float)
-    full = build_design(adata.obs, o.design, check_rank=o.groups_key is None)
+    full = build_design(adata.obs, o.design, check_rank=o.groups_key is None, factors=[o.sample_key, o.groups_key])
     specs = parse_contrasts(o.contrast)  # clear errors for a malformed list or dict before any fitting
     if o.groups_key is None:
         joint = [c.name for c in full.contrasts(o.contrast) if c.is_f]

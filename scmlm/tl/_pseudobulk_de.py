@@ -48,7 +48,9 @@ def pseudobulk_de(
     design
         Model formula over ``adata.obs`` columns, e.g. ``"~ batch + condition"``, ``"~ donor + condition"`` (paired),
         ``"~ condition * sex"``. With ``method="voom"`` random terms such as ``"~ condition + (1|donor)"`` fit a
-        precision-weighted linear mixed model per gene (variancePartition's dream).
+        precision-weighted linear mixed model per gene (variancePartition's dream). Grouping columns (the recorded
+        sample key, ``groups_key``, random-term factors) are factors even when they hold integers; another integer
+        column that looks like an ID (e.g. ``donor``) enters as a number with a warning: write ``C(donor)``.
     contrast
         ``(factor, test_level, reference_level)``, a coefficient name, or a numeric vector over the design's columns.
         Several contrasts in one call: a list of tuples or names, or a dict ``{name: contrast}`` (numeric vectors need
@@ -108,7 +110,8 @@ def pseudobulk_de(
     counts_all = counts_all.astype(float, copy=False)
     check_counts(counts_all, layer)
     # validate formula and contrast on all samples first: clear errors before any fitting
-    full = build_design(adata.obs, design, check_rank=groups_key is None)
+    keys = grouping_keys(adata, groups_key)
+    full = build_design(adata.obs, design, check_rank=groups_key is None, factors=keys)
     if full.parsed.has_random and method != "voom":
         raise DesignError(
             f"design {design!r} has random terms; pseudobulk method {method!r} fits fixed effects only. Use "
@@ -124,16 +127,22 @@ def pseudobulk_de(
                 f"method='pydeseq2' takes contrasts (factor, test_level, reference_level) only; {_fmt_list(bad)} "
                 "are not. Use method='nb_ql' or 'voom' for coefficient names, numeric vectors and joint F tests."
             )
-    tables = fit_groups(
-        cell_groups(adata, groups_key),
-        lambda name, rows: _fit_group(
-            adata, counts_all, rows, name, design, contrast, method=method, filter_genes=filter_genes
-        ),
-        lambda name, err: _failed_group(adata, name, contrast, method, group_status(err)),
-        groups_key=groups_key,
-        tool="pseudobulk_de",
-    )
+    groups = _drop_empty_samples(adata, counts_all, cell_groups(adata, groups_key), layer)
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tables = fit_groups(
+            groups,
+            lambda name, rows: _fit_group(
+                adata, counts_all, rows, name, design, contrast, method=method, filter_genes=filter_genes,
+                factors=keys, notes=notes,
+            ),
+            lambda name, err: _failed_group(adata, name, contrast, method, group_status(err)),
+            groups_key=groups_key,
+            tool="pseudobulk_de",
+        )  # fmt: skip
     table = finalize_table(pd.concat(tables, ignore_index=True))
+    _report_untestable(table, caught, groups_key)
     params = {
         "tool": "pseudobulk_de",
         "design": design,
@@ -145,6 +154,8 @@ def pseudobulk_de(
         "filter_genes": bool(filter_genes),
         "scmlm_version": __version__,
     }
+    if notes:
+        params["notes"] = notes
     return DEResult(table=table, params=params).deliver(adata, key_added, inplace=inplace, copy=copy)
 
 
@@ -167,7 +178,7 @@ def check_sample_rows(pb: ad.AnnData, design: str, *, groups_key: str | None, ro
     """
     rec = pb.uns.get("pseudobulk", {})
     sample_key = str(rec.get("sample_key", "")) if isinstance(rec, dict) else ""
-    variables = _variables(parse_formula(design))
+    variables = _variables(parse_formula(design), pb.obs.columns)
     dropped = _dropped_columns(pb)
     for v in variables:
         if v not in pb.obs.columns and v in dropped:
@@ -200,6 +211,38 @@ def check_sample_rows(pb: ad.AnnData, design: str, *, groups_key: str | None, ro
         )
 
 
+def _drop_empty_samples(pb, counts_all, groups, layer) -> list[tuple]:
+    """Leave out samples with no counts at all (they carry no information and break normalisation), with a warning."""
+    empty = counts_all.sum(axis=1) <= 0
+    if not empty.any():
+        return groups
+    where = "adata.X" if layer is None else f"layer {layer!r}"
+    warnings.warn(
+        f"pseudobulk_de: {int(empty.sum())} sample(s) have zero counts in every gene of {where} and are left out: "
+        f"{_fmt_list(pb.obs_names[empty])}.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return [(name, rows[~empty[rows]]) for name, rows in groups]
+
+
+def _report_untestable(table: pd.DataFrame, caught, groups_key) -> None:
+    """One line when no group could be tested (instead of one per group); otherwise pass the warnings on."""
+    if groups_key is not None and not (table["status"] == "ok").any():
+        counts = table.drop_duplicates(["group"]).groupby("status", sort=False).size()
+        why = "; ".join(f"{n} with status {s!r}" for s, n in counts.sort_values(ascending=False).items())
+        warnings.warn(
+            f"pseudobulk_de: no group of {groups_key!r} was testable ({why}); each group needs samples from both "
+            "sides of the contrast, more samples than coefficients and genes passing the filter. Aggregate coarser "
+            "groups or use fewer groups.",
+            UserWarning,
+            stacklevel=3,
+        )
+        caught = [w for w in caught if not str(w.message).startswith("pseudobulk_de:")]
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def _failed_group(pb, group, contrast, method, status) -> pd.DataFrame:
     names = contrast_names(contrast)
     return pd.DataFrame(
@@ -214,14 +257,26 @@ def _failed_group(pb, group, contrast, method, status) -> pd.DataFrame:
     )
 
 
-def _fit_group(pb, counts_all, rows, group, design, contrast, *, method, filter_genes) -> pd.DataFrame:
+def grouping_keys(pb: ad.AnnData, groups_key: str | None) -> list[str]:
+    """The grouping columns of a pseudobulk: its recorded sample key and ``groups_key`` (factors in any design)."""
+    rec = pb.uns.get("pseudobulk", {})
+    sample_key = rec.get("sample_key") if isinstance(rec, dict) else None
+    keys = [str(k) for k in np.atleast_1d(sample_key if sample_key is not None else [])]
+    return [k for k in [*keys, groups_key] if k and k in pb.obs.columns]
+
+
+def _fit_group(
+    pb, counts_all, rows, group, design, contrast, *, method, filter_genes, factors=(), notes=None
+) -> pd.DataFrame:
+    where = "" if group is None else f" in group {group!r}"
+    if rows.size == 0:
+        raise NotTestable("no samples", f"every sample{where} has zero counts")
     obs = pb.obs.iloc[rows]
     counts = counts_all[rows].T  # genes × samples
-    d = build_design(obs, design)
+    d = build_design(obs, design, factors=factors, warn=False)
     cons = d.contrasts(contrast)
     n, rank = d.X.shape[0], int(np.linalg.matrix_rank(d.X))
     if n - rank < 1:
-        where = "" if group is None else f" in group {group!r}"
         raise NotTestable(
             "no residual df",
             f"{n} samples{where} for {rank} coefficients of design {design!r}; a test needs more samples than "
@@ -250,6 +305,13 @@ def _fit_group(pb, counts_all, rows, group, design, contrast, *, method, filter_
         return pd.concat(outs, ignore_index=True)
     y = counts[keep]
     idx = np.flatnonzero(keep)
+    empty = y.sum(axis=0) <= 0
+    if empty.any():
+        raise NotTestable(
+            "empty sample",
+            f"sample(s) {_fmt_list(obs.index[empty])}{where} have no counts in the genes that pass the filter",
+        )
+    _note_residual_terms(d, group, notes)
     # edgeR: y[keep, , keep.lib.sizes = FALSE] then calcNormFactors (TMM) on the kept genes
     norm_factors = tmm_factors(y)
     eff_lib = y.sum(axis=0) * norm_factors
@@ -266,6 +328,21 @@ def _fit_group(pb, counts_all, rows, group, design, contrast, *, method, filter_
                 out.loc[idx, f"var_{name}"] = np.asarray(v, dtype=float)
         _fill(out, idx, stats, conv)
     return pd.concat(outs, ignore_index=True)
+
+
+def _note_residual_terms(d, group, notes) -> None:
+    """A random term with one sample per level is the residual under another name: its variance is not estimable."""
+    for t in d.terms:
+        if np.unique(t.codes).size == t.codes.size:
+            where = "" if group is None else f" in group {group!r}"
+            msg = (
+                f"random term (1|{t.name}){where} has one sample per level, so it cannot be told apart from the "
+                f"residual and its variance is not estimable; drop (1|{t.name}) (each sample is then its own "
+                f"{t.name}) or use the cell-level scmlm.tl.glmm_de."
+            )
+            warnings.warn(msg, UserWarning, stacklevel=2)
+            if notes is not None:
+                notes.append(msg)
 
 
 def _group_tests(method: str, y, d, cons, norm_factors, base_mean, *, obs, design, contrast, genes) -> list[tuple]:

@@ -66,16 +66,21 @@ def _contrast_levels(contrast):
     return [x for c in items if _is_triple(c) for x in c]
 
 
+def _join(triple):
+    """factor:level:reference as `scmlm de --contrast` reads it (a colon inside a level written \\:)."""
+    return ":".join(str(x).replace(":", "\\:") for x in triple)
+
+
 def contrast_args(contrast):
     """`--contrast` options of an analysis' contrast: one, a list of them, or a mapping name -> contrast."""
     if _is_triple(contrast):
-        return ["--contrast", ":".join(contrast)]
+        return ["--contrast", _join(contrast)]
     if isinstance(contrast, dict):
         args = []
         for name, c in contrast.items():
-            args += ["--contrast", f"{name}={':'.join(c) if _is_triple(c) else c}"]
+            args += ["--contrast", f"{name}={_join(c) if _is_triple(c) else c}"]
         return args
-    return [arg for c in contrast for arg in ("--contrast", ":".join(c))]
+    return [arg for c in contrast for arg in ("--contrast", _join(c))]
 
 
 def contrast_spec(contrast):
@@ -84,8 +89,8 @@ def contrast_spec(contrast):
     if _is_triple(contrast):
         return list(contrast)
     if isinstance(contrast, dict):
-        return {n: ":".join(c) if _is_triple(c) else c for n, c in contrast.items()}
-    return [":".join(c) for c in contrast]
+        return {n: _join(c) if _is_triple(c) else c for n, c in contrast.items()}
+    return [_join(c) for c in contrast]
 
 
 def validate_config(cfg):
