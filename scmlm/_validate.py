@@ -99,3 +99,30 @@ def category_codes(col: pd.Series) -> tuple[np.ndarray, pd.Index]:
         return col.cat.codes.to_numpy().astype(np.int64), pd.Index(col.cat.categories)
     cat = pd.Categorical(col)
     return cat.codes.astype(np.int64), pd.Index(cat.categories)
+
+
+def renamed_arguments(**renamed: str):
+    """Decorator: a keyword argument given under a former name fails with a message naming the current one.
+
+    ``@renamed_arguments(method="estimation")`` turns ``glmm_de(..., method="ML")`` into ``InputError: glmm_de's
+    method= is now estimation=; call glmm_de(..., estimation='ML')`` instead of Python's bare "unexpected keyword".
+    The signature seen by ``inspect`` stays the function's own.
+    """
+    import functools
+
+    def wrap(func):
+        @functools.wraps(func)
+        def inner(*args, **kwargs):
+            old = [name for name in renamed if name in kwargs]
+            if old:
+                shown = {n: repr(kwargs[n]) if len(repr(kwargs[n])) <= 40 else "..." for n in old}
+                hints = "; ".join(
+                    f"{name}= is now {renamed[name]}= (call {func.__name__}(..., {renamed[name]}={shown[name]}))"
+                    for name in old
+                )
+                raise InputError(f"{func.__name__}: {hints}.")
+            return func(*args, **kwargs)
+
+        return inner
+
+    return wrap

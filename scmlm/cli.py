@@ -145,40 +145,44 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         type=_pb_method,
         choices=["nb_ql", "voom", "pydeseq2"],
-        default="nb_ql",
+        default=None,
         help="pseudobulk: edgeR-style QL (nb_ql), limma-voom / dream (voom) or PyDESeq2, as pseudobulk_de's method=",
     )
-    p.add_argument("--family", choices=FAMILY_NAMES, default="nb")
+    p.add_argument("--family", choices=FAMILY_NAMES, default=None, help="glmm: response family (default nb)")
     p.add_argument(
         "--sample-key",
         default=None,
         help="the obs column naming the sample. pseudobulk: needed (and the input aggregated by it first) when the "
         "input is cell-level; glmm: the unit of replication of a paired contrast and of the TMM factors",
     )
-    p.add_argument("--min-cells", type=int, default=10, help="pseudobulk: drop samples with fewer cells")
-    p.add_argument("--no-filter", action="store_true", help="pseudobulk: keep all genes (no filterByExpr)")
+    p.add_argument("--min-cells", type=int, default=None, help="pseudobulk: drop samples with fewer cells (default 10)")
+    p.add_argument(
+        "--no-filter", action="store_true", default=None, help="pseudobulk: keep all genes (no filterByExpr)"
+    )
     p.add_argument(
         "--rows-are-samples",
         action="store_true",
+        default=None,
         help="pseudobulk: the input's rows are samples (bulk data) although it carries no aggregation record",
     )
     p.add_argument(
         "--offset",
-        default="auto",
+        default=None,
         help="glmm: auto (tmm for nb/poisson, else log_total), tmm, log_total, an obs column, or none",
     )
     p.add_argument(
         "--replication",
         choices=["auto", "as_written"],
-        default="auto",
+        default=None,
         help="glmm: add the sample-level term a paired contrast needs (auto) or fit the design as written",
     )
     p.add_argument(
-        "--estimation", choices=["REML", "ML"], default="REML", help="glmm: variance-component estimation (REML or ML)"
+        "--estimation", choices=["REML", "ML"], default=None, help="glmm: variance-component estimation (REML or ML)"
     )
     p.add_argument(
         "--no-moderate",
         action="store_true",
+        default=None,
         help="glmm: per-gene tests instead of the empirical-Bayes moderated tests of between-unit contrasts",
     )
     p.add_argument("--shard", default=None, help="fit only gene shard i of n ('i/n', 1-based)")
@@ -661,16 +665,37 @@ def _check_outdir(path: str) -> None:
         raise ScmlmError(f"--outdir {path!r} cannot be created or written: {str(parent)!r} is not a writable folder.")
 
 
+# options of `scmlm de` that only one --tool reads, with their defaults (None in the parser: given or not)
+_TOOL_OPTIONS = {
+    "pseudobulk": {"method": "nb_ql", "min_cells": 10, "no_filter": False, "rows_are_samples": False},
+    "glmm": {
+        "family": "nb", "offset": "auto", "replication": "auto", "estimation": "REML", "no_moderate": False,
+        "shard": None,
+    },
+}  # fmt: skip
+
+
+def _tool_options(args: argparse.Namespace) -> None:
+    """Refuse an option the chosen --tool does not read (it would be ignored silently); fill in the defaults."""
+    for tool, options in _TOOL_OPTIONS.items():
+        given = [name for name in options if getattr(args, name, None) is not None]
+        if tool != args.tool and given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise ScmlmError(f"{flags} applies to --tool {tool} only; remove it or use --tool {tool}.")
+        for name, default in options.items():
+            if getattr(args, name, None) is None:
+                setattr(args, name, default)
+
+
 def _run_de(args: argparse.Namespace) -> int:
     from . import io, tl
 
+    _tool_options(args)
     shard = args.shard
     _check_outputs([args.out, args.out_h5ad], args.input)
     io.check_table_path(args.out, what="--out")
     if args.out_h5ad is not None and Path(args.out_h5ad).suffix != ".h5ad":
         raise ScmlmError(f"--out-h5ad {args.out_h5ad!r} must end in .h5ad.")
-    if args.tool == "pseudobulk" and shard is not None:
-        raise ScmlmError("--shard applies to --tool glmm; pseudobulk fits all genes of a group together.")
     if args.n_jobs is not None and args.n_jobs == 0:
         raise ScmlmError("--n-jobs 0 is not a number of workers; use 1 or more (or -1 for all cores).")
     if shard is not None:

@@ -555,6 +555,10 @@ CLI_DE_ERRORS = [
     ("--out is the input", "pb", ["--out", "{pb}"], r"is also an input"),
     ("--out-h5ad is --out", "pb", ["--out-h5ad", "{tmp}/r.csv"], r"same path is given for two outputs"),
     ("--shard with pseudobulk", "pb", ["--shard", "1/2"], r"--shard applies to --tool glmm"),
+    ("--estimation with pseudobulk", "pb", ["--estimation", "ML"], r"--estimation applies to --tool glmm only"),
+    ("--family with pseudobulk", "pb", ["--family", "poisson"], r"--family applies to --tool glmm only"),
+    ("--method with glmm", "cells", ["--tool", "glmm", "--method", "voom"], r"--method applies to --tool pseudobulk"),
+    ("--no-filter with glmm", "cells", ["--tool", "glmm", "--no-filter"], r"--no-filter applies to --tool pseudobulk"),
     ("unknown --sample-key with glmm", "cells", ["--tool", "glmm", "--sample-key", "nosuch"], r"'nosuch' is not a"),
     ("bad --shard", "cells", ["--tool", "glmm", "--shard", "5/3"], r"out of range"),
     ("--n-jobs 0", "cells", ["--tool", "glmm", "--n-jobs", "0"], r"--n-jobs 0"),
@@ -1301,3 +1305,17 @@ def test_cli_all_zero_sample_is_left_out(tmp_path, pb, capsys):
     res = pd.read_csv(tmp_path / "r.csv")
     assert set(res["status"]) <= {"ok", "filtered"}
     guard.check(allowed=[tmp_path / "r.csv"])
+
+
+@pytest.mark.parametrize(
+    ("tool", "old", "new"),
+    [("glmm_de", "method", "estimation"), ("gee_de", "groups", "cluster_key"), ("pseudobulk_de", "pb", "adata")],
+)
+def test_renamed_arguments_name_the_new_one(tool, old, new):
+    a = scmlm.datasets.kang2018_100genes()
+    before = a.copy()
+    args = () if old == "pb" else (a,)
+    kwargs = {"pb": a} if old == "pb" else {old: "ML" if old == "method" else "donor"}
+    with pytest.raises(scmlm.InputError, match=rf"{tool}: {old}= is now {new}="):
+        getattr(scmlm.tl, tool)(*args, design="~ condition", contrast=("condition", "stim", "ctrl"), **kwargs)
+    assert a.obs.equals(before.obs) and (a.X != before.X).nnz == 0 and not a.uns.keys() - before.uns.keys()

@@ -450,3 +450,15 @@ def test_used_as_a_module(tmp_path, local_run):
     ours = read_results(tmp_path / "scmlm_out" / "pb" / "results.csv")
     assert_same_results(ours, read_results(local_run / "results" / "pb" / "results.csv"))
     assert int((tmp_path / "n_genes.txt").read_text()) == N_GENES
+
+
+def test_scmlm_command_missing_from_path_stops_at_start(tmp_path):
+    """The rules call `scmlm`: without it on PATH (an environment not activated) the run stops before any job."""
+    workdir = make_workdir(tmp_path / "run")
+    env = os.environ.copy()
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if not (Path(p) / "scmlm").exists())
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(workdir), "-n"]
+    proc = subprocess.run([*cmd, *config_args(workdir)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert "'scmlm' command, which is not on PATH" in proc.stdout + proc.stderr
+    assert not (workdir / "results").exists()

@@ -18,7 +18,7 @@ import scipy.sparse as sp
 
 from .._errors import DesignError, InputError, _fmt_list
 from .._settings import settings
-from .._validate import category_codes, check_counts, check_obs_keys, check_unique_names, get_matrix
+from .._validate import category_codes, check_counts, check_obs_keys, check_unique_names, get_matrix, renamed_arguments
 from .._version import __version__
 from ..design import build_design, contrast_names, contrast_param
 from ..engine import gene_chunks, resolve_n_jobs, run_chunks
@@ -29,6 +29,7 @@ from ._common import cell_groups, cell_offset, fit_groups, gene_indices
 _STAT_COLS = ("coef", "se", "stat", "df", "pvalue", "base_mean", "dispersion", "working_corr", "n_iter")
 
 
+@renamed_arguments(groups="cluster_key")
 def gee_de(
     adata: ad.AnnData,
     design: str,

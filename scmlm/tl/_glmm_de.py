@@ -21,7 +21,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._errors import InputError, _fmt_list
-from .._validate import check_counts, check_obs_keys, check_unique_names, get_matrix
+from .._validate import check_counts, check_obs_keys, check_unique_names, get_matrix, renamed_arguments
 from .._version import __version__
 from ..design import (
     REPLICATION_RULES,
@@ -75,6 +75,7 @@ TESTS: tuple[str, ...] = ("wald", "lrt")
 log = logging.getLogger(__name__)
 
 
+@renamed_arguments(method="estimation")
 def glmm_de(
     adata: ad.AnnData,
     design: str,

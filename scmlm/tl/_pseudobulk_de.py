@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import DesignError, InputError, _fmt_list
-from .._validate import check_counts, check_obs_keys, check_unique_names, get_matrix
+from .._validate import check_counts, check_obs_keys, check_unique_names, get_matrix, renamed_arguments
 from .._version import __version__
 from ..design import build_design, contrast_names, contrast_param, parse_contrasts, parse_formula
 from ..design._design import _variables
@@ -25,6 +25,7 @@ _CELL_LEVEL_ROWS_PER_CELL = 25
 _METHODS = ("nb_ql", "voom", "pydeseq2")
 
 
+@renamed_arguments(pb="adata")
 def pseudobulk_de(
     adata: ad.AnnData,
     design: str,

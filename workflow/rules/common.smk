@@ -199,6 +199,27 @@ def _input_problems(cfg):
 
 validate_config(config)
 
+
+def check_scmlm_command():
+    """The rules call the `scmlm` command: fail at start, in one line, when it is not on PATH (it is provided by
+    the rules' conda environment with --software-deployment-method conda)."""
+    deploy = (
+        getattr(
+            getattr(workflow, "deployment_settings", None), "deployment_method", None
+        )
+        or ()
+    )
+    if shutil.which("scmlm") is None and "conda" not in {
+        str(getattr(m, "name", m)).lower() for m in deploy
+    }:
+        raise WorkflowError(
+            "the workflow's rules call the 'scmlm' command, which is not on PATH: activate the environment scmlm "
+            "is installed in (e.g. 'source .venv/bin/activate') or run with --software-deployment-method conda"
+        )
+
+
+check_scmlm_command()
+
 OUTDIR = config["outdir"]
 ANALYSES = {a["name"]: a for a in config["analyses"]}
 
