@@ -268,17 +268,25 @@ def _null_pvalues(n_datasets: int, seed: int) -> dict[str, list[np.ndarray]]:
     return out
 
 
+@pytest.mark.slow
 def test_default_is_calibrated_on_nulls_and_masc_is_not():
-    """12 types × 60 null datasets (paired and between-donor alternating, 3–10 donors per condition, 50–3,000 cells
-    per sample, donor SD 0.3 and sample SD 0.2 of log abundance): the default GLMM's fraction of p < 0.05 over all
-    types lies in [0.035, 0.06]; MASC's model ((1|donor) only, ML, z test) on the paired datasets is far above it.
+    """12 types × 60 null datasets at each of 8 seeds (7–14; paired and between-donor alternating, 3–10 donors per
+    condition, 50–3,000 cells per sample, donor SD 0.3 and sample SD 0.2 of log abundance): the default GLMM's
+    fraction of p < 0.05 over all 5,760 types, and within each design, lies in [0.035, 0.06]; MASC's model ((1|donor)
+    only, ML, z test) on the paired datasets is far above it.
 
-    Pools of this size at seeds 7, 8, 9, 10 gave 3.3 %, 3.75 %, 5.0 %, 5.0 % for the default (MASC 24–33 %): the
-    default sits near 4 %, a little conservative in paired designs (docs/abundance.md), so the pool is this large."""
-    p = _null_pvalues(60, seed=10)
-    glmm = np.concatenate(p["glmm"])
-    masc = np.concatenate(p["masc"])
-    assert glmm.size == 720 and np.isfinite(glmm).all()
-    frac = float(np.mean(glmm < 0.05))
-    assert 0.035 <= frac <= 0.06, frac
-    assert float(np.mean(masc < 0.05)) > 0.15
+    Measured: all 4.46 %, paired 4.48 %, between 4.44 %, MASC 28.4 %. Single seeds of 720 types range from 3.3 % to
+    5.0 %, which is why the pool holds every seed measured rather than one of them."""
+    glmm, paired, masc = [], [], []
+    for seed in range(7, 15):
+        p = _null_pvalues(60, seed=seed)
+        glmm += p["glmm"]
+        paired += p["glmm"][0::2]
+        masc += p["masc"]
+    between = [g for i, g in enumerate(glmm) if i % 2 == 1]
+    all_p = np.concatenate(glmm)
+    assert all_p.size == 5760 and np.isfinite(all_p).all()
+    for name, pool in (("all", all_p), ("paired", np.concatenate(paired)), ("between", np.concatenate(between))):
+        frac = float(np.mean(pool < 0.05))
+        assert 0.035 <= frac <= 0.06, (name, frac)
+    assert float(np.mean(np.concatenate(masc) < 0.05)) > 0.15
