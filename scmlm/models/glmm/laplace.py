@@ -285,19 +285,26 @@ def inner_solve(cf, gd, gamma, psi, dz, ws, max_iter):
     return False, max_iter
 
 
+@jit(_nrt=False, inline="always", no_cpython_wrapper=True)
+def mode_predictors(cf, gamma, psi, dz, ws):
+    """The linear predictors of the patterns (``ws.e``) at the modes ``gamma``, with ``Lambda`` from ``psi``; returns
+    ``tau`` (0 without a dispersion): what every surrogate re-centring and gap check starts from."""
+    nth = cf.n_theta
+    lam_values(psi[:nth], dz.terms, dz.z_val, ws.av)
+    lin_pred(gamma, ws.av, dz.x_rows, dz.z_col, cf.n_fixed, ws.e)
+    return psi[nth] if cf.has_tau else 0.0
+
+
 @jit(_nrt=False, no_cpython_wrapper=True)
 def recentre(cf, gd, gamma, psi, dz, ws):
     """Move the Taylor centres of ``U_p`` to the current ``v_p = e_p + tau``; return the largest move."""
     if dz.grp_tmax.shape[0] > 0:
         return recentre_grp(cf, gd, gamma, psi, dz, ws)
-    nth = cf.n_theta
     Yp, ucen, ucoef = gd.y_pat, gd.ucen, gd.ucoef
     nzp, nzo, nzy = gd.nz_pat, gd.nz_off, gd.nz_y
     e = ws.e
     vmode = dz.vtabs.vmode
-    tau = psi[nth] if cf.has_tau else 0.0
-    lam_values(psi[:nth], dz.terms, dz.z_val, ws.av)
-    lin_pred(gamma, ws.av, dz.x_rows, dz.z_col, cf.n_fixed, e)
+    tau = mode_predictors(cf, gamma, psi, dz, ws)
     P = e.shape[0]
     shift = 0.0
     for p in range(P):
@@ -326,13 +333,10 @@ def recentre(cf, gd, gamma, psi, dz, ws):
 @jit(_nrt=False, no_cpython_wrapper=True)
 def grp_gap(cf, gd, gamma, psi, dz, ws):
     """Largest change of a cell's ``v`` between the group surrogates' centres and the current modes."""
-    nth = cf.n_theta
     ucen = gd.ucen
     e = ws.e
     tabs = dz.grp_tmax
-    tau = psi[nth] if cf.has_tau else 0.0
-    lam_values(psi[:nth], dz.terms, dz.z_val, ws.av)
-    lin_pred(gamma, ws.av, dz.x_rows, dz.z_col, cf.n_fixed, e)
+    tau = mode_predictors(cf, gamma, psi, dz, ws)
     gap = 0.0
     for g in range(tabs.shape[0]):
         p0 = 2 * g
@@ -345,13 +349,10 @@ def grp_gap(cf, gd, gamma, psi, dz, ws):
 @jit(_nrt=False, no_cpython_wrapper=True)
 def recentre_grp(cf, gd, gamma, psi, dz, ws):
     """Move the centres of the group surrogates to the current modes (one pass over the cells)."""
-    nth = cf.n_theta
     ucen = gd.ucen
     e = ws.e
     tabs = dz.grp_tmax
-    tau = psi[nth] if cf.has_tau else 0.0
-    lam_values(psi[:nth], dz.terms, dz.z_val, ws.av)
-    lin_pred(gamma, ws.av, dz.x_rows, dz.z_col, cf.n_fixed, e)
+    tau = mode_predictors(cf, gamma, psi, dz, ws)
     shift = 0.0
     for g in range(tabs.shape[0]):
         p0 = 2 * g
@@ -369,13 +370,10 @@ def surrogate_gap(cf, gd, gamma, psi, dz, ws):
     """Largest distance between the modes' ``v_p`` and the ``U_p`` centres over the patterns with a surrogate."""
     if dz.grp_tmax.shape[0] > 0:
         return grp_gap(cf, gd, gamma, psi, dz, ws)
-    nth = cf.n_theta
     Yp, ucen = gd.y_pat, gd.ucen
-    tau = psi[nth] if cf.has_tau else 0.0
     e = ws.e
     vmode = dz.vtabs.vmode
-    lam_values(psi[:nth], dz.terms, dz.z_val, ws.av)
-    lin_pred(gamma, ws.av, dz.x_rows, dz.z_col, cf.n_fixed, e)
+    tau = mode_predictors(cf, gamma, psi, dz, ws)
     gap = 0.0
     for p in range(e.shape[0]):
         if Yp[p] > 0 and vmode[p] != 2:
