@@ -831,6 +831,7 @@ def _run_abundance(args: argparse.Namespace) -> int:
     from . import io, tl
 
     _check_outputs([args.out, args.out_params], args.input)
+    io.check_table_path(args.out, what="--out")
     if args.plots is not None:
         if Path(args.plots).resolve() == Path(args.input).resolve():
             raise ScmlmError(f"--plots {args.plots!r} is the input; choose a folder for the plots.")

@@ -183,7 +183,10 @@ def test_status_absent_and_too_few_cells(paired):
     drop |= (ct == "type1") & (np.arange(a.n_obs) % 50 != 0)
     a = a[~drop.to_numpy()].copy()
     for method in ("glmm", "clr"):
-        t = scmlm.tl.abundance_de(a, "~ condition + (1|donor)", CON, method=method, min_cells=20, inplace=False)
+        with warnings.catch_warnings():
+            # clr says that the absent type is left out of its reference (tested below)
+            warnings.filterwarnings("ignore", message=".*left out of the CLR reference", category=UserWarning)
+            t = scmlm.tl.abundance_de(a, "~ condition + (1|donor)", CON, method=method, min_cells=20, inplace=False)
         st = t.table.set_index("gene")["status"]
         assert st["type0"] == "absent in condition=case"
         assert st["type1"] == "too few cells"
@@ -290,3 +293,28 @@ def test_default_is_calibrated_on_nulls_and_masc_is_not():
         frac = float(np.mean(pool < 0.05))
         assert 0.035 <= frac <= 0.06, (name, frac)
     assert float(np.mean(np.concatenate(masc) < 0.05)) > 0.15
+
+
+def test_clr_leaves_a_type_absent_from_a_condition_out_of_the_reference():
+    """A type with no cell in one condition must not shift the other types' CLR effects (it would enter each case
+    sample's geometric mean at its pseudocount): the other types' results equal those without the type at all."""
+    base = scmlm.datasets.simulate_composition(n_donors=4, n_cell_types=5, design="paired", n_cells=(200, 500), seed=1)
+    absent = base[~((base.obs["cell_type"] == "type0") & (base.obs["condition"] == "case"))].copy()
+    without = base[base.obs["cell_type"] != "type0"].copy()
+    without.obs["cell_type"] = without.obs["cell_type"].cat.remove_unused_categories()
+    with pytest.warns(UserWarning, match=r"'type0' \(absent in condition=case\) left out of the CLR reference"):
+        t = scmlm.tl.abundance_de(absent, "~ condition + (1|donor)", CON, method="clr", inplace=False).table
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = scmlm.tl.abundance_de(without, "~ condition + (1|donor)", CON, method="clr", inplace=False).table
+    t = t.set_index("gene")
+    ref = ref.set_index("gene")
+    assert t.loc["type0", "status"] == "absent in condition=case"
+    others = ref.index
+    np.testing.assert_allclose(t.loc[others, "coef"], ref["coef"], rtol=1e-10)
+    np.testing.assert_allclose(t.loc[others, "pvalue"], ref["pvalue"], rtol=1e-8)
+
+
+def test_negative_min_cells_is_refused(paired):
+    with pytest.raises(scmlm.InputError, match=r"min_cells=-1 must be 0 or more"):
+        scmlm.tl.abundance_de(paired, "~ condition + (1|donor)", CON, min_cells=-1)

@@ -153,6 +153,8 @@ def abundance_de(
         raise InputError(f"estimation={estimation!r} is not known; use 'REML' or 'ML'.")
     if pseudocount <= 0:
         raise InputError(f"pseudocount={pseudocount} must be > 0 (the transforms take logs of the counts).")
+    if min_cells < 0:
+        raise InputError(f"min_cells={min_cells} must be 0 or more (the fewest cells a type needs to be tested).")
     check_obs_keys(adata, [cell_type_key, sample_key], what="key")
     if cell_type_key == sample_key:
         raise InputError(f"cell_type_key and sample_key are both {cell_type_key!r}; they must name different columns.")
@@ -186,6 +188,8 @@ def abundance_de(
         else:
             transform = clr_transform if method == "clr" else logit_transform
             present = n_cells > 0
+            if method == "clr":
+                present &= ~_clr_structural_zeros(types, status)
             values, weights = transform(counts[:, present].T, pseudocount=pseudocount)
             pos = np.cumsum(present) - 1
             tests = fit_abundance_lm(values[pos[fit]], weights[pos[fit]], d.X, Ls, terms=d.terms)
@@ -352,6 +356,24 @@ def _fitted_formula(design, sample_obs, sample_key, method, replication):
         "abundance_de: %s has one level per sample, the residual of the linear model; fitted %r.", dropped, formula
     )
     return formula, [], dropped
+
+
+def _clr_structural_zeros(types, status: np.ndarray) -> np.ndarray:
+    """Types absent from a level of a design factor, left out of the CLR reference (with a warning).
+
+    A type with no cell in one condition would enter every sample's geometric mean at its pseudocount there, and
+    shift every other type's log-ratio between the conditions by the same amount: all of them would look changed.
+    """
+    absent = np.array([str(s).startswith("absent in") for s in status], dtype=bool)
+    if absent.any():
+        names = ", ".join(f"{types[i]!r} ({status[i]})" for i in np.flatnonzero(absent))
+        warnings.warn(
+            f"abundance_de(method='clr'): {names} left out of the CLR reference: a type missing from a condition "
+            "would shift every other type's centred log-ratio. The CLR effects are relative to the other types.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return absent
 
 
 def _type_status(counts, n_cells, sample_obs, d, min_cells) -> np.ndarray:

@@ -163,8 +163,12 @@ def _abundance_key_problems(a, where):
         if a.get("abundance_method", "glmm") != "glmm" and "estimation" in a:
             bad.append("estimation")
         return [
-            f"{where}: {k!r} does not apply to method abundance"
-            + (" with abundance_method glmm only" if k == "estimation" else "")
+            (
+                f"{where}: 'estimation' applies to abundance_method glmm only; this analysis uses "
+                f"{a.get('abundance_method')!r}"
+                if k == "estimation"
+                else f"{where}: {k!r} does not apply to method abundance"
+            )
             for k in bad
         ]
     return [
