@@ -128,6 +128,10 @@ def _analysis(**kw) -> dict:
             _analysis(method="abundance", shards=2),
             "config.analyses[0] (x): 'shards' does not apply to method abundance",
         ),
+        (
+            _analysis(method="abundance", abundance_method="clr", estimation="ML"),
+            "config.analyses[0] (x): 'estimation' applies to abundance_method glmm only; this analysis uses 'clr'",
+        ),
     ],
 )
 def test_bad_config_fails_with_one_clear_line(tmp_path, edit, message):
