@@ -275,8 +275,8 @@ def _null_pvalues(n_datasets: int, seed: int) -> dict[str, list[np.ndarray]]:
 def test_default_is_calibrated_on_nulls_and_masc_is_not():
     """12 types × 60 null datasets at each of 8 seeds (7–14; paired and between-donor alternating, 3–10 donors per
     condition, 50–3,000 cells per sample, donor SD 0.3 and sample SD 0.2 of log abundance): the default GLMM's
-    fraction of p < 0.05 over all 5,760 types, and within each design, lies in [0.035, 0.06]; MASC's model ((1|donor)
-    only, ML, z test) on the paired datasets is far above it.
+    fraction of p < 0.05 over the 5,760 types (5,759 tested), and within each design, lies in [0.035, 0.06]; MASC's
+    model ((1|donor) only, ML, z test) on the paired datasets is far above it.
 
     Measured: all 4.46 %, paired 4.48 %, between 4.44 %, MASC 28.4 %. Single seeds of 720 types range from 3.3 % to
     5.0 %, which is why the pool holds every seed measured rather than one of them."""
@@ -288,11 +288,14 @@ def test_default_is_calibrated_on_nulls_and_masc_is_not():
         masc += p["masc"]
     between = [g for i, g in enumerate(glmm) if i % 2 == 1]
     all_p = np.concatenate(glmm)
-    assert all_p.size == 5760 and np.isfinite(all_p).all()
+    # a rare type may go untested (its status says why); the fraction is over the tested ones
+    assert all_p.size == 5760 and np.isfinite(all_p).sum() >= 5750
     for name, pool in (("all", all_p), ("paired", np.concatenate(paired)), ("between", np.concatenate(between))):
-        frac = float(np.mean(pool < 0.05))
+        tested = pool[np.isfinite(pool)]
+        frac = float(np.mean(tested < 0.05))
         assert 0.035 <= frac <= 0.06, (name, frac)
-    assert float(np.mean(np.concatenate(masc) < 0.05)) > 0.15
+    masc = np.concatenate(masc)
+    assert float(np.mean(masc[np.isfinite(masc)] < 0.05)) > 0.15
 
 
 def test_clr_leaves_a_type_absent_from_a_condition_out_of_the_reference():
