@@ -327,6 +327,10 @@ def _finished_shards(log: str) -> set[str]:
     return {jobs[j] for j in done}
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupted_glmm_run(tmp_path: Path, local_run: Path) -> tuple[Path, str]:
     """A 4-shard GLMM run, Ctrl-C once the first shard has finished; the run folder and its log."""
     workdir = make_workdir(tmp_path, shards=4)
@@ -336,7 +340,16 @@ def _interrupted_glmm_run(tmp_path: Path, local_run: Path) -> tuple[Path, str]:
     cmd += config_args(workdir)
     first_log = tmp_path / "first.log"
     with open(first_log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+            start_new_session=True,
+            # a test run started in the background inherits SIGINT ignored (POSIX shells do that to asynchronous
+            # commands), and Python then installs no handler for it: give Snakemake the default disposition back
+            preexec_fn=_default_sigint,
+        )
         try:
             deadline = time.monotonic() + 300
             while proc.poll() is None and time.monotonic() < deadline:
