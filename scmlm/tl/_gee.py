@@ -42,8 +42,8 @@ def gee_de(
     groups_key: str | None = None,
     genes: Sequence[str] | None = None,
     min_cells_expressing: int = 10,
-    small_sample: Literal["md_scaled", "kc", "md", "none"] = "md_scaled",
-    df: Literal["clusters", "satterthwaite"] = "clusters",
+    small_sample: Literal["avg", "md_scaled", "kc", "md", "none"] = "avg",
+    df: Literal["design", "clusters", "satterthwaite"] = "design",
     n_jobs: int | None = None,
     key_added: str = "gee_de",
     inplace: bool = True,
@@ -53,8 +53,10 @@ def gee_de(
 
     Each gene gets a marginal GLM fitted by generalized estimating equations with an exchangeable working
     correlation within ``cluster_key`` (the donor), cluster-robust sandwich standard errors with a small-sample
-    correction (Mancl–DeRouen, scaled by ``(n_donors - q) / n_donors`` for donor-level contrasts) and t / F tests with
-    ``n_donors - q`` degrees of freedom (``q``: design columns constant within every donor). The
+    correction (for a donor-level contrast the average of the Kauermann–Carroll and Mancl–DeRouen sandwiches, for a
+    contrast within donors Mancl–DeRouen) and t / F tests whose degrees of freedom come from the donors: for a
+    donor-level contrast those of the donor-level design (Satterthwaite; Hotelling's T² with Zhang's df for a joint
+    test), else ``n_donors - q`` (``q``: design columns constant within every donor). The
     effect is *population-average*: how the mean over all donors changes. With the log link (``"nb"``,
     ``"poisson"``) it estimates the same slope as a GLMM; with
     ``"binomial"`` the log odds ratio is smaller in magnitude than the GLMM's cluster-specific one
@@ -93,19 +95,22 @@ def gee_de(
     min_cells_expressing
         Genes with fewer cells with ``y > 0`` (within a group) keep a row with ``status="too few expressing cells"``.
     small_sample
-        Small-sample correction of the cluster-robust sandwich: ``"md_scaled"`` (default: Mancl–DeRouen times
-        ``(n_donors - q) / n_donors`` for a donor-level contrast, plain Mancl–DeRouen for a contrast within
-        donors; equals Kauermann–Carroll when donors carry equal weight and corrects more where a few donors
-        dominate), ``"kc"`` (Kauermann–Carroll; liberal with few donors of unequal size),
-        ``"md"`` (Mancl–DeRouen, statsmodels' ``cov_type="bias_reduced"``; conservative with few donors) or
-        ``"none"`` (Liang–Zeger; liberal with few donors). Null calibration per setting is in the docstring of
-        :mod:`scmlm.models.gee`: on a donor trait the default kept the fraction of null p < 0.05 within 0.045-0.069
-        (mean 0.055 over 18 unequal 6-donor sets) from 6 to 20 donors and 60 to 2,000 cells per donor, equal or
-        unequal in size (the other corrections: 0.016-0.201).
+        Small-sample correction of the cluster-robust sandwich: ``"avg"`` (default: for a donor-level contrast the
+        average of the Kauermann–Carroll and Mancl–DeRouen covariances, Ford & Westgate 2017; for a contrast within
+        donors Mancl–DeRouen), ``"md_scaled"`` (the default before: Mancl–DeRouen times ``(n_donors - q) /
+        n_donors`` for a donor-level contrast; liberal with three or more donor-level columns), ``"kc"``
+        (Kauermann–Carroll; liberal with few donors of unequal size), ``"md"`` (Mancl–DeRouen, statsmodels'
+        ``cov_type="bias_reduced"``; conservative with few donors) or ``"none"`` (Liang–Zeger; liberal with few
+        donors). Null calibration per setting is in ``docs/gee_vs_glmm.md`` and the docstring of
+        :mod:`scmlm.models.gee`.
     df
-        Degrees of freedom of the t tests: ``"clusters"`` (default: ``n_donors - q``) or ``"satterthwaite"``
-        (Bell–McCaffrey, per gene, at most ``n_donors - q``; conservative with the default correction when donors
-        are unequal). F tests always use ``n_donors - q``.
+        Degrees of freedom of the tests. ``"design"`` (default): for a donor-level contrast those of the same
+        contrast in the donor-level design (one row per donor, equal weights, CR2 sandwich: Satterthwaite for a t
+        test, Hotelling's T² with Zhang's df for a joint F test; e.g. 6, not 9, for a pairwise contrast of three
+        dose groups of 4 donors), at most ``n_donors - q``; for a contrast within donors ``n_donors - q``.
+        ``"clusters"``: ``n_donors - q`` for every test (F tests ``F(k, n_donors - q)``). ``"satterthwaite"``:
+        Bell–McCaffrey under the working model, per gene, at most ``n_donors - q`` (t tests; F tests use
+        ``n_donors - q``).
     n_jobs
         Worker processes over gene chunks (``None``: ``scmlm.settings.n_jobs``); results do not depend on it.
     key_added
@@ -130,7 +135,7 @@ def gee_de(
     >>> res = scmlm.tl.gee_de(adata, "~ condition", ("condition", "case", "ctrl"), genes=genes, inplace=False)
     >>> res.table[["gene", "coef", "se", "df", "pvalue"]].shape
     (20, 5)
-    >>> bool((res.table["df"] == 6).all())  # 8 donors - intercept - condition (constant within donors)
+    >>> bool((res.table["df"] == 6).all())  # 8 donors - intercept - condition (two groups of 4 donors)
     True
     """
     if family not in GEE_FAMILIES:
@@ -195,8 +200,12 @@ def gee_de(
         "working_correlation": "exchangeable",
         "small_sample": small_sample,
         "df": df,
-        "df_rule": "n_clusters - n_coefficients_constant_within_clusters"
-        + (" (upper bound of the Bell-McCaffrey df)" if df == "satterthwaite" else ""),
+        "df_rule": {
+            "design": "one-row donor-level contrasts: Satterthwaite df of the donor-level design (at most "
+            "n_clusters - q); other t tests: n_clusters - q; joint tests: Hotelling T2 with eta = n_clusters - q",
+            "clusters": "n_clusters - n_coefficients_constant_within_clusters",
+            "satterthwaite": "Bell-McCaffrey, at most n_clusters - n_coefficients_constant_within_clusters",
+        }[df],
         "scmlm_version": __version__,
     }
     return DEResult(table=table, params=params).deliver(adata, key_added, inplace=inplace, copy=copy)
