@@ -26,6 +26,7 @@ def simulate(
     *,
     sd_slope: float | None = None,
     n_timepoints: int = 3,
+    donor_batch=None,
 ) -> ad.AnnData:
     """Simulate multi-donor single-cell counts from a negative-binomial GLMM with known truth.
 
@@ -92,6 +93,9 @@ def simulate(
         unit of ``x``); ``None`` (default): no ``x``.
     n_timepoints
         Samples per donor of the longitudinal design (at least 2).
+    donor_batch
+        Batch (``0 … n_batches - 1``) of every donor, e.g. to make batches unbalanced for the condition; ``None``
+        (default): round-robin, donor ``d`` in batch ``d % n_batches``.
 
     Returns
     -------
@@ -123,14 +127,8 @@ def simulate(
         raise InputError(f"simulate: sd_response={sd_response} must be >= 0.")
     if n_cells < 1 or n_genes < 1 or n_batches < 1 or n_cell_types < 1:
         raise InputError("simulate: n_cells, n_genes, n_batches and n_cell_types must all be at least 1.")
-    if design not in ("between", "within", "longitudinal"):
-        raise InputError(f"simulate: design={design!r} is not known; use 'between', 'within' or 'longitudinal'.")
-    if sd_slope is not None and sd_slope < 0:
-        raise InputError(f"simulate: sd_slope={sd_slope} must be >= 0 (or None).")
+    per_donor, donor_batch = _check_layout(design, n_donors, n_batches, sd_slope, n_timepoints, donor_batch)
     longitudinal = design == "longitudinal"
-    if longitudinal and int(n_timepoints) < 2:
-        raise InputError(f"simulate: n_timepoints={n_timepoints} must be at least 2.")
-    per_donor = int(n_timepoints) if longitudinal else 2 if design == "within" else 1
     if not 0 <= frac_de <= 1:
         raise InputError(f"simulate: frac_de={frac_de} must lie in [0, 1].")
     rng = np.random.default_rng(seed)
@@ -179,7 +177,7 @@ def simulate(
         case = np.repeat(s_case, sizes)
         time = np.repeat(s_time, sizes)
         n = donor.size
-    batch = donor % n_batches
+    batch = donor % n_batches if donor_batch is None else donor_batch[donor]
     # the sample (donor × condition, or donor × time point) of each cell
     sample = per_donor * donor + time if longitudinal else 2 * donor + case.astype(int)
     e = rng_sample.normal(size=(max(2, per_donor) * n_donors, n_genes)) * (sd_resp / np.sqrt(2.0))
@@ -274,7 +272,26 @@ def simulate(
         adata.uns["simulate"]["sd_slope"] = float(sd_slope)
     if longitudinal:
         adata.uns["simulate"]["n_timepoints"] = per_donor
+    if donor_batch is not None:
+        adata.uns["simulate"]["donor_batch"] = donor_batch.tolist()
     return adata
+
+
+def _check_layout(design: str, n_donors: int, n_batches: int, sd_slope, n_timepoints: int, donor_batch):
+    """Check the sample layout arguments of :func:`simulate`; ``(samples per donor, donor_batch as an array)``."""
+    if design not in ("between", "within", "longitudinal"):
+        raise InputError(f"simulate: design={design!r} is not known; use 'between', 'within' or 'longitudinal'.")
+    if sd_slope is not None and sd_slope < 0:
+        raise InputError(f"simulate: sd_slope={sd_slope} must be >= 0 (or None).")
+    if design == "longitudinal" and int(n_timepoints) < 2:
+        raise InputError(f"simulate: n_timepoints={n_timepoints} must be at least 2.")
+    if donor_batch is not None:
+        donor_batch = np.asarray(donor_batch, dtype=np.int64)
+        if donor_batch.shape != (n_donors,) or donor_batch.min() < 0 or donor_batch.max() >= n_batches:
+            raise InputError(
+                f"simulate: donor_batch must give a batch in 0..{n_batches - 1} for each of {n_donors} donors."
+            )
+    return (int(n_timepoints) if design == "longitudinal" else 2 if design == "within" else 1), donor_batch
 
 
 def simulate_composition(

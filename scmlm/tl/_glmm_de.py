@@ -24,6 +24,7 @@ from .._errors import InputError, _fmt_list
 from .._validate import check_counts, check_obs_keys, check_unique_names, get_matrix, renamed_arguments
 from .._version import __version__
 from ..design import (
+    MIN_RANDOM_LEVELS,
     REPLICATION_RULES,
     Design,
     FittedDesign,
@@ -789,11 +790,28 @@ def _params(run: _Run, fitted: dict[str, FittedDesign]) -> dict:
 
 
 def _report_replication(fitted: dict[str, FittedDesign], run: _Run) -> None:
-    """Say, once per unit and contrast, where a sample-level contrast got its term (INFO) or lacks it (a warning)."""
+    """Say, once per unit and contrast, where a sample-level contrast got its term (INFO) or lacks it (a warning);
+    and once per term, which random term of few levels is fitted as a fixed effect (INFO) or kept random (a warning)."""
     seen = set()
     for fd in fitted.values():
+        for term in fd.few_levels:
+            if term in seen:
+                continue
+            seen.add(term)
+            why = (
+                f"random term {term} of {run.design!r} has fewer than {MIN_RANDOM_LEVELS} levels and holds whole units "
+                "of replication: its variance rests on at most 3 df and a contrast between those units is miscalibrated"
+            )
+            if term in fd.as_fixed:
+                log.info("glmm_de: %s; fitted it as a fixed effect: %r (replication='auto').", why, fd.formula)
+            else:
+                warnings.warn(
+                    f"glmm_de: {why}. Kept random (replication='as_written'); a fixed effect is calibrated.",
+                    UserWarning,
+                    stacklevel=3,
+                )
         for name, rep in zip(run.names, fd.replication, strict=True):
-            if rep.level != "sample" or (rep.unit, name) in seen:
+            if rep.level not in ("sample", "slope") or (rep.unit, name) in seen:
                 continue
             seen.add((rep.unit, name))
             why = rep.message(name, run.design)
