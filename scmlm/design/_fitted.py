@@ -20,7 +20,7 @@ import pandas as pd
 from .._errors import InputError, ScmlmError, _fmt_list
 from ._design import Contrast, Design, build_design
 from ._formula import _split_top_level, parse_formula
-from ._replication import Replication, _nested_in
+from ._replication import Replication, _cross, _nested_in, _pattern, _same_partition
 from ._replication import replication as find_replication
 
 REPLICATION_RULES: tuple[str, ...] = ("auto", "as_written")
@@ -117,7 +117,7 @@ def fitted_design(
     d1 = d
     if added:
         d1 = build_design(obs, " + ".join([design, *added]), factors=[sample_key], warn=False)
-    few = _few_level_terms(d1)
+    few = _few_level_terms(d1, [np.abs(np.atleast_2d(c.L)).sum(axis=0) for c in cons])
     if replication == "as_written" or not (added or few):
         return FittedDesign(
             design, d.formula, (), tuple(reps), sample_key, replication, d, tuple(cons), tuple(f"(1|{g})" for g in few)
@@ -139,11 +139,14 @@ def fitted_design(
     )
 
 
-def _few_level_terms(d: Design) -> list[str]:
+def _few_level_terms(d: Design, supports: list[np.ndarray]) -> list[str]:
     """Random intercepts ``(1|g)`` with fewer than :data:`MIN_RANDOM_LEVELS` levels that hold whole units.
 
     ``g`` is one obs column, each level of another random term lies within one of its levels (donors in batches),
-    and no random term is crossed with it (each term's levels lie within ``g``'s or contain them).
+    and no random term is crossed with it (each term's levels lie within ``g``'s or contain them). A ``g`` that pairs a
+    contrast (donors of a paired design: a term nested in it is ``g`` × the contrast's values, as
+    ``(1|donor:condition)``) stays random: its levels are the blocks the contrast is estimated within, whatever their
+    number. ``supports`` holds, per contrast, the columns its rows use (nonzero entries).
     """
     out = []
     for spec, t in zip(d.parsed.random, d.terms, strict=True):
@@ -157,7 +160,9 @@ def _few_level_terms(d: Design) -> list[str]:
         holds = any(np.unique(u).size > n and _nested_in(u, codes) for u in others)
         # crossed with another grouping (donor labels reused in every batch): not a plain batch of whole units
         crossed = any(not _nested_in(u, codes) and not _nested_in(codes, u) for u in others)
-        if holds and not crossed:
+        patterns = [_pattern(d.X, np.flatnonzero(v > 1e-12)) for v in supports]
+        pairs = any(_same_partition(u, _cross(codes, p)) for u in others for p in patterns)
+        if holds and not crossed and not pairs:
             out.append(t.name)
     return out
 
