@@ -74,6 +74,11 @@ def test_slope_rule_and_as_written_warning():
     assert rep.level == "slope" and rep.unit == "donor" and rep.term == "(0 + x|donor)" and rep.n_units == 6
     fd = fitted_design(adata.obs, "~ x + (1|donor)", "x")
     assert fd.formula == "~ x + (1|donor) + (0 + x|donor)" and fd.added_terms == ("(0 + x|donor)",)
+    # time points as numbers: the samples sample_key names get their term; without it, a random slope over donors
+    long = scmlm.datasets.simulate(n_donors=4, n_cells=30, n_genes=2, design="longitudinal", seed=0).obs
+    long["day"] = long["time"].cat.codes.astype(float) * 7
+    assert fitted_design(long, "~ day + (1|donor)", "day", sample_key="sample").added_terms == ("(1|sample)",)
+    assert fitted_design(long, "~ day + (1|donor)", "day").added_terms == ("(0 + day|donor)",)
     # an explicit slope, correlated or not, is kept as written
     for f in ("~ x + (1 + x|donor)", "~ x + (1|donor) + (0 + x|donor)"):
         assert fitted_design(adata.obs, f, "x").added_terms == ()
@@ -151,6 +156,24 @@ def test_time_points_default_is_calibrated(time_nulls, family):
 
 
 @pytest.mark.slow
+def test_numeric_time_points_are_calibrated(time_nulls):
+    """Time as a number (days): a random slope over donors by default, the sample term given sample_key."""
+    tables = {"(0 + day|donor)": [], "(1|sample)": []}
+    for adata in time_nulls:
+        adata = adata.copy()
+        adata.obs["day"] = adata.obs["time"].cat.codes.astype(float) * 7
+        for term, key in (("(0 + day|donor)", None), ("(1|sample)", "sample")):
+            res = _glmm(adata, "~ day + (1|donor)", "day", sample_key=key)
+            assert res.params["added_terms"] == [term]
+            tables[term].append(res.table)
+    for term, tabs in tables.items():
+        frac, n = _pooled(tabs)
+        _report(f"longitudinal, day as a number, 4 + 8 donors, nb, default adds {term}", frac, n)
+        assert n >= 1200
+        assert 0.035 <= frac <= 0.06
+
+
+@pytest.mark.slow
 def test_joint_test_of_slope_and_time_is_calibrated():
     """One model needs both terms: ``x`` varies within samples, ``time`` between samples of a donor."""
     tables = []
@@ -205,6 +228,13 @@ def test_few_level_batch_rule():
     conf["run"] = np.where(conf["condition"] == "case", "r1", "r0")
     conf["run"] = conf["run"].where(conf["donor"] != "donor11", "r2")
     assert fitted_design(conf, "~ condition + (1|donor) + (1|run)", CONTRAST).as_fixed == ()
+    # donors that pair the contrast stay random however few (a paired design of 4 donors), and so do batches that
+    # each hold one control and one case donor (matched pairs, the workflow's .test data)
+    paired = scmlm.datasets.simulate(n_donors=4, n_cells=6, n_genes=2, design="within", seed=0).obs
+    fd = fitted_design(paired, "~ condition + (1|donor)", CONTRAST)
+    assert fd.formula == "~ condition + (1|donor) + (1|donor:condition)" and fd.as_fixed == ()
+    pairs = scmlm.datasets.simulate(n_donors=6, n_cells=6, n_genes=2, n_batches=3, seed=0).obs
+    assert fitted_design(pairs, "~ condition + (1|donor) + (1|batch)", CONTRAST).as_fixed == ()
     # a numeric contrast vector is carried over to the new columns by name
     vec = fitted_design(obs, "~ condition + (1|donor) + (1|batch)", {"c": np.array([0.0, 1.0])})
     np.testing.assert_array_equal(vec.contrasts[0].L, [0.0, 1.0, 0.0, 0.0])

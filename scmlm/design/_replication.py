@@ -188,8 +188,12 @@ def replication(design: Design, L: np.ndarray, sample: np.ndarray | pd.Series | 
     cvars = _contrast_variables(design, used)
     cat = [v for v in cvars if isinstance(data[v].dtype, pd.CategoricalDtype)]
     num = [v for v in cvars if v not in cat]
-    # a numeric variable's values define samples too (time points, doses); one that varies from cell to cell makes
-    # more units than half the cells and the contrast cell-level
+    base = _interaction(data, [*groups, *cat])
+    for v in num:
+        if not _constant_within(data[v].to_numpy(dtype=float), base):
+            # a number that varies within donors (a cell-level score; time or dose as numbers, whose samples only
+            # sample_key can name: a term over its values would turn it into a factor): a random slope over donors
+            return _unit_effect(design, used)
     cols = [*groups, *cat, *num]
     codes = _interaction(data, cols)
     n_units = int(codes.max()) + 1

@@ -126,15 +126,16 @@ def glmm_de(
     fits exactly the design given (for experts), with a warning when a sample-level contrast lacks its term. A
     contrast that varies within samples (a continuous cell-level covariate ``x``; a per-cell genotype, given
     ``sample_key``) is seen in every cell, but its effect can differ between donors, and its average over donors is
-    then a donor-level quantity: on a null with donor slopes of sd 0.25, ``~ x + (1|donor)`` as written gives 20–24 %
+    then a donor-level quantity: on nulls with donor slopes of sd 0.25, ``~ x + (1|donor)`` as written gives 20–47 %
     of p < 0.05. The default adds the uncorrelated random slope ``(0 + x|donor)`` (a number) or ``(1|donor:genotype)``
-    (a factor), over each random intercept that holds no other term's levels, logged and recorded as above; a
-    numeric variable constant within donor × value (time points, doses) defines samples as a factor does. Random
-    intercepts of fewer than five levels that hold whole donors (``(1|batch)`` over 3 batches, ``(1|batch/donor)``)
-    are fitted as a fixed effect by default (``params["as_fixed"]``, one INFO line; as written they stay random with
-    a warning): a variance on at most 3 df miscalibrates and un-moderates the tests between donors. A term that pairs
-    the contrast (the donors of a paired design) or is crossed with another grouping stays random, and so does one
-    without which a contrast is not estimable. See docs/replication.md.
+    (a factor), over each random intercept that holds no other term's levels, logged and recorded as above; time
+    points as a factor get ``(1|donor:time)`` as the paired condition does, as a number ``(1|sample)`` given
+    ``sample_key`` (else the slope). Random intercepts of fewer than five levels that hold whole donors
+    (``(1|batch)`` over 3 batches, ``(1|batch/donor)``) are fitted as a fixed effect by default
+    (``params["as_fixed"]``, one INFO line; as written they stay random with a warning): a variance on at most 3 df
+    miscalibrates and un-moderates the tests between donors. A term that pairs the contrast (the donors of a paired
+    design) or is crossed with another grouping stays random, and so does one without which a contrast is not
+    estimable. See docs/replication.md.
 
     Degrees of freedom: a contrast that varies only between donors (e.g. case vs control with condition a donor
     trait) is tested with a t distribution on the between-donor residual df (donors minus donor-level coefficients,
