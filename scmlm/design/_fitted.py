@@ -125,12 +125,12 @@ def fitted_design(
         return FittedDesign(
             design, d.formula, (), tuple(reps), sample_key, replication, d, tuple(cons), tuple(f"(1|{g})" for g in few)
         )
-    fixed, d2, cons2 = [], d1, [Contrast(c.name, _map_columns(c.L, d.columns, d1.columns)) for c in cons]
+    fixed, d2, cons2 = [], d1, _moved(cons, d, d1, contrast)
     for g in few:
         try:
             trial = build_design(obs, _as_fixed(d2.formula, g), factors=[sample_key, *few], warn=False)
-            moved = [Contrast(c.name, _map_columns(c.L, d.columns, trial.columns)) for c in cons]
-        except (ScmlmError, KeyError):
+            moved = _moved(cons, d, trial, contrast)
+        except ScmlmError:
             continue  # the term is needed to estimate the model or a contrast: it stays random
         if all(_estimable(trial.X, c.L) for c in moved):
             fixed.append(f"(1|{g})")
@@ -175,6 +175,13 @@ def _as_fixed(formula: str, group: str) -> str:
     parsed = parse_formula(formula)
     random = [f"({r.lhs}|{r.group_name})" for r in parsed.random if not (r.lhs == "1" and r.group_name == group)]
     return " + ".join([parsed.fixed, group, *random])
+
+
+def _moved(cons: list[Contrast], old: Design, new: Design, contrast) -> list[Contrast]:
+    """The contrasts of ``old`` on the columns of ``new``: by column name (numeric vectors too), else built anew."""
+    if all(name in new.columns for name in old.columns):
+        return [Contrast(c.name, _map_columns(c.L, old.columns, new.columns)) for c in cons]
+    return list(new.contrasts(contrast))
 
 
 def _map_columns(L: np.ndarray, old: list[str], new: list[str]) -> np.ndarray:
