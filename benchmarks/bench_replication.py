@@ -11,7 +11,15 @@ On the null: the fraction of genes with p < 0.05. On DE data: the AUC of p-value
 without a p-value count as p = 1) and the fraction of true DE genes at BH padj < 0.05 with the observed FDR.
 Bars (issue): default null fraction within [0.035, 0.06]; sample-aware GLMM AUC ≥ paired pseudobulk AUC.
 
+``--cost`` instead times what ``replication="auto"`` adds beyond paired designs (issue 19), on one null data set
+with a cell-level covariate ``x`` whose slope differs between donors (``simulate(sd_slope=0.25)``, donors in 3
+batches, one worker): the default ``~ x + (1|donor)`` (it adds ``(0 + x|donor)``) against the intercept-only model
+as written, and the default ``~ condition + (1|donor) + (1|batch)`` (batch as a fixed effect) against the random
+batch as written. Each pair runs alternately ``--repeats`` times; it prints the median seconds, their ratio and the
+fraction of p < 0.05.
+
     python benchmarks/bench_replication.py [--genes 2000] [--cells 60 600] [--sd-response 0.25] [--seed 0]
+    python benchmarks/bench_replication.py --cost [--genes 1000] [--donors 8] [--cells 60 600] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -71,6 +79,38 @@ def _run(adata, null: bool) -> list[tuple[str, np.ndarray, np.ndarray, float]]:
     return out
 
 
+COST_MODELS = {
+    "cell-level x": ("x", "~ x + (1|donor)"),
+    "donors in 3 batches": (CONTRAST, "~ condition + (1|donor) + (1|batch)"),
+}
+
+
+def _cost(args) -> None:
+    import scmlm
+
+    a = scmlm.datasets.simulate(
+        n_donors=args.donors, n_cells=tuple(args.cells), n_genes=args.genes, n_batches=3, null=True, sd_slope=0.25,
+        seed=args.seed,
+    )  # fmt: skip
+    a = a[np.asarray(a.X.sum(axis=1)).ravel() > 0].copy()
+    print(f"{a.n_obs} cells, {args.donors} donors in 3 batches, {args.genes} genes, NB, one worker")
+    for label, (contrast, formula) in COST_MODELS.items():
+        secs: dict[str, list[float]] = {"auto": [], "as_written": []}
+        frac, fitted = {}, {}
+        for _ in range(args.repeats):
+            for rule in secs:
+                t = time.perf_counter()
+                res = scmlm.tl.glmm_de(a, formula, contrast, replication=rule, n_jobs=1, inplace=False)
+                secs[rule].append(time.perf_counter() - t)
+                p = res.table["pvalue"].dropna().to_numpy()
+                frac[rule], fitted[rule] = float(np.mean(p < 0.05)), res.params["design_fitted"]
+        med = {k: float(np.median(v)) for k, v in secs.items()}
+        print(f"\n{label}: {formula!r}")
+        for rule in secs:
+            print(f"  {rule:10s} {fitted[rule]:45s} {med[rule]:7.1f} s  p<0.05: {frac[rule]:.4f}")
+        print(f"  default / as written: {med['auto'] / med['as_written']:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--genes", type=int, default=2000)
@@ -78,8 +118,13 @@ def main() -> None:
     ap.add_argument("--cells", type=int, nargs=2, default=(60, 600), metavar=("LOW", "HIGH"))
     ap.add_argument("--sd-response", type=float, default=0.25)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cost", action="store_true", help="time the terms replication='auto' adds (see above)")
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     warnings.simplefilter("ignore", UserWarning)
+    if args.cost:
+        _cost(args)
+        return
     import scmlm
 
     def data(null: bool, sd: float, seed: int):

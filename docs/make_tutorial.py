@@ -221,7 +221,8 @@ def main() -> None:
         "`center_within` for within vs between effects), for paired designs, when you need crossed donor and batch "
         "effects, variance components, ICCs or BLUPs. Every contrast is tested at its unit of replication: "
         "donor-level contrasts get donor-level df, paired contrasts a sample-level term (added by default) and "
-        "sample-level df, cell-level covariates cell-level df.\n"
+        "sample-level df, cell-level covariates a random slope over donors (added by default: their average effect is "
+        "a donor-level quantity) and donor-level df; see docs/replication.md.\n"
         "- **GEE (`gee_de`)**: population-average effects (see `docs/gee_vs_glmm.md`).\n"
         "- **Differential abundance (`abundance_de`)**: which cell types change in share; one test per type between "
         'samples, with `method="clr"` as the reference-free check (see `docs/abundance.md`).\n'

@@ -26,7 +26,8 @@ def between():
 def between_fit(between):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # status summary
-        return scmlm.tl.glmm_de(between, DESIGN, CONTRAST, inplace=False).table
+        # the random 3-level batch as written (replication="auto" fits it as a fixed effect: test_replication_auto.py)
+        return scmlm.tl.glmm_de(between, DESIGN, CONTRAST, replication="as_written", inplace=False).table
 
 
 def test_power_fdr_and_auc_vs_pseudobulk(between, between_fit, capsys):

@@ -122,6 +122,11 @@ CASES = {
     # random structures
     "glmm_crossed": lambda f: _glmm(f["between"], "~ condition + (1|donor) + (1|batch)"),
     "glmm_nested": lambda f: _glmm(f["between"], "~ condition + (1|batch/donor)"),
+    # the random 3-level batch as written (the default fits it as a fixed effect)
+    "glmm_crossed_as_written": lambda f: _glmm(
+        f["between"], "~ condition + (1|donor) + (1|batch)", replication="as_written"
+    ),
+    "glmm_nested_as_written": lambda f: _glmm(f["between"], "~ condition + (1|batch/donor)", replication="as_written"),
     "glmm_within_auto": lambda f: _glmm(f["within"], "~ condition + (1|donor)"),
     "glmm_within_as_written": lambda f: _glmm(f["within"], "~ condition + (1|donor)", replication="as_written"),
     "glmm_slope_corr": lambda f: _glmm(f["within"], "~ condition + (1 + condition|donor)"),

@@ -130,10 +130,17 @@ def test_within_between_recovers_both_signs():
     res_b = scmlm.tl.glmm_de(adata, "~ x_within + x_between + (1|donor)", "x_between", offset=None, inplace=False).table
     assert (res_b["coef"] > 0).all()
     np.testing.assert_allclose(res_b["coef"].median(), between_slope, atol=0.15)
-    # the between effect is tested on donor-level df, the within effect on cell-level df
+    # the between effect is tested on donor-level df; the within effect too by default (replication="auto" adds the
+    # random slope (0 + x_within|donor): its average over donors is a donor-level quantity), on cell-level df as written
     assert (res_b["df_resid"] <= 20 - 2).all()  # the moderated df adds the prior df
     assert (res_b["df"] > 10).all()
-    assert (res["df"] > 300).all()
+    assert (res["df_resid"] <= 20 - 1).all() and "var_donor:x_within" in res.columns
+    with pytest.warns(UserWarning, match="varies within each of the 20 donor levels"):
+        cells = scmlm.tl.glmm_de(
+            adata, "~ x_within + x_between + (1|donor)", "x_within", offset=None, replication="as_written",
+            inplace=False,
+        ).table  # fmt: skip
+    assert (cells["df"] > 300).all()
     # a pooled model that ignores donors mixes the two and gets the within-donor sign wrong
     with pytest.warns(UserWarning, match="pseudoreplication"):
         pooled = scmlm.tl.glmm_de(adata, "~ x", "x", offset=None, family="nb", inplace=False).table

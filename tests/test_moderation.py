@@ -152,7 +152,8 @@ def test_nested_batch_falls_back_to_per_gene_tests(capsys):
     # donors nested in 3 batches with unequal case/control counts: the contrast's variance rests on the batch
     # variance too (3 levels), which a prior for the donor term does not moderate; the per-gene test stays
     adata = scmlm.datasets.simulate(n_donors=10, n_cells=60, n_genes=800, null=True, n_batches=3, seed=1)
-    t = _fit(adata, "~ condition + (1|donor) + (1|batch)").table
+    # as written: replication="auto" fits the 3-level batch as a fixed effect, which is moderated
+    t = _fit(adata, "~ condition + (1|donor) + (1|batch)", replication="as_written").table
     tested = t["pvalue"].notna()
     assert t.loc[tested, "moderation"].str.contains(r"\(1\|batch\)").all()
     assert t["df_prior"].isna().all()
@@ -176,7 +177,8 @@ def test_cell_level_contrast_not_moderated():
     adata.obs["score"] = np.random.default_rng(1).normal(size=adata.n_obs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        t = scmlm.tl.glmm_de(adata, "~ score + (1|donor)", "score", inplace=False).table
+        # as written: replication="auto" adds the random slope (0 + score|donor), a donor-level test
+        t = scmlm.tl.glmm_de(adata, "~ score + (1|donor)", "score", replication="as_written", inplace=False).table
     fitted = t["pvalue"].notna()
     assert (t.loc[fitted, "moderation"] == "cell-level contrast").all()
     assert t["df_prior"].isna().all()

@@ -169,20 +169,32 @@ def _fraction_any(table) -> float:
     return float((p < 0.05).mean())
 
 
-def test_cell_level_covariates_keep_cell_level_df():
+def test_cell_level_covariates_get_donor_terms():
+    """A contrast that varies within samples can still differ between donors: the default adds the donor-specific
+    term (a random slope of a number, a donor × factor term of a factor); as written it keeps cell-level df."""
     adata = scmlm.datasets.simulate(n_donors=6, n_cells=100, n_genes=40, design="within", seed=3)
     rng = np.random.default_rng(0)
     adata.obs["score"] = rng.normal(size=adata.n_obs)  # varies from cell to cell
     adata.obs["genotype"] = pd.Categorical(rng.choice(["wt", "mut"], adata.n_obs))  # per-cell, within samples
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        res = scmlm.tl.glmm_de(adata, "~ score + (1|donor)", "score", inplace=False)
-        geno = scmlm.tl.glmm_de(
-            adata, "~ genotype + condition + (1|donor)", ("genotype", "mut", "wt"), sample_key="sample",
-            inplace=False,
-        )  # fmt: skip
-    for r in (res, geno):
-        assert r.params["added_terms"] == [] and r.params["replication_unit"] == "cell"
+    runs = {}
+    for rule in ("auto", "as_written"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            runs[rule] = (
+                scmlm.tl.glmm_de(adata, "~ score + (1|donor)", "score", replication=rule, inplace=False),
+                scmlm.tl.glmm_de(
+                    adata, "~ genotype + condition + (1|donor)", ("genotype", "mut", "wt"), sample_key="sample",
+                    replication=rule, inplace=False,
+                ),
+            )  # fmt: skip
+    score, geno = runs["auto"]
+    assert score.params["added_terms"] == ["(0 + score|donor)"] and score.params["replication_unit"] == "donor"
+    assert geno.params["added_terms"] == ["(1|donor:genotype)"] and geno.params["replication_unit"] == "donor"
+    for r in runs["auto"]:
+        ok = r.table["status"].isin(["ok", "singular"])
+        assert ok.sum() > 20 and (r.table.loc[ok, "df_resid"] <= 6).all()  # donor-level df (before the prior's)
+    for r in runs["as_written"]:
+        assert r.params["added_terms"] == [] and r.params["replication_unit"] == "donor"  # the unit it lacks
         ok = r.table["status"].isin(["ok", "singular"])
         assert ok.sum() > 20 and r.table.loc[ok, "df"].median() > 150
     # the same per-cell factor without sample_key is taken for a sample-defining variable (donor × genotype)

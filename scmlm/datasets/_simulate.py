@@ -17,12 +17,16 @@ def simulate(
     n_cells: int | tuple[int, int] = 400,
     n_genes: int = 2000,
     n_batches: int = 3,
-    design: Literal["between", "within"] = "between",
+    design: Literal["between", "within", "longitudinal"] = "between",
     frac_de: float = 0.1,
     n_cell_types: int = 1,
     null: bool = False,
     sd_response: float = 0.25,
     seed: int = 0,
+    *,
+    sd_slope: float | None = None,
+    n_timepoints: int = 3,
+    donor_batch=None,
 ) -> ad.AnnData:
     """Simulate multi-donor single-cell counts from a negative-binomial GLMM with known truth.
 
@@ -31,7 +35,8 @@ def simulate(
         y_ig ~ NB(mu_ig, phi_g)        Var = mu + phi * mu**2 (NB2)
         log mu_ig = log s_i + log_mu_g + logfc_g * [condition_i == case] + ct_{c(i) g} + u_dg + v_kg + e_{s(i) g}
         u_dg ~ N(0, sd_donor_g**2),   v_kg ~ N(0, sd_batch_g**2),   log s_i ~ N(0, 0.25**2)
-        e_sg ~ N(0, sd_response_g**2 / 2)        (design="within" only)
+        e_sg ~ N(0, sd_response_g**2 / 2)        (design="within" or "longitudinal")
+        + x_i * w_dg,  w_dg ~ N(0, sd_slope_g**2)   (sd_slope given: a cell-level covariate x)
 
     Donor ``d`` belongs to batch ``d % n_batches``. With ``design="between"`` the condition is a donor-level trait
     (donor ``d`` is ``case`` when ``d`` is odd) and each donor is one sample; with ``design="within"`` every donor
@@ -47,6 +52,17 @@ def simulate(
     ``sd_donor``); ``sd_response=0`` gives donors that all respond alike (the behaviour before this term existed:
     the same counts for the same seed).
 
+    ``design="longitudinal"`` gives every donor ``n_timepoints`` samples (obs ``time``: ``t0``, ``t1``, …; the
+    condition is ``ctrl`` at ``t0`` and ``case`` after, and DE genes shift by ``logfc`` after ``t0``), each with its
+    own sample effect ``e_sg``: a factor that varies within donors and is constant within samples (time points, doses).
+
+    ``sd_slope`` adds a cell-level covariate, obs ``x`` (standard normal, independent from cell to cell), with no
+    average effect on any gene but an effect that differs between donors: donor ``d``'s slope of gene ``g`` is
+    ``w_dg ~ N(0, sd_slope_g**2)``, ``sd_slope_g`` drawn per gene around ``sd_slope`` as ``sd_response``. The average
+    effect of ``x`` over donors is then a donor-level quantity that a model without a random slope of ``x`` over donors
+    tests against cell-to-cell noise. ``x`` and the slopes come from their own random stream: every other draw is the
+    same as without ``sd_slope`` (``sd_slope=None``, the default, adds nothing; ``0`` adds ``x`` with no slopes).
+
     Parameters
     ----------
     n_donors
@@ -59,7 +75,8 @@ def simulate(
     n_batches
         Number of batches (donors are assigned round-robin).
     design
-        ``"between"`` (case–control across donors) or ``"within"`` (every donor has both conditions).
+        ``"between"`` (case–control across donors), ``"within"`` (every donor has both conditions) or
+        ``"longitudinal"`` (every donor has ``n_timepoints`` samples).
     frac_de
         Fraction of genes with a condition effect; ignored when ``null=True``.
     n_cell_types
@@ -71,6 +88,14 @@ def simulate(
         condition sample effects (within design only); ``0`` switches them off.
     seed
         Seed of the random generator; the same seed gives the same data.
+    sd_slope
+        Typical standard deviation between donors of the effect of the cell-level covariate ``x`` (natural log per
+        unit of ``x``); ``None`` (default): no ``x``.
+    n_timepoints
+        Samples per donor of the longitudinal design (at least 2).
+    donor_batch
+        Batch (``0 … n_batches - 1``) of every donor, e.g. to make batches unbalanced for the condition; ``None``
+        (default): round-robin, donor ``d`` in batch ``d % n_batches``.
 
     Returns
     -------
@@ -78,7 +103,8 @@ def simulate(
     ``condition`` (categorical, ``ctrl`` first), ``cell_type``, ``sample`` (donor × condition, e.g. ``donor03_case``;
     ``sample_id`` is the same column under its older name) and ``size_factor``; var holds the truth: ``is_de``,
     ``logfc`` (natural log), ``log_mu``, ``dispersion``, ``sd_donor``, ``sd_batch``, ``sd_response`` (zero in the
-    between design).
+    between design); with ``sd_slope``: obs ``x`` and var ``sd_slope``; longitudinal: obs ``time`` (categorical,
+    ``t0`` first) and samples named ``donor03_t1``.
 
     Examples
     --------
@@ -101,8 +127,8 @@ def simulate(
         raise InputError(f"simulate: sd_response={sd_response} must be >= 0.")
     if n_cells < 1 or n_genes < 1 or n_batches < 1 or n_cell_types < 1:
         raise InputError("simulate: n_cells, n_genes, n_batches and n_cell_types must all be at least 1.")
-    if design not in ("between", "within"):
-        raise InputError(f"simulate: design={design!r} is not known; use 'between' or 'within'.")
+    per_donor, donor_batch = _check_layout(design, n_donors, n_batches, sd_slope, n_timepoints, donor_batch)
+    longitudinal = design == "longitudinal"
     if not 0 <= frac_de <= 1:
         raise InputError(f"simulate: frac_de={frac_de} must lie in [0, 1].")
     rng = np.random.default_rng(seed)
@@ -124,7 +150,7 @@ def simulate(
 
     # sample effects and unbalanced sizes come from their own stream, so that the other draws do not move
     rng_sample = np.random.default_rng([seed, 1])
-    within_design = design == "within"
+    within_design = design in ("within", "longitudinal")
     sd_resp = np.exp(rng_sample.normal(np.log(max(sd_response, 1e-300)), 0.35, n_genes)) if sd_response > 0 else None
     if sd_resp is None or not within_design:
         sd_resp = np.zeros(n_genes)
@@ -135,25 +161,37 @@ def simulate(
         donor = np.repeat(np.arange(n_donors), n_cells)
         if design == "between":
             case = (donor % 2 == 1).astype(float)
+            time = np.zeros(n, dtype=int)
         else:
             within = np.tile(np.arange(n_cells), n_donors)
-            case = (within >= n_cells // 2).astype(float)
+            time = within * per_donor // n_cells
+            case = (time >= 1).astype(float) if longitudinal else (within >= n_cells // 2).astype(float)
     else:
-        n_samples = n_donors * (2 if within_design else 1)
+        n_samples = n_donors * per_donor
         lo, hi = np.log(cell_range[0]), np.log(cell_range[1] + 1)
         sizes = np.floor(np.exp(rng_sample.uniform(lo, hi, n_samples))).astype(int).clip(*cell_range)
-        s_donor = np.arange(n_samples) // 2 if within_design else np.arange(n_samples)
-        s_case = (np.arange(n_samples) % 2 if within_design else s_donor % 2).astype(float)
+        s_donor = np.arange(n_samples) // per_donor
+        s_time = np.arange(n_samples) % per_donor
+        s_case = (s_time >= 1 if within_design else s_donor % 2).astype(float)
         donor = np.repeat(s_donor, sizes)
         case = np.repeat(s_case, sizes)
+        time = np.repeat(s_time, sizes)
         n = donor.size
-    batch = donor % n_batches
-    sample = 2 * donor + case.astype(int)  # donor × condition
-    e = rng_sample.normal(size=(2 * n_donors, n_genes)) * (sd_resp / np.sqrt(2.0))
+    batch = donor % n_batches if donor_batch is None else donor_batch[donor]
+    # the sample (donor × condition, or donor × time point) of each cell
+    sample = per_donor * donor + time if longitudinal else 2 * donor + case.astype(int)
+    e = rng_sample.normal(size=(max(2, per_donor) * n_donors, n_genes)) * (sd_resp / np.sqrt(2.0))
     cell_type = rng.integers(0, n_cell_types, n) if n_cell_types > 1 else np.zeros(n, dtype=int)
     log_s = rng.normal(0.0, 0.25, n)
     u = rng.normal(size=(n_donors, n_genes)) * sd_donor
     v = rng.normal(size=(n_batches, n_genes)) * sd_batch
+    # the cell-level covariate and its donor slopes: a stream of their own, so that every other draw stays the same
+    x = w = sd_slope_g = None
+    if sd_slope is not None:
+        rng_x = np.random.default_rng([seed, 2])
+        x = rng_x.normal(size=n)
+        sd_slope_g = np.exp(rng_x.normal(np.log(sd_slope), 0.35, n_genes)) if sd_slope > 0 else np.zeros(n_genes)
+        w = rng_x.normal(size=(n_donors, n_genes)) * sd_slope_g
 
     # --- counts, in row blocks to bound memory
     rows = []
@@ -170,6 +208,8 @@ def simulate(
         )
         if within_design and sd_response > 0:
             eta += e[sample[sl]]
+        if x is not None:
+            eta += x[sl, None] * w[donor[sl]]
         mu = np.exp(eta)
         shape = 1.0 / dispersion
         lam = rng.gamma(shape[None, :], (mu * dispersion[None, :]))
@@ -191,7 +231,14 @@ def simulate(
         },
         index=[f"cell{i:07d}" for i in range(n)],
     )
-    obs["sample"] = pd.Categorical(obs["donor"].astype(str) + "_" + obs["condition"].astype(str))
+    if longitudinal:
+        times = [f"t{k}" for k in range(per_donor)]
+        obs["time"] = pd.Categorical(np.asarray(times)[time], categories=times)
+        obs["sample"] = pd.Categorical(obs["donor"].astype(str) + "_" + obs["time"].astype(str))
+    else:
+        obs["sample"] = pd.Categorical(obs["donor"].astype(str) + "_" + obs["condition"].astype(str))
+    if x is not None:
+        obs["x"] = x
     obs["sample_id"] = obs["sample"]
     var = pd.DataFrame(
         {
@@ -205,6 +252,8 @@ def simulate(
         },
         index=[f"g{j:05d}" for j in range(n_genes)],
     )
+    if sd_slope_g is not None:
+        var["sd_slope"] = sd_slope_g
     adata = ad.AnnData(X=X, obs=obs, var=var)
     adata.layers["counts"] = X.copy()
     adata.uns["simulate"] = {
@@ -219,7 +268,30 @@ def simulate(
         "sd_response": float(sd_response),
         "seed": seed,
     }
+    if sd_slope is not None:
+        adata.uns["simulate"]["sd_slope"] = float(sd_slope)
+    if longitudinal:
+        adata.uns["simulate"]["n_timepoints"] = per_donor
+    if donor_batch is not None:
+        adata.uns["simulate"]["donor_batch"] = donor_batch.tolist()
     return adata
+
+
+def _check_layout(design: str, n_donors: int, n_batches: int, sd_slope, n_timepoints: int, donor_batch):
+    """Check the sample layout arguments of :func:`simulate`; ``(samples per donor, donor_batch as an array)``."""
+    if design not in ("between", "within", "longitudinal"):
+        raise InputError(f"simulate: design={design!r} is not known; use 'between', 'within' or 'longitudinal'.")
+    if sd_slope is not None and sd_slope < 0:
+        raise InputError(f"simulate: sd_slope={sd_slope} must be >= 0 (or None).")
+    if design == "longitudinal" and int(n_timepoints) < 2:
+        raise InputError(f"simulate: n_timepoints={n_timepoints} must be at least 2.")
+    if donor_batch is not None:
+        donor_batch = np.asarray(donor_batch, dtype=np.int64)
+        if donor_batch.shape != (n_donors,) or donor_batch.min() < 0 or donor_batch.max() >= n_batches:
+            raise InputError(
+                f"simulate: donor_batch must give a batch in 0..{n_batches - 1} for each of {n_donors} donors."
+            )
+    return (int(n_timepoints) if design == "longitudinal" else 2 if design == "within" else 1), donor_batch
 
 
 def simulate_composition(

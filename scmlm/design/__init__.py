@@ -15,7 +15,15 @@ from ._design import (
     parse_contrasts,
     split_contrast,
 )
-from ._fitted import REPLICATION_RULES, FittedDesign, fitted_design, fitted_params, one_or_all, stored_formula
+from ._fitted import (
+    MIN_RANDOM_LEVELS,
+    REPLICATION_RULES,
+    FittedDesign,
+    fitted_design,
+    fitted_params,
+    one_or_all,
+    stored_formula,
+)
 from ._formula import ParsedFormula, RandomSpec, parse_formula
 from ._offsets import (
     StreamedTMM,
@@ -35,6 +43,7 @@ __all__ = [
     "ContrastSpec",
     "Design",
     "FittedDesign",
+    "MIN_RANDOM_LEVELS",
     "REPLICATION_RULES",
     "ParsedFormula",
     "RandomSpec",

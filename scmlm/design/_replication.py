@@ -5,9 +5,11 @@ levels of a random-effect factor (a case–control condition is constant within 
 against the variation between those levels. If it varies within every random factor but is constant within samples
 (the cells of one donor × condition), the cells of a sample share what happened to that sample (its dissociation and
 library, the donor's own response to the treatment) and are not independent replicates of the contrast: the model
-needs a term at the sample level, ``(1|sample)`` or a random slope of the contrast over donors. Only a contrast that
-varies within samples (a continuous cell-level covariate, a per-cell genotype with ``sample_key`` given) is
-replicated by cells.
+needs a term at the sample level, ``(1|sample)`` or a random slope of the contrast over donors. A contrast that varies
+within samples (a continuous cell-level covariate, a per-cell genotype with ``sample_key`` given) is seen in every
+cell, but its effect can still differ between donors: its average over donors is then a donor-level quantity, and the
+model needs a random slope ``(0 + x|donor)`` (a continuous covariate) or a donor × factor term ``(1|donor:genotype)``
+(a factor). Only a contrast whose variables do not vary within the levels of any random term is left to the cells.
 """
 
 from __future__ import annotations
@@ -31,19 +33,29 @@ class Replication:
 
     level: str
     """``"random"`` (constant within the levels of a random term of the model, or carried by a random slope),
-    ``"sample"`` (constant within samples but within no random term: the model lacks a sample-level term) or
-    ``"cell"`` (varies within samples)."""
+    ``"sample"`` (constant within samples but within no random term: the model lacks a sample-level term),
+    ``"slope"`` (varies within samples and within the levels of a random term, whose levels can differ in its
+    effect: the model lacks a random slope) or ``"cell"`` (varies within samples, and within no random term)."""
     unit: str
     """The replication unit: the random term's grouping (``"donor"``, ``"sample"``, ``"batch:donor"``), the sample
-    unit that lacks a term (``"donor:condition"``, the ``sample_key`` column), or ``"cell"``."""
+    unit that lacks a term (``"donor:condition"``, the ``sample_key`` column), the grouping a missing slope is over
+    (``"donor"``), or ``"cell"``."""
     n_units: int
     term: str | None = None
-    """For ``level="sample"``: the term that puts the contrast at its level, e.g. ``"(1|donor:condition)"``."""
+    """For ``level="sample"`` or ``"slope"``: the term(s) that put the contrast at its level, e.g.
+    ``"(1|donor:condition)"`` or ``"(0 + x|donor)"`` (several joined by `` + ``)."""
     combined_groups: bool = False
     """The unit is the combination of several random grouping factors (e.g. donor labels reused across batches)."""
 
     def message(self, contrast: str, formula: str) -> str:
-        """Why the model as written tests this contrast against cell-to-cell noise (``level="sample"`` only)."""
+        """Why the model as written tests this contrast against cell-to-cell noise (``level="sample"``/``"slope"``)."""
+        if self.level == "slope":
+            return (
+                f"contrast {contrast!r} varies within each of the {self.n_units} {self.unit} levels, whose effects of "
+                f"it can differ, but {formula!r} has no term for that: the model as written tests its average over "
+                f"{self.unit} levels (a {self.unit}-level quantity) against cell-to-cell noise. A term for the "
+                f"{self.unit}-specific effect is needed: {self.term}"
+            )
         if self.combined_groups:
             groups = self.unit.split(":")
             return (
@@ -169,7 +181,7 @@ def replication(design: Design, L: np.ndarray, sample: np.ndarray | pd.Series | 
         own = _interaction(frame, ["__sample__"])
         n_units = int(codes.max()) + 1
         if not _all_constant(X, used, codes) or n_units > n / 2:
-            return Replication(level="cell", unit="cell", n_units=n)
+            return _unit_effect(design, used)
         name = str(getattr(sample, "name", None) or "sample")
         unit = name if int(own.max()) + 1 == n_units else ":".join([*groups, name])
         return Replication(level="sample", unit=unit, n_units=n_units, term=f"(1|{unit})")
@@ -179,12 +191,14 @@ def replication(design: Design, L: np.ndarray, sample: np.ndarray | pd.Series | 
     base = _interaction(data, [*groups, *cat])
     for v in num:
         if not _constant_within(data[v].to_numpy(dtype=float), base):
-            return Replication(level="cell", unit="cell", n_units=n)  # a covariate that varies from cell to cell
+            # a number that varies within donors (a cell-level score; time or dose as numbers, whose samples only
+            # sample_key can name: a term over its values would turn it into a factor): a random slope over donors
+            return _unit_effect(design, used)
     cols = [*groups, *cat, *num]
     codes = _interaction(data, cols)
     n_units = int(codes.max()) + 1
     if not _all_constant(X, used, codes) or n_units > n / 2:
-        return Replication(level="cell", unit="cell", n_units=n)
+        return _unit_effect(design, used)
     unit = ":".join(cols)
     bad = [c for c in cols if not _NAME.match(c)]
     if bad:
@@ -194,6 +208,49 @@ def replication(design: Design, L: np.ndarray, sample: np.ndarray | pd.Series | 
             "naming each sample, or add that term yourself."
         )
     return Replication(level="sample", unit=unit, n_units=n_units, term=f"(1|{unit})")
+
+
+def _unit_groups(design: Design) -> dict[str, np.ndarray]:
+    """Grouping of every random intercept that contains no other random term's levels (donors, not their batches)."""
+    inter = {}
+    for spec, t in zip(design.parsed.random, design.terms, strict=True):
+        if spec.lhs.replace(" ", "").split("+")[0] == "1":
+            inter.setdefault(t.name, np.asarray(t.codes, dtype=np.int64))
+    others = {t.name: np.asarray(t.codes, dtype=np.int64) for t in design.terms}
+    return {
+        g: c
+        for g, c in inter.items()
+        if not any(h != g and np.unique(hc).size > np.unique(c).size and _nested_in(hc, c) for h, hc in others.items())
+    }
+
+
+def _unit_effect(design: Design, used: np.ndarray) -> Replication:
+    """A contrast that varies within samples: ``"slope"`` when its variables vary within the levels of a random term.
+
+    Each such grouping ``g`` (the finest random intercepts: donors, not the batches holding them) gets, for every
+    variable of the contrast that varies within its levels, the uncorrelated random slope ``(0 + x|g)`` (a numeric
+    variable that is a column of the design) or the term ``(1|g:f)`` (a factor ``f``): the effect of the variable may
+    differ between the levels of ``g``, and its average over them is replicated by those levels, not by cells.
+    """
+    data = design.data
+    n = design.X.shape[0]
+    terms, unit, n_units = [], None, 0
+    for g, codes in _unit_groups(design).items():
+        for v in _contrast_variables(design, used):
+            col = data[v]
+            if isinstance(col.dtype, pd.CategoricalDtype) or not pd.api.types.is_numeric_dtype(col):
+                varies = not _constant_within(_interaction(data, [v]).astype(float), codes)
+                term = f"(1|{g}:{v})" if _NAME.match(v) else None
+            else:
+                varies = not _constant_within(col.to_numpy(dtype=float), codes)
+                term = f"(0 + {v}|{g})" if v in design.columns and _NAME.match(v) else None
+            if varies and term:
+                terms.append(term)
+                if unit is None:
+                    unit, n_units = g, int(np.unique(codes).size)
+    if not terms:
+        return Replication(level="cell", unit="cell", n_units=n)
+    return Replication(level="slope", unit=unit, n_units=n_units, term=" + ".join(dict.fromkeys(terms)))
 
 
 def _level_rows(codes: np.ndarray) -> np.ndarray:

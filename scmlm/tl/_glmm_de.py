@@ -24,6 +24,7 @@ from .._errors import InputError, _fmt_list
 from .._validate import check_counts, check_obs_keys, check_unique_names, get_matrix, renamed_arguments
 from .._version import __version__
 from ..design import (
+    MIN_RANDOM_LEVELS,
     REPLICATION_RULES,
     Design,
     FittedDesign,
@@ -123,8 +124,18 @@ def glmm_de(
     fix). The same check catches donor labels reused across batches in a crossed ``(1|batch) + (1|donor)``: the
     unit is the batch × donor combination, and the message suggests ``(1|batch/donor)``. ``replication="as_written"``
     fits exactly the design given (for experts), with a warning when a sample-level contrast lacks its term. A
-    contrast that varies within samples (a continuous cell-level covariate; a per-cell genotype, given
-    ``sample_key``) is replicated by cells and keeps cell-level degrees of freedom.
+    contrast that varies within samples (a continuous cell-level covariate ``x``; a per-cell genotype, given
+    ``sample_key``) is seen in every cell, but its effect can differ between donors, and its average over donors is
+    then a donor-level quantity: on nulls with donor slopes of sd 0.25, ``~ x + (1|donor)`` as written gives 20–47 %
+    of p < 0.05. The default adds the uncorrelated random slope ``(0 + x|donor)`` (a number) or ``(1|donor:genotype)``
+    (a factor), over each random intercept that holds no other term's levels, logged and recorded as above; time
+    points as a factor get ``(1|donor:time)`` as the paired condition does, as a number ``(1|sample)`` given
+    ``sample_key`` (else the slope). Random intercepts of fewer than five levels that hold whole donors
+    (``(1|batch)`` over 3 batches, ``(1|batch/donor)``) are fitted as a fixed effect by default
+    (``params["as_fixed"]``, one INFO line; as written they stay random with a warning): a variance on at most 3 df
+    miscalibrates and un-moderates the tests between donors. A term that pairs the contrast (the donors of a paired
+    design) or is crossed with another grouping stays random, and so does one without which a contrast is not
+    estimable. See docs/replication.md.
 
     Degrees of freedom: a contrast that varies only between donors (e.g. case vs control with condition a donor
     trait) is tested with a t distribution on the between-donor residual df (donors minus donor-level coefficients,
@@ -147,12 +158,13 @@ def glmm_de(
     contrast); the test is a moderated t on the containment df plus the prior df. Genes with a variance at zero then
     borrow a sensible value instead of resting on one noisy estimate. Not moderated, keeping the per-gene test:
     contrasts that vary from cell to cell, and contrasts whose variance also rests on a coarser random term not balanced
-    over them (donors nested in a few batches with unequal case/control counts under ``(1|batch)``: the 3-level batch
-    variance is the weak part and a prior for the donor term does not reach it; moderated, 10-donor nulls gave 4.3-7.9 %
-    of p < 0.05 on the containment df or on the df left with the batches fixed, the per-gene test 5.7 %; a fixed
-    ``batch`` effect is moderated). Extra columns: ``df_prior`` and ``var_prior`` (``τ²`` scale), ``se_raw`` (the gene's
-    own standard error), ``tau2``, ``df_resid`` (the df of ``τ̂²``), ``unit_scale`` (``c``), ``df_satterthwaite`` and
-    ``moderation`` (``moderated``, ``off``, ``cell-level contrast``, ``pending`` in a sharded run, or why not). See
+    over them (donors nested in batches with unequal case/control counts under ``(1|batch)`` as written, or with
+    five or more batches: the batch variance is the weak part and a prior for the donor term does not reach it;
+    moderated, 10-donor nulls gave 4.3-7.9 % of p < 0.05 on the containment df or on the df left with the batches
+    fixed, the per-gene test 5.7 %; a fixed ``batch`` effect is moderated). Extra columns: ``df_prior`` and
+    ``var_prior`` (``τ²`` scale), ``se_raw`` (the gene's own standard error), ``tau2``, ``df_resid`` (the df of
+    ``τ̂²``), ``unit_scale`` (``c``), ``df_satterthwaite`` and ``moderation`` (``moderated``, ``off``,
+    ``cell-level contrast``, ``pending`` in a sharded run, or why not). See
     :func:`scmlm.models.moderate` for the design and its measurements. A sharded run (``shard=``) stores the per-gene
     quantities and :func:`scmlm.results.merge_shards` (``scmlm merge``) finishes the moderation over all genes, giving
     the numbers of an unsharded run.
@@ -789,11 +801,28 @@ def _params(run: _Run, fitted: dict[str, FittedDesign]) -> dict:
 
 
 def _report_replication(fitted: dict[str, FittedDesign], run: _Run) -> None:
-    """Say, once per unit and contrast, where a sample-level contrast got its term (INFO) or lacks it (a warning)."""
+    """Say, once per unit and contrast, where a sample-level contrast got its term (INFO) or lacks it (a warning);
+    and once per term, which random term of few levels is fitted as a fixed effect (INFO) or kept random (a warning)."""
     seen = set()
     for fd in fitted.values():
+        for term in fd.few_levels:
+            if term in seen:
+                continue
+            seen.add(term)
+            why = (
+                f"random term {term} of {run.design!r} has fewer than {MIN_RANDOM_LEVELS} levels and holds whole units "
+                "of replication: its variance rests on at most 3 df and a contrast between those units is miscalibrated"
+            )
+            if term in fd.as_fixed:
+                log.info("glmm_de: %s; fitted it as a fixed effect: %r (replication='auto').", why, fd.formula)
+            else:
+                warnings.warn(
+                    f"glmm_de: {why}. Kept random (replication='as_written'); a fixed effect is calibrated.",
+                    UserWarning,
+                    stacklevel=3,
+                )
         for name, rep in zip(run.names, fd.replication, strict=True):
-            if rep.level != "sample" or (rep.unit, name) in seen:
+            if rep.level not in ("sample", "slope") or (rep.unit, name) in seen:
                 continue
             seen.add((rep.unit, name))
             why = rep.message(name, run.design)
