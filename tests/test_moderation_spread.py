@@ -3,7 +3,7 @@
 The prior of :func:`scmlm.models.moderate` is fitted by maximum likelihood and its df are then lowered
 (:func:`~scmlm.models.moderate.guarded_prior_df`) so that genes in the top third of true variances stay near the
 nominal level; these tests check that on draws from the prior model (cheap), on GLMM nulls whose genes differ in their
-donor or sample-level sd (``@pytest.mark.slow``, about 3 min) and on the bundled Kang data (2 donors, about 10 s).
+donor or sample-level sd (``@pytest.mark.slow``, about 1 min in all) and on the bundled Kang data (2 donors, 2-6 s).
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def _with_truth(tab: pd.DataFrame, true: pd.Series) -> pd.DataFrame:
 @pytest.mark.parametrize("family", ["nb", "binomial"])
 def test_null_spread_single_contrast(family, capsys):
     """7 nulls of 1,500 genes (2-4 donors per condition, paired and between, equal and 20-2,000 cells) pooled.
-    Before the guarded prior: NB 5.1 % overall but 9.1 % in the top third (paired 4 donors up to 13 %). About 1 min
+    Before the guarded prior: NB 5.1 % overall but 9.1 % in the top third (paired 4 donors up to 13 %). About 20-30 s
     per family."""
     rows = []
     for kind, seed in SINGLE:
@@ -192,7 +192,7 @@ def test_null_spread_single_contrast(family, capsys):
 
 @pytest.mark.slow
 def test_null_spread_joint_f(capsys):
-    """Joint F of a 3-level donor factor (9 and 12 donors, 20-2,000 cells), NB and binomial, pooled. About 40 s."""
+    """Joint F of a 3-level donor factor (9 and 12 donors, 20-2,000 cells), NB and binomial, pooled. About 15 s."""
     rows = []
     for n_donors, seed, family in [(9, 20, "nb"), (9, 20, "binomial"), (12, 21, "nb")]:
         a = scmlm.datasets.simulate(
@@ -218,7 +218,7 @@ def test_null_spread_joint_f(capsys):
 def test_kang_two_donors_calls_isgs_without_z_tests(capsys):
     """CD14+ monocytes, 2 donors x ctrl/stim: each gene's sample-level variance rests on 1 df. Before: prior df
     infinite, df ~1,240 for every gene, p-values down to 0, and the five ISGs at padj 0.09-0.24 (t on 1 df as
-    outliers). Paired pseudobulk nb_ql calls them at padj 0.003-0.008. About 10 s."""
+    outliers). Paired pseudobulk nb_ql calls them at padj 0.003-0.008. 2-6 s."""
     a = scmlm.datasets.kang2018()
     m = a[a.obs["cell_type"] == "CD14+ Monocytes"].copy()
     with warnings.catch_warnings():
