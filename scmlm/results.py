@@ -229,7 +229,9 @@ def finish_moderation(table: pd.DataFrame) -> pd.DataFrame:
     """Finish the moderation of the rows with ``moderation == "pending"``, per group and contrast.
 
     Reads ``coef``, ``tau2``, ``df_resid``, ``unit_scale``, ``base_mean`` and ``converged``; writes ``se``,
-    ``stat``, ``df``, ``pvalue``, ``df_prior``, ``var_prior`` and ``moderation``. ``padj`` is left to the caller.
+    ``stat``, ``df``, ``pvalue``, ``df_prior``, ``var_prior``, ``df_prior_fit`` (the group's maximum-likelihood prior
+    df, of which ``df_prior`` is the share each gene may borrow; :func:`scmlm.models.moderate.prior`) and
+    ``moderation``. ``padj`` is left to the caller.
     Rows of a joint F test of ``q = df_num`` rows (``glmm_de``) carry the per-gene Wald ``f_raw`` and their
     between-unit variance ``tau2`` (``unit_scale`` 1); the moderated F is ``f_raw · tau2 / τ̃²`` on ``F(q, d + d0)``.
     Genes that cannot be moderated keep their per-gene test and say why in ``moderation``; rows of other genes are
@@ -243,7 +245,7 @@ def finish_moderation(table: pd.DataFrame) -> pd.DataFrame:
     if "moderation" not in table.columns or not (table["moderation"] == PENDING).any():
         return table
     table = table.copy()
-    for col in ("df_prior", "var_prior"):
+    for col in ("df_prior", "var_prior", "df_prior_fit"):
         if col not in table:
             table[col] = np.nan
     pend = (table["moderation"] == PENDING).to_numpy()
@@ -254,6 +256,7 @@ def finish_moderation(table: pd.DataFrame) -> pd.DataFrame:
             continue
         sub = table.iloc[rows]
         scale = sub["unit_scale"].to_numpy(dtype=float)
+        q = int(np.nanmax(sub["df_num"].to_numpy(dtype=float), initial=1.0)) if "df_num" in sub else 1
         res = moderate(
             sub["coef"].to_numpy(dtype=float),
             sub["tau2"].to_numpy(dtype=float),
@@ -261,17 +264,17 @@ def finish_moderation(table: pd.DataFrame) -> pd.DataFrame:
             sub["base_mean"].to_numpy(dtype=float),
             scale,
             sub["converged"].to_numpy(dtype=bool),
+            q=q,
         )
-        if "df_num" in sub and np.nanmax(sub["df_num"].to_numpy(dtype=float), initial=1.0) > 1:
+        if q > 1:
             # a joint F test of q rows: F_raw · τ̂² / τ̃² on F(q, d + d0); no single estimate, so no se
-            q = float(np.nanmax(sub["df_num"].to_numpy(dtype=float)))
             with np.errstate(divide="ignore", invalid="ignore"):
                 post = res["se"] ** 2 / scale
                 res["stat"] = sub["f_raw"].to_numpy(dtype=float) * sub["tau2"].to_numpy(dtype=float) / post
                 res["pvalue"] = stats.f.sf(res["stat"], q, res["df"])
             res["se"] = np.full(len(sub), np.nan)
         done = res["moderation"] == "moderated"  # the others keep their per-gene test and say why
-        for col in ("se", "stat", "df", "pvalue", "df_prior", "var_prior"):
+        for col in ("se", "stat", "df", "pvalue", "df_prior", "var_prior", "df_prior_fit"):
             vals = sub[col].to_numpy(dtype=float).copy()
             vals[done] = res[col][done]
             table.iloc[rows, table.columns.get_loc(col)] = vals

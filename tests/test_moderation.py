@@ -84,7 +84,10 @@ def test_null_calibrated(nulls, case, capsys):
         )
     assert tested.mean() > 0.8
     assert (tab.loc[tested, "moderation"] == "moderated").all()
-    assert 0.035 <= frac <= 0.06
+    # 2 vs 2 donors: each gene's variance rests on 2 df and the per-gene test is at 0.6 % (moderate=False); the
+    # guarded prior borrows about 2 df (scmlm.models.moderate) and lands at 2.6 % (3.5 % with limma's robust fit,
+    # whose top third of true donor variances reached 10 % on such data)
+    assert (0.02 if case == "2 vs 2" else 0.035) <= frac <= 0.06
 
 
 def test_singular_fits_pooled(nulls, capsys):
