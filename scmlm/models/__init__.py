@@ -44,8 +44,13 @@ from .glmm.inference import (
     glmm_contrast,
     glmm_lrt,
     glmm_wald_f,
+    moderate_separated,
+    prior_count_coef,
     satterthwaite_df,
     satterthwaite_df_f,
+    separated_lrt,
+    separation_bound,
+    sup_loglik,
 )
 from .glmm.status import STATUS
 from .limma import LimmaResult
@@ -57,8 +62,10 @@ from .voom import voom_limma, voom_limma_multi
 FAMILY_NAMES: tuple[str, ...] = tuple(FAMILIES)
 """Names of the GLMM response families, in their code order (``nb``, ``poisson``, ``binomial``, ``gaussian``)."""
 
-USABLE_STATUS: tuple[str, ...] = ("ok", "singular")
-"""Statuses of a fit whose estimates and tests are reported (``singular``: a variance component at zero)."""
+USABLE_STATUS: tuple[str, ...] = ("ok", "singular", "separated")
+"""Statuses of a fit whose estimates and tests are reported (``singular``: a variance component at zero;
+``separated``: no finite maximum-likelihood estimate, tested by a likelihood ratio at the supremum with a prior-count
+fold change and no SE, see :func:`separated_lrt`)."""
 
 __all__ = [
     "AbundanceTest",
@@ -120,6 +127,11 @@ __all__ = [
     "satterthwaite_df",
     "satterthwaite_df_f",
     "separated_genes",
+    "separated_lrt",
+    "separation_bound",
+    "sup_loglik",
+    "prior_count_coef",
+    "moderate_separated",
     "squeeze_var",
     "term_slices",
     "tmm_cell_offset",
