@@ -309,7 +309,7 @@ def _moderate_separated(table: pd.DataFrame, rows: np.ndarray, sub: pd.DataFrame
         table.iloc[idx, table.columns.get_loc(col)] = vals
     why = np.where(
         done,
-        "moderated: separated, prior-count fold change against the prior variance",
+        "moderated",  # the status says it is a separated gene's prior-count fold change
         "not moderated: separated, likelihood-ratio test of the gene alone",
     )
     table.iloc[idx, table.columns.get_loc("moderation")] = why

@@ -82,8 +82,13 @@ NULLS = [  # design, donors (per condition for "between"), family, seeds
 @pytest.mark.parametrize("moderate", [True, False], ids=["moderated", "per-gene"])
 def test_separated_null_genes_are_calibrated(moderate):
     """Among separated null genes and among all tested null genes, at most 6 % of p < 0.05, pooled over 2 seeds of
-    each design and family (2,000 genes each; over 100 separated genes per design); and not absurdly conservative:
-    overall at least 1.5 %, and the separated genes' p-values not all piled at 1."""
+    each design and family (2,000 genes each; 76-133 separated genes per design); and not absurdly conservative:
+    overall at least 1.5 %, and the separated genes' p-values not all piled at 1.
+
+    Measured (separated genes, p < 0.05): moderated 4.1 % of 683 pooled (per design 0-9.2 %), per-gene 1.2 %; all
+    tested genes 3.0 % and 2.3 % of 19,601. The highest, paired with 3 donors (9.2 % of 120), is separated genes with
+    6-8 counts all in one condition, whose p-value is the exact bound itself (2 * 0.5^T): conditioning on separation
+    selects the most extreme null genes, and each design is allowed 6 % plus two binomial SEs."""
     sep_p, all_p = [], []
     for design, n_per, family, seeds in NULLS:
         tabs = [_de(low_count_null(design, n_per, s), family, moderate=moderate) for s in seeds]
@@ -163,4 +168,4 @@ def test_kang_induced_genes_are_discoveries():
     assert (sel["status"] == "separated").all()
     assert np.isfinite(sel["log2fc"]).all() and (sel["log2fc"] > 3).all()
     assert (sel["padj"] < 0.05).all()
-    assert sel["moderation"].str.startswith("moderated").all()
+    assert (sel["moderation"] == "moderated").all()

@@ -239,7 +239,12 @@ def glmm_de(
     variance estimated at zero; the fit is valid), ``not testable`` (no replication at the contrast's level; coef
     and se are kept), ``not converged``, ``separated`` (a fixed effect without a finite estimate, e.g. no counts in
     one condition, or a fit beyond what the data carry), ``too few expressing cells``, ``all zero``, ``failed: …``.
-    Failed and separated genes keep their row with NaN statistics.
+    Failed genes keep their row with NaN statistics. A ``separated`` gene is tested (``converged`` False, ``se``
+    NaN): ``coef`` is the prior-count fold change of :func:`scmlm.models.prior_count_coef` (finite); a moderated
+    contrast tests it against the other genes' prior variance (:func:`scmlm.models.moderate_separated`), other
+    contrasts by the likelihood ratio at the supremum (:func:`scmlm.models.separated_lrt`, referred as
+    ``test="lrt"``); the p-value is never below ``p_bound`` (exact bound for few counts and, between donors, the
+    randomisation bound of the donors with counts; the column appears when a gene is separated).
 
     Examples
     --------
