@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from ..._jit import jit
 from .._families import BINOMIAL, GAUSSIAN, NB
 from .._random import RandomTerm, term_slices
 from .chunk import fit_chunk
@@ -306,19 +307,33 @@ def separated_genes(
 def _pattern_extremes(indptr, indices, data, design: GLMMDesign, row: np.ndarray, F: int):
     """``(F, G)`` masks of the fixed-design patterns where a gene has no counts (``fail``) and, binomial, where every
     trial is a success (``succ``)."""
-    n, G = design.n_obs, indptr.size - 1
-    Y = sp.csc_matrix((data, indices, indptr), shape=(n, G))
+    n = design.n_obs
     trials = design.kernel_arrays.trials
     binomial = design.family.code == BINOMIAL
-    if binomial and trials.size == 0:
-        Y.data = (Y.data != 0).astype(np.float64)
+    detect = binomial and trials.size == 0
+    if detect:
         trials = np.ones(n)
-    A = sp.csr_matrix((np.ones(n), (row, np.arange(n))), shape=(F, n))
-    S = np.asarray((A @ Y).todense())
-    T = A @ (trials if binomial else np.ones(n))
+    # one pass over the non-zeros (sums of integer counts: the same numbers as a sparse product, without building a
+    # CSC copy of the chunk and a patterns x cells matrix; issue 20 measured that at 19.5 % of a 400k-cell fit)
+    S = _pattern_sums(indptr, indices, data, np.ascontiguousarray(row, dtype=np.int64), int(F), bool(detect))
+    T = np.bincount(row, weights=trials if binomial else None, minlength=F).astype(np.float64)
     fail = S == 0
     succ = (S >= T[:, None] - 1e-9) if binomial else np.zeros_like(fail)
     return fail, succ
+
+
+@jit(nogil=True)
+def _pattern_sums(indptr, indices, data, row, n_rows, detect):  # pragma: no cover - compiled
+    """``(n_rows, G)`` sums of each gene's values (``detect``: of ``value != 0``) over the cells of each pattern."""
+    G = indptr.size - 1
+    S = np.zeros((n_rows, G))
+    for g in range(G):
+        for k in range(indptr[g], indptr[g + 1]):
+            v = data[k]
+            if detect:
+                v = 1.0 if v != 0 else 0.0
+            S[row[indices[k]], g] += v
+    return S
 
 
 def _driven_rows(Xf: np.ndarray, free: np.ndarray, fail: np.ndarray, succ: np.ndarray) -> np.ndarray:
