@@ -169,3 +169,34 @@ def test_kang_induced_genes_are_discoveries():
     assert np.isfinite(sel["log2fc"]).all() and (sel["log2fc"] > 3).all()
     assert (sel["padj"] < 0.05).all()
     assert (sel["moderation"] == "moderated").all()
+
+
+def test_separated_genes_through_shards_lrt_and_joint_tests():
+    """A sharded run merges to the unsharded numbers for separated genes (their moderation is finished over all
+    genes by merge_shards); test="lrt" and a joint F test give separated genes a likelihood-ratio p-value."""
+    a = low_count_null("paired", 4, 3, n_genes=200, induced=10)
+    full = _de(a, "nb").set_index("gene")
+    parts = [_de(a, "nb", shard=(i, 3)).assign(shard=f"{i}/3") for i in (1, 2, 3)]
+    merged = scmlm.results.merge_shards(parts).set_index("gene").loc[full.index]
+    sep = full.index[full["status"] == "separated"]
+    assert sep.size >= 10
+    pd.testing.assert_frame_equal(
+        merged.loc[sep, ["coef", "pvalue", "padj", "p_bound", "status", "moderation"]],
+        full.loc[sep, ["coef", "pvalue", "padj", "p_bound", "status", "moderation"]],
+        rtol=1e-10,
+    )
+    lrt = _de(a, "nb", test="lrt").set_index("gene")
+    ind = lrt.loc[[f"g{i}" for i in range(10)]]
+    assert (ind["status"] == "separated").all() and (ind["coef"] > 1.5).all() and (ind["pvalue"] < 0.2).all()
+    a.obs["dose"] = pd.Categorical(
+        np.where(a.obs["condition"] == "ctrl", "0", np.where(a.obs["donor"].cat.codes % 2 == 0, "1", "2"))
+    )
+    genes = [g for g in a.var_names if g.startswith("g")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        joint = scmlm.tl.glmm_de(
+            a, "~ dose + (1|donor)", {"any": ["dose[T.1]", "dose[T.2]"]}, genes=genes, min_cells_expressing=3,
+            inplace=False,
+        ).table.set_index("gene")  # fmt: skip
+    js = joint.loc[[f"g{i}" for i in range(10)]]
+    assert (js["status"] == "separated").all() and np.isfinite(js["pvalue"]).all() and js["coef"].isna().all()

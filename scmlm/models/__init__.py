@@ -6,6 +6,9 @@ Everything outside ``scmlm.models`` imports the names listed in ``__all__`` from
 - Cell-level GLMM (Laplace ML / REML, numba kernel): :func:`prepare_glmm`, :func:`fit_glmm`, tests
   :func:`glmm_contrast`, :func:`glmm_wald_f`, :func:`glmm_lrt`, df :func:`satterthwaite_df`,
   :func:`satterthwaite_df_f`, :func:`contrast_df`; families (:data:`FAMILIES`) and random terms (:class:`RandomTerm`).
+- Separated genes (no finite estimate, e.g. no counts in one condition): :func:`separated_genes` (the check),
+  :func:`sup_loglik`, :func:`separated_lrt` (likelihood ratio at the supremum), :func:`prior_count_coef` (the reported
+  fold change), :func:`separation_bound` (exact lower bound of the p-value), :func:`moderate_separated`.
 - Moderated GLMM tests (empirical-Bayes prior over genes): :func:`gene_tau2` (the chunk's :class:`CellModel`),
   :func:`moderate`, ...
 - GEE with donors as clusters: :func:`prepare_gee` (:class:`GEEData`), :func:`fit_gee` (:class:`GEEResult`).
