@@ -2,7 +2,7 @@
 
 A gene with no counts in one condition has no finite maximum-likelihood estimate; its Wald test is void. ``glmm_de``
 keeps the status ``separated`` (now a usable status), reports the prior-count fold change of
-:func:`scmlm.models.prior_count_coef` (``se`` NaN) and tests it: moderated contrasts against the prior variance of
+:func:`scmlm.models.prior_count_coef` (``se_raw`` NaN) and tests it: moderated contrasts against the prior variance of
 the other genes (:func:`scmlm.models.moderate_separated`), the others by the likelihood ratio at the supremum
 (:func:`scmlm.models.separated_lrt`), in both cases never below the exact bound of
 :func:`scmlm.models.separation_bound`.

@@ -239,7 +239,7 @@ def glmm_de(
     variance estimated at zero; the fit is valid), ``not testable`` (no replication at the contrast's level; coef
     and se are kept), ``not converged``, ``separated`` (a fixed effect without a finite estimate, e.g. no counts in
     one condition, or a fit beyond what the data carry), ``too few expressing cells``, ``all zero``, ``failed: …``.
-    Failed genes keep their row with NaN statistics. A ``separated`` gene is tested (``converged`` False, ``se``
+    Failed genes keep their row with NaN statistics. A ``separated`` gene is tested (``converged`` False, ``se_raw``
     NaN): ``coef`` is the prior-count fold change of :func:`scmlm.models.prior_count_coef` (finite); a moderated
     contrast tests it against the other genes' prior variance (:func:`scmlm.models.moderate_separated`), other
     contrasts by the likelihood ratio at the supremum (:func:`scmlm.models.separated_lrt`, referred as
