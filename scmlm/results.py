@@ -279,7 +279,43 @@ def finish_moderation(table: pd.DataFrame) -> pd.DataFrame:
             vals[done] = res[col][done]
             table.iloc[rows, table.columns.get_loc(col)] = vals
         table.iloc[rows, table.columns.get_loc("moderation")] = res["moderation"]
+        _moderate_separated(table, rows, sub)
     return table
+
+
+def _moderate_separated(table: pd.DataFrame, rows: np.ndarray, sub: pd.DataFrame) -> None:
+    """Separated genes of one group and contrast: the moderated test of their prior-count fold change.
+
+    With the other genes' prior (:func:`scmlm.models.moderate_separated`), or else their likelihood-ratio test.
+    """
+    from .models import moderate_separated
+
+    sep = (sub["status"] == "separated").to_numpy() & np.isfinite(sub["coef"].to_numpy(dtype=float))
+    if not sep.any() or "p_bound" not in sub:
+        return
+    s = sub[sep]
+    res = moderate_separated(
+        s["coef"].to_numpy(dtype=float),
+        s["p_bound"].to_numpy(dtype=float),
+        s["unit_scale"].to_numpy(dtype=float),
+        s["base_mean"].to_numpy(dtype=float),
+        sub["tau2"].to_numpy(dtype=float),
+        sub["df_resid"].to_numpy(dtype=float),
+        sub["base_mean"].to_numpy(dtype=float),
+        sub["converged"].to_numpy(dtype=bool),
+    )
+    done = np.isfinite(res["pvalue"])
+    idx = rows[sep]
+    for col in ("se", "stat", "df", "pvalue", "df_prior", "var_prior"):
+        vals = s[col].to_numpy(dtype=float).copy()
+        vals[done] = res[col][done]
+        table.iloc[idx, table.columns.get_loc(col)] = vals
+    why = np.where(
+        done,
+        "moderated",  # the status says it is a separated gene's prior-count fold change
+        "not moderated: separated, likelihood-ratio test of the gene alone",
+    )
+    table.iloc[idx, table.columns.get_loc("moderation")] = why
 
 
 def _analysis_id(t: pd.DataFrame) -> str | None:

@@ -6,6 +6,9 @@ Everything outside ``scmlm.models`` imports the names listed in ``__all__`` from
 - Cell-level GLMM (Laplace ML / REML, numba kernel): :func:`prepare_glmm`, :func:`fit_glmm`, tests
   :func:`glmm_contrast`, :func:`glmm_wald_f`, :func:`glmm_lrt`, df :func:`satterthwaite_df`,
   :func:`satterthwaite_df_f`, :func:`contrast_df`; families (:data:`FAMILIES`) and random terms (:class:`RandomTerm`).
+- Separated genes (no finite estimate, e.g. no counts in one condition): :func:`separated_genes` (the check),
+  :func:`sup_loglik`, :func:`separated_lrt` (likelihood ratio at the supremum), :func:`prior_count_coef` (the reported
+  fold change), :func:`separation_bound` (exact lower bound of the p-value), :func:`moderate_separated`.
 - Moderated GLMM tests (empirical-Bayes prior over genes): :func:`gene_tau2` (the chunk's :class:`CellModel`),
   :func:`moderate`, ...
 - GEE with donors as clusters: :func:`prepare_gee` (:class:`GEEData`), :func:`fit_gee` (:class:`GEEResult`).
@@ -44,8 +47,13 @@ from .glmm.inference import (
     glmm_contrast,
     glmm_lrt,
     glmm_wald_f,
+    moderate_separated,
+    prior_count_coef,
     satterthwaite_df,
     satterthwaite_df_f,
+    separated_lrt,
+    separation_bound,
+    sup_loglik,
 )
 from .glmm.status import STATUS
 from .limma import LimmaResult
@@ -57,8 +65,10 @@ from .voom import voom_limma, voom_limma_multi
 FAMILY_NAMES: tuple[str, ...] = tuple(FAMILIES)
 """Names of the GLMM response families, in their code order (``nb``, ``poisson``, ``binomial``, ``gaussian``)."""
 
-USABLE_STATUS: tuple[str, ...] = ("ok", "singular")
-"""Statuses of a fit whose estimates and tests are reported (``singular``: a variance component at zero)."""
+USABLE_STATUS: tuple[str, ...] = ("ok", "singular", "separated")
+"""Statuses of a fit whose estimates and tests are reported (``singular``: a variance component at zero;
+``separated``: no finite maximum-likelihood estimate, tested by a likelihood ratio at the supremum with a prior-count
+fold change and no SE, see :func:`separated_lrt`)."""
 
 __all__ = [
     "AbundanceTest",
@@ -120,6 +130,11 @@ __all__ = [
     "satterthwaite_df",
     "satterthwaite_df_f",
     "separated_genes",
+    "separated_lrt",
+    "separation_bound",
+    "sup_loglik",
+    "prior_count_coef",
+    "moderate_separated",
     "squeeze_var",
     "term_slices",
     "tmm_cell_offset",
