@@ -10,8 +10,7 @@ from scipy import stats
 
 from .._families import BINOMIAL, Family, get_family
 from .._random import RandomTerm
-from ..ebayes import squeeze_var
-from ..moderate import MIN_GENES
+from ..moderate import MIN_GENES, prior
 from .design import prepare_glmm
 from .fit import GLMMResult, boundary_patterns, fit_glmm
 from .status import ST_SEPARATED, STATUS
@@ -673,8 +672,9 @@ def moderate_separated(
 
     A separated gene has no finite estimate and no between-unit variance ``τ̂²`` of its own (the boundary units'
     sampling variance is infinite), so its test borrows the whole variance from the prior of the other genes, as a
-    limma gene with zero residual df does: ``τ̃² = s0²(base_mean)`` (the prior's trend evaluated at the gene's
-    ``base_mean``) and ``t = coef / sqrt(c τ̃²)`` on the prior's ``d0`` df (at most the pooled residual df), with
+    limma gene with zero residual df does: ``τ̃² = s0²(base_mean)`` (the trend of :func:`scmlm.models.moderate`'s prior
+    at the gene's ``base_mean``) and ``t = coef / sqrt(c τ̃²)`` on the smallest prior df a moderated gene borrows (at
+    most the pooled residual df), with
     ``coef`` the prior-count fold change of :func:`prior_count_coef` (pulled toward zero where counts are few). The
     p-value is at least ``bound`` (:func:`separation_bound`: the exact conditional p-value of a gene without
     overdispersion, which guards genes with a handful of counts).
@@ -694,13 +694,16 @@ def moderate_separated(
         return out
     cov = np.log(np.maximum(np.concatenate([np.asarray(ref_base_mean, dtype=float)[ok], base_mean]), 1e-8))
     cov = np.where(np.isfinite(cov), cov, np.nanmin(cov[np.isfinite(cov)]) if np.isfinite(cov).any() else 0.0)
+    cov_ref, cov_sep = cov[: int(ok.sum())], cov[int(ok.sum()) :]
     try:
-        d0, s0, _ = squeeze_var(
-            np.concatenate([tau2[ok], np.zeros(S)]), np.concatenate([d[ok], np.zeros(S)]), covariate=cov, robust=True
-        )
+        d0_ref, s0_ref, _, _ = prior(tau2[ok], d[ok], cov_ref)
     except (ValueError, np.linalg.LinAlgError):
         return out
-    d0, s0 = d0[-S:], s0[-S:]
+    # The prior's trend at the separated genes' base means; they borrow the df of the least informed moderated gene
+    # (the guarded df at the smallest residual df), as a gene with no df of its own.
+    order = np.argsort(cov_ref)
+    s0 = np.exp(np.interp(cov_sep, cov_ref[order], np.log(s0_ref[order])))
+    d0 = np.full(S, float(np.min(d0_ref)))
     df = np.minimum(d0, d[ok].sum())
     se = np.sqrt(np.asarray(scale, dtype=float) * s0)
     with np.errstate(divide="ignore", invalid="ignore"):
