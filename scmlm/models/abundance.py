@@ -191,7 +191,7 @@ def fit_abundance_lm(
                     df=np.asarray(r.df, dtype=float),
                     pvalue=np.asarray(r.pvalue, dtype=float),
                     converged=np.asarray(r.converged, dtype=bool),
-                    status=np.where(np.asarray(r.converged, dtype=bool), "ok", np.asarray(r.status, dtype=object)),
+                    status=_type_status(r),
                     df1=L.shape[0] if joint else 1,
                     var=var,
                 )
@@ -331,3 +331,10 @@ def fit_abundance_glmm(
             )
         )
     return out
+
+
+def _type_status(r) -> np.ndarray:
+    """``ok``, or the fit's status; a separated type without a p-value says so (``separated`` alone is a tested fit)."""
+    status = np.where(np.asarray(r.converged, dtype=bool), "ok", np.asarray(r.status, dtype=object))
+    untested = (status == "separated") & ~np.isfinite(np.asarray(r.pvalue, dtype=float))
+    return np.where(untested, "separated: not tested", status).astype(object)

@@ -155,14 +155,15 @@ def glmm_de(
     across genes, as limma's ``eBayes`` and edgeR's quasi-likelihood do for pseudobulk. The between-unit variance each
     gene's contrast is tested against, ``τ̂² = se² / c`` on the containment df (untruncated where the unit variance is
     estimated at zero, on the df of that estimate; ``c`` follows the weights the gene's fit gives units of unequal
-    size), is squeezed toward a trend in log ``base_mean`` with limma's robust ``squeezeVar`` (one prior per group and
-    contrast); the test is a moderated t on the containment df plus the prior df. Genes with a variance at zero then
+    size), is squeezed toward a trend in log ``base_mean`` (one prior per group and contrast: a maximum-likelihood
+    scaled-F fit whose prior df are capped where each gene has few df, :func:`scmlm.models.moderate`); the test is a
+    moderated t on the containment df plus the prior df. Genes with a variance at zero then
     borrow a sensible value instead of resting on one noisy estimate. Not moderated, keeping the per-gene test:
     contrasts that vary from cell to cell, and contrasts whose variance also rests on a coarser random term not balanced
     over them (donors nested in batches with unequal case/control counts under ``(1|batch)`` as written, or with
     five or more batches: the batch variance is the weak part and a prior for the donor term does not reach it;
     moderated, 10-donor nulls gave 4.3-7.9 % of p < 0.05 on the containment df or on the df left with the batches
-    fixed, the per-gene test 5.7 %; a fixed ``batch`` effect is moderated). Extra columns: ``df_prior`` and
+    fixed, the per-gene test 5.7 %; a fixed ``batch`` effect is moderated). Extra columns: ``df_prior``, ``df_prior_fit`` and
     ``var_prior`` (``τ²`` scale), ``se_raw`` (the gene's own standard error), ``tau2``, ``df_resid`` (the df of
     ``τ̂²``), ``unit_scale`` (``c``), ``df_satterthwaite`` and ``moderation`` (``moderated``, ``off``,
     ``cell-level contrast``, ``pending`` in a sharded run, or why not). See
