@@ -165,8 +165,8 @@ def glmm_de(
     moderated, 10-donor nulls gave 4.3-7.9 % of p < 0.05 on the containment df or on the df left with the batches
     fixed, the per-gene test 5.7 %; a fixed ``batch`` effect is moderated). Extra columns: ``df_prior``,
     ``df_prior_fit``, ``var_prior`` (``τ²`` scale), ``se_raw`` (the gene's own standard error), ``tau2``,
-    ``df_resid`` (the df of ``τ̂²``), ``unit_scale`` (``c``), ``df_satterthwaite`` and ``moderation`` (``moderated``, ``off``,
-    ``cell-level contrast``, ``pending`` in a sharded run, or why not). See
+    ``df_resid`` (the df of ``τ̂²``), ``unit_scale`` (``c``), ``df_satterthwaite`` and ``moderation``
+    (``moderated``, ``off``, ``cell-level contrast``, ``pending`` in a sharded run, or why not). See
     :func:`scmlm.models.moderate` for the design and its measurements. A sharded run (``shard=``) stores the per-gene
     quantities and :func:`scmlm.results.merge_shards` (``scmlm merge``) finishes the moderation over all genes, giving
     the numbers of an unsharded run.
