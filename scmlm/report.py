@@ -342,9 +342,10 @@ def _table(df: pd.DataFrame, *, cls: str = "sortable") -> str:
 
 
 def _count_table(summary: pd.DataFrame, anchors: dict[tuple[str, str, str], str], alpha: float) -> str:
-    cols = ["analysis", "method", "group", "contrast", "genes", "tested", f"called (padj < {alpha:g})", "up", "down"]
+    cols = ["analysis", "method", "group", "contrast", "of", "in table", "tested", f"called (padj < {alpha:g})", "up",
+            "down"]  # fmt: skip
     head = "".join(
-        f'<th class="n">{_e(c)}</th>' if c in ("genes", "tested", "up", "down") or c.startswith("called") else
+        f'<th class="n">{_e(c)}</th>' if c in ("in table", "tested", "up", "down") or c.startswith("called") else
         f"<th>{_e(c)}</th>"
         for c in cols
     )  # fmt: skip
@@ -356,6 +357,7 @@ def _count_table(summary: pd.DataFrame, anchors: dict[tuple[str, str, str], str]
             f'<td data-v="{_e(r.method)}">{_e(r.method)}</td>',
             f'<td data-v="{_e(r.group)}"><a href="#{anchor}">{_e(r.group)}</a></td>',
             f'<td data-v="{_e(r.contrast)}">{_e(r.contrast)}</td>',
+            f'<td data-v="{_e(r.unit)}">{_e(r.unit)}</td>',
         ]
         for value, cls in ((r.n_genes, "n"), (r.n_tested, "n"), (r.n_called, "n called"), (r.n_up, "n up"),
                            (r.n_down, "n down")):  # fmt: skip
@@ -456,6 +458,7 @@ def render_report(
         s.insert(0, "analysis", a.name)
         method = a.table["method"].dropna().astype(str).unique() if "method" in a.table else []
         s.insert(1, "method", ", ".join(method) or str(a.params.get("method", "")))
+        s["unit"] = "cell types" if _is_abundance(a) else "genes"  # what a row of the analysis' table is
         summaries.append(s)
         for r in s.itertuples(index=False):
             anchor = _anchor(a.name, r.group, r.contrast)
@@ -473,7 +476,7 @@ def render_report(
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body><main>",
         f"<h1>{_e(title)}</h1>",
-        f'<p class="sub">scmlm {_e(__version__)} · {len(analyses)} analyses · genes called at padj &lt; {alpha:g} '
+        f'<p class="sub">scmlm {_e(__version__)} · {len(analyses)} analyses · called at padj &lt; {alpha:g} '
         "(Benjamini–Hochberg within each group and contrast)</p>",
     ]
     if description:
@@ -481,7 +484,8 @@ def render_report(
     parts.append("<nav>" + "".join(f'<a href="#{_anchor(a.name)}">{_e(a.name)}</a>' for a in analyses) + "</nav>")
     parts.append('<h2 id="summary-title">What was found</h2>')
     parts.append(
-        '<p class="note">One row per analysis, group and contrast: genes in the table, genes tested (with a p-value), '
+        '<p class="note">One row per analysis, group and contrast: what its rows are (genes, or cell types for a '
+        "differential abundance analysis), how many the table holds, how many were tested (with a p-value) and "
         "called, and of those up (log2FC &gt; 0) or down. Click a column to sort, a group to see its top genes and "
         "figures.</p>"
     )

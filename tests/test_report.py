@@ -110,7 +110,8 @@ def test_report_summarises_each_group_with_counts_equal_to_the_results(results, 
     assert summary["header"][:4] == ["analysis", "method", "group", "contrast"]
     assert len(summary["rows"]) == 2
     for row in summary["rows"]:
-        analysis, method, group, contrast, n_genes, n_tested, n_called, n_up, n_down = row
+        analysis, method, group, contrast, unit, n_genes, n_tested, n_called, n_up, n_down = row
+        assert unit == "genes"
         sub = table[(table["group"] == group) & (table["contrast"] == contrast)]
         called = sub["padj"] < 0.05
         assert analysis == "pb" and method == "nb_ql" and group in GROUPS.values()
