@@ -144,7 +144,7 @@ def test_report_summarises_each_group_with_counts_equal_to_the_results(results, 
     mono = text.index("pb · CD14+ Monocytes")
     tnk = text.index("pb · T/NK &lt;b&gt;&amp;&lt;/b&gt;")
     for img in page.images:
-        at = text.index(img["src"][:200])
+        at = text.index(f'alt="{img["alt"]}"')
         assert (mono < at < tnk) == (img["alt"].find("CD14plus") >= 0), img["alt"]
 
     # labels are escaped, never markup; the methods are listed
@@ -171,6 +171,38 @@ def test_report_from_anndata_results_and_several_analyses(tmp_path):
     assert out.read_text().count("<dt>design</dt><dd>~ condition</dd>") == 2
     with pytest.raises(scmlm.InputError, match="unique"):
         scmlm.report.render_report([scmlm.report.Analysis("a", pb.uns["voom"]["results"])] * 2)
+
+
+def test_demo_sized_report_is_light_with_screen_sized_images_and_collapsed_tables(results, tmp_path):
+    """A report the size of the demo (7 analyses × 2 groups, 28 figures, top-20 tables) stays below 600 kB: figures
+    are embedded as palette PNGs with a display width, long tables are collapsed with the full CSV linked."""
+    import shutil
+
+    run = tmp_path / "run"
+    names = [f"pb{i}" for i in range(7)]
+    for name in names:
+        shutil.copytree(results, run / name)
+    figures = sum(len(list((run / n / "plots").glob("*.png"))) for n in names)
+    raw = sum(p.stat().st_size for n in names for p in (run / n / "plots").glob("*.png"))
+    out = scmlm.report.write_report(run / "report.html", {n: run / n for n in names})
+    size = out.stat().st_size
+    assert figures == 28
+    assert size < 600_000  # bytes; the figures inlined as they are took ~750 kB (4/3 × raw in base64)
+    assert size < raw  # the palette PNGs take less than the figures' own bytes, base64 included
+    text = out.read_text()
+    page = parse(text)
+    assert len(page.images) == 28
+    for img in page.images:
+        assert 0 < int(img["width"]) <= scmlm.report.FIGURE_WIDTH, img.get("width")
+        data = base64.b64decode(img["src"].split(",", 1)[1])
+        assert data[:8] == PNG and data[25] == 3  # PNG colour type 3: palette
+    assert ".figs img{max-width:100%;height:auto" in text
+    # each group's top-20 table is collapsed, with the result table linked (relative: it moves with the folder)
+    for name in names:
+        section = text.split(f'<h2 id="s-{name}">')[1].split("<h2")[0]
+        assert section.count("<details><summary>Top 20 genes (20 rows)</summary><table") == 2
+        assert section.count(f'<a href="{name}/results.csv">') == 2
+        assert "more figure" not in section  # two figures per group, both shown
 
 
 def test_cli_report_and_bad_input(results, tmp_path, capsys):
