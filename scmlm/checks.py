@@ -196,11 +196,57 @@ def few_replicates(table, units: dict | None = None) -> list[str]:
     return out
 
 
+def units_per_level(obs, design: str, contrast, *, unit_key=None, groups_key=None, rows_are_units=False) -> dict:
+    """Units of replication (donors or samples) at each level of each factor contrast: ``{label: n}``.
+
+    The unit is ``unit_key`` (a sample key), else the first random term's grouping factor of ``design`` (``donor``
+    in ``(1|donor)``), else each row when ``rows_are_units`` (pseudobulk samples); a cell-level analysis with no unit
+    gives ``{}``. Counted per group of ``groups_key`` (labels ``"condition=case in T cells"``).
+    """
+    from .design import parse_contrasts, parse_formula
+
+    if unit_key is None:
+        random = [g for r in parse_formula(design).random for g in r.group]
+        unit_key = random[0] if random else None
+    if (unit_key is None and not rows_are_units) or (unit_key is not None and unit_key not in obs.columns):
+        return {}
+    parts = [(None, obs)] if not groups_key or groups_key not in obs.columns else obs.groupby(groups_key, observed=True)
+    out: dict[str, int] = {}
+    for spec in parse_contrasts(contrast):
+        triple = spec.spec
+        if not (isinstance(triple, tuple) and len(triple) == 3 and triple[0] in obs.columns):
+            continue
+        factor = triple[0]
+        for group, sub in parts:
+            values = sub[factor].astype(str)
+            for level in triple[1:]:
+                rows = sub[values == str(level)]
+                n = int(rows[unit_key].nunique()) if unit_key is not None else len(rows)
+                label = f"{factor}={level}" + ("" if group is None else f" in {group}")
+                out[label] = min(out.get(label, n), n)
+    return out
+
+
+def replicates(obs, design: str, contrast, **kwargs) -> dict:
+    """:func:`units_per_level`, with a contrast as the workflow writes it (lists), and ``{}`` when it cannot be read."""
+
+    def as_spec(c):
+        return tuple(c) if isinstance(c, list) and len(c) == 3 and all(isinstance(x, str) for x in c) else c
+
+    spec = {k: as_spec(v) for k, v in contrast.items()} if isinstance(contrast, dict) else as_spec(contrast)
+    if isinstance(spec, list):
+        spec = [as_spec(c) for c in spec]
+    try:
+        return units_per_level(obs, design, spec, **kwargs)
+    except ScmlmError:
+        return {}
+
+
 FEW_REPLICATES_MEANING = (
-    "a very small p-value then says that these few donors differ, not that the effect holds in the population; "
-    "with so few df a single unusual donor can make it, and the moderated df (df_prior) borrowed from other genes "
-    "cannot add donors"
+    "a very small p-value then says that these few donors differ, not that the effect will replicate in other "
+    "donors; a single unusual donor can make it, and df_prior (df borrowed from the other genes) adds no donors"
 )
+"""What a very small p-value from few replicates means (the report's banner and the warning of ``scmlm de``)."""
 
 
 def reading_guide(table) -> str:

@@ -24,6 +24,7 @@ from .checks import (
     few_replicates,
     reading_guide,
     renamed_option,
+    replicates,
 )
 from .errors import ScmlmError
 from .models import FAMILY_NAMES, USABLE_STATUS
@@ -413,6 +414,13 @@ def _add_fitted_designs(analyses, path: str) -> None:
             obs, p["design"], tuple(spec) if isinstance(spec, list) else spec, groups_key=p.get("groups_key"),
             sample_key=p.get("sample_key"), replication=p.get("replication", "auto"),
         )  # fmt: skip
+    for a in analyses:
+        p = a.params
+        if "design" in p and "contrast" in p:
+            units = replicates(obs, p["design"], p["contrast"], unit_key=p.get("sample_key"),
+                               groups_key=p.get("groups_key") or p.get("cell_type_key"))  # fmt: skip
+            if units:
+                a.params["units_per_level"] = units
 
 
 def _top_genes(table, n: int, by: str, ascending: bool) -> list[str]:
@@ -688,7 +696,10 @@ def _run_de(args: argparse.Namespace) -> int:
         )
     table = res.table
     _log_gene_statuses(table)
-    _log_reading_guide(table)
+    units = replicates(adata.obs, args.design, args.contrast, groups_key=args.groups_key,
+                       unit_key=args.sample_key if args.tool == "glmm" else None,
+                       rows_are_units=args.tool == "pseudobulk")  # fmt: skip
+    _log_reading_guide(table, units)
     if shard is not None:
         from .results import parse_shard
 
@@ -880,10 +891,10 @@ def _log_gene_statuses(table) -> None:
         log.info("%d of %d gene fits were not tested; see the status column", len(bad), len(table))
 
 
-def _log_reading_guide(table) -> None:
+def _log_reading_guide(table, units) -> None:
     """One line saying what df, df_prior and 'singular' mean; a warning when the tests rest on very few replicates."""
     log.info("%s", reading_guide(table))
-    few = few_replicates(table)
+    few = few_replicates(table, units)
     if few:
         log.warning("warning: this analysis rests on very few replicates (%s): %s.", "; ".join(few),
                     FEW_REPLICATES_MEANING)  # fmt: skip

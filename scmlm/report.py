@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .checks import FEW_DF, FEW_REPLICATES, FEW_REPLICATES_MEANING, few_replicates
 from .design import fitted_design as _fitted_design
 from .design import one_or_all
 from .errors import InputError, ScmlmError
@@ -301,6 +302,8 @@ dl.params dt{color:#5b6577}dl.params dd{margin:0;font-family:ui-monospace,Menlo,
 .figs img{max-width:100%;height:auto;display:block}.figs figcaption{font-size:11.5px;color:#5b6577}
 .figs figure{max-width:calc(50% - 24px)}details{margin:6px 0 10px}summary{cursor:pointer;color:#175cd3}
 .note{color:#5b6577;font-size:12.5px}a{color:#175cd3}nav a{margin-right:12px}
+.banner{background:#fff4e5;border:1px solid #f79009;border-left:6px solid #f79009;padding:8px 12px;margin:10px 0}
+.banner ul{margin:4px 0 0 18px;padding:0}
 """
 
 # Sort a table by a header click: numeric cells carry their value in data-v (empty: NA, always last).
@@ -490,6 +493,36 @@ def _figure_order(path: Path) -> tuple[int, str]:
     return (_KINDS.index(kind) if kind in _KINDS else len(_KINDS), Path(path).name)
 
 
+READING_GUIDE = (
+    "<b>df</b> is the degrees of freedom of a test: for a contrast between donors about the number of donors minus "
+    "the donor-level coefficients, whatever the number of cells. <b>df_prior</b> (moderated tests) is the df "
+    "borrowed from the other genes by empirical Bayes; the test uses df + df_prior. Status <b>singular</b> is a fit "
+    "with a variance estimated at zero; its test is valid. A very small p-value from few donors rests on very few "
+    f"replicates: it says these donors differ, not that the effect will replicate in other donors. Analyses with "
+    f"fewer than {FEW_REPLICATES} donors (units of replication) at a contrast level, or a median df of at most "
+    f"{FEW_DF}, are flagged below (README, 'Reading a result')."
+)
+
+
+def _few_replicates(a: Analysis) -> list[str]:
+    """Why an analysis rests on very few replicates, per group and contrast (df) and per contrast level (units)."""
+    table = a.table.copy()
+    table["group"] = table["group"].astype(object).where(table["group"].notna(), "all").astype(str)
+    reasons = []
+    for (group, contrast), sub in table.groupby(["group", "contrast"], sort=False):
+        reasons += [f"{group} · {contrast}: {r}" for r in few_replicates(sub)]
+    units = a.params.get("units_per_level")
+    return reasons + few_replicates(table.iloc[:0], units if isinstance(units, Mapping) else None)
+
+
+def _banner(reasons: list[str]) -> str:
+    items = "".join(f"<li>{_e(r)}</li>" for r in reasons)
+    return (
+        '<div class="banner" role="alert"><b>Evidence from very few replicates.</b> '
+        f"{_e(FEW_REPLICATES_MEANING[0].upper() + FEW_REPLICATES_MEANING[1:])}.<ul>{items}</ul></div>"
+    )
+
+
 def _csv_link(a: Analysis, folder) -> str:
     """A link to the analysis' full result table, when it lies inside the report's folder (moves with it)."""
     if a.source is None or folder is None:
@@ -555,6 +588,17 @@ def render_report(
     if description:
         parts.append(f"<p>{_e(description)}</p>")
     parts.append("<nav>" + "".join(f'<a href="#{_anchor(a.name)}">{_e(a.name)}</a>' for a in analyses) + "</nav>")
+    flagged = {a.name: _few_replicates(a) for a in analyses}
+    flagged = {k: v for k, v in flagged.items() if v}
+    if flagged:
+        links = ", ".join(f'<a href="#{_anchor(n)}">{_e(n)}</a>' for n in flagged)
+        parts.append(
+            f'<div class="banner" role="alert" id="few-replicates"><b>Evidence from very few replicates</b> in '
+            f"{links}: a very small p-value there says that these few donors differ, not that the effect will "
+            "replicate in other donors (see each analysis).</div>"
+        )
+    parts.append(f'<details class="guide"><summary>Reading the numbers: df, df_prior, singular, small p-values from '
+                 f'few donors</summary><p class="note">{READING_GUIDE}</p></details>')  # fmt: skip
     parts.append('<h2 id="summary-title">What was found</h2>')
     parts.append(
         '<p class="note">One row per analysis, group and contrast: what its rows are (genes, or cell types for a '
@@ -566,6 +610,8 @@ def render_report(
 
     for a in analyses:
         parts.append(f'<h2 id="{_anchor(a.name)}">{_e(a.name)}</h2>')
+        if a.name in flagged:
+            parts.append(_banner(flagged[a.name]))
         parts.append("<h3>Methods</h3>" + _params(a.params))
         csv_link = _csv_link(a, links_from)
         s = summary[summary["analysis"] == a.name]
