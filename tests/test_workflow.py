@@ -355,6 +355,15 @@ def test_landing_report(local_run):
     assert "<dt>offset</dt><dd>tmm</dd>" in html  # the GLMM's resolved offset is listed
     # and the design it fitted (a donor-level contrast: no term added)
     assert "<dt>design_fitted</dt><dd>~ condition + (1|donor) + (1|batch)</dd>" in html
+    assert "<dt>estimation</dt><dd>REML</dd>" in html  # the glmm default, passed to scmlm de
+    # figures sized for the screen; the guide to df, df_prior and singular; 3 donors per condition and group (read
+    # from the input's obs) is not "very few replicates", so no banner
+    assert html.count('<img alt="') == html.count('width="') == n_png
+    assert "Reading the numbers: df, df_prior, singular" in html
+    assert "<dt>units_per_level</dt><dd>{&quot;condition=case in type0&quot;: 3, " in html
+    assert 'class="banner"' not in html
+    summary_table = html.split('id="summary"')[1].split("</table>")[0]
+    assert summary_table.count('<td data-v="cell types">') == 1 and summary_table.count('<td data-v="genes">') == 4
 
 
 def test_abundance_analysis(local_run):
