@@ -262,8 +262,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "simulate":
         from .datasets import simulate
 
-        check_h5ad_path(args.out)
         check_outputs([args.out])
+        check_h5ad_path(args.out)
         adata = simulate(
             n_donors=args.n_donors,
             n_cells=args.n_cells,
@@ -282,8 +282,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "dataset":
         from . import datasets
 
-        check_h5ad_path(args.out)
         check_outputs([args.out])
+        check_h5ad_path(args.out)
         adata = getattr(datasets, args.name)()
         io.write_h5ad(adata, args.out, compression="gzip")
         log.info("wrote %s (%d cells × %d genes)", args.out, adata.n_obs, adata.n_vars)
