@@ -807,6 +807,7 @@ def _run_abundance(args: argparse.Namespace) -> int:
     table = res.table
     for row in table[~table["status"].isin(_FINE)].itertuples(index=False):
         log.info("cell type %s (%s): %s", row.gene, row.contrast, row.status)
+    _log_reading_guide(table, replicates(obs, args.design, args.contrast, unit_key=args.sample_key))
     io.write_csv(table, args.out)
     p = res.params
     if args.out_params:

@@ -160,3 +160,18 @@ def test_contrast_without_reference_level_shows_the_accepted_forms(tmp_path, cap
         assert stop.value.code == 2
         assert f"{bad!r} is not a contrast; the accepted forms are factor:test:reference" in capsys.readouterr().err
     assert not out.exists() and _digest(cells) == before
+
+
+def test_abundance_on_two_donors_per_condition_warns_of_few_replicates(tmp_path, caplog):
+    import logging
+
+    cells = tmp_path / "cells.h5ad"
+    scmlm.datasets.simulate(n_donors=4, n_cells=30, n_genes=10, n_cell_types=3).write_h5ad(cells)
+    argv = ["abundance", "--input", str(cells), "--design", "~ condition", "--contrast", "condition:case:ctrl"]
+    argv += ["--sample-key", "donor", "--method", "clr", "--out", str(tmp_path / "ab.csv")]
+    with caplog.at_level(logging.WARNING, logger="scmlm"):
+        assert main(argv) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "rests on very few replicates" in warned[0]
+    assert "condition=case has 2 units of replication (fewer than 3)" in warned[0]
+    assert len(pd.read_csv(tmp_path / "ab.csv")) == 3
