@@ -308,3 +308,40 @@ def _build(obs, design, contrast, factors) -> None:
 
     d = build_design(obs, design, check_rank=False, factors=[f for f in factors if f])
     make_contrasts(d, contrast)
+
+
+def design_variables(design: str) -> list[str]:
+    """The obs columns a design uses (fixed part, random terms' factors and slopes), in sorted order."""
+    import formulaic
+
+    from .design import parse_formula
+
+    parsed = parse_formula(design)
+    names = list(formulaic.Formula(parsed.fixed).required_variables)
+    for r in parsed.random:
+        names += list(r.group)
+        if r.lhs not in ("1", "0", "-1"):
+            names += list(formulaic.Formula("~ " + r.lhs).required_variables)
+    return sorted(dict.fromkeys(names))
+
+
+def pseudobulk_design_problem(obs, design: str, sample_key: str, groups_key=None) -> str | None:
+    """Why a pseudobulk design cannot be fitted after aggregating ``obs`` by the sample key (``None``: it can).
+
+    A design column that varies within the aggregated rows (a condition inside each donor) is not carried by
+    :func:`scmlm.pp.pseudobulk`, which would merge its levels.
+    """
+    keys = [sample_key] + ([groups_key] if groups_key else [])
+    for v in design_variables(design):
+        if v not in obs.columns or v in keys:
+            continue
+        n = obs.groupby(keys, observed=True)[v].nunique(dropna=False)
+        if (n > 1).any():
+            row = n.idxmax()
+            return (
+                f"design {design!r} uses {v!r}, which varies within the samples of sample_key {sample_key!r} (e.g. "
+                f"{row!r} has {int(n.max())} values), so aggregating would merge its levels: set sample_key to a "
+                f"column that separates them (e.g. {sample_key}_{v}: obs[{sample_key!r}] + '_' + obs[{v!r}]) or use "
+                "method glmm"
+            )
+    return None

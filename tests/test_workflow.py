@@ -194,6 +194,16 @@ def test_input_keys_design_and_levels_are_checked_when_the_workflow_starts(tmp_p
         assert message in lines[0], message
     assert not (workdir / "results").exists()
     assert hashlib.sha256(data.read_bytes()).hexdigest() == before
+    # a pseudobulk design on a column that varies within the samples (aggregation would merge its levels)
+    pb = {"name": "pb", "method": "pseudobulk", "design": "~ condition + size_factor",
+          "contrast": ["condition", "case", "ctrl"]}  # fmt: skip
+    workdir, data = _input_workdir(tmp_path / "within", analyses=[pb])
+    proc = snakemake(workdir, "-n", check=False)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "invalid scmlm configuration" in line]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stdout + proc.stderr
+    within = "design '~ condition + size_factor' uses 'size_factor', which varies within the samples of sample_key"
+    assert f"config.analyses[0] (pb): {within} 'donor'" in lines[0]
+    assert "or use method glmm" in lines[0] and not (workdir / "results").exists()
 
 
 def test_integer_id_in_the_design_warns_at_start_as_the_api_does(tmp_path):

@@ -258,7 +258,7 @@ def _analysis_keys(a):
 def _design_problems(obs, a, where):
     """The analysis' design columns and contrast levels against the input (scmlm's own design checks); prints the
     warnings scmlm gives for the design (an integer identifier entering as a number)."""
-    from scmlm.checks import design_warnings
+    from scmlm.checks import design_warnings, pseudobulk_design_problem
     from scmlm.errors import DesignError
 
     keys = [col for _, col in _analysis_keys(a)]
@@ -268,6 +268,12 @@ def _design_problems(obs, a, where):
         found = design_warnings(obs, a["design"], spec, factors=keys)
     except DesignError as err:
         return [f"{where}: {err} (input {config['input']!r})"]
+    if a["method"] == "pseudobulk":
+        problem = pseudobulk_design_problem(
+            obs, a["design"], config["sample_key"], config["groups_key"]
+        )
+        if problem:
+            return [f"{where}: {problem}"]
     for message in found:
         print(f"scmlm configuration warning: {where}: {message}", file=sys.stderr)
     return []
