@@ -7,83 +7,35 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
 
 from . import __version__
+from .checks import (
+    CONTRAST_HELP,
+    FEW_REPLICATES_MEANING,
+    check_contrast_levels,
+    check_h5ad_path,
+    check_outdir,
+    check_outputs,
+    contrast_arg,
+    contrast_item,
+    few_replicates,
+    reading_guide,
+    renamed_option,
+    replicates,
+)
 from .errors import ScmlmError
 from .models import FAMILY_NAMES, USABLE_STATUS
 
 log = logging.getLogger("scmlm")
 
 
-_CONTRAST_HELP = (
-    "repeatable: factor:test:reference (e.g. condition:case:ctrl; write \\: for a colon inside a level, "
-    "e.g. 'time:8\\:00:0\\:00'), a coefficient name, or NAME=one of those; "
-    "NAME=coefA,coefB (coefficient names) is one joint F test, e.g. doses=dose[T.mid],dose[T.high]; "
-    "NAME=0,1,-1 a numeric vector over the design's columns"
-)
-
-
-def _contrast_item(text: str):
-    r"""One ``--contrast`` value: ``(name or None, specification, joint)``; ``\:`` is a colon inside a level."""
-    from .design import split_contrast
-
-    name, sep, spec = text.partition("=")
-    if not sep:
-        name, spec = None, text
-    elif not name.strip() or not spec.strip():
-        raise argparse.ArgumentTypeError(f"{text!r}: write NAME=CONTRAST with both parts, e.g. dose=dose:high:low")
-    else:
-        name = name.strip()
-    if "," in spec:
-        parts = [p.strip() for p in spec.split(",")]
-        if any(not p for p in parts):
-            raise argparse.ArgumentTypeError(f"{text!r}: an empty item in the comma-separated list")
-        try:
-            vec = [float(p) for p in parts]
-        except ValueError:
-            vec = None
-        if name is None:
-            what = "a numeric vector" if vec is not None else "a joint F test"
-            raise argparse.ArgumentTypeError(f"{text!r} is {what} and needs a name: --contrast NAME={spec}")
-        if vec is not None:
-            return name, vec, False
-        return name, [split_contrast(p) or p for p in parts], True
-    if split_contrast(spec) is not None:
-        return name, split_contrast(spec), False
-    return name, spec, False
-
-
-def contrast_arg(items) -> object:
-    """The ``contrast=`` of the API from the (repeated) ``--contrast`` values.
-
-    One contrast as it is, several unnamed ones as a list, and a dict as soon as one is named (unnamed ones get their
-    usual label).
-    """
-    from .design import contrast_label
-
-    if not isinstance(items, list):  # set programmatically
-        return items
-    if len(items) == 1 and items[0][0] is None:
-        return items[0][1]
-    if all(name is None for name, _, _ in items):
-        return [spec for _, spec, _ in items]
-    out = {}
-    for name, spec, _ in items:
-        key = name if name is not None else contrast_label(spec)
-        if key in out:
-            raise ScmlmError(f"--contrast name {key!r} is given twice; give each contrast its own name.")
-        out[key] = spec
-    return out
-
-
 def _add_common_de(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="cell-level or pseudobulk .h5ad")
     p.add_argument("--design", required=True, help='model formula, e.g. "~ condition + (1|donor)"')
-    p.add_argument("--contrast", required=True, type=_contrast_item, action="append", help=_CONTRAST_HELP)
+    p.add_argument("--contrast", required=True, type=contrast_item, action="append", help=CONTRAST_HELP)
     p.add_argument("--groups-key", default=None, help="obs column: one fit per group (e.g. cell_type)")
     p.add_argument("--layer", default=None, help="layer with raw counts (default .X)")
     p.add_argument("--out", required=True, help="result table (.csv, .tsv or .parquet)")
@@ -200,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="cell-level .h5ad (only the selected genes are loaded, streamed in row blocks)")
     p.add_argument("--results", required=True, help="the GLMM result table of the same analysis (scmlm de/merge)")
     p.add_argument("--design", required=True, help="the analysis design, with random terms")
-    p.add_argument("--contrast", required=True, type=_contrast_item, action="append", help=_CONTRAST_HELP)
+    p.add_argument("--contrast", required=True, type=contrast_item, action="append", help=CONTRAST_HELP)
     p.add_argument("--family", choices=FAMILY_NAMES, default="nb")
     p.add_argument("--groups-key", default=None)
     p.add_argument("--layer", default=None)
@@ -310,7 +262,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "simulate":
         from .datasets import simulate
 
-        _check_outputs([args.out])
+        check_outputs([args.out])
+        check_h5ad_path(args.out)
         adata = simulate(
             n_donors=args.n_donors,
             n_cells=args.n_cells,
@@ -329,7 +282,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "dataset":
         from . import datasets
 
-        _check_outputs([args.out])
+        check_outputs([args.out])
+        check_h5ad_path(args.out)
         adata = getattr(datasets, args.name)()
         io.write_h5ad(adata, args.out, compression="gzip")
         log.info("wrote %s (%d cells × %d genes)", args.out, adata.n_obs, adata.n_vars)
@@ -338,7 +292,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "pseudobulk":
         from .pp import pseudobulk
 
-        _check_outputs([args.out], args.input)
+        check_outputs([args.out], args.input)
+        check_h5ad_path(args.out)
         adata = io.read(args.input, backed=True)
         try:
             pb = pseudobulk(
@@ -362,7 +317,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "merge":
         from .results import merge_shards
 
-        _check_outputs([args.out], *args.shards)
+        check_outputs([args.out], *args.shards)
         io.check_table_path(args.out, what="--out")
         tables = [_read_table(p) for p in args.shards]
         merged = merge_shards(tables, sources=args.shards)
@@ -379,7 +334,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "plot":
         from .pl.files import save_result_plots
 
-        _check_outdir(args.outdir)
+        check_outdir(args.outdir)
         table = _read_table(args.table)
         kinds = args.kind or ["volcano", "pvalue_hist"]
         paths = save_result_plots(table, args.outdir, kinds=kinds)
@@ -396,7 +351,7 @@ def _run_report(args: argparse.Namespace) -> int:
     from .report import analysis_from_folder, write_report
 
     given = [a.split("=", 1)[1] if "=" in a and not Path(a).exists() else a for a in args.analyses]
-    _check_outputs([args.out], *[p for p in given if Path(p).is_file()])
+    check_outputs([args.out], *[p for p in given if Path(p).is_file()])
     params = {}
     if args.params:
         text = args.params
@@ -459,6 +414,13 @@ def _add_fitted_designs(analyses, path: str) -> None:
             obs, p["design"], tuple(spec) if isinstance(spec, list) else spec, groups_key=p.get("groups_key"),
             sample_key=p.get("sample_key"), replication=p.get("replication", "auto"),
         )  # fmt: skip
+    for a in analyses:
+        p = a.params
+        if "design" in p and "contrast" in p:
+            units = replicates(obs, p["design"], p["contrast"], unit_key=p.get("sample_key"),
+                               groups_key=p.get("groups_key") or p.get("cell_type_key"))  # fmt: skip
+            if units:
+                a.params["units_per_level"] = units
 
 
 def _top_genes(table, n: int, by: str, ascending: bool) -> list[str]:
@@ -477,7 +439,7 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
     from .design import parse_formula
     from .pl.files import file_labels
 
-    _check_outdir(args.outdir)
+    check_outdir(args.outdir)
     if not parse_formula(args.design).has_random:
         raise ScmlmError(f"design {args.design!r} has no random terms; the hierarchy needs e.g. '(1|donor)'.")
     table = _read_table(args.results)
@@ -636,35 +598,6 @@ def _glmm_offset(adata, args):
     return offset
 
 
-def _check_outputs(outputs, *inputs) -> None:
-    """Validate every output path before any work starts; an output may never be one of the inputs."""
-    from . import io
-
-    given = [Path(p).resolve() for p in inputs]
-    for out in outputs:
-        if out is None:
-            continue
-        if Path(out).resolve() in given:
-            raise ScmlmError(
-                f"output {out!r} is also an input; choose another output path (inputs are never overwritten)."
-            )
-        io.check_writable(out, what="output")
-    resolved = [Path(p).resolve() for p in outputs if p is not None]
-    if len(set(resolved)) < len(resolved):
-        raise ScmlmError(f"the same path is given for two outputs: {[str(p) for p in outputs if p is not None]}.")
-
-
-def _check_outdir(path: str) -> None:
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise ScmlmError(f"--outdir {path!r} is a file; give a folder.")
-    parent = p
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ScmlmError(f"--outdir {path!r} cannot be created or written: {str(parent)!r} is not a writable folder.")
-
-
 # options of `scmlm de` that only one --tool reads, with their defaults (None in the parser: given or not)
 _TOOL_OPTIONS = {
     "pseudobulk": {"method": "nb_ql", "min_cells": 10, "no_filter": False, "rows_are_samples": False},
@@ -692,10 +625,10 @@ def _run_de(args: argparse.Namespace) -> int:
 
     _tool_options(args)
     shard = args.shard
-    _check_outputs([args.out, args.out_h5ad], args.input)
+    check_outputs([args.out, args.out_h5ad], args.input)
     io.check_table_path(args.out, what="--out")
-    if args.out_h5ad is not None and Path(args.out_h5ad).suffix != ".h5ad":
-        raise ScmlmError(f"--out-h5ad {args.out_h5ad!r} must end in .h5ad.")
+    if args.out_h5ad is not None:
+        check_h5ad_path(args.out_h5ad, what="--out-h5ad")
     if args.n_jobs is not None and args.n_jobs == 0:
         raise ScmlmError("--n-jobs 0 is not a number of workers; use 1 or more (or -1 for all cores).")
     if shard is not None:
@@ -704,6 +637,7 @@ def _run_de(args: argparse.Namespace) -> int:
         parse_shard(shard)
     if args.tool == "pseudobulk":
         adata = io.read(args.input)
+        check_contrast_levels(adata.obs, args.contrast)
         if args.sample_key is not None:
             from .pp import pseudobulk
 
@@ -728,6 +662,7 @@ def _run_de(args: argparse.Namespace) -> int:
         )
     else:
         adata = io.read(args.input)
+        check_contrast_levels(adata.obs, args.contrast)
         key = args.key_added or "glmm_de"
         if shard is not None:
             from .results import parse_shard, shard_indices
@@ -761,7 +696,10 @@ def _run_de(args: argparse.Namespace) -> int:
         )
     table = res.table
     _log_gene_statuses(table)
-    _log_reading_guide(table)
+    units = replicates(adata.obs, args.design, args.contrast, groups_key=args.groups_key,
+                       unit_key=args.sample_key if args.tool == "glmm" else None,
+                       rows_are_units=args.tool == "pseudobulk")  # fmt: skip
+    _log_reading_guide(table, units)
     if shard is not None:
         from .results import parse_shard
 
@@ -790,7 +728,7 @@ def _add_abundance_parser(sub) -> None:
     )
     p.add_argument("--input", required=True, help="cell-level .h5ad (only obs is read)")
     p.add_argument("--design", required=True, help='sample-level formula, e.g. "~ condition + (1|donor)" (paired)')
-    p.add_argument("--contrast", required=True, type=_contrast_item, action="append", help=_CONTRAST_HELP)
+    p.add_argument("--contrast", required=True, type=contrast_item, action="append", help=CONTRAST_HELP)
     p.add_argument("--cell-type-key", default="cell_type", help="obs column with each cell's type (cluster)")
     p.add_argument("--sample-key", default="sample", help="obs column naming each sample: the unit of replication")
     p.add_argument(
@@ -830,12 +768,12 @@ def _run_abundance(args: argparse.Namespace) -> int:
 
     from . import io, tl
 
-    _check_outputs([args.out, args.out_params], args.input)
+    check_outputs([args.out, args.out_params], args.input)
     io.check_table_path(args.out, what="--out")
     if args.plots is not None:
         if Path(args.plots).resolve() == Path(args.input).resolve():
             raise ScmlmError(f"--plots {args.plots!r} is the input; choose a folder for the plots.")
-        _check_outdir(args.plots)
+        check_outdir(args.plots)
     if args.min_cells < 0:
         raise ScmlmError(f"--min-cells {args.min_cells} must be 0 or more.")
     backed = io.read(args.input, backed=True)
@@ -849,6 +787,7 @@ def _run_abundance(args: argparse.Namespace) -> int:
             raise ScmlmError(
                 f"{flag} {col!r} is not a column of the input's obs; columns: {', '.join(map(repr, obs.columns))}."
             )
+    check_contrast_levels(obs, args.contrast)
     adata = ad.AnnData(obs=obs)
     key = args.key_added or "abundance_de"
     res = tl.abundance_de(
@@ -868,6 +807,7 @@ def _run_abundance(args: argparse.Namespace) -> int:
     table = res.table
     for row in table[~table["status"].isin(_FINE)].itertuples(index=False):
         log.info("cell type %s (%s): %s", row.gene, row.contrast, row.status)
+    _log_reading_guide(table, replicates(obs, args.design, args.contrast, unit_key=args.sample_key))
     io.write_csv(table, args.out)
     p = res.params
     if args.out_params:
@@ -952,29 +892,22 @@ def _log_gene_statuses(table) -> None:
         log.info("%d of %d gene fits were not tested; see the status column", len(bad), len(table))
 
 
-def _log_reading_guide(table) -> None:
-    """One line saying what df, df_prior and 'singular' mean, and how many df the tests rest on."""
-    import numpy as np
-
-    parts = ["df = degrees of freedom of each test (for a between-donor contrast about donors minus donor-level "
-             "coefficients)"]  # fmt: skip
-    if "df_prior" in table.columns:
-        parts.append("df_prior = df borrowed from the other genes by moderation")
-    if (table["status"] == "singular").any():
-        parts.append("status 'singular' = a variance estimated at zero (still a valid test)")
-    ok = table.loc[table["status"].isin(USABLE_STATUS), "df"].to_numpy(dtype=float)
-    ok = ok[np.isfinite(ok)]
-    if ok.size and np.median(ok) < 5:
-        parts.append(
-            f"the median test has only {np.median(ok):.3g} df: p-values rest on very few replicates, so a very small "
-            "p-value is evidence from few donors, not from many cells"
-        )
-    log.info("reading the table: %s.", "; ".join(parts))
+def _log_reading_guide(table, units) -> None:
+    """One line saying what df, df_prior and 'singular' mean; a warning when the tests rest on very few replicates."""
+    log.info("%s", reading_guide(table))
+    few = few_replicates(table, units)
+    if few:
+        log.warning("warning: this analysis rests on very few replicates (%s): %s.", "; ".join(few),
+                    FEW_REPLICATES_MEANING)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``scmlm`` command line on ``argv`` (default: ``sys.argv[1:]``) and return the exit status."""
     parser = build_parser()
+    renamed = renamed_option(sys.argv[1:] if argv is None else argv)
+    if renamed is not None:
+        print(f"scmlm: error: {renamed}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .checks import FEW_DF, FEW_REPLICATES, FEW_REPLICATES_MEANING, few_replicates
 from .design import fitted_design as _fitted_design
 from .design import one_or_all
 from .errors import InputError, ScmlmError
@@ -57,6 +58,7 @@ class Analysis:
     table: pd.DataFrame
     params: dict = field(default_factory=dict)
     figures: list[Path] = field(default_factory=list)
+    source: Path | None = None  # the result table read, linked from the page when it lies next to it
 
 
 def _read_table(path: Path) -> pd.DataFrame:
@@ -102,7 +104,7 @@ def analysis_from_folder(
             raise InputError(f"figure folder {str(d)!r} does not exist.")
     figures = sorted(p for d in dirs for p in d.glob("*.png"))
     stored = _stored_params(folder / "params.json") if path.is_dir() else {}
-    return Analysis(name or folder.name, table, {**stored, **dict(params or {})}, figures)
+    return Analysis(name or folder.name, table, {**stored, **dict(params or {})}, figures, table_path)
 
 
 def _stored_params(path: Path) -> dict:
@@ -249,7 +251,7 @@ def _is_abundance(analysis: Analysis) -> bool:
     return bool(len(methods)) and bool(methods.str.startswith("abundance_").all())
 
 
-def _abundance_section(a: Analysis, s: pd.DataFrame, anchors: dict, alpha: float) -> list[str]:
+def _abundance_section(a: Analysis, s: pd.DataFrame, anchors: dict, alpha: float, csv_link: str) -> list[str]:
     """An abundance analysis: the fitted design, the relative-composition caveat, one table of types per contrast."""
     parts = []
     fitted, added = a.params.get("design_fitted"), a.params.get("added_terms")
@@ -272,10 +274,11 @@ def _abundance_section(a: Analysis, s: pd.DataFrame, anchors: dict, alpha: float
             f'<p class="counts">{r.n_tested} of {r.n_genes} cell types tested; <b>{r.n_called}</b> changed at padj '
             f"&lt; {alpha:g}: <b>{r.n_up}</b> up, <b>{r.n_down}</b> down.</p>"
         )
-        parts.append(_table(sub[[c for c in _ABUNDANCE_COLUMNS if c in sub.columns]]))
+        shown = sub[[c for c in _ABUNDANCE_COLUMNS if c in sub.columns]]
+        parts.append(_collapsed(_table(shown), len(shown), "All cell types", csv_link))
     if a.figures:
         figs = sorted(a.figures, key=lambda p: (not Path(p).name.startswith("composition"), Path(p).name))
-        parts.append('<div class="figs">' + "".join(_figure(p) for p in figs) + "</div>")
+        parts.append(_figures(figs))
     return parts
 
 
@@ -296,8 +299,11 @@ td.up{color:#b42318}td.down{color:#175cd3}.called{font-weight:600}
 dl.params{display:grid;grid-template-columns:max-content 1fr;gap:2px 14px;margin:6px 0 10px}
 dl.params dt{color:#5b6577}dl.params dd{margin:0;font-family:ui-monospace,Menlo,monospace;font-size:12.5px}
 .figs{display:flex;flex-wrap:wrap;gap:10px}.figs figure{margin:0;background:#fff;border:1px solid #e4e8ef;padding:6px}
-.figs img{max-width:520px;max-height:440px;display:block}.figs figcaption{font-size:11.5px;color:#5b6577}
+.figs img{max-width:100%;height:auto;display:block}.figs figcaption{font-size:11.5px;color:#5b6577}
+.figs figure{max-width:calc(50% - 24px)}details{margin:6px 0 10px}summary{cursor:pointer;color:#175cd3}
 .note{color:#5b6577;font-size:12.5px}a{color:#175cd3}nav a{margin-right:12px}
+.banner{background:#fff4e5;border:1px solid #f79009;border-left:6px solid #f79009;padding:8px 12px;margin:10px 0}
+.banner ul{margin:4px 0 0 18px;padding:0}
 """
 
 # Sort a table by a header click: numeric cells carry their value in data-v (empty: NA, always last).
@@ -342,9 +348,10 @@ def _table(df: pd.DataFrame, *, cls: str = "sortable") -> str:
 
 
 def _count_table(summary: pd.DataFrame, anchors: dict[tuple[str, str, str], str], alpha: float) -> str:
-    cols = ["analysis", "method", "group", "contrast", "genes", "tested", f"called (padj < {alpha:g})", "up", "down"]
+    cols = ["analysis", "method", "group", "contrast", "of", "in table", "tested", f"called (padj < {alpha:g})", "up",
+            "down"]  # fmt: skip
     head = "".join(
-        f'<th class="n">{_e(c)}</th>' if c in ("genes", "tested", "up", "down") or c.startswith("called") else
+        f'<th class="n">{_e(c)}</th>' if c in ("in table", "tested", "up", "down") or c.startswith("called") else
         f"<th>{_e(c)}</th>"
         for c in cols
     )  # fmt: skip
@@ -356,6 +363,7 @@ def _count_table(summary: pd.DataFrame, anchors: dict[tuple[str, str, str], str]
             f'<td data-v="{_e(r.method)}">{_e(r.method)}</td>',
             f'<td data-v="{_e(r.group)}"><a href="#{anchor}">{_e(r.group)}</a></td>',
             f'<td data-v="{_e(r.contrast)}">{_e(r.contrast)}</td>',
+            f'<td data-v="{_e(r.unit)}">{_e(r.unit)}</td>',
         ]
         for value, cls in ((r.n_genes, "n"), (r.n_tested, "n"), (r.n_called, "n called"), (r.n_up, "n up"),
                            (r.n_down, "n down")):  # fmt: skip
@@ -383,10 +391,65 @@ def _params(params: dict) -> str:
     return '<dl class="params">' + "".join(items) + "</dl>"
 
 
+#: Display width of an embedded figure (CSS pixels); the image is never wider than its column either.
+FIGURE_WIDTH = 420
+#: Tables with more rows than this are collapsed under a <details> summary line.
+COLLAPSE_ROWS = 10
+
+
+def _compact_png(raw: bytes) -> bytes:
+    """The PNG as a 256-colour palette image (plots have few colours: about a third of the bytes), if smaller."""
+    try:
+        from io import BytesIO
+
+        from PIL import Image  # a dependency of matplotlib
+
+        with Image.open(BytesIO(raw)) as img:
+            img.load()
+            out = BytesIO()
+            img.convert("RGB").quantize(colors=256).save(out, format="PNG", optimize=True)
+    except Exception:  # noqa: BLE001 - an image PIL cannot read is embedded as it is
+        return raw
+    return out.getvalue() if len(out.getvalue()) < len(raw) else raw
+
+
+def _png_width(raw: bytes) -> int | None:
+    """Pixel width from a PNG header (``None`` if the bytes are not a PNG)."""
+    if raw[:8] != b"\x89PNG\r\n\x1a\n" or len(raw) < 24:
+        return None
+    return int.from_bytes(raw[16:20], "big")
+
+
 def _figure(path: Path) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    raw = Path(path).read_bytes()
+    width = min(_png_width(raw) or FIGURE_WIDTH, FIGURE_WIDTH)
+    data = base64.b64encode(_compact_png(raw)).decode("ascii")
     name = _e(Path(path).name)
-    return f'<figure><img alt="{name}" src="data:image/png;base64,{data}"><figcaption>{name}</figcaption></figure>'
+    return (
+        f'<figure><img alt="{name}" width="{width}" loading="lazy" src="data:image/png;base64,{data}">'
+        f"<figcaption>{name}</figcaption></figure>"
+    )
+
+
+def _figures(paths: Sequence[Path], *, shown: int = 2) -> str:
+    """The first ``shown`` figures side by side, the others collapsed under a summary line."""
+    if not paths:
+        return ""
+    out = '<div class="figs">' + "".join(_figure(p) for p in paths[:shown]) + "</div>"
+    if len(paths) > shown:
+        more = paths[shown:]
+        out += (
+            f"<details><summary>{len(more)} more figure{'s' if len(more) > 1 else ''}</summary>"
+            '<div class="figs">' + "".join(_figure(p) for p in more) + "</div></details>"
+        )
+    return out
+
+
+def _collapsed(html_table: str, n_rows: int, what: str, csv_link: str = "") -> str:
+    """A table of more than ``COLLAPSE_ROWS`` rows under a summary line (open it to read, click to sort)."""
+    if n_rows <= COLLAPSE_ROWS:
+        return html_table + csv_link
+    return f"<details><summary>{_e(what)} ({n_rows} rows)</summary>{html_table}</details>{csv_link}"
 
 
 def _figures_by_group(figures: list[Path], combos: list[tuple[str, str]]) -> tuple[dict, list[Path]]:
@@ -430,6 +493,47 @@ def _figure_order(path: Path) -> tuple[int, str]:
     return (_KINDS.index(kind) if kind in _KINDS else len(_KINDS), Path(path).name)
 
 
+READING_GUIDE = (
+    "<b>df</b> is the degrees of freedom of a test: for a contrast between donors about the number of donors minus "
+    "the donor-level coefficients, whatever the number of cells. <b>df_prior</b> (moderated tests) is the df "
+    "borrowed from the other genes by empirical Bayes; the test uses df + df_prior. Status <b>singular</b> is a fit "
+    "with a variance estimated at zero; its test is valid. A very small p-value from few donors rests on very few "
+    f"replicates: it says these donors differ, not that the effect will replicate in other donors. Analyses with "
+    f"fewer than {FEW_REPLICATES} donors (units of replication) at a contrast level, or a median df of at most "
+    f"{FEW_DF}, are flagged below (README, 'Reading a result')."
+)
+
+
+def _few_replicates(a: Analysis) -> list[str]:
+    """Why an analysis rests on very few replicates, per group and contrast (df) and per contrast level (units)."""
+    table = a.table.copy()
+    table["group"] = table["group"].astype(object).where(table["group"].notna(), "all").astype(str)
+    reasons = []
+    for (group, contrast), sub in table.groupby(["group", "contrast"], sort=False):
+        reasons += [f"{group} · {contrast}: {r}" for r in few_replicates(sub)]
+    units = a.params.get("units_per_level")
+    return reasons + few_replicates(table.iloc[:0], units if isinstance(units, Mapping) else None)
+
+
+def _banner(reasons: list[str]) -> str:
+    items = "".join(f"<li>{_e(r)}</li>" for r in reasons)
+    return (
+        '<div class="banner" role="alert"><b>Evidence from very few replicates.</b> '
+        f"{_e(FEW_REPLICATES_MEANING[0].upper() + FEW_REPLICATES_MEANING[1:])}.<ul>{items}</ul></div>"
+    )
+
+
+def _csv_link(a: Analysis, folder) -> str:
+    """A link to the analysis' full result table, when it lies inside the report's folder (moves with it)."""
+    if a.source is None or folder is None:
+        return ""
+    table, folder = Path(a.source).resolve(), Path(folder).resolve()
+    if not table.is_relative_to(folder):
+        return ""
+    href = _e(table.relative_to(folder).as_posix())
+    return f'<p class="note">Every row: <a href="{href}">{href}</a>.</p>'
+
+
 def _anchor(*parts: str) -> str:
     return "s-" + "--".join(slug(p) for p in parts)
 
@@ -441,8 +545,12 @@ def render_report(
     alpha: float = 0.05,
     n_top: int = 20,
     description: str | None = None,
+    links_from: str | os.PathLike | None = None,
 ) -> str:
-    """The HTML text of the report (see :func:`write_report`)."""
+    """The HTML text of the report (see :func:`write_report`).
+
+    ``links_from``: the folder the page will be written to; a result table inside it is linked from the page.
+    """
     if not analyses:
         raise InputError("the report needs at least one analysis.")
     names = [a.name for a in analyses]
@@ -456,6 +564,7 @@ def render_report(
         s.insert(0, "analysis", a.name)
         method = a.table["method"].dropna().astype(str).unique() if "method" in a.table else []
         s.insert(1, "method", ", ".join(method) or str(a.params.get("method", "")))
+        s["unit"] = "cell types" if _is_abundance(a) else "genes"  # what a row of the analysis' table is
         summaries.append(s)
         for r in s.itertuples(index=False):
             anchor = _anchor(a.name, r.group, r.contrast)
@@ -473,15 +582,27 @@ def render_report(
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body><main>",
         f"<h1>{_e(title)}</h1>",
-        f'<p class="sub">scmlm {_e(__version__)} · {len(analyses)} analyses · genes called at padj &lt; {alpha:g} '
+        f'<p class="sub">scmlm {_e(__version__)} · {len(analyses)} analyses · called at padj &lt; {alpha:g} '
         "(Benjamini–Hochberg within each group and contrast)</p>",
     ]
     if description:
         parts.append(f"<p>{_e(description)}</p>")
     parts.append("<nav>" + "".join(f'<a href="#{_anchor(a.name)}">{_e(a.name)}</a>' for a in analyses) + "</nav>")
+    flagged = {a.name: _few_replicates(a) for a in analyses}
+    flagged = {k: v for k, v in flagged.items() if v}
+    if flagged:
+        links = ", ".join(f'<a href="#{_anchor(n)}">{_e(n)}</a>' for n in flagged)
+        parts.append(
+            f'<div class="banner" role="alert" id="few-replicates"><b>Evidence from very few replicates</b> in '
+            f"{links}: a very small p-value there says that these few donors differ, not that the effect will "
+            "replicate in other donors (see each analysis).</div>"
+        )
+    parts.append(f'<details class="guide"><summary>Reading the numbers: df, df_prior, singular, small p-values from '
+                 f'few donors</summary><p class="note">{READING_GUIDE}</p></details>')  # fmt: skip
     parts.append('<h2 id="summary-title">What was found</h2>')
     parts.append(
-        '<p class="note">One row per analysis, group and contrast: genes in the table, genes tested (with a p-value), '
+        '<p class="note">One row per analysis, group and contrast: what its rows are (genes, or cell types for a '
+        "differential abundance analysis), how many the table holds, how many were tested (with a p-value) and "
         "called, and of those up (log2FC &gt; 0) or down. Click a column to sort, a group to see its top genes and "
         "figures.</p>"
     )
@@ -489,10 +610,13 @@ def render_report(
 
     for a in analyses:
         parts.append(f'<h2 id="{_anchor(a.name)}">{_e(a.name)}</h2>')
+        if a.name in flagged:
+            parts.append(_banner(flagged[a.name]))
         parts.append("<h3>Methods</h3>" + _params(a.params))
+        csv_link = _csv_link(a, links_from)
         s = summary[summary["analysis"] == a.name]
         if _is_abundance(a):
-            parts += _abundance_section(a, s, anchors, alpha)
+            parts += _abundance_section(a, s, anchors, alpha, csv_link)
             continue
         combos = list(zip(s["group"], s["contrast"], strict=True))
         figs, rest = _figures_by_group(list(a.figures), combos)
@@ -512,14 +636,13 @@ def render_report(
             top = _top(sub, n_top)
             if len(top):
                 parts.append(f'<p class="note">Top {len(top)} genes by p-value (click a column to sort).</p>')
-                parts.append(_table(top))
+                parts.append(_collapsed(_table(top), len(top), f"Top {len(top)} genes", csv_link))
             else:
                 parts.append('<p class="note">No gene was tested in this group.</p>')
-            if figs[(r.group, r.contrast)]:
-                parts.append('<div class="figs">' + "".join(_figure(p) for p in figs[(r.group, r.contrast)]) + "</div>")
+            parts.append(_figures(figs[(r.group, r.contrast)]))
         if rest:
             parts.append("<h3>Other figures</h3>")
-            parts.append('<div class="figs">' + "".join(_figure(p) for p in rest) + "</div>")
+            parts.append(_figures(rest))
     parts.append(f"<script>{_JS}</script></main></body></html>")
     return "\n".join(parts) + "\n"
 
@@ -538,6 +661,9 @@ def write_report(
     The page opens on a table of every analysis, group and contrast with the number of genes tested and called
     (``padj < alpha``), split into up and down; each group then has its top genes as a sortable table and its
     figures (embedded PNGs), and each analysis its parameters (design, fitted design, contrast, offset, method).
+    To keep the page light, figures are embedded as 256-colour PNGs shown at most ``FIGURE_WIDTH`` pixels wide (two
+    per group open, the others under "more figures"), tables of more than ``COLLAPSE_ROWS`` rows are collapsed, and
+    a result table lying inside the report's folder is linked (every row).
     All names (analyses, groups, genes) are HTML-escaped, so labels such as ``"CD14+ Monocytes"`` or ``"T/NK"`` are
     safe.
 
@@ -576,10 +702,12 @@ def write_report(
         items = [_as_analysis(str(k), v) for k, v in analyses.items()]
     else:
         items = [_as_analysis(getattr(a, "name", str(i)), a) for i, a in enumerate(analyses)]
-    text = render_report(items, title=title, alpha=alpha, n_top=n_top, description=description)
+    path = Path(path)
+    text = render_report(
+        items, title=title, alpha=alpha, n_top=n_top, description=description, links_from=path.resolve().parent
+    )
     from .io import atomic_path
 
-    path = Path(path)
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return path

@@ -211,6 +211,8 @@ def test_report_abundance_section(h5ad, tmp_path):
     out = tmp_path / "report.html"
     assert main(["report", str(out), str(folder), "--params", '{"abund": {"design": "~ condition + (1|donor)"}}']) == 0
     html = out.read_text()
+    summary = html.split('id="summary"')[1].split("</table>")[0]  # the landing table names what the rows are
+    assert '<td data-v="cell types">cell types</td>' in summary and ">genes<" not in summary
     section = html.split('<h2 id="s-abund">abund</h2>')[1]
     assert "Fitted design: <code>~ condition + (1|donor)</code>; added terms: none." in section
     assert "Composition is relative" in section

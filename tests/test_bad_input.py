@@ -1285,7 +1285,7 @@ def test_cli_says_how_to_read_the_table(tmp_path, files, capsys, caplog):
 
 
 def test_workflow_contrast_level_with_a_colon_reaches_the_cli_intact(common):
-    from scmlm.cli import _contrast_item
+    from scmlm.checks import contrast_item as _contrast_item
 
     args = common["contrast_args"](["time", "8:00", "0:00"])
     assert args == ["--contrast", r"time:8\:00:0\:00"]

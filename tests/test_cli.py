@@ -6,6 +6,7 @@ import sys
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pytest
 
 import scmlm
 from scmlm.cli import main
@@ -89,3 +90,88 @@ def test_de_method_names_the_pseudobulk_method_not_the_tool(capsys):
         rc = err.code
     assert rc == 2
     assert "--tool glmm" in capsys.readouterr().err
+
+
+def _digest(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_h5ad_writers_refuse_another_suffix_before_the_work(tmp_path, capsys):
+    """`scmlm simulate`, `dataset` and `pseudobulk` write AnnData as .h5ad only; another suffix fails at once."""
+    cells = tmp_path / "cells.h5ad"
+    scmlm.datasets.simulate(n_donors=3, n_cells=5, n_genes=5).write_h5ad(cells)
+    before = _digest(cells)
+    for argv, out in (
+        (["simulate", str(tmp_path / "sim.txt"), "--n-donors", "3", "--n-cells", "5"], "sim.txt"),
+        (["dataset", "pig_airway", str(tmp_path / "pig.zarr")], "pig.zarr"),
+        (["pseudobulk", str(cells), str(tmp_path / "pb.csv"), "--sample-key", "donor"], "pb.csv"),
+        (["pseudobulk", str(cells), str(tmp_path / "pb"), "--sample-key", "donor"], "pb"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        stem = out.split(".")[0]
+        assert f"output {str(tmp_path / out)!r} ends in" in err[0] and f"'{tmp_path / stem}.h5ad'" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.h5ad"]  # nothing written
+    assert _digest(cells) == before
+
+
+def test_renamed_options_name_their_replacement(tmp_path, capsys):
+    cells = tmp_path / "cells.h5ad"
+    scmlm.datasets.simulate(n_donors=4, n_cells=5, n_genes=5).write_h5ad(cells)
+    base = ["de", str(cells), "--design", "~ condition", "--contrast", "condition:case:ctrl"]
+    out = tmp_path / "res.csv"
+    cases = (
+        (["--tool", "glmm", "--reml"], "--reml is no longer an option; use --estimation REML"),
+        (["--tool", "pseudobulk", "--pb-method", "voom"], "--pb-method is no longer an option; use --method"),
+        (["--tool", "pseudobulk", "--pb-method=voom"], "--pb-method is no longer an option; use --method"),
+    )
+    for extra, message in cases:
+        assert main([*base, *extra, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"scmlm: error: {err[0].split('error: ', 1)[1]}"] and message in err[0]
+    assert not out.exists()
+
+
+def test_contrast_without_reference_level_shows_the_accepted_forms(tmp_path, capsys):
+    cells = tmp_path / "cells.h5ad"
+    scmlm.datasets.simulate(n_donors=4, n_cells=5, n_genes=5).write_h5ad(cells)
+    before = _digest(cells)
+    out = tmp_path / "res.csv"
+    de = ["de", str(cells), "--design", "~ condition", "--out", str(out)]
+    for argv in (
+        [*de, "--tool", "pseudobulk", "--sample-key", "donor", "--contrast", "condition:case"],
+        [*de, "--tool", "glmm", "--contrast", "condition:case"],
+        [*de, "--tool", "glmm", "--contrast", "mine=condition:case"],
+        ["abundance", "--input", str(cells), "--design", "~ condition", "--contrast", "condition:case",
+         "--sample-key", "donor", "--out", str(out)],
+    ):  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        assert "'condition:case' names factor 'condition' and level 'case' but no reference level" in err[0]
+        assert "e.g. condition:case:ctrl" in err[0] and "accepted forms: factor:test:reference" in err[0]
+    # an empty part is refused while the options are read
+    for bad in ("condition:", ":case"):
+        with pytest.raises(SystemExit) as stop:
+            main([*de, "--tool", "glmm", "--contrast", bad])
+        assert stop.value.code == 2
+        assert f"{bad!r} is not a contrast; the accepted forms are factor:test:reference" in capsys.readouterr().err
+    assert not out.exists() and _digest(cells) == before
+
+
+def test_abundance_on_two_donors_per_condition_warns_of_few_replicates(tmp_path, caplog):
+    import logging
+
+    cells = tmp_path / "cells.h5ad"
+    scmlm.datasets.simulate(n_donors=4, n_cells=30, n_genes=10, n_cell_types=3).write_h5ad(cells)
+    argv = ["abundance", "--input", str(cells), "--design", "~ condition", "--contrast", "condition:case:ctrl"]
+    argv += ["--sample-key", "donor", "--method", "clr", "--out", str(tmp_path / "ab.csv")]
+    with caplog.at_level(logging.WARNING, logger="scmlm"):
+        assert main(argv) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "rests on very few replicates" in warned[0]
+    assert "condition=case has 2 units of replication (fewer than 3)" in warned[0]
+    assert len(pd.read_csv(tmp_path / "ab.csv")) == 3

@@ -269,3 +269,38 @@ def test_shrinkage_selection_errors(re_table):
         shrinkage(two, "g1", show=False)
     ax = shrinkage(two, "g1", group="B", show=False)
     assert "B" in ax.get_title()
+
+
+def test_volcano_labels_never_overlap_when_top_genes_crowd(tmp_path):
+    """25 significant genes within a hair of each other (the labels at a fixed offset would sit on top of each other):
+    the labels' rendered boxes do not overlap pairwise, stay inside the axes, and most top genes keep a label."""
+    from matplotlib.text import Text
+
+    rng = np.random.default_rng(1)
+    n = 400
+    lfc = rng.normal(0, 0.3, n)
+    p = rng.uniform(0.01, 1, n)
+    lfc[:25] = 2.0 + rng.normal(0, 0.01, 25)  # crowded: same fold change and p-value, up to noise
+    p[:25] = 1e-9 * np.exp(rng.normal(0, 0.05, 25))
+    lfc[25:30], p[25:30] = -1.5 + rng.normal(0, 0.01, 5), 1e-6
+    df = pd.DataFrame({"gene": [f"LONGGENE{i}" for i in range(n)], "log2fc": lfc, "pvalue": p})
+    df["padj"] = np.where(np.arange(n) < 30, 1e-4, 0.5)
+    ax = volcano(df, n_labels=15, show=False, save=tmp_path / "v.png")
+    assert (tmp_path / "v.png").read_bytes()[:8] == PNG_MAGIC
+    fig = ax.get_figure()
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in ax.texts if t.get_text().startswith("LONGGENE")]
+    boxes = [Text.get_window_extent(t, renderer) for t in labels]
+    points = ax.transData.transform(np.column_stack([lfc[:25], -np.log10(p[:25])]))
+    assert np.ptp(points[:, 0]) < boxes[0].width and np.ptp(points[:, 1]) < boxes[0].height  # they would collide
+    assert len(labels) >= 10
+    assert {t.get_text() for t in labels} <= {f"LONGGENE{i}" for i in range(30)}
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            assert not boxes[i].overlaps(boxes[j]), (labels[i].get_text(), labels[j].get_text())
+    area = ax.get_window_extent(renderer)
+    for b in boxes:
+        assert area.x0 <= b.x0 and b.x1 <= area.x1 and area.y0 <= b.y0 and b.y1 <= area.y1
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert not any(legend.overlaps(b) for b in boxes)

@@ -110,7 +110,8 @@ def test_report_summarises_each_group_with_counts_equal_to_the_results(results, 
     assert summary["header"][:4] == ["analysis", "method", "group", "contrast"]
     assert len(summary["rows"]) == 2
     for row in summary["rows"]:
-        analysis, method, group, contrast, n_genes, n_tested, n_called, n_up, n_down = row
+        analysis, method, group, contrast, unit, n_genes, n_tested, n_called, n_up, n_down = row
+        assert unit == "genes"
         sub = table[(table["group"] == group) & (table["contrast"] == contrast)]
         called = sub["padj"] < 0.05
         assert analysis == "pb" and method == "nb_ql" and group in GROUPS.values()
@@ -143,7 +144,7 @@ def test_report_summarises_each_group_with_counts_equal_to_the_results(results, 
     mono = text.index("pb · CD14+ Monocytes")
     tnk = text.index("pb · T/NK &lt;b&gt;&amp;&lt;/b&gt;")
     for img in page.images:
-        at = text.index(img["src"][:200])
+        at = text.index(f'alt="{img["alt"]}"')
         assert (mono < at < tnk) == (img["alt"].find("CD14plus") >= 0), img["alt"]
 
     # labels are escaped, never markup; the methods are listed
@@ -170,6 +171,38 @@ def test_report_from_anndata_results_and_several_analyses(tmp_path):
     assert out.read_text().count("<dt>design</dt><dd>~ condition</dd>") == 2
     with pytest.raises(scmlm.InputError, match="unique"):
         scmlm.report.render_report([scmlm.report.Analysis("a", pb.uns["voom"]["results"])] * 2)
+
+
+def test_demo_sized_report_is_light_with_screen_sized_images_and_collapsed_tables(results, tmp_path):
+    """A report the size of the demo (7 analyses × 2 groups, 28 figures, top-20 tables) stays below 600 kB: figures
+    are embedded as palette PNGs with a display width, long tables are collapsed with the full CSV linked."""
+    import shutil
+
+    run = tmp_path / "run"
+    names = [f"pb{i}" for i in range(7)]
+    for name in names:
+        shutil.copytree(results, run / name)
+    figures = sum(len(list((run / n / "plots").glob("*.png"))) for n in names)
+    raw = sum(p.stat().st_size for n in names for p in (run / n / "plots").glob("*.png"))
+    out = scmlm.report.write_report(run / "report.html", {n: run / n for n in names})
+    size = out.stat().st_size
+    assert figures == 28
+    assert size < 600_000  # bytes; the figures inlined as they are took ~750 kB (4/3 × raw in base64)
+    assert size < raw  # the palette PNGs take less than the figures' own bytes, base64 included
+    text = out.read_text()
+    page = parse(text)
+    assert len(page.images) == 28
+    for img in page.images:
+        assert 0 < int(img["width"]) <= scmlm.report.FIGURE_WIDTH, img.get("width")
+        data = base64.b64decode(img["src"].split(",", 1)[1])
+        assert data[:8] == PNG and data[25] == 3  # PNG colour type 3: palette
+    assert ".figs img{max-width:100%;height:auto" in text
+    # each group's top-20 table is collapsed, with the result table linked (relative: it moves with the folder)
+    for name in names:
+        section = text.split(f'<h2 id="s-{name}">')[1].split("<h2")[0]
+        assert section.count("<details><summary>Top 20 genes (20 rows)</summary><table") == 2
+        assert section.count(f'<a href="{name}/results.csv">') == 2
+        assert "more figure" not in section  # two figures per group, both shown
 
 
 def test_cli_report_and_bad_input(results, tmp_path, capsys):
@@ -257,3 +290,58 @@ def test_fitted_design_is_the_design_glmm_de_fits(tmp_path, results):
     argv = ["report", str(out), str(results), "--params", params, "--input", str(tmp_path / "cells.h5ad")]
     assert cli.main(argv) == 0
     assert "<dt>design_fitted</dt><dd>~ condition + (1|donor) + (1|donor:condition)</dd>" in out.read_text()
+
+
+def _few_donor_run(tmp_path, n_donors: int):
+    """Cells of `n_donors` donors (half per condition), `scmlm de` on them and the report with --input."""
+    cells = tmp_path / f"cells{n_donors}.h5ad"
+    scmlm.datasets.simulate(n_donors=n_donors, n_cells=20, n_genes=40, frac_de=0.3, seed=5).write_h5ad(cells)
+    folder = tmp_path / f"pb{n_donors}"
+    folder.mkdir()
+    argv = ["de", str(cells), "--tool", "pseudobulk", "--sample-key", "donor", "--layer", "counts"]
+    argv += ["--design", "~ condition", "--contrast", "condition:case:ctrl", "--out", str(folder / "results.csv")]
+    return cells, folder, argv
+
+
+@pytest.mark.parametrize("n_donors", [4, 8])
+def test_few_replicates_are_flagged_by_de_and_the_report(tmp_path, caplog, n_donors):
+    """2 donors per condition: `scmlm de` warns and the report shows a banner naming the levels; 4 per condition:
+    neither. The report always explains df, df_prior, singular and small p-values from few donors."""
+    cells, folder, argv = _few_donor_run(tmp_path, n_donors)
+    with caplog.at_level(logging.WARNING, logger="scmlm"):
+        assert cli.main(argv) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "few replicates" in
+              r.getMessage()]  # fmt: skip
+    few = n_donors < 2 * scmlm.checks.FEW_REPLICATES
+    assert len(warned) == int(few), warned
+    if few:
+        assert "condition=case has 2 units of replication (fewer than 3)" in warned[0]
+        assert "condition=ctrl has 2 units of replication" in warned[0]
+        assert "not that the effect will replicate in other donors" in warned[0]
+    out = tmp_path / f"report{n_donors}.html"
+    params = json.dumps({folder.name: {"method": "pseudobulk", "design": "~ condition",
+                                        "contrast": ["condition", "case", "ctrl"], "sample_key": "donor"}})  # fmt: skip
+    assert cli.main(["report", str(out), str(folder), "--params", params, "--input", str(cells)]) == 0
+    text = out.read_text()
+    assert "Reading the numbers: df, df_prior, singular" in text and "<b>df_prior</b>" in text
+    assert f"<dt>units_per_level</dt><dd>{{&quot;condition=case&quot;: {n_donors // 2}" in text
+    assert text.count('class="banner"') == 2 * int(few)
+    if few:
+        top = text.split('id="few-replicates"')[1].split("</div>")[0]
+        assert f'<a href="#s-{folder.name}">{folder.name}</a>' in top
+        section = text.split(f'<h2 id="s-{folder.name}">')[1]
+        assert section.index('class="banner"') < section.index("<h3>Methods</h3>")
+        assert "<li>condition=case has 2 units of replication (fewer than 3)</li>" in section
+
+
+def test_a_median_df_of_two_or_less_is_flagged(results):
+    table = pd.read_csv(results / "results.csv")
+    low = table.assign(df=np.where(table["group"] == "CD14+ Monocytes", 2.0, 12.0))
+    text = scmlm.report.render_report([scmlm.report.Analysis("low", low), scmlm.report.Analysis("fine", table)])
+    assert text.count('class="banner"') == 2  # the page's and the analysis'
+    assert '<a href="#s-low">low</a>' in text.split('id="few-replicates"')[1].split("</div>")[0]
+    banner = text.split('<h2 id="s-low">')[1].split("</div>")[0]
+    assert "<li>CD14+ Monocytes · condition_case_vs_ctrl: the median test has only 2 residual df (at most 2)</li>" in (
+        banner
+    )
+    assert "T/NK" not in banner

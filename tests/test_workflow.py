@@ -129,6 +129,10 @@ def _analysis(**kw) -> dict:
             "config.analyses[0] (x): 'shards' does not apply to method abundance",
         ),
         (
+            _analysis(method="pseudobulk", estimation="ML"),
+            "config.analyses[0] (x): 'estimation' applies to methods glmm and abundance only",
+        ),
+        (
             _analysis(method="abundance", abundance_method="clr", estimation="ML"),
             "config.analyses[0] (x): 'estimation' applies to abundance_method glmm only; this analysis uses 'clr'",
         ),
@@ -141,6 +145,99 @@ def test_bad_config_fails_with_one_clear_line(tmp_path, edit, message):
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "invalid scmlm configuration" in line]
     assert len(lines) == 1, proc.stdout + proc.stderr
     assert message in lines[0]
+
+
+def _input_workdir(path: Path, obs_edit=None, **overrides) -> tuple[Path, Path]:
+    """A run folder whose config reads a user's h5ad (outside outdir, no create_input); returns (workdir, input)."""
+    import anndata as ad
+
+    import scmlm
+
+    data = make_dirs(path / "data") / "cells.h5ad"
+    adata = scmlm.datasets.simulate(n_donors=4, n_cells=10, n_genes=8, n_cell_types=2, seed=1)
+    if obs_edit is not None:
+        obs_edit(adata.obs)
+    ad.AnnData(adata.X, obs=adata.obs, var=adata.var, layers=dict(adata.layers)).write_h5ad(data)
+    cfg = yaml.safe_load(TEST_CONFIG.read_text())
+    del cfg["create_input"]
+    cfg.update(input=str(data), **overrides)
+    make_dirs(path / "run" / "config")
+    (path / "run" / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path / "run", data
+
+
+def test_input_keys_design_and_levels_are_checked_when_the_workflow_starts(tmp_path):
+    """Obs keys, layer, design columns and contrast levels against the input's obs: one line before any job."""
+    import hashlib
+
+    analyses = [
+        {"name": "g1", "method": "glmm", "design": "~ conditon + (1|donor)", "contrast": ["condition", "case", "ctrl"]},
+        {"name": "g2", "method": "glmm", "design": "~ condition + (1|donor)", "contrast": ["condition", "cse", "ctrl"]},
+        {"name": "ab", "method": "abundance", "design": "~ condition", "contrast": ["condition", "case", "ctrl"],
+         "cell_type_key": "celltype"},
+    ]  # fmt: skip
+    workdir, data = _input_workdir(tmp_path, sample_key="donr", layer="raw", analyses=analyses)
+    before = hashlib.sha256(data.read_bytes()).hexdigest()
+    proc = snakemake(workdir, "-n", check=False)
+    assert proc.returncode != 0
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "invalid scmlm configuration" in line]
+    assert len(lines) == 1, proc.stdout + proc.stderr
+    for message in (
+        "config.sample_key: 'donr' is not a column of the input's obs (",
+        "set sample_key to the obs column naming each sample",
+        "config.layer: 'raw' is not a layer of",
+        "set layer to the layer holding the raw counts, or to null to use .X",
+        "config.analyses[0] (g1): design '~ conditon + (1|donor)' uses 'conditon', not found among the columns",
+        "config.analyses[1] (g2): level 'cse' of 'condition' is not in the data; its levels are: 'ctrl', 'case'",
+        "config.analyses[2] (ab).cell_type_key: 'celltype' is not a column of the input's obs",
+    ):
+        assert message in lines[0], message
+    assert not (workdir / "results").exists()
+    assert hashlib.sha256(data.read_bytes()).hexdigest() == before
+    # a pseudobulk design on a column that varies within the samples (aggregation would merge its levels)
+    pb = {"name": "pb", "method": "pseudobulk", "design": "~ condition + size_factor",
+          "contrast": ["condition", "case", "ctrl"]}  # fmt: skip
+    workdir, data = _input_workdir(tmp_path / "within", analyses=[pb])
+    proc = snakemake(workdir, "-n", check=False)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "invalid scmlm configuration" in line]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stdout + proc.stderr
+    within = "design '~ condition + size_factor' uses 'size_factor', which varies within the samples of sample_key"
+    assert f"config.analyses[0] (pb): {within} 'donor'" in lines[0]
+    assert "or use method glmm" in lines[0] and not (workdir / "results").exists()
+
+
+def test_integer_id_in_the_design_warns_at_start_as_the_api_does(tmp_path):
+    """An integer-coded batch entering the fixed design as a number: the API's warning and fix, before any job; the
+    glmm analysis' `estimation` reaches `scmlm de`."""
+    import warnings
+
+    import scmlm
+
+    def add_batch_id(obs):
+        obs["batch_id"] = obs["batch"].cat.codes.astype("int64")
+
+    analyses = [
+        {"name": "pb", "method": "pseudobulk", "design": "~ batch_id + condition",
+         "contrast": ["condition", "case", "ctrl"]},
+        {"name": "glmm", "method": "glmm", "design": "~ condition + (1|donor)",
+         "contrast": ["condition", "case", "ctrl"], "estimation": "ML"},
+    ]  # fmt: skip
+    workdir, data = _input_workdir(tmp_path, add_batch_id, analyses=analyses)
+    import anndata as ad
+
+    obs = ad.read_h5ad(data, backed="r").obs
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scmlm.design.build_design(obs, "~ batch_id + condition", factors=["donor", "cell_type"])
+    api = [str(w.message) for w in caught]
+    assert len(api) == 1 and "write C(batch_id) in the design" in api[0]
+    proc = snakemake(workdir, "-n", "-p")
+    out = proc.stdout + proc.stderr
+    assert f"scmlm configuration warning: config.analyses[0] (pb): {api[0]}" in out
+    assert out.count("scmlm configuration warning") == 1
+    fits = [line for line in out.splitlines() if "scmlm -v de" in line and "--shard" in line]
+    assert fits and all("--estimation ML" in line for line in fits)
+    assert not (workdir / "results").exists()
 
 
 # ---- one full local run on .test -------------------------------------------------------------------------------------
@@ -268,6 +365,15 @@ def test_landing_report(local_run):
     assert "<dt>offset</dt><dd>tmm</dd>" in html  # the GLMM's resolved offset is listed
     # and the design it fitted (a donor-level contrast: no term added)
     assert "<dt>design_fitted</dt><dd>~ condition + (1|donor) + (1|batch)</dd>" in html
+    assert "<dt>estimation</dt><dd>REML</dd>" in html  # the glmm default, passed to scmlm de
+    # figures sized for the screen; the guide to df, df_prior and singular; 3 donors per condition and group (read
+    # from the input's obs) is not "very few replicates", so no banner
+    assert html.count('<img alt="') == html.count('width="') == n_png
+    assert "Reading the numbers: df, df_prior, singular" in html
+    assert "<dt>units_per_level</dt><dd>{&quot;condition=case in type0&quot;: 3, " in html
+    assert 'class="banner"' not in html
+    summary_table = html.split('id="summary"')[1].split("</table>")[0]
+    assert summary_table.count('<td data-v="cell types">') == 1 and summary_table.count('<td data-v="genes">') == 4
 
 
 def test_abundance_analysis(local_run):

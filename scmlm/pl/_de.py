@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pandas as pd
 
+from ._labels import place_labels
 from ._utils import finish, get_ax, require_columns, require_one_result, result_table
 
 
@@ -31,7 +32,8 @@ def volcano(
     key, group, contrast
         Which result, group and contrast to draw (see :func:`scmlm.get.de_df`).
     padj_threshold
-        Genes with ``padj`` below it are coloured and the top ``n_labels`` labelled.
+        Genes with ``padj`` below it are coloured and the top ``n_labels`` labelled; labels never overlap (each
+        takes the nearest free place, with a leader line when moved away; one with no free place is left out).
     ax, show, save
         As in scanpy: draw into ``ax``; show the figure; save it to a path (``True``: ``volcano.png``).
 
@@ -49,16 +51,17 @@ def volcano(
     x = df["log2fc"].to_numpy(dtype=float)
     ax.scatter(x[~sig], y[~sig], s=6, c="0.65", lw=0, rasterized=True, label="not significant")
     ax.scatter(x[sig], y[sig], s=8, c="tab:red", lw=0, rasterized=True, label=f"padj < {padj_threshold:g}")
-    if n_labels and sig.any():
-        top = np.argsort(-y * sig)[: min(n_labels, int(sig.sum()))]
-        for i in top:
-            ax.annotate(str(df["gene"].iloc[i]), (x[i], y[i]), fontsize=7, xytext=(2, 2), textcoords="offset points")
     ax.axvline(0, c="0.3", lw=0.6)
     ax.set_xlabel("log2 fold change")
     ax.set_ylabel("−log10 p-value")
     ax.set_title(_title(df, "volcano"), fontsize=9)
     # below the axes: inside, it would hide the labels of the most significant genes, which sit at the top
     ax.legend(frameon=False, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
+    if n_labels and sig.any():
+        top = np.argsort(-y * sig, kind="stable")[: min(n_labels, int(sig.sum()))]
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(lo, hi + 0.12 * (hi - lo))  # headroom: the most significant genes' labels sit above them
+        place_labels(ax, x[top], y[top], df["gene"].iloc[top].astype(str), fontsize=7)
     return finish(ax, show, save, "volcano.png")
 
 

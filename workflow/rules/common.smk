@@ -7,6 +7,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 
 import jsonschema
 from snakemake.exceptions import WorkflowError
@@ -123,6 +124,10 @@ def validate_config(cfg):
             for key in ("family", "shards"):
                 if key in a:
                     problems.append(f"{where}: {key!r} applies to method glmm only")
+            if "estimation" in a:
+                problems.append(
+                    f"{where}: 'estimation' applies to methods glmm and abundance only"
+                )
         elif "pb_method" in a:
             problems.append(f"{where}: 'pb_method' applies to method pseudobulk only")
         for level in _contrast_levels(a["contrast"]):
@@ -145,7 +150,7 @@ def validate_config(cfg):
         raise WorkflowError(f"invalid scmlm configuration: {'; '.join(problems)}")
 
 
-_ABUNDANCE_ONLY = ("cell_type_key", "abundance_method", "estimation", "min_cells_type")
+_ABUNDANCE_ONLY = ("cell_type_key", "abundance_method", "min_cells_type")
 _NOT_ABUNDANCE = (
     "pb_method",
     "family",
@@ -202,6 +207,128 @@ def _input_problems(cfg):
 
 
 validate_config(config)
+
+
+# ---- the input against the configuration (obs only, before any job) ----------------------------------------------
+def _read_obs(path):
+    """The obs table and layer names of an .h5ad file, without reading its counts."""
+    import h5py
+
+    try:
+        from anndata.io import read_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import read_elem
+    try:
+        with h5py.File(path, "r") as f:
+            return read_elem(f["obs"]), sorted(f["layers"]) if "layers" in f else []
+    except (OSError, KeyError) as err:
+        raise WorkflowError(
+            f"invalid scmlm configuration: config.input: {path!r} cannot be read as an .h5ad file ({err}); "
+            "give the AnnData file written by anndata's write_h5ad"
+        ) from None
+
+
+def _cols(obs):
+    return ", ".join(map(repr, obs.columns))
+
+
+def _key_problem(obs, where, col, fix):
+    if not col or col in obs.columns:
+        return []
+    return [
+        f"{where}: {col!r} is not a column of the input's obs ({_cols(obs)}); {fix}"
+    ]
+
+
+def _analysis_keys(a):
+    """The obs columns an analysis reads as keys, each with its config key: [(where, column)]."""
+    if a["method"] == "abundance":
+        return [
+            ("cell_type_key", abundance_cell_type_key(a)),
+            ("sample_key", a.get("sample_key", config["sample_key"])),
+        ]
+    if a["method"] == "pseudobulk":
+        return [
+            ("sample_key", config["sample_key"]),
+            ("groups_key", config["groups_key"]),
+        ]
+    return [("sample_key", a.get("sample_key")), ("groups_key", config["groups_key"])]
+
+
+def _design_problems(obs, a, where):
+    """The analysis' design columns and contrast levels against the input (scmlm's own design checks); prints the
+    warnings scmlm gives for the design (an integer identifier entering as a number)."""
+    from scmlm.checks import design_warnings, pseudobulk_design_problem
+    from scmlm.errors import DesignError
+
+    keys = [col for _, col in _analysis_keys(a)]
+    c = a["contrast"]
+    spec = tuple(c) if _is_triple(c) else contrast_spec(c)
+    try:
+        found = design_warnings(obs, a["design"], spec, factors=keys)
+    except DesignError as err:
+        return [f"{where}: {err} (input {config['input']!r})"]
+    if a["method"] == "pseudobulk":
+        problem = pseudobulk_design_problem(
+            obs, a["design"], config["sample_key"], config["groups_key"]
+        )
+        if problem:
+            return [f"{where}: {problem}"]
+    for message in found:
+        print(f"scmlm configuration warning: {where}: {message}", file=sys.stderr)
+    return []
+
+
+def input_problems(cfg):
+    """Keys, layer, design columns and contrast levels of every analysis, checked on the input's obs when the
+    workflow is parsed (a created input does not exist yet; its rule checks it)."""
+    path = cfg["input"]
+    if "create_input" in cfg or not os.path.isfile(path):
+        return []
+    try:
+        import scmlm.design  # noqa: F401  (the rules' conda environment may be the only place scmlm lives)
+    except ImportError:
+        return []
+    obs, layers = _read_obs(path)
+    problems = _key_problem(
+        obs,
+        "config.sample_key",
+        cfg["sample_key"],
+        "set sample_key to the obs column naming each sample (donor)",
+    )
+    problems += _key_problem(
+        obs,
+        "config.groups_key",
+        cfg["groups_key"],
+        "set groups_key to the obs column of the cell types, or to null for one fit over all cells",
+    )
+    if cfg["layer"] and cfg["layer"] not in layers:
+        problems.append(
+            f"config.layer: {cfg['layer']!r} is not a layer of {path!r} (layers: {', '.join(map(repr, layers)) or 'none'}); "
+            "set layer to the layer holding the raw counts, or to null to use .X"
+        )
+    for i, a in enumerate(cfg["analyses"]):
+        where = f"config.analyses[{i}] ({a['name']})"
+        keys = _analysis_keys(a)
+        for key, col in keys:
+            if key in a:
+                problems += _key_problem(
+                    obs, f"{where}.{key}", col, f"set {key} to an obs column"
+                )
+        if all(not col or col in obs.columns for _, col in keys):
+            problems += _design_problems(obs, a, where)
+    return problems
+
+
+def check_input(cfg):
+    """Fail when the workflow is parsed (not inside a job), in one line, when the input does not fit the
+    configuration: today's alternative is an error in a job log after the aggregation has run.
+    """
+    if not workflow.is_main_process:
+        return
+    problems = input_problems(cfg)
+    if problems:
+        raise WorkflowError(f"invalid scmlm configuration: {'; '.join(problems)}")
 
 
 def check_scmlm_command():
@@ -272,6 +399,7 @@ def de_args(wildcards):
     else:
         args += ["--family", a.get("family", "nb")]
         args += ["--replication", a.get("replication", "auto")]
+        args += ["--estimation", a.get("estimation", "REML")]
         if a.get("sample_key"):
             args += ["--sample-key", a["sample_key"]]
     return shlex.join(args)
@@ -413,6 +541,7 @@ def report_params(name):
         params["family"] = a.get("family", "nb")
         params["offset"] = glmm_offset(name)
         params["replication"] = a.get("replication", "auto")
+        params["estimation"] = a.get("estimation", "REML")
         if a.get("sample_key"):
             params["sample_key"] = a["sample_key"]
         params["shards"] = n_shards(name)
@@ -612,3 +741,6 @@ def final_outputs():
         if hierarchy_genes(name) > 0:
             targets.append(out(name, "hierarchy"))
     return targets
+
+
+check_input(config)
