@@ -1,7 +1,7 @@
 """Cold start: the first call of ``glmm_de`` and ``pseudobulk_de`` in a fresh process, from a fresh installation.
 
 Prints, each figure from its own Python process (wall and CPU time from interpreter start,
-imports included):
+imports included, and how many kernels the process compiled instead of loading them from numba's cache):
 
   cold     first process after a fresh non-editable ``pip install`` (empty numba caches: the package directory
            is deleted before installing, and the user-wide cache directory is new)
@@ -13,6 +13,15 @@ imports included):
 Bars (issue): cold ≤ 10 s, second ≤ 3 s, read-only after one warm-up ≤ 3 s.
 
     python benchmarks/bench_cold_start.py [--venv /tmp/venv_cold] [--skip-readonly] [--repeat 2]
+    python benchmarks/bench_cold_start.py --source /path/to/old/checkout --source . [--only glmm_de]
+
+``--source`` (repeatable) measures source checkouts instead of an installation, with this interpreter: each
+checkout on ``PYTHONPATH``, numba's cache in a new empty ``NUMBA_CACHE_DIR`` per figure:
+
+  cold     first process with an empty cache
+  second   the next process on the same cache
+  warmup   ``scmlm.warmup()`` into another empty cache
+  warmed   a process on the cache the warm-up filled (should compile nothing)
 
 ``--venv`` reuses a venv that already has the dependencies (scmlm itself is reinstalled there, non-editable, with
 ``--force-reinstall --no-deps``, which gives an empty in-tree cache); without it a new venv is built in a temporary
@@ -36,22 +45,26 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 NOBODY = 65534  # uid and gid of nobody/nogroup: the read-only runs drop to it (root ignores file permissions)
 
+# the kernels this process compiled (numba's cache misses)
+_COMPILED = "from scmlm._jit import KERNELS\nprint(sum(sum(d.stats.cache_misses.values()) for d in KERNELS))\n"
+
 # what a user's first call looks like: a small simulated dataset, the public API, default settings
 PROBE = {
     "glmm_de": (
         "import scmlm\n"
-        "a = scmlm.datasets.simulate(n_donors=6, n_cells=60, n_genes=60, n_batches=2, seed=1)\n"
+        # 3 batches: with 2, batch (donor % 2) is the condition (odd donors) and no gene is testable
+        "a = scmlm.datasets.simulate(n_donors=6, n_cells=60, n_genes=60, n_batches=3, seed=1)\n"
         "a = a[a.X.sum(axis=1).A1 > 0].copy()\n"
         "scmlm.tl.glmm_de(a, '~ condition + (1|donor) + (1|batch)', ('condition', 'case', 'ctrl'),"
         " min_cells_expressing=5)\n"
-        "assert (a.uns['glmm_de']['results']['status'] == 'ok').any()\n"
+        "assert (a.uns['glmm_de']['results']['status'] == 'ok').any()\n" + _COMPILED
     ),
     "pseudobulk_de": (
         "import scmlm\n"
         "a = scmlm.datasets.simulate(n_donors=6, n_cells=60, n_genes=200, n_batches=2, seed=1)\n"
         "pb = scmlm.pp.pseudobulk(a, 'donor')\n"
         "scmlm.tl.pseudobulk_de(pb, '~ condition', ('condition', 'case', 'ctrl'))\n"
-        "assert (pb.uns['pseudobulk_de']['results']['status'] == 'ok').any()\n"
+        "assert (pb.uns['pseudobulk_de']['results']['status'] == 'ok').any()\n" + _COMPILED
     ),
 }
 
@@ -96,8 +109,8 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _run(cmd: list[str], env: dict, user: int | None = None) -> tuple[float, float]:
-    """Wall time and CPU time (user + system, all threads) of ``cmd``; the CPU time is less sensitive to load."""
+def _run(cmd: list[str], env: dict, user: int | None = None) -> tuple[float, float, str]:
+    """Wall time, CPU time (user + system, all threads; less sensitive to load) and the last line ``cmd`` printed."""
     if user is not None:
         cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
     c0, t0 = _cpu(), time.perf_counter()
@@ -105,7 +118,8 @@ def _run(cmd: list[str], env: dict, user: int | None = None) -> tuple[float, flo
     dt, dc = time.perf_counter() - t0, _cpu() - c0
     if proc.returncode:
         sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return dt, dc
+    lines = proc.stdout.strip().splitlines()
+    return dt, dc, lines[-1] if lines else ""
 
 
 def _home(tmp: Path) -> Path:
@@ -115,12 +129,35 @@ def _home(tmp: Path) -> Path:
     return home
 
 
-def _probe(py: Path, what: str, env: dict, user: int | None = None) -> tuple[float, float]:
+def _probe(py: Path, what: str, env: dict, user: int | None = None) -> tuple[float, float, str]:
     return _run([str(py), "-c", PROBE[what]], env, user)
 
 
-def _report(label: str, what: str, t: tuple[float, float]) -> None:
-    print(f"  {what:14s} {label:8s} {t[0]:7.1f} s wall {t[1]:7.1f} s cpu   ({_load()})", flush=True)
+def _report(label: str, what: str, t: tuple[float, float, str]) -> None:
+    compiled = f"{t[2]:>4s} kernels compiled" if t[2].isdigit() else " " * 21
+    print(f"  {what:14s} {label:8s} {t[0]:7.1f} s wall {t[1]:7.1f} s cpu {compiled}  ({_load()})", flush=True)
+
+
+def _sources(sources: list[str], whats: list[str], repeat: int, tmp: Path) -> None:
+    """Cold, second, warm-up and warmed figures of source checkouts (``--source``), this interpreter."""
+    py = Path(sys.executable)
+    for rep in range(repeat):
+        print(f"run {rep + 1}")
+        for src in sources:
+            src_path = Path(src).resolve()
+            print(f" {src_path}")
+
+            def env(cache: Path, src_path=src_path) -> dict:
+                return {**_env(Path(tempfile.mkdtemp(dir=tmp)), cache), "PYTHONPATH": str(src_path)}
+
+            for what in whats:
+                e = env(Path(tempfile.mkdtemp(dir=tmp)))
+                _report("cold", what, _probe(py, what, e))
+                _report("second", what, _probe(py, what, e))
+            e = env(Path(tempfile.mkdtemp(dir=tmp)))
+            _report("warmup", "(all kernels)", _run([str(py), "-c", "import scmlm; scmlm.warmup()"], e))
+            for what in whats:
+                _report("warmed", what, _probe(py, what, e))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,11 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="repeat the whole measurement")
     ap.add_argument("--skip-readonly", action="store_true")
     ap.add_argument("--only", choices=sorted(PROBE), action="append", help="measure only this function")
+    ap.add_argument("--source", action="append", help="measure this source checkout (repeatable), not an install")
     args = ap.parse_args(argv)
     repo = Path(args.repo).resolve()
     whats = args.only or sorted(PROBE)
     tmp = Path(tempfile.mkdtemp(prefix="scmlm_cold_"))
     os.chmod(tmp, 0o755)
+    if args.source:
+        try:
+            _sources(args.source, whats, args.repeat, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return 0
     try:
         if args.venv is None:
             venv = tmp / "venv"

@@ -62,10 +62,11 @@ def _counts() -> tuple[int, int]:
 def warmup(cache_dir: str | os.PathLike | None = None, *, verbose: bool = False) -> dict:
     """Compile every scmlm kernel for the argument types the package uses, and store the machine code on disk.
 
-    Runs the public tools on a tiny simulated dataset (a few seconds once compiled): cell-level GLMM fits (all
-    families, REML and ML, Wald and LRT), pseudobulk aggregation (float and integer counts, 32- and 64-bit sparse
-    indices) and pseudobulk DE. Later
-    processes on this installation and CPU load the kernels from numba's cache instead of compiling them. Run it
+    Runs every public tool with its defaults on a small simulated dataset (a few seconds once compiled): cell-level
+    GLMM fits (all families, REML and ML, Wald and LRT), ``variance_partition``, ``random_effects``, ``gee_de``,
+    ``abundance_de``, pseudobulk aggregation (float and integer counts, 32- and 64-bit sparse indices) and pseudobulk
+    DE (``nb_ql``, ``voom``). Later processes on this installation and CPU load the kernels from numba's cache instead
+    of compiling them (``tests/test_jit.py`` checks that a default call of every tool then compiles nothing). Run it
     once after installing (``make venv`` does), or once per run of the workflow into a shared ``cache_dir``.
 
     Parameters
@@ -104,7 +105,9 @@ def warmup(cache_dir: str | os.PathLike | None = None, *, verbose: bool = False)
         if verbose:
             print(f"scmlm warmup: {name} ({time.perf_counter() - t:.1f} s)", file=sys.stderr, flush=True)
 
-    a = datasets.simulate(n_donors=4, n_cells=30, n_genes=12, n_batches=2, frac_de=0.5, seed=0)
+    # 60 cells a donor: some covariate patterns hold more than NDIRECT (32) cells, so the NB fit builds its V_p
+    # tables (``build_tables``, called from Python only for such patterns) as a user's first call does
+    a = datasets.simulate(n_donors=4, n_cells=60, n_genes=12, n_batches=2, frac_de=0.5, seed=0)
     a = a[np.asarray(a.X.sum(axis=1)).ravel() > 0].copy()
     a.X = sp.csr_matrix(a.X, dtype=np.float32)
     design = "~ condition + (1|donor) + (1|batch)"
@@ -119,6 +122,16 @@ def warmup(cache_dir: str | os.PathLike | None = None, *, verbose: bool = False)
     g = a.copy()
     g.X = sp.csr_matrix(np.log1p(np.asarray(a.X.todense(), dtype=np.float64)))
     step("glmm_de gaussian", lambda: tl.glmm_de(g, design, contrast, family="gaussian", offset=None, **kw))
+    step("variance_partition", lambda: tl.variance_partition(a, design, min_cells_expressing=1, n_jobs=1))
+
+    def random_effects() -> None:  # refits the genes of a glmm_de result
+        fitted = tl.glmm_de(a, design, contrast, min_cells_expressing=1, n_jobs=1, copy=True)
+        tl.random_effects(fitted, genes=list(a.var_names[:2]), inplace=False, n_jobs=1)
+
+    step("random_effects", random_effects)
+    step("gee_de", lambda: tl.gee_de(a, "~ condition", contrast, min_cells_expressing=1, inplace=False, n_jobs=1))
+    comp = datasets.simulate_composition(n_donors=4, n_cell_types=3, n_cells=(40, 80), seed=0)
+    step("abundance_de", lambda: tl.abundance_de(comp, "~ condition", contrast, inplace=False, n_jobs=1))
     # aggregation keeps the stored dtypes (a cast would copy the whole matrix): every value dtype a count matrix is
     # stored with, and 32- or 64-bit indices (the latter in files with more than 2^31 non-zeros, or written so)
     for dtype in (np.float32, np.float64, np.int32, np.int64):
@@ -131,6 +144,7 @@ def warmup(cache_dir: str | os.PathLike | None = None, *, verbose: bool = False)
             step(name, lambda c=c: pp.pseudobulk(c, "donor", groups_key="batch"))
     pb = pp.pseudobulk(a, "donor")
     step("pseudobulk_de nb_ql", lambda: tl.pseudobulk_de(pb, "~ condition", contrast, inplace=False))
+    step("pseudobulk_de voom", lambda: tl.pseudobulk_de(pb, "~ condition", contrast, method="voom", inplace=False))
     hits, misses = _counts()
     out = {
         "seconds": time.perf_counter() - t0,

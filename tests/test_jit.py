@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import pkgutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from numba.core.dispatcher import Dispatcher
@@ -34,6 +36,44 @@ if __name__ == "__main__":
 
     print(total(np.array([float(a) for a in sys.argv[1:]])))
     print(sum(total.stats.cache_hits.values()), sum(total.stats.cache_misses.values()))
+"""
+
+
+DEFAULT_CALLS = """
+import json
+import warnings
+
+import numpy as np
+
+warnings.simplefilter("ignore")
+import scmlm
+from scmlm import _jit, _warmup
+
+_warmup._kernel_modules()
+con = ("condition", "case", "ctrl")
+des = "~ condition + (1|donor) + (1|batch)"
+a = scmlm.datasets.simulate(n_donors=6, n_cells=60, n_genes=30, n_batches=3, seed=1)
+a = a[np.asarray(a.X.sum(axis=1)).ravel() > 0].copy()
+b = a.copy()
+b.X = (b.X > 0).astype(np.float64)
+g = a.copy()
+g.X = np.log1p(g.X.toarray())
+scmlm.tl.glmm_de(a, des, con, min_cells_expressing=5)
+scmlm.tl.glmm_de(a, des, con, family="poisson", min_cells_expressing=5, key_added="poisson")
+scmlm.tl.glmm_de(b, des, con, family="binomial", offset=None, min_cells_expressing=5)
+scmlm.tl.glmm_de(g, des, con, family="gaussian", offset=None, min_cells_expressing=5)
+scmlm.tl.random_effects(a, genes=list(a.var_names[:3]))
+scmlm.tl.variance_partition(a, des, min_cells_expressing=5)
+scmlm.tl.gee_de(a, "~ condition", con, min_cells_expressing=5)
+pb = scmlm.pp.pseudobulk(a, "donor")
+scmlm.tl.pseudobulk_de(pb, "~ condition", con)
+scmlm.tl.pseudobulk_de(pb, "~ condition", con, method="voom")
+c = scmlm.datasets.simulate_composition(n_cells=(50, 100), seed=0)
+scmlm.tl.abundance_de(c, "~ condition", con)
+print(json.dumps({
+    "compiled": {d.py_func.__qualname__: n for d in _jit.KERNELS if (n := sum(d.stats.cache_misses.values()))},
+    "loaded": sum(sum(d.stats.cache_hits.values()) for d in _jit.KERNELS),
+}))
 """
 
 
@@ -104,3 +144,15 @@ def test_warmup_compiles_one_specialisation_per_kernel_and_later_calls_reuse_it(
     again = scmlm.warmup()
     assert again["compiled"] == 0
     assert again["signatures"] == first["signatures"]
+
+
+def test_after_warmup_a_default_call_of_every_tool_compiles_nothing():
+    """What ``scmlm warmup`` leaves in numba's cache covers the default call of every tool: a later process (same
+    installation and cache directory) loads every kernel it needs and compiles none (numba's cache-miss counters)."""
+    scmlm.warmup()
+    root = str(Path(scmlm.__file__).resolve().parents[1])  # the scmlm under test, not another installed one
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", DEFAULT_CALLS], env=env, capture_output=True, text=True, check=True)
+    counts = json.loads(out.stdout.strip().splitlines()[-1])
+    assert counts["compiled"] == {}, f"compiled after the warm-up: {counts['compiled']}"
+    assert counts["loaded"] > 0

@@ -44,7 +44,7 @@ numbers, and its sums over cells are replaced by bivariate Taylor polynomials re
 (see ``fam_eval_grp``): O(cells) per re-centring, O(groups) per pass. Designs that do not group (two continuous
 covariates, other families) keep one pattern per cell, evaluated exactly. ``benchmarks/bench_glmm_slope.py``
 measures ``~ x + (1 + x|donor)`` against categorical designs on the same data.
-The compilation (first use in a new environment) takes one to two minutes of CPU for all families.
+The compilation (first use in a new environment) takes about a minute of CPU for all families.
 
 Why numba: one fit is a long chain of tiny dense operations (q x q with q = donors + batches) with data-dependent
 iteration counts; numpy would spend its time in call overhead and a per-gene Python loop with scipy.optimize is two
@@ -61,4 +61,14 @@ per pattern, with ``inline="always"``. Functions that allocate (``make_workspace
 ``chunk.fit_chunk`` and ``likelihood.build_tables`` are called from Python; every other kernel is compiled without a
 CPython wrapper (``no_cpython_wrapper=True``), which would box and unbox each array of its records and costs a third
 of the compilation time.
+
+Compilation time follows the call tree: numba links the optimised module of every callee into its caller, and LLVM
+optimises and emits the linked whole again, so a separately compiled function costs about as much as everything
+below it. The functions called from one place that sit above the large subtrees (``chunk._fit_one``,
+``chunk._fit_stages``; ``outer._fd_hessian``, ``_final_step``, ``_line_search``, ``snap_zero``) are therefore
+inlined by numba (``inline="always"``) into ``fit_chunk`` and ``fit_gene``: that removes four re-optimisations of the
+whole kernel (a first NB call with an empty cache spent 100 s of CPU in numba's compilation before, 65 s after,
+summed from numba's compile events). Inlining more costs more than it saves, as numba's own passes grow faster than
+linearly with the size of a function: ``fit_gene`` inlined as well took 81 s, and the gradient helpers inlined into
+``objective_grad`` gained nothing. ``benchmarks/bench_cold_start.py --source`` measures the first call.
 """

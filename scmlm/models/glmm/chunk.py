@@ -361,7 +361,7 @@ def _keep_stage0(out, gi, ow, n_psi, npar):
                 out.dcov[gi, i, a, b] = ow.dcov[i, a, b]
 
 
-@jit(no_cpython_wrapper=True)
+@jit(inline="always")
 def _fit_stages(cf, gd, dz, ws, est, ow0):
     """Stage 0 (joint modes) and, for ML, stage 1 (Laplace-ML beta) from the starting values in ``est``.
 
@@ -501,7 +501,7 @@ def _write_beta(ws, est, out, gi, npar, ml_cov):
             out.cov[gi, a, b] = est.covl[a, b] if ml_cov else ws.Hinv[a, b]
 
 
-@jit(no_cpython_wrapper=True)
+@jit(inline="always")
 def _fit_one(cf, gd, dz, ws, est, control, out, gi):
     """Fit gene ``gi`` (its :class:`GeneData` built) and write its results; returns its status."""
     P = dz.x_rows.shape[0]

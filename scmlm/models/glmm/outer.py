@@ -24,7 +24,7 @@ SHIFT_TOL = 0.02  # modes this close to the Taylor centres: the surrogate is exa
 INNER_MAX = 60  # Newton iterations of the inner problem
 
 
-@jit(no_cpython_wrapper=True)
+@jit(inline="always")
 def snap_zero(cf, gd, dz, ws, gamma, psi, obj, ow):
     """Set near-zero SDs of intercept / uncorrelated terms to exactly zero when that does not lower the criterion.
 
@@ -87,7 +87,7 @@ def settle(cf, gd, gamma, psi, dz, ws):
     return True
 
 
-@jit(_nrt=False, no_cpython_wrapper=True)
+@jit(inline="always")
 def _fd_hessian(cf, gd, dz, ws, psi, gamma, ow):
     """Forward-difference Hessian ``ow.hess`` of the analytic gradient ``ow.grad`` and derivative ``ow.dcov`` of the
     conditional covariance of beta. False if a perturbed fit fails."""
@@ -140,7 +140,7 @@ def _newton_direction(cf, psi, ow):
     return modified_newton_step(ow.hess, grad, free, n, ow.step)
 
 
-@jit(_nrt=False, no_cpython_wrapper=True)
+@jit(inline="always")
 def _final_step(cf, gd, dz, ws, psi, gamma, ow, obj):
     """At convergence the Newton step is tiny and its quadratic model exact: take it (error ~ dec^2) if it does not
     lower the criterion. Returns the criterion."""
@@ -184,7 +184,7 @@ def _limit_step(cf, psi, ow):
         step[nth] *= 4.0
 
 
-@jit(_nrt=False, no_cpython_wrapper=True)
+@jit(inline="always")
 def _line_search(cf, gd, dz, ws, psi, gamma, ow, obj):
     """Backtracking along ``ow.step`` from ``psi``; the accepted point is left in ``ow.psit``/``ow.gamt``."""
     n = psi.shape[0]
