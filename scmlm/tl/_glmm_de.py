@@ -221,7 +221,8 @@ def glmm_de(
         Empirical-Bayes moderated tests for contrasts between donors or samples (see above); ``False`` tests each
         gene alone.
     n_jobs
-        Worker processes over gene chunks (``None``: ``scmlm.settings.n_jobs``). Results do not depend on it.
+        Threads fitting gene chunks in parallel (``None``: ``scmlm.settings.n_jobs``); they share the counts, so
+        memory does not grow with them. Results do not depend on it.
     shard
         ``(i, n)`` or ``"i/n"``: fit only the i-th of n gene shards (1-based), for cluster arrays; merge with
         ``scmlm merge`` (which recomputes BH and finishes the moderated tests over all genes).

@@ -244,7 +244,7 @@ def random_effects(
     genes
         Gene names (required: refitting every gene would repeat ``glmm_de``).
     n_jobs
-        Worker processes.
+        Threads fitting gene chunks in parallel (``None``: ``scmlm.settings.n_jobs``).
     key_added
         Key in ``adata.uns`` for ``{"params": …, "results": DataFrame}`` (what :func:`scmlm.pl.shrinkage` reads).
     inplace, copy
