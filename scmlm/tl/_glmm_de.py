@@ -36,7 +36,7 @@ from ..design import (
     resolve_samples,
     within_parent,
 )
-from ..engine import gene_chunks, resolve_n_jobs, run_chunks
+from ..engine import parallel_chunks, resolve_n_jobs, run_chunks
 from ..models import (
     FAMILY_NAMES,
     PENDING,
@@ -550,7 +550,7 @@ def _fit_genes(model: _ChunkModel, sub, eligible: np.ndarray, n_jobs: int | None
     if not fit.size:
         return fits
     # chunks index the columns of sub directly: no copy of the fitted genes' counts
-    chunks = [fit[c] for c in gene_chunks(fit.size)]
+    chunks = [fit[c] for c in parallel_chunks(fit.size, n_jobs)]
     # threads: the kernel releases the GIL; each thread cuts its chunk out of the shared counts
     results = run_chunks(functools.partial(_fit_chunk, model=model), sub, chunks, n_jobs=n_jobs, backend="threads")
     for g, (res, tests) in zip(chunks, results, strict=True):

@@ -12,7 +12,7 @@ from .._errors import DesignError, InputError, _fmt_list
 from .._validate import check_counts, check_obs_keys, check_unique_names, get_matrix
 from .._version import __version__
 from ..design import FittedDesign, build_design, resolve_offset, stored_formula
-from ..engine import gene_chunks, run_chunks
+from ..engine import parallel_chunks, run_chunks
 from ..models import FAMILY_NAMES, STATUS, build_Z, fit_glmm, fit_unpooled, prepare_glmm, term_slices
 from ..results import DEResult
 from ._common import (
@@ -69,7 +69,7 @@ def _fit_genes(matrix, rows, gene_idx, d, off, family, estimation, n_jobs, min_c
     eligible, _, _ = gene_eligibility(sub, family, min_cells_expressing)
     fit = np.flatnonzero(eligible == "ok")
     gdesign = prepare_glmm(d.X, d.terms, None if off is None else off[rows], family=family)
-    chunks = [fit[c] for c in gene_chunks(fit.size)] if fit.size else []
+    chunks = [fit[c] for c in parallel_chunks(fit.size, n_jobs)] if fit.size else []
     fit_chunk = functools.partial(_fit_chunk, gdesign=gdesign, estimation=estimation)
     # threads: the kernel releases the GIL; each thread cuts its chunk out of the shared counts
     results = run_chunks(fit_chunk, sub, chunks, n_jobs=n_jobs, backend="threads") if chunks else []
