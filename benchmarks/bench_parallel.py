@@ -107,6 +107,48 @@ def step(args) -> dict:
     }
 
 
+def probe(args) -> dict:
+    """Whether the GLMM kernel releases the GIL: a Python thread counting while a chunk is fitted.
+
+    numba keys its disk cache by the kernel's source file, not by the decorator's options, so a cache written before
+    the kernels were compiled ``nogil`` is still loaded, and threads then take turns (results are unchanged).
+    """
+    import threading
+
+    import anndata as ad
+    import numpy as np
+    import scipy.sparse as sp
+
+    from scmlm.design import build_design
+    from scmlm.models import fit_glmm, prepare_glmm
+
+    a = ad.read_h5ad(args.data)
+    d = build_design(a.obs, DESIGN)
+    g = prepare_glmm(d.X, d.terms, np.log(np.asarray(a.X.sum(axis=1)).ravel()), family="nb")
+    Y = sp.csc_matrix(a.X[:, :100])
+    fit_glmm(Y[:, :2], g)
+    stop, ticks = [False], [0]
+
+    def spin() -> None:
+        while not stop[0]:
+            ticks[0] += 1
+
+    rates = []
+    for busy in (False, True):
+        th = threading.Thread(target=spin)
+        stop[0] = False
+        th.start()
+        t0, w0 = ticks[0], time.perf_counter()
+        if busy:
+            fit_glmm(Y, g)
+        else:
+            time.sleep(0.5)
+        rates.append((ticks[0] - t0) / (time.perf_counter() - w0))
+        stop[0] = True
+        th.join()
+    return {"idle_rate": rates[0], "fit_rate": rates[1]}
+
+
 def measure(args) -> dict:
     """Run one configuration in a child process; add its peak RSS (its workers included) and total CPU."""
     cmd = [sys.executable, __file__, "--step", "run", "--data", args.data, "--n-jobs", str(args.n_jobs)]
@@ -136,7 +178,7 @@ def main() -> None:
     p.add_argument("--jobs", default="1,2", help="n_jobs values; the first is the reference")
     p.add_argument("--genes", type=int, default=2000)
     p.add_argument("--workdir", default="/tmp/scmlm_bench_parallel")
-    p.add_argument("--step", choices=["run", "measure"], help=argparse.SUPPRESS)
+    p.add_argument("--step", choices=["run", "measure", "probe"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--n-jobs", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -146,10 +188,19 @@ def main() -> None:
     if args.step == "measure":
         print(json.dumps(measure(args)))
         return
+    if args.step == "probe":
+        print(json.dumps(probe(args)))
+        return
     import scmlm
 
     print(f"scmlm from {Path(scmlm.__file__).parent}; {os.cpu_count()} cores; design {DESIGN!r}, {args.genes} genes")
     jobs = [int(j) for j in args.jobs.split(",")]
+    small = _data_file(args.workdir, 40000, args.genes)
+    cmd = [sys.executable, __file__, "--step", "probe", "--data", str(small)]
+    pr = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    share = pr["fit_rate"] / pr["idle_rate"]
+    verdict = "releases the GIL" if share > 0.4 else "HOLDS THE GIL (numba cache from before nogil? delete *.nbi)"
+    print(f"a Python thread ran at {share:.0%} of its speed while the GLMM kernel fitted a chunk: it {verdict}")
     for cells in (int(c) for c in args.sizes.split(",")):
         data = _data_file(args.workdir, cells, args.genes)
         runs = {}
