@@ -39,7 +39,8 @@ def jit(func: Callable | None = None, /, **options) -> Callable:
         raise TypeError(f"scmlm's jit fixes {fixed} for every kernel; remove them from the decorator")
 
     def wrap(f: Callable) -> Callable:
-        disp = numba.njit(cache=True, error_model="numpy", **options)(f)
+        # nogil: a kernel called from Python releases the GIL, so gene chunks run in threads (scmlm.engine)
+        disp = numba.njit(cache=True, error_model="numpy", **{"nogil": True, **options})(f)
         KERNELS.append(disp)
         return disp
 

@@ -18,7 +18,6 @@ from typing import Literal
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from .._errors import InputError, _fmt_list
 from .._validate import check_counts, check_obs_keys, check_unique_names, get_matrix, renamed_arguments
@@ -38,7 +37,7 @@ from ..design import (
     resolve_samples,
     within_parent,
 )
-from ..engine import gene_chunks, resolve_n_jobs, run_chunks
+from ..engine import parallel_chunks, resolve_n_jobs, run_chunks
 from ..models import (
     FAMILY_NAMES,
     PENDING,
@@ -69,6 +68,7 @@ from ._common import (
     gene_eligibility,
     gene_indices,
     residual_variance,
+    scaled_means,
 )
 
 ESTIMATION: tuple[str, ...] = ("REML", "ML")
@@ -235,7 +235,8 @@ def glmm_de(
         Empirical-Bayes moderated tests for contrasts between donors or samples (see above); ``False`` tests each
         gene alone.
     n_jobs
-        Worker processes over gene chunks (``None``: ``scmlm.settings.n_jobs``). Results do not depend on it.
+        Threads fitting gene chunks in parallel (``None``: ``scmlm.settings.n_jobs``); they share the counts, so
+        memory does not grow with them. Results do not depend on it.
     shard
         ``(i, n)`` or ``"i/n"``: fit only the i-th of n gene shards (1-based), for cluster arrays; merge with
         ``scmlm merge`` (which recomputes BH and finishes the moderated tests over all genes).
@@ -533,12 +534,8 @@ def _fit_group(run: _Run, obs: pd.DataFrame, name, rows: np.ndarray, fitted: dic
     sub = cell_rows(run.matrix, rows)  # the matrix holds only the selected genes
     off = None if run.offset_values is None else run.offset_values[rows]
     size_factor = np.exp(off - off.mean()) if off is not None else np.ones(rows.size)
+    base_mean = scaled_means(sub, size_factor)  # first: the same pass over the counts gives the eligibility's sums
     eligible, _, colsum = gene_eligibility(sub, run.family, run.min_cells_expressing)  # variance_partition's rule
-    if sp.issparse(sub):
-        # a vector of the matrix's own dtype: a float64 vector would make scipy copy the whole matrix to float64
-        base_mean = np.asarray(sub.T @ (1.0 / size_factor).astype(sub.dtype)).ravel().astype(float) / rows.size
-    else:
-        base_mean = (sub / size_factor[:, None]).mean(axis=0)
     model = _ChunkModel(
         gdesign=prepare_glmm(
             d.X, d.terms, off, family=run.family, trials=None if run.trial_values is None else run.trial_values[rows]
@@ -572,8 +569,9 @@ def _fit_genes(model: _ChunkModel, sub, eligible: np.ndarray, n_jobs: int | None
     if not fit.size:
         return fits
     # chunks index the columns of sub directly: no copy of the fitted genes' counts
-    chunks = [fit[c] for c in gene_chunks(fit.size)]
-    results = run_chunks(functools.partial(_fit_chunk, model=model), sub, chunks, n_jobs=n_jobs)
+    chunks = [fit[c] for c in parallel_chunks(fit.size, n_jobs)]
+    # threads: the kernel releases the GIL; each thread cuts its chunk out of the shared counts
+    results = run_chunks(functools.partial(_fit_chunk, model=model), sub, chunks, n_jobs=n_jobs, backend="threads")
     for g, (res, tests) in zip(chunks, results, strict=True):
         fits.shared["dispersion"][g] = res.phi
         for name in comp:

@@ -7,13 +7,12 @@ from collections.abc import Mapping
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from .._errors import DesignError, InputError, _fmt_list
 from .._validate import check_counts, check_obs_keys, check_unique_names, get_matrix
 from .._version import __version__
 from ..design import FittedDesign, build_design, resolve_offset, stored_formula
-from ..engine import gene_chunks, run_chunks
+from ..engine import parallel_chunks, run_chunks
 from ..models import FAMILY_NAMES, STATUS, build_Z, fit_glmm, fit_unpooled, prepare_glmm, term_slices
 from ..results import DEResult
 from ._common import (
@@ -21,6 +20,7 @@ from ._common import (
     cell_offset,
     cell_rows,
     check_finite,
+    column_sums,
     gene_columns,
     gene_eligibility,
     gene_indices,
@@ -69,9 +69,10 @@ def _fit_genes(matrix, rows, gene_idx, d, off, family, estimation, n_jobs, min_c
     eligible, _, _ = gene_eligibility(sub, family, min_cells_expressing)
     fit = np.flatnonzero(eligible == "ok")
     gdesign = prepare_glmm(d.X, d.terms, None if off is None else off[rows], family=family)
-    chunks = [fit[c] for c in gene_chunks(fit.size)] if fit.size else []
+    chunks = [fit[c] for c in parallel_chunks(fit.size, n_jobs)] if fit.size else []
     fit_chunk = functools.partial(_fit_chunk, gdesign=gdesign, estimation=estimation)
-    results = run_chunks(fit_chunk, sub, chunks, n_jobs=n_jobs) if chunks else []
+    # threads: the kernel releases the GIL; each thread cuts its chunk out of the shared counts
+    results = run_chunks(fit_chunk, sub, chunks, n_jobs=n_jobs, backend="threads") if chunks else []
     return sub, results, chunks, eligible
 
 
@@ -177,7 +178,7 @@ def _partition(d, fits, family: str, n_cells: int, gene_names) -> pd.DataFrame:
     names = [t.name if t.k == 1 else f"{t.name}({'+'.join(t.col_names)})" for t in d.terms]
     if len(set(names)) != len(names):
         names = [f"{n}_{i}" for i, n in enumerate(names)]
-    colsum = np.asarray(sub.sum(axis=0)).ravel()
+    colsum = column_sums(sub)
     mean_count = colsum / n_cells
     G = len(gene_names)
     var = {n: np.full(G, np.nan) for n in names}
@@ -243,7 +244,7 @@ def random_effects(
     genes
         Gene names (required: refitting every gene would repeat ``glmm_de``).
     n_jobs
-        Worker processes.
+        Threads fitting gene chunks in parallel (``None``: ``scmlm.settings.n_jobs``).
     key_added
         Key in ``adata.uns`` for ``{"params": …, "results": DataFrame}`` (what :func:`scmlm.pl.shrinkage` reads).
     inplace, copy
@@ -281,7 +282,7 @@ def random_effects(
         d = build_design(adata.obs.iloc[rows], stored_formula(params, name) if isinstance(fitted, Mapping) else design)
         sub, results, chunks, _ = _fit_genes(matrix, rows, gene_idx, d, off, family, estimation, n_jobs, min_expr)
         Z = build_Z(d.terms, rows.size)
-        Ysub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
+        Ysub = sub.toarray() if hasattr(sub, "toarray") else np.asarray(sub)
         for idx, res in zip(chunks, results, strict=True):
             for j, g in enumerate(idx):
                 if res.converged[j]:
