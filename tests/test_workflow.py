@@ -322,7 +322,7 @@ def test_plots_and_summary(local_run):
         ("pb", "type0"),
         ("pb", "type1"),
     ]
-    assert (summary["n_genes"] == N_GENES).all()
+    assert (summary["n_genes"] == N_GENES).all() and (summary["rows"] == "genes").all()
     res = pd.read_csv(local_run / "results" / "glmm" / "results.csv")
     n_sig = (res.loc[res["group"] == "type0", "padj"] < 0.05).sum()
     assert summary.set_index(["analysis", "group"]).loc[("glmm", "type0"), "n_padj_lt_0.05"] == n_sig
@@ -399,7 +399,7 @@ def test_abundance_analysis(local_run):
         assert f'data-v="{t}">{t}</td>' in section
     summary = pd.read_csv(local_run / "results" / "summary.csv")
     row = summary[summary["analysis"] == "abundance"]
-    assert len(row) == 1 and int(row["n_genes"].iloc[0]) == 2
+    assert len(row) == 1 and int(row["n_genes"].iloc[0]) == 2 and row["rows"].iloc[0] == "cell types"
 
 
 def test_html_report(local_run):

@@ -1,4 +1,7 @@
-"""Count tested and significant genes per analysis, group and contrast (rule summary)."""
+"""Count tested and significant genes (cell types, for an abundance analysis) per analysis, group and contrast.
+
+Rule summary. ``rows`` says what the counts count: ``genes``, or ``cell types`` for a differential-abundance analysis.
+"""
 
 import os
 import sys
@@ -15,10 +18,12 @@ def summarise(paths, names):
         res["group"] = res["group"].fillna("all") if "group" in res else "all"
         for (group, contrast), df in res.groupby(["group", "contrast"], sort=True, dropna=False):
             sig = df["padj"] < ALPHA
+            method = str(df["method"].iloc[0])
             rows.append(
                 {
                     "analysis": name,
-                    "method": str(df["method"].iloc[0]),
+                    "method": method,
+                    "rows": "cell types" if method.startswith("abundance") else "genes",
                     "group": group,
                     "contrast": contrast,
                     "n_genes": len(df),
