@@ -288,3 +288,25 @@ def test_few_batches_fixed_keeps_power(layout, capsys):
     assert tp["auto"] >= tp["fixed"]
     if layout == "unbalanced":  # the per-gene fallback of the random batch term loses power there
         assert tp["auto"] >= tp["random"]
+
+
+def test_model_decisions_are_printed_by_default_in_a_plain_script(tmp_path):
+    """A term the default adds is said on stderr in a plain script (no logging configured), not only in params;
+    verbosity 0 silences it. Run in a fresh interpreter: pytest's own log handlers would take the records here."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, numpy as np, scmlm\n"
+        "scmlm.settings.verbosity = int(sys.argv[1])\n"
+        "a = scmlm.datasets.simulate(n_donors=6, n_cells=40, n_genes=40, sd_slope=0.25, seed=1)\n"
+        "a = a[np.asarray(a.layers['counts'].sum(axis=1)).ravel() > 0].copy()\n"
+        "scmlm.tl.glmm_de(a, '~ x + (1|donor)', 'x', layer='counts')\n"
+    )
+    out = {
+        v: subprocess.run([sys.executable, str(script), str(v)], capture_output=True, text=True, check=True).stderr
+        for v in (1, 0)
+    }
+    assert "scmlm: glmm_de: contrast 'x'" in out[1] and "added (0 + x|donor)" in out[1]
+    assert "added (0 + x|donor)" not in out[0]

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import DesignError, InputError, _fmt_list
+from .._settings import NOTE
 from .._validate import category_codes, check_obs_keys
 from .._version import __version__
 from ..design import build_design, containment_df, contrast_param, parse_contrasts, parse_formula, within_parent
@@ -338,7 +339,8 @@ def _fitted_formula(design, sample_obs, sample_key, method, replication):
         if replication == "as_written" or per_sample:
             return design, [], []
         term = f"(1|{sample_key})"
-        log.info(
+        log.log(
+            NOTE,
             "abundance_de: added %s to %r: samples differ in composition beyond binomial sampling of their cells "
             "(replication='as_written' fits the design as written).",
             term,
@@ -352,8 +354,11 @@ def _fitted_formula(design, sample_obs, sample_key, method, replication):
     keep = [r for r in parsed.random if r.group_name not in per_sample or r.lhs not in ("1",)]
     dropped = [str(r) for r in parsed.random if r not in keep]
     formula = parsed.fixed + "".join(f" + {r}" for r in keep)
-    log.info(
-        "abundance_de: %s has one level per sample, the residual of the linear model; fitted %r.", dropped, formula
+    log.log(
+        NOTE,
+        "abundance_de: %s has one level per sample, the residual of the linear model; fitted %r.",
+        dropped,
+        formula,
     )
     return formula, [], dropped
 

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import InputError, _fmt_list
+from .._settings import NOTE
 from .._validate import check_counts, check_obs_keys, check_unique_names, get_matrix, renamed_arguments
 from .._version import __version__
 from ..design import (
@@ -870,7 +871,7 @@ def _report_replication(fitted: dict[str, FittedDesign], run: _Run) -> None:
                 "of replication: its variance rests on at most 3 df and a contrast between those units is miscalibrated"
             )
             if term in fd.as_fixed:
-                log.info("glmm_de: %s; fitted it as a fixed effect: %r (replication='auto').", why, fd.formula)
+                log.log(NOTE, "glmm_de: %s; fitted it as a fixed effect: %r (replication='auto').", why, fd.formula)
             else:
                 warnings.warn(
                     f"glmm_de: {why}. Kept random (replication='as_written'); a fixed effect is calibrated.",
@@ -883,7 +884,8 @@ def _report_replication(fitted: dict[str, FittedDesign], run: _Run) -> None:
             seen.add((rep.unit, name))
             why = rep.message(name, run.design)
             if fd.added_terms:
-                log.info(
+                log.log(
+                    NOTE,
                     "glmm_de: %s; added %s and fitted %r (replication='auto'; replication='as_written' fits the "
                     "design as written).",
                     why,
