@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import anndata as ad
@@ -126,3 +127,28 @@ def renamed_arguments(**renamed: str):
         return inner
 
     return wrap
+
+
+def check_not_empty(adata, tool: str, genes: bool = True, cells: bool = False) -> None:
+    """Refuse an AnnData with no cells (or samples) or, where the tool fits genes, no genes.
+
+    Said before a design is built on nothing. A cell-level tool (``cells=True``) given a pseudobulk of
+    ``pp.pseudobulk`` warns that it fits rows as cells.
+    """
+    shape = getattr(adata, "shape", None)
+    if shape is None or len(shape) != 2:
+        return  # not an AnnData: the tool's own type check says so
+    n_obs, n_vars = shape
+    if n_obs == 0 or (genes and n_vars == 0):
+        what = "observations (cells or samples)" if n_obs == 0 else "genes"
+        raise InputError(
+            f"{tool}: adata has no {what} (shape {n_obs} × {n_vars}); check the subsetting or filtering that made it."
+        )
+    if cells and "pseudobulk" in getattr(adata, "uns", {}):
+        warnings.warn(
+            f"{tool}: adata is a pseudobulk (uns['pseudobulk'] from pp.pseudobulk: {n_obs} samples), but {tool} fits "
+            "cells (min_cells_expressing counts rows, the unit of replication is found among cells); for samples use "
+            "scmlm.tl.pseudobulk_de, or pass the cell-level AnnData.",
+            UserWarning,
+            stacklevel=3,
+        )

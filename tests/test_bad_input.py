@@ -1319,3 +1319,51 @@ def test_renamed_arguments_name_the_new_one(tool, old, new):
     with pytest.raises(scmlm.InputError, match=rf"{tool}: {old}= is now {new}="):
         getattr(scmlm.tl, tool)(*args, design="~ condition", contrast=("condition", "stim", "ctrl"), **kwargs)
     assert a.obs.equals(before.obs) and (a.X != before.X).nnz == 0 and not a.uns.keys() - before.uns.keys()
+
+
+@pytest.fixture(scope="module")
+def small_cells():
+    a = scmlm.datasets.simulate(n_donors=6, n_cells=30, n_genes=40, n_cell_types=2, seed=1)
+    return a[np.asarray(a.layers["counts"].sum(axis=1)).ravel() > 0].copy()
+
+
+@pytest.mark.parametrize("empty", ["cells", "genes"])
+def test_empty_input_is_said_as_such_by_every_tool(small_cells, empty):
+    """0 cells or 0 genes: one line saying the input is empty, not advice to drop a design factor (trial, round 3)."""
+    a = small_cells[:0].copy() if empty == "cells" else small_cells[:, :0].copy()
+    pb = scmlm.pp.pseudobulk(small_cells, sample_key="donor", layer="counts")
+    pb = pb[:0].copy() if empty == "cells" else pb[:, :0].copy()
+    con = ("condition", "case", "ctrl")
+    calls = {
+        "glmm_de": lambda: scmlm.tl.glmm_de(a, "~ condition + (1|donor)", con, layer="counts"),
+        "gee_de": lambda: scmlm.tl.gee_de(a, "~ condition", con, cluster_key="donor", layer="counts"),
+        "variance_partition": lambda: scmlm.tl.variance_partition(a, "~ (1|donor)", layer="counts"),
+        "pseudobulk_de": lambda: scmlm.tl.pseudobulk_de(pb, "~ condition", con),
+    }
+    what = r"no observations \(cells or samples\)" if empty == "cells" else "no genes"
+    for tool, call in calls.items():
+        with pytest.raises(InputError, match=rf"^{tool}: adata has {what} \(shape "):
+            call()
+    if empty == "genes":  # abundance needs cells, not genes
+        res = scmlm.tl.abundance_de(
+            a, "~ condition + (1|donor)", con, cell_type_key="cell_type", sample_key="donor", inplace=False
+        )
+        assert len(res.table) == a.obs["cell_type"].nunique()
+
+
+@pytest.mark.parametrize("contrast", [("condition", "case"), "condition:case", "condition"])
+def test_factor_contrast_without_its_levels_shows_how_to_write_it(small_cells, contrast):
+    with pytest.raises(
+        DesignError, match=r"'condition' is a factor: .*\('condition', 'case', 'ctrl'\) or 'condition:case:ctrl'"
+    ):
+        scmlm.tl.glmm_de(small_cells, "~ condition + (1|donor)", contrast, layer="counts")
+
+
+def test_cell_level_tool_on_a_pseudobulk_says_so(small_cells):
+    """A pseudobulk file given to the cell-level GLMM: a warning naming pseudobulk_de, not only rows of NaN."""
+    pb = scmlm.pp.pseudobulk(small_cells, sample_key="donor", layer="counts")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        scmlm.tl.glmm_de(pb, "~ condition + (1|donor)", ("condition", "case", "ctrl"), inplace=False)
+    said = [str(w.message) for w in seen]
+    assert any(re.match(r"glmm_de: adata is a pseudobulk .*scmlm\.tl\.pseudobulk_de", m) for m in said), said

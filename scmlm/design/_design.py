@@ -462,7 +462,7 @@ def make_contrast(design: Design, spec) -> Contrast:
         if split_contrast(spec) is not None and spec not in cols:
             spec = split_contrast(spec)
         else:
-            j = _find_column(cols, spec)
+            j = _find_column(cols, spec, design)
             L = np.zeros(p)
             L[j] = 1.0
             return Contrast(name=cols[j], L=L)
@@ -477,13 +477,33 @@ def make_contrast(design: Design, spec) -> Contrast:
     return Contrast(name="custom", L=arr)
 
 
-def _find_column(cols: list[str], name: str) -> int:
+def _find_column(cols: list[str], name: str, design: Design | None = None) -> int:
     if name in cols:
         return cols.index(name)
     simple = {c.replace("[T.", "").replace("]", ""): i for i, c in enumerate(cols)}
     if name in simple:
         return simple[name]
-    raise DesignError(f"coefficient {name!r} is not in the design; the coefficients are: {_fmt_list(cols)}.")
+    raise DesignError(
+        f"coefficient {name!r} is not in the design; the coefficients are: {_fmt_list(cols)}."
+        + _level_hint(design, name)
+    )
+
+
+def _level_hint(design: Design | None, name: str) -> str:
+    """A factor named without its two levels (``'condition'``, ``'condition:case'``): say how to write the contrast."""
+    if design is None:
+        return ""
+    factor, _, test = name.partition(":")
+    col = design.data[factor] if factor in design.data.columns else None
+    if col is None or not isinstance(col.dtype, pd.CategoricalDtype) or len(col.cat.categories) < 2:
+        return ""
+    levels = [str(c) for c in col.cat.categories]
+    test = test if test in levels else levels[-1]
+    ref = next(lev for lev in levels if lev != test)
+    return (
+        f" {factor!r} is a factor: a contrast names it with the level tested and the reference level, e.g. "
+        f"({factor!r}, {test!r}, {ref!r}) or '{factor}:{test}:{ref}'."
+    )
 
 
 def _factor_contrast(design: Design, factor: str, test: str, ref: str) -> Contrast:

@@ -13,7 +13,7 @@ import pandas as pd
 
 from .._errors import DesignError, InputError, _fmt_list
 from .._settings import NOTE
-from .._validate import category_codes, check_obs_keys
+from .._validate import category_codes, check_not_empty, check_obs_keys
 from .._version import __version__
 from ..design import build_design, containment_df, contrast_param, parse_contrasts, parse_formula, within_parent
 from ..models import clr_transform, fit_abundance_glmm, fit_abundance_lm, logit_transform
@@ -146,6 +146,7 @@ def abundance_de(
     >>> res.table[["gene", "coef", "pvalue", "status"]].shape
     (5, 4)
     """
+    check_not_empty(adata, "abundance_de", genes=False)
     if method not in _METHODS:
         raise InputError(f"method={method!r} is not known; use one of {_fmt_list(_METHODS)}.")
     if replication not in _REPLICATION:

@@ -18,7 +18,15 @@ import scipy.sparse as sp
 
 from .._errors import DesignError, InputError, _fmt_list
 from .._settings import settings
-from .._validate import category_codes, check_counts, check_obs_keys, check_unique_names, get_matrix, renamed_arguments
+from .._validate import (
+    category_codes,
+    check_counts,
+    check_not_empty,
+    check_obs_keys,
+    check_unique_names,
+    get_matrix,
+    renamed_arguments,
+)
 from .._version import __version__
 from ..design import build_design, contrast_names, contrast_param
 from ..engine import gene_chunks, resolve_n_jobs, run_chunks
@@ -138,6 +146,7 @@ def gee_de(
     >>> bool((res.table["df"] == 6).all())  # 8 donors - intercept - condition (two groups of 4 donors)
     True
     """
+    check_not_empty(adata, "gee_de", cells=True)
     if family not in GEE_FAMILIES:
         raise InputError(f"family={family!r} is not known; use one of {_fmt_list(GEE_FAMILIES)}.")
     if not isinstance(cluster_key, str):

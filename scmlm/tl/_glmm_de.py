@@ -21,7 +21,7 @@ import pandas as pd
 
 from .._errors import InputError, _fmt_list
 from .._settings import NOTE
-from .._validate import check_counts, check_obs_keys, check_unique_names, get_matrix, renamed_arguments
+from .._validate import check_counts, check_not_empty, check_obs_keys, check_unique_names, get_matrix, renamed_arguments
 from .._version import __version__
 from ..design import (
     MIN_RANDOM_LEVELS,
@@ -281,6 +281,7 @@ def glmm_de(
     >>> res.params["design_fitted"]
     '~ condition + (1|donor) + (1|donor:condition)'
     """
+    check_not_empty(adata, "glmm_de", cells=True)
     opts = _Options(
         design=design, contrast=contrast, family=family, layer=layer, offset=offset, trials=trials,
         groups_key=groups_key, sample_key=sample_key, replication=replication, genes=genes,

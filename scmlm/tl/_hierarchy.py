@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import DesignError, InputError, _fmt_list
-from .._validate import check_counts, check_obs_keys, check_unique_names, get_matrix
+from .._validate import check_counts, check_not_empty, check_obs_keys, check_unique_names, get_matrix
 from .._version import __version__
 from ..design import FittedDesign, build_design, resolve_offset, stored_formula
 from ..engine import parallel_chunks, run_chunks
@@ -142,6 +142,7 @@ def variance_partition(
     >>> bool(((fitted[["donor", "batch", "fixed", "residual"]].sum(axis=1) - 1).abs() < 1e-9).all())
     True
     """
+    check_not_empty(adata, "variance_partition", cells=True)
     if isinstance(design, FittedDesign):
         design = design.formula
     offset = resolve_offset(offset, family, design=design, obs=adata.obs)
@@ -257,6 +258,7 @@ def random_effects(
     ``gene, group, term, level, blup, blup_se, unpooled, unpooled_se, n_cells``
     (natural-log / link scale; random slopes have ``term`` ``"<factor>:<covariate>"`` and no unpooled estimate).
     """
+    check_not_empty(adata, "random_effects", cells=True)
     params = _glmm_params(adata, key)
     if genes is None:
         raise InputError("pass genes=[...] (names): random_effects refits the model for those genes.")

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import DesignError, InputError, _fmt_list
-from .._validate import check_counts, check_obs_keys, check_unique_names, get_matrix, renamed_arguments
+from .._validate import check_counts, check_not_empty, check_obs_keys, check_unique_names, get_matrix, renamed_arguments
 from .._version import __version__
 from ..design import build_design, contrast_names, contrast_param, parse_contrasts, parse_formula
 from ..design._design import _variables
@@ -101,6 +101,7 @@ def pseudobulk_de(
     >>> scmlm.get.de_df(pb, key="pseudobulk_de").columns[:4].tolist()
     ['gene', 'group', 'contrast', 'coef']
     """
+    check_not_empty(adata, "pseudobulk_de")
     if method not in _METHODS:
         raise InputError(f"method={method!r} is not known; use one of {_fmt_list(_METHODS)}.")
     check_unique_names(adata)
