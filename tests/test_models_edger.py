@@ -179,6 +179,32 @@ def test_fit_nb_glm_zero_rows_and_zero_groups_do_not_fail():
     assert np.all(np.isfinite(fit.coef[2]))
 
 
+def test_null_fit_of_an_on_off_gene_converges_from_edgers_start():
+    """A gene without counts in one group: its full fit sends the intercept towards -inf. Started from that
+    intercept, the null (intercept-only) fit overshoots to huge means and crawls back ~1 unit per iteration: a true
+    failure within ``maxit``, reported as such. :func:`nb_ql` gives such genes edgeR's null start: converged, with a
+    finite QL F-test p-value."""
+    lib = np.array([7266, 6658, 6938, 7246, 8014, 7134, 6055, 7654.0])
+    case = np.tile([0.0, 1.0], 4)
+    X = np.column_stack([np.ones(8), case])
+    y = np.array([[0, 296, 0, 310, 0, 333, 0, 278.0]])
+    full = fit_nb_glm(y, X, np.log(lib), 0.15)
+    assert not full.failed[0] and full.coef[0, 0] < -20 and np.all(full.mu[0, case == 0] < 1e-4)
+    warm = fit_nb_glm(y, X[:, :1], np.log(lib), 0.15, start=full.coef[:, :1])
+    assert warm.failed[0]
+    null = fit_nb_glm(y, X[:, :1], np.log(lib), 0.15)
+    assert not null.failed[0] and null.n_iter[0] < 10
+    rng = np.random.default_rng(3)
+    mu = rng.gamma(5.0, 40.0, size=(300, 1)) * lib / lib.mean()
+    counts = rng.negative_binomial(10, 10 / (10 + mu)).astype(float)
+    counts[:3] = 0.0
+    counts[:3, case == 1] = [[27, 12, 20, 26], [296, 310, 333, 278], [440, 1200, 3215, 900]]
+    res = nb_ql(counts, X, np.array([0.0, 1.0]))
+    assert res.converged[:3].all() and np.all(res.pvalue[:3] < 1e-4)
+    assert np.all(np.isfinite(res.coef[:3])) and np.all(res.coef[:3] > 3)
+    assert res.converged.all()
+
+
 def test_maximize_interpolant_is_exact_for_cubics():
     x = np.linspace(-10, 10, 21)
     peaks = np.array([-3.3, 0.0, 2.71, 7.9])

@@ -189,3 +189,32 @@ def test_cli_de_from_cells(tmp_path):
     assert tab.columns.tolist()[:14] == scmlm.results.COLUMNS
     assert tab["group"].nunique() == 3
     assert (tab["contrast"] == "condition_CFTRKO_vs_WT").all()
+
+
+def test_nb_ql_tests_strong_on_off_genes():
+    """Genes without a count in ctrl and hundreds to thousands per case donor are tested (they were "not
+    converged": their null fits started from the full fit's diverged intercept); the other genes are unchanged."""
+    on_off = [[27, 12, 20, 26], [296, 310, 333, 278], [440, 1200, 3215, 900], [300, 300, 300, 300]]
+    adata = scmlm.datasets.simulate(n_donors=8, n_cells=100, n_genes=200, seed=1)
+    pb = scmlm.pp.pseudobulk(adata, "donor", layer="counts")
+    case = (pb.obs["condition"] == "case").to_numpy()
+    counts = pb.layers["counts"]
+    counts = np.asarray(counts.toarray() if hasattr(counts, "toarray") else counts, dtype=float)
+    for g, v in enumerate(on_off):
+        counts[:, g] = 0.0
+        counts[case, g] = v
+    pb.layers["counts"] = counts
+    pb.X = counts.copy()
+    tab = scmlm.tl.pseudobulk_de(pb, "~ condition", CONTRAST, inplace=False).table
+    strong = tab.iloc[: len(on_off)]
+    assert (strong["status"] == "ok").all() and strong["converged"].all()
+    assert np.all(np.isfinite(strong["log2fc"])) and (strong["log2fc"] > 5).all()
+    assert (strong["pvalue"] < 1e-4).all()
+    # edgeR's reported logFC (prior count 0.125): larger for more counts
+    assert strong["log2fc"].iloc[1] > strong["log2fc"].iloc[0]
+    rest = tab.iloc[len(on_off) :]
+    ok = rest["status"] == "ok"
+    assert set(rest["status"]) <= {"ok", "filtered"} and ok.sum() == 123
+    # values before the fix
+    np.testing.assert_allclose(np.log(rest.loc[ok, "pvalue"]).sum(), -138.6215095566231, rtol=1e-9)
+    np.testing.assert_allclose(rest.loc[ok, "log2fc"].sum(), -5.651316861050733, rtol=1e-9)
