@@ -266,7 +266,7 @@ def rank_genes(
     >>> scmlm.tl.pseudobulk_de(pb, "~ donor + condition", ("condition", "stim", "ctrl"), groups_key="cell_type")
     >>> ranked = scmlm.get.rank_genes(pb, group="CD14+ Monocytes")
     >>> bool(ranked.is_monotonic_decreasing), ranked.name, ranked.size
-    (True, 'signed_stat', 1221)
+    (True, 'signed_stat', 1223)
     >>> ranked.index[[0, -1]].tolist()  # most up, most down
     ['APOBEC3A_ENSG00000128383', 'IL1B']
     """

@@ -160,6 +160,6 @@ def test_handoff_page_runs(tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block, "docs/handoff.md", "exec"), ns)
     assert ns["mat"].shape == (1267, 5)
-    assert ns["ranked"].index[:3].tolist() == ["APOBEC3A_ENSG00000128383", "IDO1", "TNFSF10"]
+    assert ns["ranked"].index[:3].tolist() == ["APOBEC3A_ENSG00000128383", "IFIT1", "IDO1"]  # IFIT1: 0 in ctrl
     back = pd.read_csv(tmp_path / "cd14_mono_ranked.csv")
     assert back.columns.tolist() == ["gene", "stat"] and len(back) == ns["ranked"].size
