@@ -229,15 +229,8 @@ def units_per_level(obs, design: str, contrast, *, unit_key=None, groups_key=Non
 
 def replicates(obs, design: str, contrast, **kwargs) -> dict:
     """:func:`units_per_level`, with a contrast as the workflow writes it (lists), and ``{}`` when it cannot be read."""
-
-    def as_spec(c):
-        return tuple(c) if isinstance(c, list) and len(c) == 3 and all(isinstance(x, str) for x in c) else c
-
-    spec = {k: as_spec(v) for k, v in contrast.items()} if isinstance(contrast, dict) else as_spec(contrast)
-    if isinstance(spec, list):
-        spec = [as_spec(c) for c in spec]
     try:
-        return units_per_level(obs, design, spec, **kwargs)
+        return units_per_level(obs, design, json_contrast(contrast), **kwargs)
     except ScmlmError:
         return {}
 
@@ -256,7 +249,9 @@ def reading_guide(table) -> str:
     parts = ["df = degrees of freedom of each test (for a between-donor contrast about donors minus donor-level "
              "coefficients)"]  # fmt: skip
     if "df_prior" in table.columns:
-        parts.append("df_prior = df borrowed from the other genes by moderation")
+        methods = table["method"].dropna().astype(str) if "method" in table.columns else []
+        cell_types = len(methods) > 0 and bool(methods.str.startswith("abundance_").all())
+        parts.append(f"df_prior = df borrowed from the other {'cell types' if cell_types else 'genes'} by moderation")
     if (table["status"] == "singular").any():
         parts.append("status 'singular' = a variance estimated at zero (still a valid test)")
     ok = table.loc[table["status"].isin(USABLE_STATUS), "df"].to_numpy(dtype=float)
@@ -344,4 +339,106 @@ def pseudobulk_design_problem(obs, design: str, sample_key: str, groups_key=None
                 f"column that separates them (e.g. {sample_key}_{v}: obs[{sample_key!r}] + '_' + obs[{v!r}]) or use "
                 "method glmm"
             )
+    return None
+
+
+def json_contrast(contrast):
+    """A contrast as JSON or YAML gives it (``[factor, level, reference]`` lists) in the form the API reads (tuples).
+
+    One triple, a list of them or of coefficient names, or a mapping name -> one of those.
+    """
+
+    def one(c):
+        return tuple(c) if isinstance(c, list) and len(c) == 3 and all(isinstance(x, str) for x in c) else c
+
+    if isinstance(contrast, dict):
+        return {k: one(v) for k, v in contrast.items()}
+    if isinstance(contrast, list) and not isinstance(one(contrast), tuple):
+        return [one(c) for c in contrast]
+    return one(contrast)
+
+
+def bundled_datasets() -> list[str]:
+    """The names of the bundled real datasets (``scmlm dataset NAME``, the workflow's ``create_input.dataset``)."""
+    from . import datasets
+
+    return [n for n in datasets.__all__ if not n.startswith("simulate")]
+
+
+def public_columns(obs) -> list[str]:
+    """The obs columns a user wrote (scmlm's own working columns, ``scmlm_*``, left out), for messages."""
+    return [str(c) for c in obs.columns if not str(c).startswith("scmlm_")]
+
+
+COUNT_SAMPLE_ROWS = 2000
+"""Rows of the input's count matrix the workflow's start-time check reads (an atlas costs no more than a demo)."""
+
+
+def counts_sample_problem(path, layer: str | None = None, n_rows: int = COUNT_SAMPLE_ROWS) -> str | None:
+    """Why the first ``n_rows`` rows of an .h5ad's counts (``layer``, or ``X``) are not raw counts (``None``: they are).
+
+    Read with h5py (dense, CSR or CSC storage; a CSC matrix by its first stored entries), so an atlas costs a few
+    thousand rows; a matrix that cannot be read here is left to the jobs.
+    """
+    import h5py
+    import numpy as np
+
+    where = f"layer {layer!r}" if layer else ".X"
+    try:
+        with h5py.File(path, "r") as f:
+            node = f["layers"][layer] if layer else f["X"]
+            if isinstance(node, h5py.Dataset):
+                values = node[: min(n_rows, node.shape[0])] if node.ndim else node[()]
+            else:
+                fmt = str(node.attrs.get("encoding-type", node.attrs.get("h5sparse_format", "")))
+                data = node["data"]
+                if fmt.startswith("csr"):
+                    indptr = node["indptr"]
+                    stop = int(indptr[min(n_rows, len(indptr) - 1)])
+                else:
+                    stop = n_rows * 200
+                values = data[: min(stop, data.shape[0])]
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+    values = np.asarray(values).ravel()
+    if values.size == 0 or values.dtype.kind not in "biuf":
+        return None
+    if values.dtype.kind in "iub":
+        bad = values < 0
+    else:
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(values) | (values < 0) | (values != np.floor(values))
+    if not bad.any():
+        return None
+    first = values[np.flatnonzero(bad)[0]]
+    fix = "set layer to the layer holding the raw counts" + (", or to null to use .X" if layer else " (e.g. counts)")
+    return (
+        f"{where} must hold raw non-negative integer counts, but its first {n_rows} rows hold {int(bad.sum())} "
+        f"negative or non-whole values (e.g. {first!r}); it looks normalised or log-transformed: {fix}"
+    )
+
+
+REPORT_TOOL_KEYS = {
+    "glmm": ("family", "offset", "shards"),
+    "pseudobulk": ("pb_method", "normalisation"),
+    "abundance": ("abundance_method", "cell_type_key"),
+}
+
+
+def report_tool(params: dict, table=None) -> str | None:
+    """The method (glmm, pseudobulk or abundance) of an analysis given to the report.
+
+    ``params["method"]``, else the one its parameters or its result table's ``method`` column name (``None``: not
+    known).
+    """
+    if params.get("method"):
+        return str(params["method"])
+    for tool, keys in REPORT_TOOL_KEYS.items():
+        if any(k in params for k in keys):
+            return tool
+    if table is not None and "method" in getattr(table, "columns", ()):
+        methods = {str(m).split("_")[0] for m in table["method"].dropna()}
+        if len(methods) == 1:
+            m = methods.pop()
+            return {"nb": "pseudobulk", "voom": "pseudobulk", "pydeseq2": "pseudobulk"}.get(m, m)
     return None

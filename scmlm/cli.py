@@ -15,6 +15,7 @@ from . import __version__
 from .checks import (
     CONTRAST_HELP,
     FEW_REPLICATES_MEANING,
+    bundled_datasets,
     check_contrast_levels,
     check_h5ad_path,
     check_outdir,
@@ -22,9 +23,11 @@ from .checks import (
     contrast_arg,
     contrast_item,
     few_replicates,
+    json_contrast,
     reading_guide,
     renamed_option,
     replicates,
+    report_tool,
 )
 from .errors import ScmlmError
 from .models import FAMILY_NAMES, USABLE_STATUS
@@ -77,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("dataset", help="write a bundled real dataset to .h5ad")
-    p.add_argument("name", choices=["pig_airway", "glioblastoma", "kang2018", "kang2018_100genes"])
+    p.add_argument("name", choices=bundled_datasets())
     p.add_argument("out", help="output .h5ad")
 
     p = sub.add_parser("pseudobulk", help="sum counts per sample (× group) → pseudobulk .h5ad")
@@ -188,7 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--params",
         default=None,
-        help="JSON file (or JSON text) {analysis: {design: ..., contrast: ..., offset: ...}} shown under Methods",
+        help="JSON file (or JSON text) {analysis: {method: glmm|pseudobulk|abundance, design: ..., contrast: ..., "
+        "offset: ...}} shown under Methods; with --input, a GLMM analysis' design and contrast (as written: "
+        "[factor, level, reference], a coefficient name, or a mapping name -> one of those) give its fitted design. "
+        "method may be left out when the result table's method column (or keys such as family, pb_method) names it",
     )
     p.add_argument(
         "--figures",
@@ -407,11 +413,19 @@ def _add_fitted_designs(analyses, path: str) -> None:
             adata.file.close()
     for a in analyses:
         p = a.params
-        if p.get("method") != "glmm" or "design" not in p or "contrast" not in p:
+        if "design" not in p or "contrast" not in p or "design_fitted" in p:
             continue
-        spec = p["contrast"]
+        tool = report_tool(p, a.table)
+        if tool is None:
+            raise ScmlmError(
+                f"--params of analysis {a.name!r} give design and contrast but no 'method' (glmm, pseudobulk or "
+                'abundance), and its result table does not name one; add "method": "glmm" (or the analysis\' '
+                "method)."
+            )
+        if tool != "glmm":
+            continue
         a.params["design_fitted"] = fitted_design(
-            obs, p["design"], tuple(spec) if isinstance(spec, list) else spec, groups_key=p.get("groups_key"),
+            obs, p["design"], json_contrast(p["contrast"]), groups_key=p.get("groups_key"),
             sample_key=p.get("sample_key"), replication=p.get("replication", "auto"),
         )  # fmt: skip
     for a in analyses:

@@ -345,3 +345,63 @@ def test_a_median_df_of_two_or_less_is_flagged(results):
         banner
     )
     assert "T/NK" not in banner
+
+
+def test_report_fitted_design_of_named_contrasts_is_the_fitted_one(tmp_path, results):
+    """B3: a mapping name -> contrast (a slope and a factor contrast) as the workflow passes it: the report's
+    design_fitted is the design glmm_de fits (few-level batch fixed, the slope's random term added), not the written
+    one."""
+    adata = scmlm.datasets.simulate(n_donors=9, n_cells=20, n_genes=20, n_batches=3, design="within", seed=2)
+    adata.obs["x"] = np.random.default_rng(0).normal(size=adata.n_obs)
+    design = "~ x + condition + (1|donor) + (1|batch)"
+    contrast = {"x_slope": "x", "cond": ["condition", "case", "ctrl"]}
+    want = scmlm.report.fitted_design(adata.obs, design, {"x_slope": "x", "cond": ("condition", "case", "ctrl")})
+    assert want != design
+    cells = tmp_path / "cells.h5ad"
+    scmlm.io.write_h5ad(adata, cells)
+    out = tmp_path / "r.html"
+    params = json.dumps({"pb": {"method": "glmm", "design": design, "contrast": contrast}})
+    assert cli.main(["report", str(out), str(results), "--params", params, "--input", str(cells)]) == 0
+    assert f"<dt>design_fitted</dt><dd>{want}</dd>" in out.read_text()
+
+
+def test_report_params_without_method(tmp_path, results, capsys):
+    """B15: the method is inferred from the params (family: glmm) or the result table; refused in one line when
+    neither names it."""
+    adata = scmlm.datasets.simulate(n_donors=6, n_cells=20, n_genes=20, design="within", seed=0)
+    cells = tmp_path / "cells.h5ad"
+    scmlm.io.write_h5ad(adata, cells)
+    design, contrast = "~ condition + (1|donor)", ["condition", "case", "ctrl"]
+    out = tmp_path / "r.html"
+    params = json.dumps({"pb": {"family": "nb", "design": design, "contrast": contrast}})
+    assert cli.main(["report", str(out), str(results), "--params", params, "--input", str(cells)]) == 0
+    assert "<dt>design_fitted</dt><dd>~ condition + (1|donor) + (1|donor:condition)</dd>" in out.read_text()
+    mixed = tmp_path / "mixed.csv"
+    table = pd.read_csv(results / "results.csv")
+    table.assign(method=np.where(np.arange(len(table)) % 2, "glmm_nb", "nb_ql")).to_csv(mixed, index=False)
+    params = json.dumps({"mixed": {"design": design, "contrast": contrast}})
+    argv = ["report", str(tmp_path / "m.html"), str(mixed), "--params", params, "--input", str(tmp_path / "cells.h5ad")]
+    assert cli.main(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "give design and contrast but no 'method'" in err[-1] and '"method": "glmm"' in err[-1]
+    assert not (tmp_path / "m.html").exists()
+    # a pseudobulk table names its method: no fitted design, no error
+    params = json.dumps({"pb": {"design": "~ condition", "contrast": contrast}})
+    assert cli.main(["report", str(out), str(results), "--params", params, "--input", str(cells)]) == 0
+    assert "<dt>design_fitted</dt>" not in out.read_text()
+    assert scmlm.checks.report_tool({}, table) == "pseudobulk"
+    assert scmlm.checks.report_tool({"offset": "tmm"}) == "glmm"
+
+
+def test_report_params_help_says_what_params_hold(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["report", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "method: glmm|pseudobulk|abundance" in text and "fitted design" in text
+
+
+def test_reading_guide_of_cell_types_speaks_of_cell_types(results):
+    table = pd.read_csv(results / "results.csv").assign(df_prior=4.0)
+    assert "df borrowed from the other genes" in scmlm.checks.reading_guide(table)
+    types = table.assign(method="abundance_clr")
+    assert "df borrowed from the other cell types" in scmlm.checks.reading_guide(types)

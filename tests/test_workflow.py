@@ -136,6 +136,12 @@ def _analysis(**kw) -> dict:
             _analysis(method="abundance", abundance_method="clr", estimation="ML"),
             "config.analyses[0] (x): 'estimation' applies to abundance_method glmm only; this analysis uses 'clr'",
         ),
+        (
+            {"create_input": {"dataset": "pig_airways"}},
+            "config.create_input.dataset: 'pig_airways' is not a dataset bundled with scmlm; did you mean "
+            "'pig_airway'? use one of 'glioblastoma', 'kang2018', 'kang2018_100genes', 'pig_airway'",
+        ),
+        (_analysis(reml=True), "config.analyses[0]: unknown key 'reml'; use estimation: REML (or estimation: ML)"),
     ],
 )
 def test_bad_config_fails_with_one_clear_line(tmp_path, edit, message):
@@ -204,6 +210,57 @@ def test_input_keys_design_and_levels_are_checked_when_the_workflow_starts(tmp_p
     within = "design '~ condition + size_factor' uses 'size_factor', which varies within the samples of sample_key"
     assert f"config.analyses[0] (pb): {within} 'donor'" in lines[0]
     assert "or use method glmm" in lines[0] and not (workdir / "results").exists()
+
+
+def _start_error(workdir: Path) -> str:
+    """The one line a dry run stops with (asserting it is one line and that nothing was written)."""
+    proc = snakemake(workdir, "-n", check=False)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "invalid scmlm configuration" in line]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stdout + proc.stderr
+    assert not (workdir / "results").exists()
+    return lines[0]
+
+
+def test_counts_cell_types_and_offset_are_checked_when_the_workflow_starts(tmp_path):
+    """B11, B12, B14: non-integer counts (read on the first rows of the layer), an abundance analysis of one cell type
+    and a GLMM offset that is no obs column fail at start in one line, not in a job after others ran."""
+    import anndata as ad
+
+    workdir, data = _input_workdir(tmp_path / "float")
+    adata = ad.read_h5ad(data)
+    adata.layers["counts"] = adata.layers["counts"].astype(float).log1p()
+    adata.write_h5ad(data)
+    line = _start_error(workdir)
+    assert "config.layer: " in line and "'counts' must hold raw non-negative integer counts" in line
+    assert "set layer to the layer holding the raw counts" in line
+
+    contrast = ["condition", "case", "ctrl"]
+    one_type = [{"name": "ab", "method": "abundance", "design": "~ condition", "contrast": contrast}]
+    workdir, _ = _input_workdir(tmp_path / "one", obs_edit=lambda obs: obs.__setitem__("cell_type", "T"),
+                                analyses=one_type)  # fmt: skip
+    line = _start_error(workdir)
+    assert "config.analyses[0] (ab): cell_type_key 'cell_type' holds 1 cell type in the input" in line
+    assert "at least 2 cell types" in line
+
+    glmm = [{"name": "g", "method": "glmm", "design": "~ condition + (1|donor)", "offset": "libsize",
+             "contrast": ["condition", "case", "ctrl"]}]  # fmt: skip
+    workdir, _ = _input_workdir(tmp_path / "offset", analyses=glmm)
+    line = _start_error(workdir)
+    assert "config.analyses[0] (g).offset: 'libsize' is not a column of the input's obs ('donor'" in line
+    assert "set offset to auto, tmm, log_total, none, or the obs column" in line and "scmlm_" not in line
+
+
+def test_report_gets_the_named_contrasts_and_failed_logs_are_shown(tmp_path):
+    """B3: the report rule passes each contrast's definition (not only its name), so the report's fitted design is
+    the one the fit uses; the workflow profile prints a failed job's log on the console."""
+    contrast = {"x_slope": "x", "cond": ["condition", "case", "ctrl"]}
+    glmm = [{"name": "g", "method": "glmm", "design": "~ x + condition + (1|donor)", "contrast": contrast}]
+    workdir, _ = _input_workdir(tmp_path, obs_edit=lambda obs: obs.__setitem__("x", np.arange(len(obs)) % 7 * 0.5),
+                                analyses=glmm)  # fmt: skip
+    proc = snakemake(workdir, "-n", "-p")
+    assert '"contrast": {"x_slope": "x", "cond": ["condition", "case", "ctrl"]}' in proc.stdout + proc.stderr
+    profile = yaml.safe_load((REPO / "workflow" / "profiles" / "default" / "config.v8+.yaml").read_text())
+    assert profile["show-failed-logs"] is True
 
 
 def test_integer_id_in_the_design_warns_at_start_as_the_api_does(tmp_path):

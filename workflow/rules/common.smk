@@ -31,6 +31,11 @@ def _describe(err):
         key = bad[0] if bad else "?"
         close = difflib.get_close_matches(str(key), allowed, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
+        if (
+            str(key) in _RENAMED_KEYS
+            and _RENAMED_KEYS[str(key)].split(":")[0] in allowed
+        ):
+            hint = f"; use {_RENAMED_KEYS[str(key)]} instead"
         return (
             f"{where}: unknown key {key!r}{hint} (allowed keys: {', '.join(allowed)})"
         )
@@ -47,6 +52,35 @@ def _describe(err):
         choices = ", ".join(map(repr, err.validator_value))
         return f"{where}: {err.instance!r} is not one of {choices}"
     return f"{where}: {err.message}"
+
+
+# keys the command line knows under another name, with the workflow's key and value
+_RENAMED_KEYS = {
+    "reml": "estimation: REML (or estimation: ML)",
+    "pb-method": "pb_method",
+}
+
+
+def _dataset_problems(cfg):
+    """create_input.dataset must name a dataset bundled with scmlm (scmlm.datasets)."""
+    name = cfg.get("create_input", {}).get("dataset")
+    if name is None:
+        return []
+    try:
+        from scmlm.checks import bundled_datasets
+    except (
+        ImportError
+    ):  # scmlm lives in the rules' conda environment only: its rule checks the name
+        return []
+    names = bundled_datasets()
+    if name in names:
+        return []
+    close = difflib.get_close_matches(str(name), names, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return [
+        f"config.create_input.dataset: {name!r} is not a dataset bundled with scmlm; {hint}"
+        f"use one of {', '.join(map(repr, names))}"
+    ]
 
 
 def _inside(path, folder):
@@ -145,6 +179,7 @@ def validate_config(cfg):
                 f"{where}: random-effect terms in design {a['design']!r} need method glmm, or "
                 "pb_method voom (dream: precision-weighted mixed model on the pseudobulk)"
             )
+    problems += _dataset_problems(cfg)
     problems += _input_problems(cfg)
     if problems:
         raise WorkflowError(f"invalid scmlm configuration: {'; '.join(problems)}")
@@ -229,7 +264,10 @@ def _read_obs(path):
 
 
 def _cols(obs):
-    return ", ".join(map(repr, obs.columns))
+    """The obs columns a user wrote, for messages (scmlm's own working columns, scmlm_*, left out)."""
+    return ", ".join(
+        repr(str(c)) for c in obs.columns if not str(c).startswith("scmlm_")
+    )
 
 
 def _key_problem(obs, where, col, fix):
@@ -317,7 +355,37 @@ def input_problems(cfg):
                 )
         if all(not col or col in obs.columns for _, col in keys):
             problems += _design_problems(obs, a, where)
+        problems += _analysis_input_problems(obs, a, where)
+    if any(a["method"] != "abundance" for a in cfg["analyses"]):
+        from scmlm.checks import counts_sample_problem
+
+        problem = counts_sample_problem(path, cfg["layer"])
+        if problem:
+            problems.append(f"config.layer: {path!r}: {problem}")
     return problems
+
+
+def _analysis_input_problems(obs, a, where):
+    """An abundance analysis needs two cell types; a GLMM offset named as an obs column must be one."""
+    if a["method"] == "abundance":
+        col = abundance_cell_type_key(a)
+        n = obs[col].nunique() if col in obs.columns else 2
+        if n < 2:
+            return [
+                f"{where}: cell_type_key {col!r} holds {n} cell type{'s' if n != 1 else ''} in the input; a "
+                "differential abundance analysis compares the shares of at least 2 cell types: set cell_type_key "
+                "to the obs column of the cell types, or remove this analysis"
+            ]
+        return []
+    if a["method"] != "glmm" or a.get("offset", "auto") == "auto":
+        return []
+    offset = a["offset"]
+    if offset in ("tmm", "log_total", "none") or offset in obs.columns:
+        return []
+    return [
+        f"{where}.offset: {offset!r} is not a column of the input's obs ({_cols(obs)}); set offset to auto, tmm, "
+        "log_total, none, or the obs column holding each cell's offset"
+    ]
 
 
 def check_input(cfg):
@@ -519,7 +587,9 @@ def report_params(name):
     params = {
         "method": a["method"],
         "design": a["design"],
-        "contrast": list(a["contrast"]),
+        "contrast": a[
+            "contrast"
+        ],  # as written (a mapping name -> contrast stays one): the fitted design reads it
     }
     if a["method"] == "abundance":
         params["abundance_method"] = a.get("abundance_method", "glmm")
