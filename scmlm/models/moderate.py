@@ -114,6 +114,7 @@ import functools
 from typing import NamedTuple
 
 import numpy as np
+import scipy.sparse as sp
 from scipy import optimize, special, stats
 
 from .ebayes import _loess_fit_unweighted
@@ -418,11 +419,16 @@ def _weighted_scale(Xu: np.ndarray, Lu: np.ndarray, w: np.ndarray) -> np.ndarray
     return np.sum(a**2, axis=1)
 
 
+UNIT_SCORE_ROWS = 16384
+"""Cells per block in :func:`unit_scores`: dense temporaries stay at block × genes, not cells × genes (at 400k cells
+and 128 genes a chunk's dense copies took 2-3 GB)."""
+
+
 def unit_scores(
     Y, model: CellModel, beta: np.ndarray, b: np.ndarray, phi: np.ndarray, unit_codes: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(S, I)``, units × genes: the score ``S_u`` of a random effect of unit ``u`` at zero and its information
-    ``I_u`` (see :func:`unit_dispersion`), from the fitted means of each gene's model."""
+    ``I_u`` (see :func:`unit_dispersion`), from the fitted means of each gene's model; summed over blocks of cells."""
     from ._families import get_family
     from ._random import build_Z
 
@@ -430,32 +436,42 @@ def unit_scores(
     fam = get_family(model.family)
     n = X.shape[0]
     Z = build_Z(tuple(model.terms), n)
-    eta = X @ beta.T + (Z @ b.T if b.size else 0.0)
-    if offset is not None:
-        eta = eta + offset[:, None]
-    Yd = np.asarray(Y.toarray() if hasattr(Y, "toarray") else Y, dtype=float)
-    if Yd.ndim == 1 or Yd.shape[0] != n:
-        Yd = np.atleast_2d(Yd).T  # genes × cells → cells × genes
-    m = np.ones(n) if trials is None else np.asarray(trials, dtype=float)
+    if hasattr(Y, "toarray"):
+        Y = (Y if Y.shape[0] == n else Y.T).tocsr()
+    else:
+        Y = np.asarray(Y, dtype=float)
+        if Y.ndim == 1 or Y.shape[0] != n:
+            Y = np.atleast_2d(Y).T  # genes × cells → cells × genes
+    m_all = np.ones(n) if trials is None else np.asarray(trials, dtype=float)
+    n_units = int(unit_codes.max()) + 1
+    S = np.zeros((n_units, beta.shape[0]))
+    info_u = np.zeros((n_units, beta.shape[0]))
+    for lo in range(0, n, UNIT_SCORE_ROWS):
+        rows = slice(lo, min(n, lo + UNIT_SCORE_ROWS))
+        eta = X[rows] @ beta.T + (Z[rows] @ b.T if b.size else 0.0)
+        if offset is not None:
+            eta = eta + offset[rows, None]
+        Yd = Y[rows].toarray() if hasattr(Y, "toarray") else Y[rows]
+        score, info = _cell_scores(fam, np.asarray(Yd, dtype=float), eta, phi, m_all[rows], trials is None)
+        k = eta.shape[0]
+        ind = sp.csr_matrix((np.ones(k), (unit_codes[rows], np.arange(k))), shape=(n_units, k))
+        S += ind @ score
+        info_u += ind @ info
+    return S, info_u
+
+
+def _cell_scores(fam, Yd: np.ndarray, eta: np.ndarray, phi: np.ndarray, m: np.ndarray, binary: bool):
+    """Per-cell score and information of a unit's random intercept at zero, cells × genes of one block."""
     if fam.link == "logit":
-        if trials is None:
+        if binary:
             Yd = (Yd > 0).astype(float)
         p = fam.linkinv(eta)
-        resid = Yd - m[:, None] * p
-        info = m[:, None] * p * (1 - p)
-        score = resid
-    elif fam.link == "log":
+        return Yd - m[:, None] * p, m[:, None] * p * (1 - p)
+    if fam.link == "log":
         mu = fam.linkinv(eta)
         var = mu + phi[None, :] * mu**2 if fam.has_dispersion else mu
-        score = (Yd - mu) * mu / var
-        info = mu**2 / var
-    else:
-        score = (Yd - eta) / phi[None, :]
-        info = np.broadcast_to(1.0 / phi[None, :], eta.shape)
-    n_units = int(unit_codes.max()) + 1
-    ind = np.zeros((n_units, n))
-    ind[unit_codes, np.arange(n)] = 1.0
-    return ind @ score, ind @ info
+        return (Yd - mu) * mu / var, mu**2 / var
+    return (Yd - eta) / phi[None, :], np.broadcast_to(1.0 / phi[None, :], eta.shape)
 
 
 def unit_dispersion(
