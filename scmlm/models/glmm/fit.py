@@ -243,18 +243,23 @@ def _separating_direction(Xf: np.ndarray, mixed: np.ndarray, fail: np.ndarray, s
     """Whether some ``d != 0`` has ``Xf d = 0`` on ``mixed`` rows, ``<= 0`` on ``fail`` and ``>= 0`` on ``succ`` rows,
     strictly somewhere: the log-likelihood then increases without bound along ``d`` (Albert & Anderson 1984; the
     linear program of Konis 2007, R's ``detectseparation``)."""
+    return _separation_lp(Xf, mixed, fail, succ) is not None
+
+
+def _separation_lp(Xf: np.ndarray, mixed: np.ndarray, fail: np.ndarray, succ: np.ndarray) -> np.ndarray | None:
+    """The separating direction ``d`` of :func:`_separating_direction`'s linear program, or None when there is none."""
     from scipy.optimize import linprog
 
     nf, ns, p = int(fail.sum()), int(succ.sum()), Xf.shape[1]
     if nf + ns == 0:
-        return False
+        return None
     c = Xf[fail].sum(axis=0) - Xf[succ].sum(axis=0)
     A_ub = np.vstack([Xf[fail], -Xf[fail], -Xf[succ], Xf[succ]])
     b_ub = np.concatenate([np.zeros(nf), np.ones(nf), np.zeros(ns), np.ones(ns)])
     A_eq = Xf[mixed] if mixed.any() else None
     b_eq = np.zeros(int(mixed.sum())) if mixed.any() else None
     res = linprog(c, A_ub=A_ub, b_ub=b_ub, A_eq=A_eq, b_eq=b_eq, bounds=[(None, None)] * p, method="highs")
-    return bool(res.status == 0 and res.fun < -1e-7)
+    return res.x if res.status == 0 and res.fun < -1e-7 else None
 
 
 def separated_genes(
@@ -339,23 +344,12 @@ def _pattern_sums(indptr, indices, data, row, n_rows, detect):  # pragma: no cov
 def _driven_rows(Xf: np.ndarray, free: np.ndarray, fail: np.ndarray, succ: np.ndarray) -> np.ndarray:
     """The ``fail``/``succ`` rows some separating direction drives strictly to the boundary; ``free`` rows (already
     driven) are unconstrained, the other rows held at zero. Same linear program as :func:`_separating_direction`."""
-    from scipy.optimize import linprog
-
     fail, succ = fail & ~free, succ & ~free
-    mixed = ~free & ~fail & ~succ
-    nf, ns, p = int(fail.sum()), int(succ.sum()), Xf.shape[1]
     out = np.zeros(Xf.shape[0], dtype=bool)
-    if nf + ns == 0:
+    x = _separation_lp(Xf, ~free & ~fail & ~succ, fail, succ)
+    if x is None:
         return out
-    c = Xf[fail].sum(axis=0) - Xf[succ].sum(axis=0)
-    A_ub = np.vstack([Xf[fail], -Xf[fail], -Xf[succ], Xf[succ]])
-    b_ub = np.concatenate([np.zeros(nf), np.ones(nf), np.zeros(ns), np.ones(ns)])
-    A_eq = Xf[mixed] if mixed.any() else None
-    b_eq = np.zeros(int(mixed.sum())) if mixed.any() else None
-    res = linprog(c, A_ub=A_ub, b_ub=b_ub, A_eq=A_eq, b_eq=b_eq, bounds=[(None, None)] * p, method="highs")
-    if res.status != 0 or res.fun >= -1e-7:
-        return out
-    eta = Xf @ res.x
+    eta = Xf @ x
     out[fail] = eta[fail] < -1e-7
     out[succ] = eta[succ] > 1e-7
     return out
