@@ -13,8 +13,14 @@ import scipy.sparse as sp
 from ._errors import InputError, _fmt_list
 
 
-def check_obs_keys(adata: ad.AnnData | pd.DataFrame, keys: Sequence[str | None], *, what: str = "obs key") -> None:
-    """Every non-None key must be an obs column without missing values (``adata``: an AnnData or its obs)."""
+def check_obs_keys(
+    adata: ad.AnnData | pd.DataFrame, keys: Sequence[str | None], *, what: str = "obs key", grouping: bool = False
+) -> None:
+    """Every non-None key must be an obs column without missing values (``adata``: an AnnData or its obs).
+
+    ``grouping``: the keys name groups of cells (samples, donors, cell types), so a column of non-integer numbers (a
+    continuous covariate such as ``size_factor``: about one cell per group) is refused.
+    """
     obs = adata if isinstance(adata, pd.DataFrame) else adata.obs
     for key in keys:
         if key is None:
@@ -29,6 +35,11 @@ def check_obs_keys(adata: ad.AnnData | pd.DataFrame, keys: Sequence[str | None],
             raise InputError(
                 f"obs column {key!r} has {n_na} missing value(s) (NaN) in {len(obs)} cells; fill them or subset "
                 f"the cells first, e.g. adata = adata[adata.obs[{key!r}].notna()].copy()."
+            )
+        if grouping and pd.api.types.is_float_dtype(col) and not np.all(np.mod(col.to_numpy(), 1) == 0):
+            raise InputError(
+                f"{what} {key!r} holds non-integer numbers ({col.nunique()} distinct values in {len(obs)} cells), a "
+                "continuous covariate, not groups of cells; pass a column of sample, donor or cell-type labels."
             )
 
 

@@ -1367,3 +1367,13 @@ def test_cell_level_tool_on_a_pseudobulk_says_so(small_cells):
         scmlm.tl.glmm_de(pb, "~ condition + (1|donor)", ("condition", "case", "ctrl"), inplace=False)
     said = [str(w.message) for w in seen]
     assert any(re.match(r"glmm_de: adata is a pseudobulk .*scmlm\.tl\.pseudobulk_de", m) for m in said), said
+
+
+def test_continuous_column_as_a_grouping_key_is_refused(small_cells):
+    """A float covariate given as groups_key made one pseudobulk row per cell, silently (trial, round 3)."""
+    with pytest.raises(InputError, match=r"groups_key 'size_factor' holds non-integer numbers .*continuous covariate"):
+        scmlm.pp.pseudobulk(small_cells, "donor", groups_key="size_factor", layer="counts")
+    with pytest.raises(InputError, match=r"groups_key 'size_factor' holds non-integer numbers"):
+        scmlm.tl.glmm_de(
+            small_cells, "~ condition + (1|donor)", ("condition", "case", "ctrl"), groups_key="size_factor"
+        )

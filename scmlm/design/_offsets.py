@@ -139,8 +139,8 @@ def tmm_units(obs: pd.DataFrame, samples: str | Sequence[str], groups_key: str |
     normalises per group; with ``groups_key=None`` every cell is in group ``"all"``.
     """
     cols = resolve_samples(samples, None)
-    check_obs_keys(obs, cols, what="sample_key")
-    check_obs_keys(obs, [groups_key], what="groups_key")
+    check_obs_keys(obs, cols, what="sample_key", grouping=True)
+    check_obs_keys(obs, [groups_key], what="groups_key", grouping=True)
     if groups_key is None:
         keys = cols
         gname = np.full(len(obs), "all", dtype=object)

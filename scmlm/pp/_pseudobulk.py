@@ -64,8 +64,8 @@ def pseudobulk(
         raise InputError(f"groups_key and sample_key are both {sample_key!r}; give groups_key a different column.")
     if min_cells < 1:
         raise InputError(f"min_cells={min_cells} must be at least 1.")
-    check_obs_keys(adata, [sample_key], what="sample_key")
-    check_obs_keys(adata, [groups_key], what="groups_key")
+    check_obs_keys(adata, [sample_key], what="sample_key", grouping=True)
+    check_obs_keys(adata, [groups_key], what="groups_key", grouping=True)
     check_unique_names(adata)
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise InputError(f"adata is empty ({adata.n_obs} cells × {adata.n_vars} genes); nothing to aggregate.")

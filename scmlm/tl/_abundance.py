@@ -157,7 +157,7 @@ def abundance_de(
         raise InputError(f"pseudocount={pseudocount} must be > 0 (the transforms take logs of the counts).")
     if min_cells < 0:
         raise InputError(f"min_cells={min_cells} must be 0 or more (the fewest cells a type needs to be tested).")
-    check_obs_keys(adata, [cell_type_key, sample_key], what="key")
+    check_obs_keys(adata, [cell_type_key, sample_key], what="key", grouping=True)
     if cell_type_key == sample_key:
         raise InputError(f"cell_type_key and sample_key are both {cell_type_key!r}; they must name different columns.")
     counts, samples, types = _count_table(adata.obs, cell_type_key, sample_key)

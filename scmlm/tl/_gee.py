@@ -159,8 +159,8 @@ def gee_de(
         raise InputError(f"min_cells_expressing={min_cells_expressing} must be >= 0.")
     resolve_n_jobs(n_jobs)  # a clear error for n_jobs="two" before any work
     check_unique_names(adata)
-    check_obs_keys(adata, [cluster_key], what="cluster_key")
-    check_obs_keys(adata, [groups_key], what="groups_key")
+    check_obs_keys(adata, [cluster_key], what="cluster_key", grouping=True)
+    check_obs_keys(adata, [groups_key], what="groups_key", grouping=True)
     matrix = get_matrix(adata, layer)
     check_counts(matrix, layer)
     off_all = cell_offset(

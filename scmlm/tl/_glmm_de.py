@@ -373,7 +373,9 @@ def _plan(adata: ad.AnnData, o: _Options) -> _Run:
     """Check the choices, the data and the model on all cells before any fit; resolve the offset; select genes."""
     _check_choices(o)
     check_unique_names(adata)
-    check_obs_keys(adata, [o.groups_key, o.trials, o.sample_key])
+    check_obs_keys(adata, [o.trials])
+    check_obs_keys(adata, [o.groups_key], what="groups_key", grouping=True)
+    check_obs_keys(adata, [o.sample_key], what="sample_key", grouping=True)
     matrix = get_matrix(adata, o.layer)
     if o.family == "gaussian":
         check_finite(matrix, o.layer)

@@ -40,7 +40,7 @@ def _prepare(adata, design, family, layer, offset, groups_key, genes, samples=No
     if family not in FAMILY_NAMES:
         raise InputError(f"family={family!r} is not known; use one of {_fmt_list(FAMILY_NAMES)}.")
     check_unique_names(adata)
-    check_obs_keys(adata, [groups_key])
+    check_obs_keys(adata, [groups_key], what="groups_key", grouping=True)
     matrix = get_matrix(adata, layer)
     if family == "gaussian":
         check_finite(matrix, layer)

@@ -105,7 +105,7 @@ def pseudobulk_de(
     if method not in _METHODS:
         raise InputError(f"method={method!r} is not known; use one of {_fmt_list(_METHODS)}.")
     check_unique_names(adata)
-    check_obs_keys(adata, [groups_key], what="groups_key")
+    check_obs_keys(adata, [groups_key], what="groups_key", grouping=True)
     check_sample_rows(adata, design, groups_key=groups_key, rows_are_samples=rows_are_samples)
     counts_all = get_matrix(adata, layer)
     counts_all = counts_all.toarray() if hasattr(counts_all, "toarray") else np.asarray(counts_all)
