@@ -6,6 +6,7 @@ Every command writes its outputs atomically and exits with status 2 and a one-li
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import warnings
@@ -915,6 +916,16 @@ def _log_reading_guide(table, units) -> None:
                     FEW_REPLICATES_MEANING)  # fmt: skip
 
 
+def _format_warning(command: str, message, category, filename, lineno, line=None) -> str:
+    """Format a warning on the command line as ``scmlm de: warning: …``.
+
+    The category is named only when it is not a plain UserWarning; the file path and source line Python shows by
+    default are left out.
+    """
+    kind = "" if category is UserWarning else f" ({category.__name__})"
+    return f"scmlm {command}: warning{kind}: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``scmlm`` command line on ``argv`` (default: ``sys.argv[1:]``) and return the exit status."""
     parser = build_parser()
@@ -933,14 +944,19 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.verbose >= 2:
         settings.verbosity = 2
+    fmt = warnings.formatwarning
     with warnings.catch_warnings():
-        # show each warning once on stderr (status summaries, poorly determined variances), never as an error
+        # show each warning once on stderr (status summaries, poorly determined variances), never as an error, and as
+        # one line that names the command, not the source file and line of the package that raised it
         warnings.simplefilter("default")
+        warnings.formatwarning = functools.partial(_format_warning, args.command)
         try:
             return _run(args)
         except ScmlmError as err:
             print(f"scmlm {args.command}: error: {err}", file=sys.stderr)
             return 2
+        finally:
+            warnings.formatwarning = fmt
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -42,7 +42,10 @@ BACKENDS: tuple[str, ...] = ("threads", "loky")
 
 
 def resolve_n_jobs(n_jobs: int | None) -> int:
-    """Worker count for ``n_jobs``: ``None`` means ``settings.n_jobs``, 0 means 1, negatives count from all cores."""
+    """Worker count for ``n_jobs``: ``None`` means ``settings.n_jobs``, negatives count from all cores.
+
+    0 is refused, as by the command line and joblib.
+    """
     n = settings.n_jobs if n_jobs is None else n_jobs
     if isinstance(n, str) and n.strip().lstrip("-").isdigit():
         n = int(n)
@@ -50,7 +53,11 @@ def resolve_n_jobs(n_jobs: int | None) -> int:
         from ._errors import InputError
 
         raise InputError(f"n_jobs={n!r} must be a whole number of worker processes (1, 2, …; -1 for all cores).")
-    if n is None or n == 0:
+    if n == 0:
+        from ._errors import InputError
+
+        raise InputError("n_jobs=0 is not a number of workers; use 1 or more (or -1 for all cores).")
+    if n is None:
         n = 1
     if n < 0:
         n = max(1, (os.cpu_count() or 1) + 1 + n)

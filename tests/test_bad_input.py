@@ -1073,6 +1073,21 @@ def test_cli_integer_donor_warns(tmp_path, paired_pb, capsys):
     guard.check(allowed=[tmp_path / "r.csv"])
 
 
+def test_cli_warning_is_one_line_without_the_package_source(tmp_path, paired_pb):
+    """A user-facing warning on the command line names the command, not the file and line of scmlm that raised it."""
+    inp = tmp_path / "pb.h5ad"
+    _int_donor(paired_pb).write_h5ad(inp)
+    args = _de(inp, tmp_path / "r.csv")
+    args[args.index("--design") + 1] = "~ donor + condition"
+    proc = subprocess.run(
+        [sys.executable, "-m", "scmlm.cli", *map(str, args)], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if "holds integers" in ln]
+    assert len(lines) == 1 and lines[0].startswith("scmlm de: warning: column 'donor' holds integers"), proc.stderr
+    assert ".py:" not in proc.stderr and "warnings.warn" not in proc.stderr, proc.stderr
+
+
 # ======================================================================================================================
 # degenerate samples and groups
 # ======================================================================================================================
@@ -1202,6 +1217,9 @@ def test_api_n_jobs_as_text(cells):
     from scmlm.engine import resolve_n_jobs
 
     assert resolve_n_jobs("2") == 2
+    # 0 workers: refused as by the command line (`--n-jobs 0`), not read as 1
+    with pytest.raises(InputError, match=r"n_jobs=0 is not a number of workers"):
+        scmlm.tl.glmm_de(cells, "~ condition + (1|donor)", CONTRAST, layer="counts", n_jobs=0, inplace=False)
 
 
 def test_api_volcano_of_several_groups_needs_a_group(pb):
