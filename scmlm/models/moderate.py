@@ -109,12 +109,15 @@ fractions of p < 0.05; ``tests/test_moderation.py`` and ``benchmarks/bench_moder
   5/5, 25/25. The pseudobulk methods pay for their calls in the top third of true variances (null p < 0.05 overall / top
   third: nb_ql 3.9/6.3, 4.1/8.1, 4.7/9.1, 4.5/8.9 %; voom 4.0/6.7, 3.4/6.8, 4.9/8.2, 4.4/7.7 %; GLMM 3.6/6.0, 3.2/5.7,
   4.3/6.7, 3.5/5.7 %). Issue 19's bar (at least the calls of the better of nb_ql and voom) is not reached; a ``τ̂²`` on
-  one weighting for all genes (the unbalanced ``d0``) is the open lead; voom's own ``d0`` on the pseudobulk's genes
-  would give 43/42, 47/44, 29/27, 29/29, and ``d0 = 20`` would meet the bar on all four (62/58, 74/69, 39/36, 45/44), a
-  value neither the data (``d0_hat`` 4.5–8.0) nor the top-third bound allow. Near-boundary fits (``σ̂²`` above 0 but
-  under 2 % of the median), which take ``d`` and ``se²/c_g`` like interior fits, are not a cause: 19 % of 32 such null
-  genes at p < 0.05 in the four power sets, but 5.6 % of 36 (20–2,000 cells) and 0 % of 10 (400 cells) on eight
-  1,500-gene nulls (seeds 10–13), where all genes give 3.6 % / 3.8 % and the top third 5.5 % / 7.3 %.
+  one weighting for all genes is not the cure in its plain form: ``σ̂²`` plus the sampling part of equal unit weights
+  (``se²`` rescaled to it) raised the unbalanced ``d0_hat`` to 14.2 and the calls to 34/29 and 37/34, but its non-DE
+  genes went to 6.8 % and 4.6 % at p < 0.05 and false genes opened the ranking (true at FDP 5 %: 0, 23), because where
+  the sampling part dominates that ``τ̂²`` hardly varies and is not a variance on ``d`` df; voom's own ``d0`` on the
+  pseudobulk's genes would give 43/42, 47/44, 29/27, 29/29, and ``d0 = 20`` would meet the bar on all four (62/58,
+  74/69, 39/36, 45/44), a value neither the data (``d0_hat`` 4.5–8.0) nor the top-third bound allow. Near-boundary fits
+  (``σ̂²`` above 0 but under 2 % of the median), which take ``d`` and ``se²/c_g`` like interior fits, are not a cause:
+  19 % of 32 such null genes at p < 0.05 in the four power sets, but 5.6 % of 36 (20–2,000 cells) and 0 % of 10 (400
+  cells) on eight 1,500-gene nulls (seeds 10–13), where all genes give 3.6 % / 3.8 % and the top third 5.5 % / 7.3 %.
 * Genes are moderated per group (``groups_key``) and per contrast: each has its own prior. A group with fewer than
   :data:`MIN_GENES` usable genes keeps per-gene tests.
 
