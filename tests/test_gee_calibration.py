@@ -98,6 +98,27 @@ def test_df_of_the_donor_level_design():
     f_design = t.loc["F"].set_index("gene")["stat"]
     f_clusters = c.loc["F"].set_index("gene")["stat"]
     np.testing.assert_allclose(f_design, f_clusters * 5.75 / 6.75, rtol=1e-10)
+    # ... and that covariance is Mancl-DeRouen times (K - q) / K, the "md_scaled" correction
+    m = gee_de(adata, "~ condition", contrasts, small_sample="md_scaled", df="clusters", inplace=False).table
+    f_md_scaled = m.set_index("contrast").loc["F"].set_index("gene")["stat"]
+    np.testing.assert_allclose(f_clusters, f_md_scaled, rtol=1e-10)
+
+
+def test_df_within_donors_are_bell_mccaffrey():
+    """A t test within donors (paired samples) gets the Bell–McCaffrey df of the Kauermann–Carroll-adjusted sandwich
+    under the working model, capped at K - q = 5, on the Mancl–DeRouen standard error: below 5 when donors differ in
+    size, as ``df="satterthwaite"`` with ``small_sample="kc"`` computes them."""
+    adata = null_cells("paired", 6, (50, 400), 60, 57)
+    kw = {"inplace": False}
+    contrast = {"t": ("condition", "case", "ctrl")}
+    t = gee_de(adata, "~ condition", contrast, **kw).table
+    bm = gee_de(adata, "~ condition", contrast, small_sample="kc", df="satterthwaite", **kw).table
+    md = gee_de(adata, "~ condition", contrast, small_sample="md", df="clusters", **kw).table
+    ok = (t["status"] == "ok").to_numpy()
+    assert ok.sum() > 40
+    np.testing.assert_allclose(t["df"][ok], np.minimum(bm["df"][ok], 5.0), rtol=1e-8)
+    assert (t["df"][ok] < 5.0).mean() > 0.9 and (t["df"][ok] > 2.0).all()
+    np.testing.assert_allclose(t["se"][ok], md["se"][ok], rtol=1e-12)
 
 
 @pytest.mark.slow
