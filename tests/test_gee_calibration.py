@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from gee_nulls import null_cells
 
+from scmlm.models.gee_sandwich import bm_df, htz_eta
 from scmlm.tl import gee_de
 
 DESIGNS = {
@@ -165,3 +166,16 @@ def test_two_v_two_donors_of_unequal_size_are_not_liberal():
     adata = null_cells("two", 2, (50, 400), 50, 34)
     t = gee_de(adata, "~ condition", {"t": ("condition", "case", "ctrl")}, inplace=False).table
     assert (t.loc[t["status"] == "ok", "df"] == 2).all()
+
+
+def test_bm_df_equals_the_one_row_htz():
+    """The O(clusters p^2) Bell–McCaffrey df used for contrasts within donors equal the one-row HTZ df built from the
+    clusters × clusters matrix, for both adjustments, with clusters of unequal information."""
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(7, 5, 10, 3))
+    A = np.einsum("kgia,kgib->kgab", X, X) * rng.uniform(0.2, 3.0, (7, 5, 1, 1))
+    c = np.array([0.0, 1.0, 0.5])
+    for power in (0.5, 1.0):
+        got = bm_df(A, c, power)
+        np.testing.assert_allclose(got, htz_eta(A, c[None], power), rtol=1e-10)
+        assert np.all((got > 1.0) & (got < 7.0))

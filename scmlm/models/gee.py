@@ -94,7 +94,7 @@ from .gee_kernel import (
     kernel_design,
     kernel_out,
 )
-from .gee_sandwich import design_df, htz_eta, sandwich_from_blocks
+from .gee_sandwich import bm_df, design_df, sandwich_from_blocks
 
 __all__ = [
     "GEE_DF_METHODS",
@@ -373,7 +373,7 @@ def _test_df(data: GEEData, j: int, A, g, corr: str, fitted: np.ndarray, n: int)
         df[:] = data.design_dfs[j]
         within = data.donor_level and not data.donor_level[j]
         if within and L.shape[0] == 1 and fitted.any():  # Bell–McCaffrey df, CR2 adjustment, working model
-            df[fitted] = np.fmin(htz_eta(A, L, 0.5), data.df)
+            df[fitted] = np.fmin(bm_df(A, L[0], 0.5), data.df)
     elif data.df_method == "satterthwaite" and L.shape[0] == 1 and fitted.any():
         bm = sandwich_from_blocks(A, g, corr if corr != "avg" else "kc", L[0])[2]
         df[fitted] = np.minimum(bm, data.df)
