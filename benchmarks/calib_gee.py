@@ -4,6 +4,15 @@ Fits each null of ``tests/gee_nulls.py`` once per gene and evaluates several cor
 printing the fraction of p < 0.05 and p < 0.01 per rule and test.
 
     python benchmarks/calib_gee.py two 3 2000 600 1      # design, donors per level, cells (or lo-hi), genes, seed
+    python benchmarks/calib_gee.py tool dose 4 50-400 1000 45,46,47 binomial   # gee_de's default, pooled seeds
+
+Rule names: covariance (``md``, ``md_scaled`` = MD x (K - q) / K, ``kc``, ``avg``, ``p0.75`` = one correction
+``(I - H_dd)^-3/4``) and df: ``K-q``; ``HTZ(eq)`` Satterthwaite / Zhang's df of the donor-level design (equal
+weights, the ``design_df`` of gee_de); ``HTZ(work)`` the same under the GEE's working model (``work.kc``: with the
+Kauermann–Carroll adjustment). Joint tests are Hotelling's T² on the df. gee_de's default is ``avg HTZ(eq)`` for a
+t test of a donor-level contrast, ``md_scaled HTZ(eq)`` for a joint test of donor-level rows and
+``md HTZ(work.kc)`` for a t test within donors. The gene filter here (>= 10 expressing cells) differs slightly from
+gee_de's, so figures can differ from ``tool`` in the third decimal.
 """
 
 from __future__ import annotations
@@ -149,6 +158,14 @@ def run(kind, n_per, cells, n_genes, seed, family="nb"):
             res["md_scaled HTZ(work)"] = pvals(est, V, eta, k, s_md, K - q)
         res["md K-q"] = pvals(est, V, np.full(len(est), K - q), k, 1.0, K - q)
         res["md HTZ(work)"] = pvals(est, V, eta, k, 1.0, K - q)
+        if not donor_level:
+            _, eta_wk = rule(A, g, L, 1.0, power_df=0.5)
+            res["md HTZ(work.kc)"] = pvals(est, V, eta_wk, k, 1.0, K - q)
+            res["md mean(HTZ(work),K-q)"] = pvals(est, V, 0.5 * (np.minimum(eta, K - q) + K - q), k, 1.0, K - q)
+            print(
+                f"  {name}: eta_work(md) median {np.median(eta):.2f} q10 {np.quantile(eta, 0.1):.2f}; "
+                f"eta_work(kc) median {np.median(eta_wk):.2f}"
+            )
         if donor_level:
             _, eta_eq = rule(A, g, L, 1.0, A_df=Aeq, power_df=0.5)
             res["md_scaled HTZ(eq)"] = pvals(est, V, eta_eq, k, s_md, K - q)
@@ -163,6 +180,15 @@ def run(kind, n_per, cells, n_genes, seed, family="nb"):
         if donor_level:
             res["kc HTZ(eq)"] = pvals(est, Vk, eta_eq, k, 1.0, K - q)
             res["avg HTZ(eq)"] = pvals(est, Va, eta_eq, k, 1.0, K - q)
+        for pw in (0.75, 0.625):
+            Vp, eta_p = rule(A, g, L, pw)
+            res[f"p{pw:g} K-q"] = pvals(est, Vp, np.full(len(est), K - q), k, 1.0, K - q)
+            if donor_level:
+                res[f"p{pw:g} HTZ(eq)"] = pvals(est, Vp, eta_eq, k, 1.0, K - q)
+        if donor_level and k > 1:  # joint tests: eta between the donor-level design's HTZ and K - q
+            mid = 0.5 * (eta_eq + (K - q))
+            res["avg Hot(mid)"] = pvals(est, Va, mid, k, 1.0, K - q)
+            res["avg Hot(K-q-1)"] = pvals(est, Va, np.full(len(est), K - q - 1.0), k, 1.0, K - q)
             print(f"  {name}: eta_eq median {np.median(eta_eq):.2f}; eta_work(md) median {np.median(eta):.2f}")
         for r, p in res.items():
             p = p[np.isfinite(p)]

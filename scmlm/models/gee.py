@@ -27,21 +27,28 @@ few passes over the cells per gene); steps 4-5 are p × p algebra vectorised ove
 4. Covariance: the cluster-robust sandwich with a small-sample correction (``small_sample``), in closed form from
    p × p matrices (:func:`sandwich_from_blocks`). Default ``"avg"``: for a contrast of donor-level columns the
    average of the Kauermann–Carroll (``(I - H_dd)^-1/2 r_d``) and Mancl–DeRouen (``(I - H_dd)^-1 r_d``)
-   covariances (Ford & Westgate 2017); for a contrast within donors Mancl–DeRouen. Kauermann–Carroll is unbiased
-   when the working weights are right; with few donors they are not (``rho`` is estimated from a handful of donor
-   means), the donors the working model trusts most get too much weight and Kauermann–Carroll is too small (21 % of
-   null p < 0.05 with 2 v 2 donors of unequal size). Mancl–DeRouen over-corrects by ``K / (K - q)`` when donors
-   carry equal weight (2.7 % with 3 v 3 donors × 2,000 cells). The average is within the band in both cases and in
-   the designs below. Also ``"md_scaled"`` (the previous default: Mancl–DeRouen times ``(K - q) / K`` for a
-   donor-level contrast), ``"kc"``, ``"md"`` and ``"none"``.
+   covariances (Ford & Westgate 2017); for a joint test of donor-level rows Mancl–DeRouen times ``(K - q) / K``
+   (Kauermann–Carroll's value when donors carry equal weight); for a contrast within donors Mancl–DeRouen.
+   Kauermann–Carroll is unbiased when the working weights are right; with few donors they are not (``rho`` is
+   estimated from a handful of donor means), the donors the working model trusts most get too much weight and
+   Kauermann–Carroll is too small (21 % of null p < 0.05 with 2 v 2 donors of unequal size). Mancl–DeRouen
+   over-corrects by ``K / (K - q)`` when donors carry equal weight (2.7 % with 3 v 3 donors × 2,000 cells). The
+   average is within the band in both cases and in the designs below. Also ``"md_scaled"`` (the previous default:
+   Mancl–DeRouen times ``(K - q) / K`` for a donor-level contrast), ``"kc"``, ``"md"`` and ``"none"``.
 5. Tests (``df_method="design"``, default). A t test of a donor-level contrast uses the Satterthwaite df of the same
    contrast in the donor-level design (one row per donor, equal weights, CR2 sandwich; :func:`design_df`), at most
    ``K - q``: two groups of donors give ``K - 2``; a pairwise contrast of three dose groups of 4 donors rests on 8
    donors' residuals and gets Welch's 6, not ``K - q = 9`` (with 9: 7.0-7.8 % of null p < 0.05). A joint test of
-   ``k`` rows is Hotelling's T² approximation with ``eta = K - q``: ``F = W (eta - k + 1) / (eta k)`` on
-   ``(k, eta - k + 1)`` df (the plain Wald ``F = W / k`` on ``(k, K - q)`` gave 7.5-8 %; Zhang's HTZ df from the
-   donor-level design, 3.1-3.5 %). A t test within donors uses ``K - q``. ``df_method="clusters"``: ``K - q`` and
-   ``F = W / k`` everywhere; ``"satterthwaite"``: Bell–McCaffrey df under the working model (t tests).
+   ``k`` donor-level rows is Hotelling's T² approximation with Zhang's df ``eta`` of the same donor-level design
+   (HTZ; 6.75 for the dose design, at most ``K - q``): ``F = W (eta - k + 1) / (eta k)`` on ``(k, eta - k + 1)``
+   df, the covariance Mancl–DeRouen times ``(K - q) / K`` -- clubSandwich's CR2 + HTZ Wald test when donors carry
+   equal weight. (With the average covariance and ``eta = K - q``, the rule before: 0.051-0.071 of null p < 0.05
+   on seven sets of dose nulls, four of them above 0.06; with the average and Zhang's ``eta``: 0.031-0.053.) A t
+   test within donors uses the Bell–McCaffrey df of the Kauermann–Carroll-adjusted sandwich under the working model,
+   at most ``K - q``: the donors whose cells the working model trusts most dominate the estimate (6 paired donors of
+   50-400 cells per sample: median df 3.7-4.6 instead of 5; 0.066 with 5, 0.056 with these). A joint test within
+   donors: Hotelling on ``K - q``. ``df_method="clusters"``: ``K - q`` and ``F = W / k`` everywhere;
+   ``"satterthwaite"``: Bell–McCaffrey df under the working model (t tests).
 
 Calibration of the default (fraction of null p < 0.05 / p < 0.01, pooled over 2-6 data sets of 800-1,000 genes;
 nulls of ``tests/gee_nulls.py``: donor effects with gene-to-gene spread of their variance, NB counts, donors of
@@ -50,12 +57,16 @@ nulls of ``tests/gee_nulls.py``: donor effects with gene-to-gene spread of their
     2 v 2 donors x 200 cells       0.039 / 0.010      2 v 2 donors, 50-400 cells        0.028 / 0.005 (conservative)
     3 v 3 donors                   0.048 / 0.014      3 v 3 donors x 2,000 cells        0.055 / 0.004
     4 v 4 donors (6 data sets)     0.057 / 0.014      4 v 4 donors x 200 cells          0.044 / 0.010
-    dose 3 x 4 donors: F           0.060 / 0.013      t d1-d0 0.055 / 0.010, t d2-d1 0.050 / 0.007
-    dose 3 x 4 donors x 200 cells  F 0.051 / 0.013    t d1-d0 0.047 / 0.008, t d2-d1 0.040 / 0.007
-    ~ batch + condition, 12 donors 0.059 / 0.012      paired, 4 donors                  0.051 / 0.015
-    paired, 6 donors               0.066 / 0.016 (liberal)
-    binomial: 3 v 3 0.046 / 0.015; dose t 0.057 / 0.015 and 0.046 / 0.015, dose F 0.070 / 0.026 (liberal);
-    ~ batch + condition 0.040 / 0.010; paired 4 donors 0.045 / 0.009
+    dose 3 x 4 donors: F           0.049 / 0.008      t d1-d0 0.055 / 0.010, t d2-d1 0.050 / 0.007
+    dose 3 x 4 donors x 200 cells  F 0.045 / 0.008    t d1-d0 0.047 / 0.008, t d2-d1 0.040 / 0.007
+    ~ batch + condition, 12 donors 0.059 / 0.012      paired, 4 donors                  0.041 / 0.011
+    paired, 6 donors               0.056 / 0.010
+    binomial: 3 v 3 0.046 / 0.015; dose t 0.057 / 0.015 and 0.046 / 0.015, dose F 0.059 / 0.018;
+    ~ batch + condition 0.040 / 0.010; paired 4 donors 0.036 / 0.006
+
+2 v 2 donors of unequal size stay conservative: the rules measured there are conservative or liberal (0.061-0.191
+per data set with Kauermann–Carroll), none in the band on every draw of donor sizes; the t has 2 df and the right
+correction depends on how much of each gene's variance lies between donors (``docs/gee_vs_glmm.md``).
 
 On ``scmlm.datasets.simulate`` nulls (``~ condition``, one batch): 6 donors x 60 cells 0.034 (equal sizes), 0.039
 (unequal); 10 x 40 0.034; 20 x 300 unequal 0.045.
@@ -83,7 +94,7 @@ from .gee_kernel import (
     kernel_design,
     kernel_out,
 )
-from .gee_sandwich import design_df, sandwich_from_blocks
+from .gee_sandwich import bm_df, design_df, sandwich_from_blocks
 
 __all__ = [
     "GEE_DF_METHODS",
@@ -206,7 +217,7 @@ def prepare_gee(
     dfs = []
     for L, between in zip(Ls, donor_level, strict=True):
         d = float(cdf.df)
-        if df_method == "design" and between and cdf.df >= 1 and L.shape[0] == 1:
+        if df_method == "design" and between and cdf.df >= 1:
             first = np.r_[True, np.diff(np.sort(clusters)) != 0]
             Z = X[np.argsort(clusters, kind="stable")][first][:, cdf.const]
             d = min(design_df(Z, L[:, cdf.const]), d)
@@ -266,9 +277,13 @@ def md_scale(L: np.ndarray, const: np.ndarray, n_clusters: int) -> float:
 
 def _correction(data: GEEData, j: int) -> tuple[str, float]:
     """The correction of contrast ``j`` and its scalar factor: the default ``"avg"`` is the average of
-    Kauermann–Carroll and Mancl–DeRouen for a donor-level contrast and Mancl–DeRouen for a contrast within donors."""
+    Kauermann–Carroll and Mancl–DeRouen for a one-row donor-level contrast, Mancl–DeRouen times ``(K - q) / K`` for
+    a joint test of donor-level rows (Kauermann–Carroll's when donors have equal leverage; with Zhang's df of the
+    donor-level design this is the CR2 + HTZ test of clubSandwich) and Mancl–DeRouen for a contrast within donors."""
     if data.small_sample == "avg":
         between = data.donor_level[j] if data.donor_level else True
+        if between and data.Ls[j].shape[0] > 1:
+            return "md", (data.md_scales[j] if data.md_scales else 1.0)
         return ("avg" if between else "md"), 1.0
     if data.small_sample == "md_scaled":
         return "md", (data.md_scales[j] if data.md_scales else 1.0)
@@ -356,6 +371,9 @@ def _test_df(data: GEEData, j: int, A, g, corr: str, fitted: np.ndarray, n: int)
     df = np.full(n, data.df)
     if data.df_method == "design" and data.design_dfs:
         df[:] = data.design_dfs[j]
+        within = data.donor_level and not data.donor_level[j]
+        if within and L.shape[0] == 1 and fitted.any():  # Bell–McCaffrey df, CR2 adjustment, working model
+            df[fitted] = np.fmin(bm_df(A, L[0], 0.5), data.df)
     elif data.df_method == "satterthwaite" and L.shape[0] == 1 and fitted.any():
         bm = sandwich_from_blocks(A, g, corr if corr != "avg" else "kc", L[0])[2]
         df[fitted] = np.minimum(bm, data.df)

@@ -2,8 +2,9 @@
 
 Everything here is p × p algebra on the per-cluster information ``A_d`` and scores ``g_d`` of every gene (from
 :mod:`scmlm.models.gee_kernel`), vectorised over genes: :func:`sandwich_from_blocks` (the corrected covariance and the
-Bell–McCaffrey df under the working model) and :func:`design_df` (the df of a contrast from the donor-level design:
-Satterthwaite for one row, Hotelling's T² with Zhang's df, "HTZ", for several).
+Bell–McCaffrey df under the working model), :func:`bm_df` (those df alone, for a contrast within donors) and
+:func:`design_df` (the df of a contrast from the donor-level design: Satterthwaite for one row, Hotelling's T² with
+Zhang's df, "HTZ", for several).
 """
 
 from __future__ import annotations
@@ -99,6 +100,29 @@ def _omega(Asym, Binv, ws, wt):
     idx = np.arange(Asym.shape[0])
     Om[:, idx, idx] += np.einsum("kga,kga->gk", ws, Ut)
     return Om
+
+
+def bm_df(A: np.ndarray, c: np.ndarray, power: float = 0.5) -> np.ndarray:
+    """Bell–McCaffrey (Satterthwaite) df of ``c'beta`` per gene under the working model, with the adjustment
+    ``(I - H_dd)^-power`` (``0.5``: Kauermann–Carroll, the CR2 of clubSandwich): :func:`htz_eta` for one row, in
+    ``O(clusters p^2)`` per gene instead of a clusters × clusters matrix.
+
+    With ``Om = diag(a) - C``, ``a_d = w_d' A_d w_d``, ``C_dj = u_d' B^-1 u_j`` and ``u_d = A_d w_d``:
+    ``tr(Om) = sum_d (a_d - C_dd)`` and ``tr(Om^2) = sum_d (a_d^2 - 2 a_d C_dd) + tr((B^-1 S)^2)``,
+    ``S = sum_d u_d u_d'``.
+    """
+    _, _, b_mhalf, Binv, Asym, lam, Q, _ = _decompose(A)
+    G, p = A.shape[1], A.shape[-1]
+    cg = np.broadcast_to(np.asarray(c, dtype=float).ravel(), (G, p))
+    w = np.einsum("gab,kgb->kga", b_mhalf, _correct(b_mhalf, Q, np.maximum(lam, 1e-10) ** -power, cg))
+    u = np.einsum("kgab,kgb->kga", Asym, w)
+    a = np.einsum("kga,kga->gk", w, u)
+    cdd = np.einsum("kga,gab,kgb->gk", u, Binv, u)
+    M = Binv @ np.einsum("kga,kgb->gab", u, u)
+    tr = (a - cdd).sum(axis=1)
+    tr2 = (a * a - 2.0 * a * cdd).sum(axis=1) + np.einsum("gab,gba->g", M, M)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(tr2 > 0, tr * tr / tr2, np.nan)
 
 
 def htz_eta(A: np.ndarray, L: np.ndarray, power: float = 0.5) -> np.ndarray:

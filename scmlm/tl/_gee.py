@@ -104,8 +104,9 @@ def gee_de(
         Genes with fewer cells with ``y > 0`` (within a group) keep a row with ``status="too few expressing cells"``.
     small_sample
         Small-sample correction of the cluster-robust sandwich: ``"avg"`` (default: for a donor-level contrast the
-        average of the Kauermann–Carroll and Mancl–DeRouen covariances, Ford & Westgate 2017; for a contrast within
-        donors Mancl–DeRouen), ``"md_scaled"`` (the default before: Mancl–DeRouen times ``(n_donors - q) /
+        average of the Kauermann–Carroll and Mancl–DeRouen covariances, Ford & Westgate 2017; for a joint test of
+        donor-level rows Mancl–DeRouen times ``(n_donors - q) / n_donors``; for a contrast within donors
+        Mancl–DeRouen), ``"md_scaled"`` (the default before: Mancl–DeRouen times ``(n_donors - q) /
         n_donors`` for a donor-level contrast; liberal with three or more donor-level columns), ``"kc"``
         (Kauermann–Carroll; liberal with few donors of unequal size), ``"md"`` (Mancl–DeRouen, statsmodels'
         ``cov_type="bias_reduced"``; conservative with few donors) or ``"none"`` (Liang–Zeger; liberal with few
@@ -115,7 +116,9 @@ def gee_de(
         Degrees of freedom of the tests. ``"design"`` (default): for a donor-level contrast those of the same
         contrast in the donor-level design (one row per donor, equal weights, CR2 sandwich: Satterthwaite for a t
         test, Hotelling's T² with Zhang's df for a joint F test; e.g. 6, not 9, for a pairwise contrast of three
-        dose groups of 4 donors), at most ``n_donors - q``; for a contrast within donors ``n_donors - q``.
+        dose groups of 4 donors), at most ``n_donors - q``; for a t test within donors the Bell–McCaffrey df under
+        the working model (Kauermann–Carroll adjustment), at most ``n_donors - q``; a joint test within donors
+        ``n_donors - q``.
         ``"clusters"``: ``n_donors - q`` for every test (F tests ``F(k, n_donors - q)``). ``"satterthwaite"``:
         Bell–McCaffrey under the working model, per gene, at most ``n_donors - q`` (t tests; F tests use
         ``n_donors - q``).
