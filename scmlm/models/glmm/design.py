@@ -184,6 +184,7 @@ def prepare_glmm(
     counts = np.bincount(pat, minlength=P)
     cell_t, tabs = (groups[3], groups[4]) if groups is not None else (None, None)
     none = np.zeros(0)
+    cell_cls, cls_pat, cls_off = _offset_classes(pat, off)
     dz = KernelDesign(
         x_rows=Xp,
         z_col=np.ascontiguousarray(Zc),
@@ -203,6 +204,9 @@ def prepare_glmm(
         x_cells=Xp if groups is None else groups[5],
         cell_xrow=pat if groups is None else groups[6],
         cell_rank=np.argsort(order).astype(np.int64) if groups is not None else np.zeros(0, dtype=np.int64),
+        cell_cls=cell_cls,
+        cls_pat=cls_pat,
+        cls_off=cls_off,
     )
     comp_names = tuple(c for t in terms for c in t.component_names())
     return GLMMDesign(
@@ -284,6 +288,19 @@ def _z_slots(terms: tuple[RandomTerm, ...], row_codes: list, row_cov: list, P: i
         as_int(th_term), as_int(th_j), as_int(th_i),
     )  # fmt: skip
     return Zc, Zv, tmap
+
+
+def _offset_classes(pat: np.ndarray, off: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(class of each cell, pattern of each class, offset of each class)``: a class holds the cells of one pattern
+    with equal offsets (e.g. equal library sizes in one sample: 400,000 cells of 20 donors hold 23,000 classes)."""
+    n = off.size
+    order = np.lexsort((off, pat))
+    ps, os = pat[order], off[order]
+    new = np.ones(n, dtype=bool)
+    new[1:] = (ps[1:] != ps[:-1]) | (os[1:] != os[:-1])
+    cls = np.empty(n, dtype=np.int64)
+    cls[order] = np.cumsum(new) - 1
+    return cls, np.ascontiguousarray(ps[new], dtype=np.int64), np.ascontiguousarray(os[new], dtype=np.float64)
 
 
 def _pattern_tables(fam: Family, pat: np.ndarray, P: int, off: np.ndarray, trials, grouped: bool):
