@@ -55,3 +55,18 @@ def test_fits_with_offset_classes_equal_fits_cell_by_cell(method):
     assert (a.status == "ok").sum() + (a.status == "singular").sum() >= 10
     for name in ("beta", "cov_beta", "theta", "phi", "loglik", "b", "n_iter"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+def test_v_tables_from_offset_classes_equal_tables_cell_by_cell():
+    from scmlm.models.glmm.likelihood import build_tables
+
+    X, terms, off, _ = _data(5)
+    vt = prepare_glmm(X, terms, off, family="nb").kernel_arrays.vtabs
+    assert (vt.vmode == 0).all() and vt.tab.shape[0] > 0
+    tab_n = np.diff(np.append(vt.tab_start, vt.tab.shape[0]))
+    # one class per cell: every node's softplus evaluated at each cell
+    n = vt.cell_o.size
+    cell_by_cell = vt._replace(tab=np.zeros_like(vt.tab))
+    build_tables(cell_by_cell, tab_n, (np.arange(n, dtype=np.int64), vt.cell_ptr.copy(), vt.cell_o.copy()))
+    np.testing.assert_array_equal(cell_by_cell.tab, vt.tab)
+    assert np.abs(vt.tab).max() > 0

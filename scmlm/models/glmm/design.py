@@ -179,12 +179,12 @@ def prepare_glmm(
     P = Xp.shape[0]
     Zc, Zv, tmap = _z_slots(terms, row_codes, row_cov, P)
     th_names = _theta_map(terms)[3]
-    vt, order = _pattern_tables(fam, pat, P, off, trials, groups is not None)
+    cell_cls, cls_pat, cls_off = _offset_classes(pat, off)
+    vt, order = _pattern_tables(fam, pat, P, off, trials, groups is not None, (cell_cls, cls_pat, cls_off))
     cw = trials if (fam.code == BINOMIAL and trials is not None) else np.ones(n)
     counts = np.bincount(pat, minlength=P)
     cell_t, tabs = (groups[3], groups[4]) if groups is not None else (None, None)
     none = np.zeros(0)
-    cell_cls, cls_pat, cls_off = _offset_classes(pat, off)
     dz = KernelDesign(
         x_rows=Xp,
         z_col=np.ascontiguousarray(Zc),
@@ -303,8 +303,9 @@ def _offset_classes(pat: np.ndarray, off: np.ndarray) -> tuple[np.ndarray, np.nd
     return cls, np.ascontiguousarray(ps[new], dtype=np.int64), np.ascontiguousarray(os[new], dtype=np.float64)
 
 
-def _pattern_tables(fam: Family, pat: np.ndarray, P: int, off: np.ndarray, trials, grouped: bool):
-    """The cells sorted by pattern and what evaluating ``V_p`` needs (tables for NB and binomial); also the order."""
+def _pattern_tables(fam: Family, pat: np.ndarray, P: int, off: np.ndarray, trials, grouped: bool, classes: tuple):
+    """The cells sorted by pattern and what evaluating ``V_p`` needs (tables for NB and binomial); also the order.
+    ``classes``: :func:`_offset_classes`."""
     n = off.size
     order = np.argsort(pat, kind="stable")
     counts = np.bincount(pat, minlength=P)
@@ -347,5 +348,8 @@ def _pattern_tables(fam: Family, pat: np.ndarray, P: int, off: np.ndarray, trial
         sum_co=np.bincount(pat, weights=cw * off, minlength=P),
     )
     if needs_v and vt.tab.shape[0] > 0:
-        build_tables(vt, tab_n)
+        cell_cls, cls_pat, cls_off = classes
+        cls_ptr = np.zeros(P + 1, dtype=np.int64)
+        cls_ptr[1:] = np.cumsum(np.bincount(cls_pat, minlength=P))
+        build_tables(vt, tab_n, (np.ascontiguousarray(cell_cls[order]), cls_ptr, cls_off))
     return vt, order
