@@ -140,6 +140,7 @@ import scipy.sparse as sp
 from scipy import optimize, special, stats
 
 from .ebayes import _loess_fit_unweighted
+from .moderate_kernel import unit_scores_kernel
 
 MIN_GENES = 10
 """Fewest genes of a group and contrast with a usable unmoderated test for a prior to be estimated."""
@@ -369,8 +370,7 @@ def gene_tau2(
     if not idx.size:
         return tau2, scale, np.full(G, float(df))
     codes = np.unique(terms[k].codes, return_inverse=True)[1]
-    Ysub = Y[:, idx] if Y.shape[0] == X.shape[0] else Y[idx]
-    S, info_u = unit_scores(Ysub, model, res.beta[idx], res.b[idx], np.asarray(res.phi)[idx], codes)
+    S, info_u = unit_scores_kernel(Y, model, res.beta[idx], res.b[idx], np.asarray(res.phi)[idx], codes, genes=idx)
     Xu, Lu = _unit_design(X, codes, L)
     with np.errstate(divide="ignore", invalid="ignore"):
         x2 = np.sum(np.where(info_u > 0, S**2 / info_u, 0.0), axis=0)

@@ -19,11 +19,22 @@ from .laplace import make_workspace
 from .likelihood import NCG
 from .linalg import chol, chol_solve
 from .outer import fit_gene, ml_cov_beta, settle
-from .records import Estimates, GeneData, KernelConfig, OuterWork
+from .records import Estimates, GeneData, GeneScratch, KernelConfig, OuterWork
 from .special import KU, LEVEL, LOG2PI
 from .status import ST_BADY, ST_FEW, ST_NONFINITE, ST_NONINT, ST_NOTPD, ST_OK, ST_SINGULAR, ST_ZERO
 
 SNAP_SD = 0.01  # SDs below this (times the scale) are tried at exactly zero
+LGAMMA_TABLE = 4096  # counts below this take lgamma(y + 1) from a table made once per chunk (same values)
+
+
+@jit(no_cpython_wrapper=True)
+def _lgamma_table(n):
+    """``lgamma(k + 1)`` for ``k = 0..n-1``: ``math.lgamma`` costs ~20 ns, as much as a re-centring pass per
+    non-zero."""
+    out = np.empty(n)
+    for k in range(n):
+        out[k] = math.lgamma(k + 1.0)
+    return out
 
 
 @jit(no_cpython_wrapper=True)
@@ -56,14 +67,18 @@ def _scan_gene(cf, dz, chunk, gi, min_nz):
 
 
 @jit(no_cpython_wrapper=True)
-def _nonzero_cells(cf, dz, chunk, gi, nnz):
-    """Pattern, offset, response (and groups: ``t``) of the gene's non-zero cells."""
+def _nonzero_cells(cf, dz, chunk, gi, nnz, gs):
+    """Pattern, offset, response (and groups: ``t``) of the gene's non-zero cells, and their slots (offset classes
+    numbered as first met; ``gs``: :class:`GeneScratch`). Returns them and the number of slots."""
     detection = dz.trials.shape[0] == 0
     grp = dz.grp_tmax.shape[0] > 0
     nzp = np.empty(nnz, dtype=np.int64)
     nzo = np.empty(nnz)
     nzy = np.empty(nnz)
     nzx = np.empty(nnz if grp else 0)
+    nzs = np.empty(nnz, dtype=np.int64)
+    cls_slot, sl_cls = gs.cls_slot, gs.sl_cls
+    nsl = 0
     kk = 0
     for j in range(chunk.indptr[gi], chunk.indptr[gi + 1]):
         y = chunk.data[j]
@@ -74,8 +89,20 @@ def _nonzero_cells(cf, dz, chunk, gi, nnz):
             nzy[kk] = 1.0 if (cf.family == BINOMIAL and detection) else y
             if grp:
                 nzx[kk] = dz.cell_t[c]
+            k = dz.cell_cls[c]
+            s = cls_slot[k]
+            if s < 0:
+                s = nsl
+                cls_slot[k] = s
+                sl_cls[s] = k
+                gs.sl_pat[s] = dz.cls_pat[k]
+                gs.sl_off[s] = dz.cls_off[k]
+                nsl += 1
+            nzs[kk] = s
             kk += 1
-    return nzp, nzo, nzy, nzx
+    for s in range(nsl):
+        cls_slot[sl_cls[s]] = -1
+    return nzp, nzo, nzy, nzx, nzs, nsl
 
 
 @jit(no_cpython_wrapper=True)
@@ -109,11 +136,13 @@ def _binomial_const(dz, chunk, gi, nzy, nzo):
 
 
 @jit(no_cpython_wrapper=True)
-def _gene_data(cf, dz, chunk, gi, nnz, maxy, base):
-    """The gene's :class:`GeneData` (reusing the pattern arrays of ``base``)."""
+def _gene_data(cf, dz, chunk, gi, nnz, maxy, base, gs):
+    """The gene's :class:`GeneData` (reusing the pattern arrays of ``base`` and the buffers of ``gs``,
+    :class:`GeneScratch`)."""
     fam = cf.family
     grp = dz.grp_tmax.shape[0] > 0
-    nzp, nzo, nzy, nzx = _nonzero_cells(cf, dz, chunk, gi, nnz)
+    lgam = gs.lgam
+    nzp, nzo, nzy, nzx, nzs, nsl = _nonzero_cells(cf, dz, chunk, gi, nnz, gs)
     ysort = base.y_sorted
     if grp:
         for i in range(ysort.shape[0]):
@@ -136,11 +165,15 @@ def _gene_data(cf, dz, chunk, gi, nnz, maxy, base):
             S1[p] += y
             S2[p] += y * y - 2.0 * y * nzo[i]
         else:
-            const += y * nzo[i] - math.lgamma(y + 1.0)
+            # y is a positive integer here (_scan_gene)
+            const += y * nzo[i] - (lgam[int(y)] if y < lgam.shape[0] else math.lgamma(y + 1.0))
     cj = _count_tail(nzy, maxy) if fam == NB else np.zeros(1)
     if fam == BINOMIAL:
         const = _binomial_const(dz, chunk, gi, nzy, nzo)
-    return GeneData(Yp, base.ucen, base.ucoef, S1, S2, cj, nzp, nzo, nzy, nzx, ysort, const)
+    return GeneData(
+        Yp, base.ucen, base.ucoef, S1, S2, cj, nzp, nzo, nzy, nzx, ysort, const,
+        nzs, gs.sl_pat[:nsl], gs.sl_off[:nsl], gs.sl_w[:nsl],
+    )  # fmt: skip
 
 
 @jit(no_cpython_wrapper=True)
@@ -239,9 +272,11 @@ def _start_tau(cf, dz, gd, e0, res, psi):
         ser_lo = dz.vtabs.ser_lo
         num = 0.0
         den = 0.0
+        emu = gd.sl_w  # column 0: exp(o + e0) of each slot, the same number for every cell of the slot
+        for s in range(emu.shape[0]):
+            emu[s, 0] = math.exp(gd.sl_off[s] + e0[gd.sl_pat[s]])
         for i in range(gd.nz_pat.shape[0]):
-            p = gd.nz_pat[i]
-            mu = math.exp(gd.nz_off[i] + e0[p])
+            mu = emu[gd.nz_slot[i], 0]
             num += gd.nz_y[i] * gd.nz_y[i] - 2.0 * gd.nz_y[i] * mu
         for p in range(P):
             ee = math.exp(e0[p])
@@ -560,6 +595,22 @@ def fit_chunk(cf, dz, chunk, control, out):
         empty,
         np.zeros(dz.cell_rank.shape[0]),
         0.0,
+        np.zeros(0, dtype=np.int64),
+        empty,
+        empty,
+        np.zeros((0, KU + 1)),
+    )
+    n_slots = 0
+    for gi in range(chunk.indptr.shape[0] - 1):
+        n_slots = max(n_slots, chunk.indptr[gi + 1] - chunk.indptr[gi])
+    n_slots = min(n_slots, dz.cls_pat.shape[0])
+    gs = GeneScratch(
+        _lgamma_table(LGAMMA_TABLE if cf.family != GAUSSIAN else 0),
+        np.full(dz.cls_pat.shape[0], -1, dtype=np.int64),
+        np.zeros(n_slots, dtype=np.int64),
+        np.zeros(n_slots, dtype=np.int64),
+        np.zeros(n_slots),
+        np.zeros((n_slots, KU + 1)),
     )
     est = Estimates(
         np.zeros(n_psi), np.zeros(d), np.zeros(n_psi + npar), np.zeros(d), np.zeros((npar, npar)), np.zeros(n_psi)
@@ -570,5 +621,5 @@ def fit_chunk(cf, dz, chunk, control, out):
         if status != ST_OK:
             out.status[gi] = status
             continue
-        gd = _gene_data(cf, dz, chunk, gi, nnz, maxy, base)
+        gd = _gene_data(cf, dz, chunk, gi, nnz, maxy, base, gs)
         out.status[gi] = _fit_one(cf, gd, dz, ws, est, control, out, gi)

@@ -301,7 +301,7 @@ def recentre(cf, gd, gamma, psi, dz, ws):
     if dz.grp_tmax.shape[0] > 0:
         return recentre_grp(cf, gd, gamma, psi, dz, ws)
     Yp, ucen, ucoef = gd.y_pat, gd.ucen, gd.ucoef
-    nzp, nzo, nzy = gd.nz_pat, gd.nz_off, gd.nz_y
+    nzp, nzy = gd.nz_pat, gd.nz_y
     e = ws.e
     vmode = dz.vtabs.vmode
     tau = mode_predictors(cf, gamma, psi, dz, ws)
@@ -318,15 +318,25 @@ def recentre(cf, gd, gamma, psi, dz, ws):
         ucen[p] = c
         for k in range(KU + 1):
             ucoef[p, k] = 0.0
+    # softplus(v_p + o) once per offset class of the non-zero cells (a slot), then summed in the cells' order: the
+    # same numbers and sums as evaluating it at every cell
     w = ws.wbuf
+    nzs, sl_pat, sl_off, W = gd.nz_slot, gd.sl_pat, gd.sl_off, gd.sl_w
+    for s in range(sl_pat.shape[0]):
+        p = sl_pat[s]
+        if vmode[p] == 2:
+            continue
+        softplus_derivs(ucen[p] + sl_off[s], ORDER[0], w)
+        for k in range(KU + 1):
+            W[s, k] = w[k]
     for i in range(nzp.shape[0]):
         p = nzp[i]
         if vmode[p] == 2:
             continue
-        softplus_derivs(ucen[p] + nzo[i], ORDER[0], w)
         y = nzy[i]
+        s = nzs[i]
         for k in range(KU + 1):
-            ucoef[p, k] += y * w[k]
+            ucoef[p, k] += y * W[s, k]
     return shift
 
 

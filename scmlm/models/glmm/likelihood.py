@@ -356,19 +356,43 @@ def fam_eval_grp(e, tau, level, gd, dz, ws):
 
 
 @jit
-def build_tables(vt, tab_n):
+def build_tables(vt, tab_n, classes):
     """Taylor coefficients (derivatives 0..KV) of ``V_p`` at the grid nodes of every tabulated pattern (into
-    ``vt.tab``)."""
+    ``vt.tab``).
+
+    ``classes = (cls, cls_ptr, cls_off)``: the offset class of each cell in the order of ``vt.cell_o``, the classes
+    of each pattern (``cls_ptr[p]`` to ``cls_ptr[p + 1]``) and their offsets. Where a pattern has far fewer classes
+    than cells, softplus is evaluated once per class and node and then summed over the cells in their order (the
+    same numbers as evaluating it at every cell).
+    """
+    cls, cls_ptr, cls_off = classes
     w = np.zeros(KV + 2)
     tab = vt.tab
+    W = np.zeros((0, KV + 1))
     for p in range(vt.vmode.shape[0]):
         if vt.vmode[p] != 0:
             continue
+        c0 = cls_ptr[p]
+        nc = cls_ptr[p + 1] - c0
+        shared = 2 * nc < vt.cell_ptr[p + 1] - vt.cell_ptr[p]
+        if shared and W.shape[0] < nc:
+            W = np.zeros((nc, KV + 1))
         for gidx in range(tab_n[p]):
             node = vt.vlo[p] + gidx * HV
             row = vt.tab_start[p] + gidx
             for k in range(KV + 1):
                 tab[row, k] = 0.0
+            if shared:
+                for j in range(nc):
+                    softplus_derivs(node + cls_off[c0 + j], ORDER[1], w)
+                    for k in range(KV + 1):
+                        W[j, k] = w[k]
+                for ii in range(vt.cell_ptr[p], vt.cell_ptr[p + 1]):
+                    j = cls[ii] - c0
+                    c = vt.cell_c[ii]
+                    for k in range(KV + 1):
+                        tab[row, k] += c * W[j, k]
+                continue
             for ii in range(vt.cell_ptr[p], vt.cell_ptr[p + 1]):
                 softplus_derivs(node + vt.cell_o[ii], ORDER[1], w)
                 c = vt.cell_c[ii]

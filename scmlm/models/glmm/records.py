@@ -119,6 +119,13 @@ class KernelDesign(NamedTuple):
     """Row of ``x_cells`` of each cell."""
     cell_rank: np.ndarray
     """Groups only: position of each cell in the order of ``vtabs.cell_o``."""
+    cell_cls: np.ndarray
+    """Offset class of each cell: cells of one pattern with the same offset share a class (their ``softplus(v +
+    o)`` are equal, so a re-centring pass evaluates it once per class of the gene's non-zero cells)."""
+    cls_pat: np.ndarray
+    """Pattern of each offset class."""
+    cls_off: np.ndarray
+    """Offset of each offset class."""
 
 
 class KernelConfig(NamedTuple):
@@ -168,6 +175,28 @@ class GeneData(NamedTuple):
     """Groups only: the responses of all cells in the order of ``vtabs.cell_o``."""
     const: float
     """The terms of the log-likelihood that do not depend on the parameters."""
+    nz_slot: np.ndarray
+    """Slot of each non-zero cell: the gene's offset classes (``KernelDesign.cell_cls``) numbered as first met."""
+    sl_pat: np.ndarray
+    """Pattern of each slot."""
+    sl_off: np.ndarray
+    """Offset of each slot."""
+    sl_w: np.ndarray
+    """``(slots, KU + 1)`` scratch: the softplus derivatives of each slot at a re-centring."""
+
+
+class GeneScratch(NamedTuple):
+    """Per-chunk buffers that :func:`~scmlm.models.glmm.chunk._gene_data` fills for each gene."""
+
+    lgam: np.ndarray
+    """``lgamma(k + 1)`` for small counts ``k``."""
+    cls_slot: np.ndarray
+    """Slot of each offset class in the current gene, -1 if none (reset after each gene)."""
+    sl_cls: np.ndarray
+    """Offset class of each slot."""
+    sl_pat: np.ndarray
+    sl_off: np.ndarray
+    sl_w: np.ndarray
 
 
 class Workspace(NamedTuple):
