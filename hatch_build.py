@@ -88,7 +88,7 @@ class KernelCacheHook(BuildHookInterface):
         if os.environ.get(SKIP, "1").strip() == "0":
             self.app.display_info(f"scmlm: {SKIP}=0, the wheel ships no compiled kernels")
             return
-        self.app.display_info("scmlm: compiling the numba kernels to ship them in the wheel (about a minute)")
+        self.app.display_info("scmlm: compiling the numba kernels to ship them in the wheel (about 80 s of CPU)")
         self._work = Path(tempfile.mkdtemp(prefix="scmlm_kernels_"))
         try:
             files, info = compile_kernels(self.root, self._work)
