@@ -14,7 +14,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-LINTED := $(wildcard scmlm tests benchmarks workflow/scripts .ci)
+LINTED := $(wildcard scmlm tests benchmarks workflow/scripts .ci hatch_build.py)
 
 .PHONY: demo test test-fast test-min venv lint clean bench slurm-up
 

@@ -4,9 +4,12 @@ Every compiled kernel in the package is declared with :func:`jit` (ruff's ``flak
 forbids ``numba.njit``/``numba.jit`` elsewhere), so all of them share the same options:
 
 * ``cache=True``: the machine code is written to disk the first time a kernel is compiled and loaded from there by
-  every later process. numba keys a cache entry by the source file's content, the function, the argument types and
-  the CPU, and looks for it in ``NUMBA_CACHE_DIR`` if that is set, else in ``__pycache__`` next to the installed
-  module, else (read-only installation) in the user's cache directory (``~/.cache/numba``).
+  every later process. numba keys a cache entry by the source file's content, the function, the argument types,
+  numba's version and the CPU, and looks for it in ``NUMBA_CACHE_DIR`` if that is set, else in ``__pycache__`` next
+  to the installed module, else (read-only installation) in the user's cache directory (``~/.cache/numba``). The
+  wheel ships the ``__pycache__`` entries compiled when it was built (``hatch_build.py``); :class:`KernelCache` also
+  reads them when numba's cache is elsewhere (``NUMBA_CACHE_DIR``, or a read-only installation), so an installed
+  wheel compiles nothing on the machine that built it.
 * ``error_model="numpy"``: a division by zero inside a kernel gives ``inf``/``nan`` (which the fits turn into a gene
   status) instead of raising ``ZeroDivisionError`` and failing every gene of the chunk; it also lets LLVM vectorise
   loops that divide.
@@ -18,14 +21,50 @@ kernel module imports it, so anything it imported would sit in an import cycle w
 
 from __future__ import annotations
 
+import inspect
+import os
 from collections.abc import Callable
 
 import numba
+from numba.core.caching import FunctionCache, IndexDataCacheFile
 
 #: every dispatcher created by :func:`jit`, in definition order (the warm-up reports on them)
 KERNELS: list = []
 
 _FIXED = ("cache", "error_model", "nopython", "forceobj")
+
+
+class KernelCache(FunctionCache):
+    """numba's on-disk cache of one kernel, which falls back to the entries shipped next to the module.
+
+    numba reads and writes one directory per kernel: ``NUMBA_CACHE_DIR``, else the module's ``__pycache__`` if it is
+    writable, else the user's cache directory. A wheel installed read-only (or used with ``NUMBA_CACHE_DIR``) would
+    then ignore the compiled kernels it ships in ``__pycache__``: this cache looks there when numba's own directory
+    has no entry for a signature. New entries are still written to numba's directory only.
+    """
+
+    def __init__(self, py_func: Callable) -> None:
+        super().__init__(py_func)
+        shipped = os.path.join(os.path.dirname(os.path.abspath(inspect.getfile(py_func))), "__pycache__")
+        self._shipped = None
+        if os.path.isdir(shipped) and os.path.realpath(shipped) != os.path.realpath(self._cache_path):
+            self._shipped = IndexDataCacheFile(shipped, self._impl.filename_base, self._cache_file._source_stamp)
+
+    def _load_overload(self, sig, target_context):
+        data = super()._load_overload(sig, target_context)
+        if data is None and self._enabled and self._shipped is not None:
+            try:
+                data = self._shipped.load(self._index_key(sig, target_context.codegen()))
+            except OSError:  # an unreadable directory or file: compile, as without it
+                data = None
+            if data is not None:
+                data = self._impl.rebuild(target_context, data)
+        return data
+
+
+def enable_cache(disp) -> None:
+    """Give dispatcher ``disp`` a new :class:`KernelCache` (its directory follows numba's configuration now)."""
+    disp._cache = KernelCache(disp.py_func)
 
 
 def jit(func: Callable | None = None, /, **options) -> Callable:
@@ -40,7 +79,9 @@ def jit(func: Callable | None = None, /, **options) -> Callable:
 
     def wrap(f: Callable) -> Callable:
         # nogil: a kernel called from Python releases the GIL, so gene chunks run in threads (scmlm.engine)
-        disp = numba.njit(cache=True, error_model="numpy", **{"nogil": True, **options})(f)
+        # cache=False only because numba's own cache object is replaced at once: the kernel is cached on disk
+        disp = numba.njit(cache=False, error_model="numpy", **{"nogil": True, **options})(f)
+        enable_cache(disp)
         KERNELS.append(disp)
         return disp
 

@@ -49,7 +49,8 @@ def use_cache_dir(cache_dir: str | os.PathLike) -> Path:
     numba.config.CACHE_DIR = str(path)
     _kernel_modules()
     for disp in KERNELS:
-        disp.enable_caching()  # a new cache object picks its locator from the configuration just set
+        # a new cache of the same class (scmlm._jit.KernelCache) picks its locator from the configuration just set
+        disp._cache = type(disp._cache)(disp.py_func)
     return path
 
 

@@ -96,7 +96,7 @@ def test_every_kernel_goes_through_the_package_decorator():
     for mod, name, disp in found:
         assert id(disp) in registered, f"{mod}.{name} is compiled without scmlm._jit.jit"
         assert disp.targetoptions["error_model"] == "numpy", f"{mod}.{name}"
-        assert disp._cache.__class__.__name__ == "FunctionCache", f"{mod}.{name} is not cached on disk"
+        assert isinstance(disp._cache, _jit.KernelCache), f"{mod}.{name} is not cached on disk"
 
 
 @pytest.mark.parametrize("option", ["cache", "error_model", "nopython"])
@@ -129,6 +129,51 @@ def test_cache_dir_is_filled_once_and_read_by_the_next_process(tmp_path):
     value, (hits, misses) = run("2", "1")
     assert value == float("inf")
     assert (hits, misses) == (1, 0)
+
+
+def test_cache_shipped_next_to_the_module_is_read_when_numba_caches_elsewhere(tmp_path):
+    """What a wheel ships: entries in the module's ``__pycache__`` (compiled at build time) are loaded, not compiled
+    again, when numba's cache is elsewhere (``NUMBA_CACHE_DIR`` here; the user's cache directory for a read-only
+    installation), and nothing new is written next to the module; a signature not shipped is compiled into numba's
+    directory."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tiny_kernel.py").write_text(textwrap.dedent(KERNEL_MODULE))
+    base = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+
+    def run(env, *args):
+        out = subprocess.run(
+            [sys.executable, str(src / "tiny_kernel.py"), *args], env=env, capture_output=True, text=True, check=True
+        )
+        value, counts = out.stdout.strip().splitlines()
+        return float(value), tuple(int(c) for c in counts.split())
+
+    root = str(Path(scmlm.__file__).resolve().parents[1])  # the scmlm under test, not another installed one
+    # no NUMBA_CACHE_DIR: numba caches in the module's __pycache__, as the wheel build does
+    shipped = {**base, "PYTHONPATH": os.pathsep.join([str(src), root])}
+    assert run(shipped, "2", "3") == (pytest.approx(3.5), (0, 1))
+    in_tree = sorted(p.name for p in (src / "__pycache__").glob("*.nb[ic]"))
+    assert in_tree, "no cache written next to the module"
+    cache = tmp_path / "cache"
+    elsewhere = {**shipped, "NUMBA_CACHE_DIR": str(cache)}
+    assert run(elsewhere, "2", "3") == (pytest.approx(3.5), (1, 0))
+    assert not any(cache.rglob("*.nbi")), "a shipped kernel was compiled again into NUMBA_CACHE_DIR"
+    # another signature (integers): compiled, and written to numba's directory, not next to the module
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import numpy as np, tiny_kernel as t; t.total(np.arange(2, 4));"
+            "print(sum(t.total.stats.cache_misses.values()))",
+        ],
+        env=elsewhere,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "1"
+    assert any(cache.rglob("*.nbi"))
+    assert sorted(p.name for p in (src / "__pycache__").glob("*.nb[ic]")) == in_tree
 
 
 def test_warmup_compiles_one_specialisation_per_kernel_and_later_calls_reuse_it():
