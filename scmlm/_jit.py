@@ -21,8 +21,11 @@ kernel module imports it, so anything it imported would sit in an import cycle w
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import inspect
 import os
+import re
 from collections.abc import Callable
 
 import numba
@@ -32,6 +35,56 @@ from numba.core.caching import FunctionCache, IndexDataCacheFile
 KERNELS: list = []
 
 _FIXED = ("cache", "error_model", "nopython", "forceobj")
+
+
+_FROM = re.compile(rb"^[ \t]*from[ \t]+(\.+)([\w.]*)[ \t]+import[ \t]+(?:\(([^)]*)\)|([\w, \t]+))", re.MULTILINE)
+
+
+def _relative_imports(text: bytes, path: str, root: str) -> set[str]:
+    """Files of the package that module ``path`` imports relatively (``from .x import y``, ``from . import x``)."""
+    found = set()
+    for dots, module, grouped, names in _FROM.findall(text):
+        names = grouped or names
+        base = os.path.dirname(path)
+        for _ in range(len(dots) - 1):
+            base = os.path.dirname(base)
+        stem = os.path.join(base, *module.decode().split(".")) if module else base
+        stems = [stem] + [
+            os.path.join(stem, n.strip()) for n in names.decode().replace("\n", ",").split(",") if n.strip()
+        ]
+        for st in stems:
+            for cand in (st + ".py", os.path.join(st, "__init__.py")):
+                if cand.startswith(root) and os.path.isfile(cand):
+                    found.add(cand)
+    return found
+
+
+@functools.cache
+def kernel_sources_stamp() -> str:
+    """Return a sha256 of every module that can change what a kernel of scmlm compiles to.
+
+    Those are the modules that define kernels (``from ._jit import jit``) and, transitively, the modules of the package
+    they import from (constants and records compiled into the kernels). Computed once per process.
+    """
+    root = os.path.dirname(os.path.abspath(__file__))
+    text: dict[str, bytes] = {}
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        for name in files:
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), "rb") as fh:
+                    text[os.path.join(folder, name)] = fh.read()
+    todo = [path for path, src in text.items() if b"_jit import jit" in src]
+    seen: set[str] = set()
+    while todo:
+        path = todo.pop()
+        if path not in seen and path in text:
+            seen.add(path)
+            todo.extend(_relative_imports(text[path], path, root) - seen)
+    digest = hashlib.sha256()
+    for path in sorted(seen):
+        digest.update(os.path.relpath(path, root).encode() + b"\0" + text[path] + b"\0")
+    return digest.hexdigest()
 
 
 class KernelCache(FunctionCache):
@@ -45,6 +98,10 @@ class KernelCache(FunctionCache):
 
     def __init__(self, py_func: Callable) -> None:
         super().__init__(py_func)
+        # numba stamps an entry with the content of the kernel's own file only: a kernel whose callee (another
+        # module) changed would be loaded stale, with the old callee compiled in. The stamp also covers every kernel
+        # module of the package, so an upgrade or an edit of any of them recompiles instead.
+        self._cache_file._source_stamp = (self._cache_file._source_stamp, kernel_sources_stamp())
         shipped = os.path.join(os.path.dirname(os.path.abspath(inspect.getfile(py_func))), "__pycache__")
         self._shipped = None
         if os.path.isdir(shipped) and os.path.realpath(shipped) != os.path.realpath(self._cache_path):

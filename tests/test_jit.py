@@ -204,3 +204,34 @@ def test_after_warmup_a_default_call_of_every_tool_compiles_nothing():
     counts = json.loads(out.stdout.strip().splitlines()[-1])
     assert counts["compiled"] == {}, f"compiled after the warm-up: {counts['compiled']}"
     assert counts["loaded"] > 0
+
+
+def test_a_kernel_is_recompiled_when_only_its_callee_module_changed(tmp_path):
+    """numba stamps a cache entry with its own file's content only; scmlm's stamp also covers the kernel modules of the
+    package and what they import, so a kernel whose callee (in another module) changed is not loaded stale."""
+    pkg = tmp_path / "kpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "_jit.py").write_text(Path(_jit.__file__).read_text())
+    (pkg / "consts.py").write_text("SCALE = 2.0\n")
+    callee = "from ._jit import jit\nfrom .consts import SCALE\n\n\n@jit\ndef inner(x):\n    return SCALE * x + {}\n"
+    (pkg / "callee.py").write_text(callee.format("1.0"))
+    (pkg / "caller.py").write_text(
+        "from ._jit import jit\nfrom .callee import inner\n\n\n@jit\ndef outer(x):\n    return inner(x)\n"
+    )
+    probe = "from kpkg.caller import outer\nprint(outer(1.0), sum(outer.stats.cache_misses.values()))\n"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+    env["PYTHONPATH"] = str(tmp_path)
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+        value, misses = out.stdout.split()
+        return float(value), int(misses)
+
+    assert run() == (3.0, 1)  # compiled and cached
+    assert run() == (3.0, 0)  # loaded
+    (pkg / "callee.py").write_text(callee.format("5.0"))  # the caller's own file is unchanged
+    assert run() == (7.0, 1)
+    (pkg / "consts.py").write_text("SCALE = 3.0\n")  # a constant compiled into the callee
+    assert run() == (8.0, 1)
+    assert run() == (8.0, 0)
