@@ -21,7 +21,10 @@ LINTED := $(wildcard scmlm tests benchmarks workflow/scripts .ci hatch_build.py)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	# the editable install builds no kernels (hatch_build.py compiles them for a standard wheel only), so it needs
+	# only hatchling, not the isolated build environment with every runtime dependency that the wheel build needs
+	$(PY) -m pip install -q "hatchling>=1.21" editables
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	$(VENV)/bin/scmlm warmup  # compile the numba kernels once, here, not in the first call or workflow job
 	@touch $(STAMP)
 

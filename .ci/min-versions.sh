@@ -21,7 +21,9 @@ constraints=$VENV/floors.txt
 echo "min-versions: $("$VENV/bin/python" --version), floors:" && sed 's/^/  /' "$constraints"
 # the library with the extras that the constraints cover, and pytest (the SLURM plugin and the linters are not needed
 # by the fast loop and bring floors of their own)
-"$VENV/bin/python" -m pip install -q -c "$constraints" -e ".[deseq2,workflow]" "pytest>=8"
+# editable: no kernels are built, so hatchling is the only build requirement (see the Makefile)
+"$VENV/bin/python" -m pip install -q "hatchling>=1.21" editables
+"$VENV/bin/python" -m pip install -q --no-build-isolation -c "$constraints" -e ".[deseq2,workflow]" "pytest>=8"
 
 # the installed versions must be the floors themselves (a constraint can only fail loudly, but check anyway)
 "$VENV/bin/python" - "$constraints" <<'PY'
