@@ -171,6 +171,59 @@ def _csc_fill(indptr, indices, data, cols, rowpos, out_indptr, out_indices, out_
                 p += 1
 
 
+@jit
+def _seg_count(starts, ends, indices, row0, rowpos, counts):
+    """Entries of each chunk column in one segment (rows ``row0 + indices``) over the cells with ``rowpos >= 0``."""
+    for c in range(starts.shape[0]):
+        n = 0
+        for j in range(starts[c], ends[c]):
+            if rowpos[row0 + indices[j]] >= 0:
+                n += 1
+        counts[c] += n
+
+
+@jit
+def _seg_fill(starts, ends, indices, data, row0, rowpos, use_rowpos, nxt, out_indices, out_data):
+    """Append one segment's entries of each chunk column (rows ``row0 + indices``) to the CSC arrays at ``nxt``."""
+    for c in range(starts.shape[0]):
+        p = nxt[c]
+        for j in range(starts[c], ends[c]):
+            r = row0 + indices[j]
+            k = rowpos[r] if use_rowpos else r
+            if k >= 0:
+                out_indices[p] = k
+                out_data[p] = data[j]
+                p += 1
+        nxt[c] = p
+
+
+def _segments_block(m, cols: np.ndarray, rows: np.ndarray | None, dtype, index_dtype):
+    """The CSC block of columns ``cols`` (cells ``rows``) of a matrix read in segments (an on-disk matrix).
+
+    ``m.column_segments(cols)`` gives, in row order, ``(row0, starts, ends, indices, data)``: the entries of chunk
+    column ``c`` in that segment are ``indices[starts[c]:ends[c]]`` (rows counted from ``row0``) and the same slice of
+    ``data``. Segments in row order with sorted rows give a block with sorted rows, as a CSR or CSC source does.
+    """
+    segs = list(m.column_segments(cols))
+    counts = np.zeros(cols.size, dtype=np.int64)
+    use_rowpos = rows is not None
+    rowpos = np.empty(0, dtype=np.int64)
+    if use_rowpos:
+        rowpos = np.full(m.shape[0], -1, dtype=np.int64)
+        rowpos[rows] = np.arange(rows.size)
+    for row0, starts, ends, indices, _ in segs:
+        if use_rowpos:
+            _seg_count(starts, ends, indices, row0, rowpos, counts)
+        else:
+            counts += ends - starts
+    indptr, out_indices, out_data = _alloc(counts, dtype, index_dtype)
+    nxt = indptr[:-1].copy()
+    for row0, starts, ends, indices, data in segs:
+        _seg_fill(starts, ends, indices, data, row0, rowpos, use_rowpos, nxt, out_indices, out_data)
+    n_rows = m.shape[0] if rows is None else rows.size
+    return _csc(n_rows, indptr, out_indices, out_data, bool(getattr(m, "has_sorted_indices", False)))
+
+
 def _alloc(counts: np.ndarray, dtype, index_dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     indptr = np.zeros(counts.size + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
@@ -230,6 +283,8 @@ class GeneColumns:
         cols = np.asarray(self.genes[idx], dtype=np.int64)
         dtype = np.dtype(m.dtype if dtype is None else dtype)
         n_rows = self.shape[0]
+        if hasattr(m, "column_segments"):  # an on-disk matrix (scmlm.io.BackedCounts), read gene block by block
+            return _segments_block(m, cols, self.rows, dtype, index_dtype)
         if not sp.issparse(m) or m.format not in ("csr", "csc"):
             dense = np.asarray(m[:, cols] if not sp.issparse(m) else m.tocsc()[:, cols].toarray())
             if self.rows is not None:

@@ -14,17 +14,14 @@ from typing import Literal
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from .._errors import DesignError, InputError, _fmt_list
 from .._settings import settings
 from .._validate import (
     category_codes,
-    check_counts,
     check_not_empty,
     check_obs_keys,
     check_unique_names,
-    get_matrix,
     renamed_arguments,
 )
 from .._version import __version__
@@ -32,7 +29,7 @@ from ..design import build_design, contrast_names, contrast_param
 from ..engine import gene_chunks, resolve_n_jobs, run_chunks
 from ..models import GEE_DF_METHODS, GEE_FAMILIES, GEE_SMALL_SAMPLE, GEEResult, fit_gee, prepare_gee
 from ..results import DEResult, finalize_table
-from ._common import cell_groups, cell_offset, fit_groups, gene_indices
+from ._common import cell_groups, cell_matrix, cell_offset, cell_rows, fit_groups, gene_columns, gene_indices
 
 _STAT_COLS = ("coef", "se", "stat", "df", "pvalue", "base_mean", "dispersion", "working_corr", "n_iter")
 
@@ -161,8 +158,7 @@ def gee_de(
     check_unique_names(adata)
     check_obs_keys(adata, [cluster_key], what="cluster_key", grouping=True)
     check_obs_keys(adata, [groups_key], what="groups_key", grouping=True)
-    matrix = get_matrix(adata, layer)
-    check_counts(matrix, layer)
+    matrix = cell_matrix(adata, layer, "counts")  # backed="r": read once here, then gene block by gene block
     off_all = cell_offset(
         adata, matrix, offset, layer, groups_key=groups_key, design=design, contrast=contrast, cluster=cluster_key
     )
@@ -276,10 +272,8 @@ def _fit_group(
             f"clusters leave {int(data.df)} donor degrees of freedom; GEE needs more {cluster_key!r} levels than "
             "donor-level coefficients."
         )
-    sub = matrix[rows] if len(rows) != matrix.shape[0] else matrix
-    sub = sub[:, gene_idx] if len(gene_idx) != matrix.shape[1] else sub
-    if sp.issparse(sub):
-        sub = sp.csc_matrix(sub)
+    # a view of the selected genes and the group's cells: each chunk's CSC block is cut when it is fitted
+    sub = cell_rows(gene_columns(matrix, gene_idx), rows)
     chunks = gene_chunks(len(gene_idx), settings.chunk_size)
     parts = run_chunks(functools.partial(fit_gee, data), sub, chunks, n_jobs=n_jobs, desc=f"GEE {group or ''}")
     res = GEEResult._make(np.concatenate([getattr(p, f) for p in parts]) for f in GEEResult._fields)

@@ -21,7 +21,7 @@ import pandas as pd
 
 from .._errors import InputError, _fmt_list
 from .._settings import NOTE
-from .._validate import check_counts, check_not_empty, check_obs_keys, check_unique_names, get_matrix, renamed_arguments
+from .._validate import check_not_empty, check_obs_keys, check_unique_names, renamed_arguments
 from .._version import __version__
 from ..design import (
     MIN_RANDOM_LEVELS,
@@ -61,9 +61,9 @@ from ..models import (
 from ..results import DEResult, finalize_table, finish_moderation, parse_shard, shard_indices
 from ._common import (
     cell_groups,
+    cell_matrix,
     cell_offset,
     cell_rows,
-    check_finite,
     fit_groups,
     gene_columns,
     gene_eligibility,
@@ -376,11 +376,8 @@ def _plan(adata: ad.AnnData, o: _Options) -> _Run:
     check_obs_keys(adata, [o.trials])
     check_obs_keys(adata, [o.groups_key], what="groups_key", grouping=True)
     check_obs_keys(adata, [o.sample_key], what="sample_key", grouping=True)
-    matrix = get_matrix(adata, o.layer)
-    if o.family == "gaussian":
-        check_finite(matrix, o.layer)
-    else:
-        check_counts(matrix, o.layer)
+    # an AnnData opened with backed="r" is read here once (checks, cell totals) and then gene block by gene block
+    matrix = cell_matrix(adata, o.layer, "finite" if o.family == "gaussian" else "counts")
     trial_vec = None if o.trials is None else adata.obs[o.trials].to_numpy(dtype=float)
     full = build_design(adata.obs, o.design, check_rank=o.groups_key is None, factors=[o.sample_key, o.groups_key])
     specs = parse_contrasts(o.contrast)  # clear errors for a malformed list or dict before any fitting
