@@ -570,7 +570,8 @@ def _fit_genes(model: _ChunkModel, sub, eligible: np.ndarray, n_jobs: int | None
     if not fit.size:
         return fits
     # chunks index the columns of sub directly: no copy of the fitted genes' counts
-    chunks = [fit[c] for c in parallel_chunks(fit.size, n_jobs)]
+    entries = None if getattr(sub, "nnz_per_gene", None) is None else sub.nnz_per_gene[fit]  # bounds chunk memory
+    chunks = [fit[c] for c in parallel_chunks(fit.size, n_jobs, entries)]
     # threads: the kernel releases the GIL; each thread cuts its chunk out of the shared counts
     results = run_chunks(functools.partial(_fit_chunk, model=model), sub, chunks, n_jobs=n_jobs, backend="threads")
     for g, (res, tests) in zip(chunks, results, strict=True):

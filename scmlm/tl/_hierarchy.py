@@ -65,7 +65,8 @@ def _fit_genes(matrix, rows, gene_idx, d, off, family, estimation, n_jobs, min_c
     eligible, _, _ = gene_eligibility(sub, family, min_cells_expressing)
     fit = np.flatnonzero(eligible == "ok")
     gdesign = prepare_glmm(d.X, d.terms, None if off is None else off[rows], family=family)
-    chunks = [fit[c] for c in parallel_chunks(fit.size, n_jobs)] if fit.size else []
+    entries = None if getattr(sub, "nnz_per_gene", None) is None else sub.nnz_per_gene[fit]  # bounds chunk memory
+    chunks = [fit[c] for c in parallel_chunks(fit.size, n_jobs, entries)] if fit.size else []
     fit_chunk = functools.partial(_fit_chunk, gdesign=gdesign, estimation=estimation)
     # threads: the kernel releases the GIL; each thread cuts its chunk out of the shared counts
     results = run_chunks(fit_chunk, sub, chunks, n_jobs=n_jobs, backend="threads") if chunks else []
