@@ -136,8 +136,13 @@ def step(args) -> dict:
         "cpu_main": cpu_self,
         "wall": wall,
         "status": {k: int(v) for k, v in st.items()},
-        "checksum": float(np.nansum(np.abs(res.table["coef"].to_numpy()))),
+        "checksum": float(np.nansum(np.abs(_numbers(res.table)))),
     }
+
+
+def _numbers(table):
+    """The coefficients of a DE table; the float columns of another (variance_partition's fractions)."""
+    return table["coef"].to_numpy() if "coef" in table else table.select_dtypes("float").to_numpy()
 
 
 def probe(args) -> dict:
@@ -268,9 +273,10 @@ def main() -> None:
             )
         if 1 in runs:
             r = runs[1]
+            where = "on disk, " if args.backed else ""  # backed: the input is not in the peak
             print(
                 f"{r['cells']:>7} cells n_jobs=1: CPU {r['cpu']:.1f} s; peak RSS {r['peak_gb']:.2f} GB = input "
-                f"{r['input_gb']:.2f} GB + {r['peak_gb'] - r['input_gb']:.2f} GB (after loading: "
+                f"({where}{r['input_gb']:.2f} GB in memory) + {r['peak_gb'] - r['input_gb']:.2f} GB (after loading: "
                 f"+{r['peak_gb'] - r['rss_loaded_gb']:.2f} GB)",
                 flush=True,
             )

@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 
 from .._errors import DesignError, InputError, _fmt_list
-from .._settings import settings
 from .._validate import (
     category_codes,
     check_not_empty,
@@ -26,7 +25,7 @@ from .._validate import (
 )
 from .._version import __version__
 from ..design import build_design, contrast_names, contrast_param
-from ..engine import gene_chunks, resolve_n_jobs, run_chunks
+from ..engine import parallel_chunks, resolve_n_jobs, run_chunks
 from ..models import GEE_DF_METHODS, GEE_FAMILIES, GEE_SMALL_SAMPLE, GEEResult, fit_gee, prepare_gee
 from ..results import DEResult, finalize_table
 from ._common import cell_groups, cell_matrix, cell_offset, cell_rows, fit_groups, gene_columns, gene_indices
@@ -274,8 +273,11 @@ def _fit_group(
         )
     # a view of the selected genes and the group's cells: each chunk's CSC block is cut when it is fitted
     sub = cell_rows(gene_columns(matrix, gene_idx), rows)
-    chunks = gene_chunks(len(gene_idx), settings.chunk_size)
-    parts = run_chunks(functools.partial(fit_gee, data), sub, chunks, n_jobs=n_jobs, desc=f"GEE {group or ''}")
+    # threads: the numba kernel (nearly all the time) releases the GIL; each thread cuts its chunk from the counts
+    entries = None if getattr(sub, "nnz_per_gene", None) is None else sub.nnz_per_gene
+    chunks = parallel_chunks(len(gene_idx), n_jobs, entries)
+    fit = functools.partial(fit_gee, data)
+    parts = run_chunks(fit, sub, chunks, n_jobs=n_jobs, desc=f"GEE {group or ''}", backend="threads")
     res = GEEResult._make(np.concatenate([getattr(p, f) for p in parts]) for f in GEEResult._fields)
     outs = []
     for j, (name, _) in enumerate(cons):
