@@ -217,6 +217,32 @@ def _seg_fill(starts, ends, indices, data, row0, rowpos, use_rowpos, nxt, out_in
         nxt[c] = p
 
 
+@jit
+def _seg_group_sums(starts, ends, indices, data, row0, codes, cols, out):
+    """Add one segment's entries of columns ``cols`` into ``out[codes[row], col]`` (rows with a code < 0 skipped)."""
+    for c in range(starts.shape[0]):
+        g = cols[c]
+        for j in range(starts[c], ends[c]):
+            k = codes[row0 + indices[j]]
+            if k >= 0:
+                out[k, g] += data[j]
+
+
+def segment_group_sums(m, codes: np.ndarray, n_groups: int, genes_per_read: int = 256) -> np.ndarray:
+    """Groups × genes float64 sums over the cells of each group (``codes``) of a matrix read in segments.
+
+    The sums of whole counts are exact, so they equal those of :func:`scmlm.models.sample_sums` on the matrix.
+    """
+    n_vars = m.shape[1]
+    out = np.zeros((n_groups, n_vars))
+    codes = np.asarray(codes, dtype=np.int64)
+    for lo in range(0, n_vars, genes_per_read):
+        cols = np.arange(lo, min(n_vars, lo + genes_per_read), dtype=np.int64)
+        for row0, starts, ends, indices, data in m.column_segments(cols):
+            _seg_group_sums(starts, ends, indices, data, row0, codes, cols, out)
+    return out
+
+
 def _segments_block(m, cols: np.ndarray, rows: np.ndarray | None, dtype, index_dtype):
     """The CSC block of columns ``cols`` (cells ``rows``) of a matrix read in segments (an on-disk matrix).
 

@@ -84,18 +84,13 @@ def cell_offset(
 
 
 def _backed_tmm(obs: pd.DataFrame, matrix: BackedCounts, log_total, samples, groups_key) -> np.ndarray:
-    """:func:`~scmlm.design.tmm_offset` of an on-disk matrix: the samples × genes sums gene block by gene block (sums
-    of whole counts in float64, so the same numbers as in one pass)."""
-    from .._settings import settings
+    """:func:`~scmlm.design.tmm_offset` of an on-disk matrix: the samples × genes sums read gene block by gene block
+    (sums of whole counts in float64, so the same numbers as in one pass over the matrix in memory)."""
     from ..design import tmm_offset_from_sums, tmm_units
-    from ..engine import gene_chunks
-    from ..models import sample_sums
+    from ..engine import segment_group_sums
 
     codes, units = tmm_units(obs, samples, groups_key)
-    cols = GeneColumns(matrix, np.arange(matrix.shape[1], dtype=np.int64))
-    sums = np.zeros((len(units), matrix.shape[1]))
-    for idx in gene_chunks(matrix.shape[1], max(int(settings.chunk_size), 1)):
-        sums[:, idx] = sample_sums(cols.block(idx), codes, len(units))
+    sums = segment_group_sums(matrix, codes, len(units))
     return tmm_offset_from_sums(log_total, codes, units, sums)[0]
 
 
