@@ -413,8 +413,8 @@ class BackedCounts:
                 totals[start : start + block.shape[0]] = np.asarray(block.sum(axis=1)).ravel()
                 csc = block.tocsc()
                 idx = csc.indices.astype(np.int32, copy=False)
-                self._tmp.write(idx.tobytes())
-                self._tmp.write(csc.data.tobytes())
+                self._tmp.write(memoryview(idx))  # the arrays' own buffers: no copy
+                self._tmp.write(memoryview(np.ascontiguousarray(csc.data)))
                 self._blocks.append((start, csc.indptr.astype(np.int64), pos, pos + idx.nbytes))
                 pos += idx.nbytes + csc.data.nbytes
                 del block, csc, idx
