@@ -378,13 +378,15 @@ class BackedCounts:
                     f"{where} has non-finite values (NaN or inf); the Gaussian family needs finite values."
                 )
 
-        if self._totals is not None:
+        if self._totals is not None:  # read before: only the values are checked, in blocks
             if check is not None and check not in self._checked:
-                for start in range(0, self.nnz if self.format != "dense" else 0, 1 << 24):
-                    checked(self._elem["data"][start : start + (1 << 24)])
                 if self.format == "dense":
                     for _, block in iter_row_blocks(self._elem, *self.shape, block_nnz=self.block_nnz):
                         checked(block)
+                else:
+                    data = self._elem["data"]
+                    for start in range(0, data.shape[0], 1 << 24):
+                        checked(data[start : start + (1 << 24)])
                 self._checked.add(check)
             return
         n_obs, n_vars = self.shape

@@ -127,3 +127,25 @@ def test_backed_bad_counts(sim, tmp_path):
     backed = _write(a, tmp_path / "x.h5ad", "csr")
     with pytest.raises(scmlm.InputError, match="non-negative integer counts"):
         scmlm.tl.glmm_de(backed, "~ condition + (1|donor)", CONTRAST, inplace=False)
+
+
+def test_backed_copy_refused_before_fitting(sim, tmp_path):
+    backed = _write(sim, tmp_path / "x.h5ad", "csr")
+    with pytest.raises(scmlm.InputError, match=r"copy=True\) cannot copy an AnnData opened backed"):
+        scmlm.tl.gee_de(backed, "~ condition", CONTRAST, copy=True)
+    assert "gee_de" not in backed.uns
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc", "dense"])
+def test_check_after_scan(sim, tmp_path, fmt):
+    """A store read once without a check still checks the values when asked later."""
+    a = sim.copy()
+    a.X = a.X.astype(np.float32)
+    a.X.data[7] = -1.0
+    backed = _write(a, tmp_path / f"x_{fmt}.h5ad", fmt)
+    store = BackedCounts.from_adata(backed, None)
+    store.scan()
+    store.scan("finite")  # the values are finite
+    with pytest.raises(scmlm.InputError, match="must hold raw non-negative integer counts"):
+        store.scan("counts")
+    store.close()

@@ -16,6 +16,15 @@ from ..engine import GeneColumns
 from ..io import BackedCounts
 
 
+def check_backed_copy(adata: ad.AnnData, copy: bool, tool: str) -> None:
+    """Refuse ``copy=True`` for a backed AnnData before any fit (anndata cannot copy it without a file name)."""
+    if copy and adata.isbacked:
+        raise InputError(
+            f"{tool}(..., copy=True) cannot copy an AnnData opened backed; use the default (results written to "
+            f"adata.uns), inplace=False (the result table), or adata.to_memory() first."
+        )
+
+
 def cell_matrix(adata: ad.AnnData, layer: str | None, check: str | None):
     """The counts of ``layer`` (``None``: ``X``), checked: ``check="counts"`` (non-negative integers), ``"finite"``.
 

@@ -28,7 +28,16 @@ from ..design import build_design, contrast_names, contrast_param
 from ..engine import parallel_chunks, resolve_n_jobs, run_chunks
 from ..models import GEE_DF_METHODS, GEE_FAMILIES, GEE_SMALL_SAMPLE, GEEResult, fit_gee, prepare_gee
 from ..results import DEResult, finalize_table
-from ._common import cell_groups, cell_matrix, cell_offset, cell_rows, fit_groups, gene_columns, gene_indices
+from ._common import (
+    cell_groups,
+    cell_matrix,
+    cell_offset,
+    cell_rows,
+    check_backed_copy,
+    fit_groups,
+    gene_columns,
+    gene_indices,
+)
 
 _STAT_COLS = ("coef", "se", "stat", "df", "pvalue", "base_mean", "dispersion", "working_corr", "n_iter")
 
@@ -143,6 +152,7 @@ def gee_de(
     True
     """
     check_not_empty(adata, "gee_de", cells=True)
+    check_backed_copy(adata, copy, "gee_de")
     if family not in GEE_FAMILIES:
         raise InputError(f"family={family!r} is not known; use one of {_fmt_list(GEE_FAMILIES)}.")
     if not isinstance(cluster_key, str):

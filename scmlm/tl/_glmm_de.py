@@ -64,6 +64,7 @@ from ._common import (
     cell_matrix,
     cell_offset,
     cell_rows,
+    check_backed_copy,
     fit_groups,
     gene_columns,
     gene_eligibility,
@@ -282,6 +283,7 @@ def glmm_de(
     '~ condition + (1|donor) + (1|donor:condition)'
     """
     check_not_empty(adata, "glmm_de", cells=True)
+    check_backed_copy(adata, copy, "glmm_de")
     opts = _Options(
         design=design, contrast=contrast, family=family, layer=layer, offset=offset, trials=trials,
         groups_key=groups_key, sample_key=sample_key, replication=replication, genes=genes,

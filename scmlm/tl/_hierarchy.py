@@ -20,6 +20,7 @@ from ._common import (
     cell_matrix,
     cell_offset,
     cell_rows,
+    check_backed_copy,
     column_sums,
     gene_columns,
     gene_eligibility,
@@ -140,6 +141,7 @@ def variance_partition(
     True
     """
     check_not_empty(adata, "variance_partition", cells=True)
+    check_backed_copy(adata, copy, "variance_partition")
     if isinstance(design, FittedDesign):
         design = design.formula
     offset = resolve_offset(offset, family, design=design, obs=adata.obs)
