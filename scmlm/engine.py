@@ -7,17 +7,20 @@ callable once (``functools.partial``). BLAS is pinned to one thread while chunks
 
 Two ways to run chunks in parallel (``backend=``):
 
-* ``"threads"`` (for kernels that release the GIL: every scmlm numba kernel is compiled ``nogil``): threads of this
+* ``"threads"`` (for kernels that release the GIL: every scmlm numba kernel is compiled ``nogil``; ``glmm_de``,
+  ``variance_partition``, ``random_effects`` and ``gee_de`` use it): threads of this
   process share the counts, the design and the loaded kernels, so a worker costs nothing to start and receives no
   copy. Each thread cuts its own chunk out of the matrix (:class:`GeneColumns`) just before fitting it, so at most
-  ``n_jobs`` chunks exist at a time. Chunks are handed out largest first (by stored entries), which keeps both
-  cores busy to the end when genes differ in cost.
+  ``n_jobs`` chunks exist at a time. Chunks are handed out in order (a CSR matrix's rows are then read once over all
+  chunks); :func:`parallel_chunks` keeps the last ones short so that both cores stay busy to the end.
 * ``"loky"`` (pure-Python/numpy kernels that hold the GIL): joblib's worker processes; each chunk is pickled to
   them.
 
 The counts stay where they are: :class:`GeneColumns` selects genes (and cells) of a CSR, CSC or dense matrix
 without copying it, and builds the CSC block of one chunk at a time (one pass over the chunk's entries; a CSR
 matrix with sorted column indices is searched row by row, so the cost is the chunk's entries, not the matrix's).
+A matrix on disk (:class:`scmlm.io.BackedCounts`, a backed h5ad) hands the chunk's entries over in segments
+(``column_segments``), from which the same CSC block is built.
 """
 
 from __future__ import annotations
