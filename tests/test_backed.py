@@ -149,3 +149,14 @@ def test_check_after_scan(sim, tmp_path, fmt):
     with pytest.raises(scmlm.InputError, match="must hold raw non-negative integer counts"):
         store.scan("counts")
     store.close()
+
+
+def test_random_effects_backed(sim, tmp_path):
+    backed = _write(sim, tmp_path / "x.h5ad", "csr")
+    mem = sim.copy()
+    for a in (backed, mem):
+        scmlm.tl.glmm_de(a, "~ condition + (1|donor)", CONTRAST, n_jobs=1)
+    genes = list(sim.var_names[:3])
+    tables = [scmlm.tl.random_effects(a, key="glmm_de", genes=genes, inplace=False).table for a in (mem, backed)]
+    assert len(tables[0]) > 0
+    pd.testing.assert_frame_equal(tables[0], tables[1], check_exact=True)
