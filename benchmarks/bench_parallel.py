@@ -16,7 +16,12 @@ worker processes count. The data are simulated once by another process and cache
 A warm-up call on tiny data runs first in each configuration (imports, numba kernels loaded from the disk cache);
 the measured call itself includes everything a user's second call pays, worker start-up included.
 
+``--tool gee_de`` / ``--tool variance_partition`` measure those tools the same way (designs in ``TOOLS``);
+``--backed`` opens the input with ``anndata.read_h5ad(path, backed="r")``, so the counts are read from the file
+(the peak is then compared with the size the matrix would have in memory).
+
     python benchmarks/bench_parallel.py [--sizes 40000,400000] [--jobs 1,2] [--workdir /tmp/scmlm_bench_parallel]
+        [--tool glmm_de|gee_de|variance_partition] [--backed] [--no-probe]
 """
 
 from __future__ import annotations
@@ -34,6 +39,20 @@ from pathlib import Path
 DESIGN = "~ condition + (1|donor) + (1|batch)"
 CONTRAST = ("condition", "case", "ctrl")
 N_DONORS = 20
+TOOLS: dict[str, str] = {
+    "glmm_de": DESIGN,
+    "gee_de": "~ condition",
+    "variance_partition": "~ (1|donor) + (1|batch) + condition",
+}
+"""The tools measured (``--tool``) and the design each is called with (defaults otherwise; GEE: donors as clusters)."""
+
+
+def _call(tool: str, adata, n_jobs: int):
+    import scmlm
+
+    if tool == "variance_partition":
+        return scmlm.tl.variance_partition(adata, TOOLS[tool], n_jobs=n_jobs, inplace=False)
+    return getattr(scmlm.tl, tool)(adata, TOOLS[tool], CONTRAST, n_jobs=n_jobs, inplace=False)
 
 
 def _data_file(workdir: str, cells: int, genes: int) -> Path:
@@ -73,16 +92,30 @@ def step(args) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         warm = scmlm.datasets.simulate(n_donors=6, n_cells=40, n_genes=20, n_batches=3, seed=99)
-        scmlm.tl.glmm_de(warm, DESIGN, CONTRAST, n_jobs=1, inplace=False)
+        _call(args.tool, warm, 1)
         del warm
-    adata = ad.read_h5ad(args.data)
-    X = adata.X
-    input_gb = (X.data.nbytes + X.indices.nbytes + X.indptr.nbytes) / 1024**3 if sp.issparse(X) else X.nbytes / 1024**3
+    if args.backed:  # the counts stay on disk; their in-memory size is read from the file
+        import h5py
+
+        adata = ad.read_h5ad(args.data, backed="r")
+        with h5py.File(args.data, "r") as f:
+            g = f["X"]
+            parts = [g[k] for k in ("data", "indices", "indptr")] if isinstance(g, h5py.Group) else [g]
+            input_gb = sum(d.size * d.dtype.itemsize for d in parts) / 1024**3
+            fmt, nnz = str(g.attrs.get("encoding-type", "dense")), int(parts[0].size)
+        X = None
+    else:
+        adata = ad.read_h5ad(args.data)
+        X = adata.X
+        nbytes = (X.data.nbytes + X.indices.nbytes + X.indptr.nbytes) if sp.issparse(X) else X.nbytes
+        input_gb = nbytes / 1024**3
+        fmt = X.format if sp.issparse(X) else "dense"
+        nnz = int(X.nnz) if sp.issparse(X) else int(np.count_nonzero(X))
     loaded = _rss_gb()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         c0, ch0, w0 = time.process_time(), _cpu_children(), time.perf_counter()
-        res = scmlm.tl.glmm_de(adata, DESIGN, CONTRAST, n_jobs=args.n_jobs, inplace=False)
+        res = _call(args.tool, adata, args.n_jobs)
         wall = time.perf_counter() - w0
         cpu_self = time.process_time() - c0
     try:  # worker processes (loky) count once they have exited
@@ -95,16 +128,21 @@ def step(args) -> dict:
     st = res.table["status"].value_counts().to_dict()
     return {
         "cells": int(adata.n_obs),
-        "nnz": int(X.nnz) if sp.issparse(X) else int(np.count_nonzero(X)),
-        "format": X.format if sp.issparse(X) else "dense",
+        "nnz": nnz,
+        "format": fmt + (" backed" if args.backed else ""),
         "input_gb": input_gb,
         "rss_loaded_gb": loaded,
         "cpu": cpu,
         "cpu_main": cpu_self,
         "wall": wall,
         "status": {k: int(v) for k, v in st.items()},
-        "checksum": float(np.nansum(np.abs(res.table["coef"].to_numpy()))),
+        "checksum": float(np.nansum(np.abs(_numbers(res.table)))),
     }
+
+
+def _numbers(table):
+    """The coefficients of a DE table; the float columns of another (variance_partition's fractions)."""
+    return table["coef"].to_numpy() if "coef" in table else table.select_dtypes("float").to_numpy()
 
 
 def probe(args) -> dict:
@@ -152,6 +190,7 @@ def probe(args) -> dict:
 def measure(args) -> dict:
     """Run one configuration in a child process; add its peak RSS (its workers included) and total CPU."""
     cmd = [sys.executable, __file__, "--step", "run", "--data", args.data, "--n-jobs", str(args.n_jobs)]
+    cmd += ["--tool", args.tool] + (["--backed"] if args.backed else [])
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
@@ -164,8 +203,9 @@ def measure(args) -> dict:
     return res
 
 
-def _run(data: Path, n_jobs: int) -> dict:
+def _run(data: Path, n_jobs: int, tool: str, backed: bool) -> dict:
     cmd = [sys.executable, __file__, "--step", "measure", "--data", str(data), "--n-jobs", str(n_jobs)]
+    cmd += ["--tool", tool] + (["--backed"] if backed else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"{cmd} failed:\n{out.stderr[-3000:]}")
@@ -178,6 +218,9 @@ def main() -> None:
     p.add_argument("--jobs", default="1,2", help="n_jobs values; the first is the reference")
     p.add_argument("--genes", type=int, default=2000)
     p.add_argument("--workdir", default="/tmp/scmlm_bench_parallel")
+    p.add_argument("--tool", choices=sorted(TOOLS), default="glmm_de", help="the tool measured")
+    p.add_argument("--backed", action="store_true", help="open the input with backed='r' (counts stay on disk)")
+    p.add_argument("--no-probe", action="store_true", help="skip the GIL probe of the GLMM kernel")
     p.add_argument("--step", choices=["run", "measure", "probe"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--n-jobs", type=int, default=1, help=argparse.SUPPRESS)
@@ -193,20 +236,25 @@ def main() -> None:
         return
     import scmlm
 
-    print(f"scmlm from {Path(scmlm.__file__).parent}; {os.cpu_count()} cores; design {DESIGN!r}, {args.genes} genes")
+    print(
+        f"scmlm from {Path(scmlm.__file__).parent}; {os.cpu_count()} cores; {args.tool}, design "
+        f"{TOOLS[args.tool]!r}, {args.genes} genes{'; input opened backed' if args.backed else ''}"
+    )
     jobs = [int(j) for j in args.jobs.split(",")]
-    small = _data_file(args.workdir, 40000, args.genes)
-    cmd = [sys.executable, __file__, "--step", "probe", "--data", str(small)]
-    pr = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-    share = pr["fit_rate"] / pr["idle_rate"]
-    verdict = "releases the GIL" if share > 0.4 else "HOLDS THE GIL (numba cache from before nogil? delete *.nbi)"
-    print(f"a Python thread ran at {share:.0%} of its speed while the GLMM kernel fitted a chunk: it {verdict}")
+    if not args.no_probe:
+        small = _data_file(args.workdir, 40000, args.genes)
+        cmd = [sys.executable, __file__, "--step", "probe", "--data", str(small)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        pr = json.loads(out.strip().splitlines()[-1])
+        share = pr["fit_rate"] / pr["idle_rate"]
+        verdict = "releases the GIL" if share > 0.4 else "HOLDS THE GIL (numba cache from before nogil? delete *.nbi)"
+        print(f"a Python thread ran at {share:.0%} of its speed while the GLMM kernel fitted a chunk: it {verdict}")
     for cells in (int(c) for c in args.sizes.split(",")):
         data = _data_file(args.workdir, cells, args.genes)
         runs = {}
         for n in jobs:
             load = os.getloadavg()[0]
-            r = runs[n] = _run(data, n)
+            r = runs[n] = _run(data, n, args.tool, args.backed)
             print(
                 f"{r['cells']:>7} cells n_jobs={n}: CPU {r['cpu']:6.1f} s (main {r['cpu_main']:.1f}; process total "
                 f"{r['cpu_process_total']:.1f}, system {r['sys_process_total']:.1f}), wall {r['wall']:6.1f} s, peak "
@@ -225,9 +273,10 @@ def main() -> None:
             )
         if 1 in runs:
             r = runs[1]
+            where = "on disk, " if args.backed else ""  # backed: the input is not in the peak
             print(
                 f"{r['cells']:>7} cells n_jobs=1: CPU {r['cpu']:.1f} s; peak RSS {r['peak_gb']:.2f} GB = input "
-                f"{r['input_gb']:.2f} GB + {r['peak_gb'] - r['input_gb']:.2f} GB (after loading: "
+                f"({where}{r['input_gb']:.2f} GB in memory) + {r['peak_gb'] - r['input_gb']:.2f} GB (after loading: "
                 f"+{r['peak_gb'] - r['rss_loaded_gb']:.2f} GB)",
                 flush=True,
             )

@@ -7,17 +7,20 @@ callable once (``functools.partial``). BLAS is pinned to one thread while chunks
 
 Two ways to run chunks in parallel (``backend=``):
 
-* ``"threads"`` (for kernels that release the GIL: every scmlm numba kernel is compiled ``nogil``): threads of this
+* ``"threads"`` (for kernels that release the GIL: every scmlm numba kernel is compiled ``nogil``; ``glmm_de``,
+  ``variance_partition``, ``random_effects`` and ``gee_de`` use it): threads of this
   process share the counts, the design and the loaded kernels, so a worker costs nothing to start and receives no
   copy. Each thread cuts its own chunk out of the matrix (:class:`GeneColumns`) just before fitting it, so at most
-  ``n_jobs`` chunks exist at a time. Chunks are handed out largest first (by stored entries), which keeps both
-  cores busy to the end when genes differ in cost.
+  ``n_jobs`` chunks exist at a time. Chunks are handed out in order (a CSR matrix's rows are then read once over all
+  chunks); :func:`parallel_chunks` keeps the last ones short so that both cores stay busy to the end.
 * ``"loky"`` (pure-Python/numpy kernels that hold the GIL): joblib's worker processes; each chunk is pickled to
   them.
 
 The counts stay where they are: :class:`GeneColumns` selects genes (and cells) of a CSR, CSC or dense matrix
 without copying it, and builds the CSC block of one chunk at a time (one pass over the chunk's entries; a CSR
 matrix with sorted column indices is searched row by row, so the cost is the chunk's entries, not the matrix's).
+A matrix on disk (:class:`scmlm.io.BackedCounts`, a backed h5ad) hands the chunk's entries over in segments
+(``column_segments``), from which the same CSC block is built.
 """
 
 from __future__ import annotations
@@ -39,6 +42,13 @@ PROGRESS_MIN_GENES = 5000
 """Runs with at least this many genes show a progress bar on an interactive terminal."""
 
 BACKENDS: tuple[str, ...] = ("threads", "loky")
+
+CHUNK_ENTRIES = 8_000_000
+"""Most stored counts in the chunks fitted at one time (split among ``n_jobs``), when the counts per gene are known.
+
+A chunk's fit holds about 50 bytes per stored count (its CSC block with float64 values and 64-bit indices, the
+moderation's CSR copy of it, the kernel's work arrays): 128 genes of a 400,000-cell atlas (13 M counts) added
+0.61 GB at the peak; 8 M counts keep the whole call within input + 1 GB. Smaller data are not affected."""
 
 
 def resolve_n_jobs(n_jobs: int | None) -> int:
@@ -70,18 +80,31 @@ def gene_chunks(n_genes: int, chunk_size: int | None = None) -> list[np.ndarray]
     return [np.arange(s, min(n_genes, s + size)) for s in range(0, n_genes, size)]
 
 
-def parallel_chunks(n_genes: int, n_jobs: int | None) -> list[np.ndarray]:
+def parallel_chunks(n_genes: int, n_jobs: int | None, entries: np.ndarray | None = None) -> list[np.ndarray]:
     """:func:`gene_chunks` for ``n_jobs`` workers: at least 16 chunks per worker (down to 16 genes a chunk).
 
-    The last chunks, fitted while the other workers are idle, are then short. The per-gene GLMM fits do not depend
-    on which genes share a chunk (the golden master's two-worker case checks it to 1e-10), so results stay
-    independent of ``n_jobs``.
+    The last chunks, fitted while the other workers are idle, are then short. With ``entries`` (stored counts per
+    gene) a chunk is also cut where its counts would pass ``CHUNK_ENTRIES / n_jobs``, which bounds the memory of the
+    fits in flight. The per-gene GLMM fits do not depend on which genes share a chunk (the golden master's
+    two-worker case checks it to 1e-10), so results stay independent of ``n_jobs``.
     """
     n = resolve_n_jobs(n_jobs)
     size = int(settings.chunk_size)
     if n > 1:
         size = min(size, max(16, -(-n_genes // (16 * n))))
-    return gene_chunks(n_genes, size)
+    chunks = gene_chunks(n_genes, size)
+    if entries is None:
+        return chunks
+    cap = max(1, CHUNK_ENTRIES // n)
+    out = []
+    for c in chunks:
+        cum = np.cumsum(np.asarray(entries, dtype=np.int64)[c])
+        # a new piece starts at the gene whose counts would pass the cap (each piece keeps at least one gene)
+        while c.size:
+            k = max(1, int(np.searchsorted(cum, cap, side="right")))
+            out.append(c[:k])
+            c, cum = c[k:], cum[k:] - cum[k - 1]
+    return out
 
 
 # ---------------------------------------------------------------- gene blocks without a copy of the matrix
@@ -178,6 +201,85 @@ def _csc_fill(indptr, indices, data, cols, rowpos, out_indptr, out_indices, out_
                 p += 1
 
 
+@jit
+def _seg_count(starts, ends, indices, row0, rowpos, counts):
+    """Entries of each chunk column in one segment (rows ``row0 + indices``) over the cells with ``rowpos >= 0``."""
+    for c in range(starts.shape[0]):
+        n = 0
+        for j in range(starts[c], ends[c]):
+            if rowpos[row0 + indices[j]] >= 0:
+                n += 1
+        counts[c] += n
+
+
+@jit
+def _seg_fill(starts, ends, indices, data, row0, rowpos, use_rowpos, nxt, out_indices, out_data):
+    """Append one segment's entries of each chunk column (rows ``row0 + indices``) to the CSC arrays at ``nxt``."""
+    for c in range(starts.shape[0]):
+        p = nxt[c]
+        for j in range(starts[c], ends[c]):
+            r = row0 + indices[j]
+            k = rowpos[r] if use_rowpos else r
+            if k >= 0:
+                out_indices[p] = k
+                out_data[p] = data[j]
+                p += 1
+        nxt[c] = p
+
+
+@jit
+def _seg_group_sums(starts, ends, indices, data, row0, codes, cols, out):
+    """Add one segment's entries of columns ``cols`` into ``out[codes[row], col]`` (rows with a code < 0 skipped)."""
+    for c in range(starts.shape[0]):
+        g = cols[c]
+        for j in range(starts[c], ends[c]):
+            k = codes[row0 + indices[j]]
+            if k >= 0:
+                out[k, g] += data[j]
+
+
+def segment_group_sums(m, codes: np.ndarray, n_groups: int, genes_per_read: int = 256) -> np.ndarray:
+    """Groups × genes float64 sums over the cells of each group (``codes``) of a matrix read in segments.
+
+    The sums of whole counts are exact, so they equal those of :func:`scmlm.models.sample_sums` on the matrix.
+    """
+    n_vars = m.shape[1]
+    out = np.zeros((n_groups, n_vars))
+    codes = np.asarray(codes, dtype=np.int64)
+    for lo in range(0, n_vars, genes_per_read):
+        cols = np.arange(lo, min(n_vars, lo + genes_per_read), dtype=np.int64)
+        for row0, starts, ends, indices, data in m.column_segments(cols):
+            _seg_group_sums(starts, ends, indices, data, row0, codes, cols, out)
+    return out
+
+
+def _segments_block(m, cols: np.ndarray, rows: np.ndarray | None, dtype, index_dtype):
+    """The CSC block of columns ``cols`` (cells ``rows``) of a matrix read in segments (an on-disk matrix).
+
+    ``m.column_segments(cols)`` gives, in row order, ``(row0, starts, ends, indices, data)``: the entries of chunk
+    column ``c`` in that segment are ``indices[starts[c]:ends[c]]`` (rows counted from ``row0``) and the same slice of
+    ``data``. Segments in row order with sorted rows give a block with sorted rows, as a CSR or CSC source does.
+    """
+    segs = list(m.column_segments(cols))
+    counts = np.zeros(cols.size, dtype=np.int64)
+    use_rowpos = rows is not None
+    rowpos = np.empty(0, dtype=np.int64)
+    if use_rowpos:
+        rowpos = np.full(m.shape[0], -1, dtype=np.int64)
+        rowpos[rows] = np.arange(rows.size)
+    for row0, starts, ends, indices, _ in segs:
+        if use_rowpos:
+            _seg_count(starts, ends, indices, row0, rowpos, counts)
+        else:
+            counts += ends - starts
+    indptr, out_indices, out_data = _alloc(counts, dtype, index_dtype)
+    nxt = indptr[:-1].copy()
+    for row0, starts, ends, indices, data in segs:
+        _seg_fill(starts, ends, indices, data, row0, rowpos, use_rowpos, nxt, out_indices, out_data)
+    n_rows = m.shape[0] if rows is None else rows.size
+    return _csc(n_rows, indptr, out_indices, out_data, bool(getattr(m, "has_sorted_indices", False)))
+
+
 def _alloc(counts: np.ndarray, dtype, index_dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     indptr = np.zeros(counts.size + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
@@ -237,6 +339,8 @@ class GeneColumns:
         cols = np.asarray(self.genes[idx], dtype=np.int64)
         dtype = np.dtype(m.dtype if dtype is None else dtype)
         n_rows = self.shape[0]
+        if hasattr(m, "column_segments"):  # an on-disk matrix (scmlm.io.BackedCounts), read gene block by block
+            return _segments_block(m, cols, self.rows, dtype, index_dtype)
         if not sp.issparse(m) or m.format not in ("csr", "csc"):
             dense = np.asarray(m[:, cols] if not sp.issparse(m) else m.tocsc()[:, cols].toarray())
             if self.rows is not None:

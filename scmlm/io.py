@@ -7,13 +7,17 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
+import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from ._errors import InputError
 
 __all__ = [
+    "BackedCounts",
     "atomic_path",
     "check_table_path",
     "check_writable",
@@ -287,3 +291,200 @@ def read_genes(
             )
         obs[TMM_OFFSET] = acc.offset(np.log(totals))[0]
     return ad.AnnData(X=X, obs=obs, var=var.iloc[pos].copy())
+
+
+class BackedCounts:
+    """The cells × genes matrix (``X`` or a layer) of an h5ad file, read gene block by gene block, never whole.
+
+    Used by the cell-level tools for an AnnData opened with ``backed="r"``; :class:`scmlm.engine.GeneColumns` cuts
+    gene chunks from it (:meth:`column_segments`) exactly as from a matrix in memory, so the fits are the same.
+
+    * A CSC matrix on disk is already gene-major: a chunk's columns are read from the file's ``indices``/``data``.
+    * A CSR (or dense) matrix is streamed once in row blocks (:func:`iter_row_blocks`) by :meth:`scan`; each block is
+      turned to CSC and appended to an anonymous temporary file (deleted when closed), so a chunk's columns are read
+      back as one slice per row block. Memory: one row block while scanning, one chunk while fitting.
+
+    :meth:`scan` also checks the values (``"counts"``: non-negative integers; ``"finite"``) and keeps each cell's total,
+    which ``sum(axis=1)`` returns as ``matrix.sum(axis=1)`` does in memory (the matrix's sum dtype, cells in order).
+    """
+
+    def __init__(self, filename: str | os.PathLike, key: str = "X", *, block_nnz: int = 4_000_000):
+        import h5py
+
+        self.filename, self.key, self.block_nnz = str(filename), key, int(block_nnz)
+        self._file = h5py.File(self.filename, "r")
+        if key not in self._file:
+            have = sorted(self._file["layers"].keys()) if "layers" in self._file else []
+            self._file.close()
+            raise InputError(f"layer {key.split('/')[-1]!r} is not in {self.filename!r}; available layers: {have}.")
+        elem = self._file[key]
+        if isinstance(elem, h5py.Dataset):
+            self.format, self.shape, self.dtype = "dense", tuple(int(s) for s in elem.shape), elem.dtype
+        else:
+            self.format = str(elem.attrs["encoding-type"]).split("_")[0]
+            self.shape = tuple(int(s) for s in elem.attrs["shape"])
+            self.dtype = elem["data"].dtype
+        self._elem = elem
+        self._lock = __import__("threading").Lock()
+        self._tmp = None
+        self._blocks: list[tuple[int, Any, int, int]] = []  # (first row, indptr, indices offset, data offset)
+        self._totals = None
+        self._checked: set[str] = set()
+        self.has_sorted_indices = self.format != "csc"
+        if self.format == "csc":
+            self._indptr = np.asarray(elem["indptr"][...], dtype=np.int64)
+
+    @classmethod
+    def from_adata(cls, adata: ad.AnnData, layer: str | None) -> BackedCounts:
+        """The counts of a backed AnnData (``layer=None``: ``X``)."""
+        return cls(adata.filename, "X" if layer is None else f"layers/{layer}")
+
+    def close(self) -> None:
+        """Close the h5ad file and delete the temporary file."""
+        if self._tmp is not None:
+            self._tmp.close()
+            self._tmp = None
+        self._file.close()
+
+    def __del__(self) -> None:
+        """Close the files when the matrix is dropped."""
+        with contextlib.suppress(Exception):
+            self.close()
+
+    @property
+    def nnz(self) -> int:
+        """Stored entries."""
+        if self.format == "dense":
+            return int(np.prod(self.shape))
+        return int(self._elem["data"].shape[0])
+
+    # ------------------------------------------------ one pass over the file
+
+    def scan(self, check: str | None = None, layer: str | None = None) -> None:
+        """Read the matrix once: check the values, keep the cells' totals, write the gene-major temporary file.
+
+        ``check="counts"`` (non-negative integers) or ``"finite"`` raises an :class:`InputError` naming ``layer`` (the
+        count of bad entries it gives is that of the first row block holding one). The temporary file is written for
+        a row-major (CSR or dense) matrix only. Later calls only check.
+        """
+        from ._validate import check_counts_values
+
+        def checked(values) -> None:
+            if check == "counts":
+                check_counts_values(values, layer)
+            elif check == "finite" and not np.all(np.isfinite(values)):
+                where = "adata.X" if layer is None else f"layer {layer!r}"
+                raise InputError(
+                    f"{where} has non-finite values (NaN or inf); the Gaussian family needs finite values."
+                )
+
+        if self._totals is not None:  # read before: only the values are checked, in blocks
+            if check is not None and check not in self._checked:
+                if self.format == "dense":
+                    for _, block in iter_row_blocks(self._elem, *self.shape, block_nnz=self.block_nnz):
+                        checked(block)
+                else:
+                    data = self._elem["data"]
+                    for start in range(0, data.shape[0], 1 << 24):
+                        checked(data[start : start + (1 << 24)])
+                self._checked.add(check)
+            return
+        n_obs, n_vars = self.shape
+        totals = None
+        if self.format == "csc":
+            data, indices = self._elem["data"], self._elem["indices"]
+            step = 1 << 24
+            acc = np.zeros(n_obs)
+            for start in range(0, data.shape[0], step):
+                vals = data[start : start + step]
+                checked(vals)
+                acc += np.bincount(indices[start : start + step], weights=vals, minlength=n_obs)
+            totals = acc.astype(_sum_dtype(self.dtype))
+        else:
+            import tempfile
+
+            self._tmp = tempfile.TemporaryFile(prefix="scmlm_genes_")
+            totals = np.zeros(n_obs, dtype=_sum_dtype(self.dtype))
+            pos = 0
+            for start, block in iter_row_blocks(self._elem, n_obs, n_vars, block_nnz=self.block_nnz, csc="error"):
+                if self.format == "dense":
+                    checked(block)
+                    block = sp.csr_matrix(block)
+                else:
+                    checked(block.data)
+                totals[start : start + block.shape[0]] = np.asarray(block.sum(axis=1)).ravel()
+                csc = block.tocsc()
+                idx = csc.indices.astype(np.int32, copy=False)
+                self._tmp.write(memoryview(idx))  # the arrays' own buffers: no copy
+                self._tmp.write(memoryview(np.ascontiguousarray(csc.data)))
+                self._blocks.append((start, csc.indptr.astype(np.int64), pos, pos + idx.nbytes))
+                pos += idx.nbytes + csc.data.nbytes
+                del block, csc, idx
+            self._tmp.flush()
+        self._totals = totals
+        if check is not None:
+            self._checked.add(check)
+
+    def sum(self, axis: int) -> np.ndarray:
+        """Each cell's total (``axis=1``; the only axis the tools ask for), after :meth:`scan`."""
+        if axis != 1:
+            raise ValueError("BackedCounts.sum gives the cells' totals only (axis=1)")
+        if self._totals is None:
+            self.scan()
+        return self._totals
+
+    # ------------------------------------------------ gene blocks
+
+    def column_segments(self, cols: np.ndarray):
+        """Yield, in row order, ``(row0, starts, ends, indices, data)`` holding the entries of columns ``cols``.
+
+        The entries of column ``cols[c]`` in a segment are ``indices[starts[c]:ends[c]]`` (rows from ``row0``) and
+        the same slice of ``data``. Columns are read in runs (nearby columns in one read); see
+        :class:`scmlm.engine.GeneColumns`.
+        """
+        if self._totals is None and self.format != "csc":
+            self.scan()
+        cols = np.asarray(cols, dtype=np.int64)
+        order = np.argsort(cols, kind="stable")
+        sc = cols[order]
+        # runs of columns read together: a gap of more than 64 columns starts a new read
+        cuts = np.flatnonzero(np.diff(sc) > 64) + 1
+        runs = np.split(np.arange(sc.size), cuts)
+        if self.format == "csc":
+            for run in runs:
+                lo, hi = int(sc[run[0]]), int(sc[run[-1]]) + 1
+                a, b = int(self._indptr[lo]), int(self._indptr[hi])
+                with self._lock:
+                    indices = self._elem["indices"][a:b]
+                    data = self._elem["data"][a:b]
+                starts = np.zeros(cols.size, dtype=np.int64)
+                ends = np.zeros(cols.size, dtype=np.int64)
+                starts[order[run]] = self._indptr[sc[run]] - a
+                ends[order[run]] = self._indptr[sc[run] + 1] - a
+                yield 0, starts, ends, indices, data
+            return
+        for row0, indptr, ioff, doff in self._blocks:
+            for run in runs:
+                lo, hi = int(sc[run[0]]), int(sc[run[-1]]) + 1
+                a, b = int(indptr[lo]), int(indptr[hi])
+                indices = self._pread(ioff + 4 * a, b - a, np.int32)
+                data = self._pread(doff + self.dtype.itemsize * a, b - a, self.dtype)
+                starts = np.zeros(cols.size, dtype=np.int64)
+                ends = np.zeros(cols.size, dtype=np.int64)
+                starts[order[run]] = indptr[sc[run]] - a
+                ends[order[run]] = indptr[sc[run] + 1] - a
+                yield row0, starts, ends, indices, data
+
+    def _pread(self, offset: int, count: int, dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        buf = bytearray(count * dtype.itemsize)
+        if buf:
+            got = os.preadv(self._tmp.fileno(), [buf], offset)
+            if got != len(buf):
+                raise OSError(f"short read from the temporary gene-major file ({got} of {len(buf)} bytes)")
+        return np.frombuffer(buf, dtype=dtype)
+
+
+def _sum_dtype(dtype):
+    """The dtype of scipy's ``matrix.sum`` for a matrix of ``dtype`` (integers widen, as numpy's sum)."""
+    return np.sum(np.zeros(1, dtype=dtype)).dtype

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from scmlm.engine import GeneColumns, gene_chunks, run_chunks
+from scmlm import engine
+from scmlm.engine import GeneColumns, gene_chunks, parallel_chunks, run_chunks
 
 
 def _counts(fmt: str, dtype, seed: int = 1, shape=(600, 300)):
@@ -87,3 +88,23 @@ def test_threads_raise_a_chunks_error():
 
     with pytest.raises(ValueError, match="last chunk failed"):
         run_chunks(fit, src, gene_chunks(300, 60)[:-1] + [np.arange(290, 300)], n_jobs=2, backend="threads")
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_parallel_chunks_bounded_by_entries(monkeypatch, n_jobs):
+    """Chunks are cut where their stored counts would pass CHUNK_ENTRIES / n_jobs; genes stay in order."""
+    monkeypatch.setattr(engine, "CHUNK_ENTRIES", 1000)
+    entries = np.random.default_rng(0).integers(0, 300, size=700)
+    entries[5] = 5000  # a gene above the cap gets a chunk of its own
+    chunks = parallel_chunks(entries.size, n_jobs, entries)
+    np.testing.assert_array_equal(np.concatenate(chunks), np.arange(entries.size))
+    cap = 1000 // n_jobs
+    sums = np.array([entries[c].sum() for c in chunks])
+    assert all(s <= cap or c.size == 1 for s, c in zip(sums, chunks, strict=True))
+    # maximal pieces: adding the next gene of the same size-chunk would pass the cap
+    plain = parallel_chunks(entries.size, n_jobs)
+    assert len(chunks) > len(plain)
+    assert any(c.size == 1 and c[0] == 5 for c in chunks)
+    assert [c.tolist() for c in parallel_chunks(40, n_jobs, np.ones(40, dtype=int))] == [
+        c.tolist() for c in parallel_chunks(40, n_jobs)
+    ]

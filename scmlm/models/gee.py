@@ -319,10 +319,12 @@ def fit_gee(data: GEEData, Y) -> GEEResult:
     todo = np.flatnonzero(~few)
     if todo.size == 0:
         return GEEResult(**out)
-    sub = C[:, todo]
+    sub = C if todo.size == n_genes else C[:, todo]  # the chunk as given (float64, 64-bit indices): no copies
     K, p = int(data.kernel.sizes.size), data.X.shape[1]
     kout = kernel_out(todo.size, K, p)
-    gee_chunk(data.kernel, sub.data.astype(float), sub.indices.astype(np.int64), sub.indptr.astype(np.int64), kout)
+    values = sub.data.astype(float, copy=False)
+    rows, starts = sub.indices.astype(np.int64, copy=False), sub.indptr.astype(np.int64, copy=False)
+    gee_chunk(data.kernel, values, rows, starts, kout)
     out["dispersion"][todo] = kout.alpha if data.family == "nb" else np.nan
     out["working_corr"][todo] = kout.rho
     out["n_iter"][todo] = kout.n_iter

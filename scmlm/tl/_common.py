@@ -11,8 +11,36 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._errors import DesignError, InputError, _fmt_list
-from .._validate import category_codes, check_obs_keys
+from .._validate import category_codes, check_counts, check_obs_keys, get_matrix
 from ..engine import GeneColumns
+from ..io import BackedCounts
+
+
+def check_backed_copy(adata: ad.AnnData, copy: bool, tool: str) -> None:
+    """Refuse ``copy=True`` for a backed AnnData before any fit (anndata cannot copy it without a file name)."""
+    if copy and adata.isbacked:
+        raise InputError(
+            f"{tool}(..., copy=True) cannot copy an AnnData opened backed; use the default (results written to "
+            f"adata.uns), inplace=False (the result table), or adata.to_memory() first."
+        )
+
+
+def cell_matrix(adata: ad.AnnData, layer: str | None, check: str | None):
+    """The counts of ``layer`` (``None``: ``X``), checked: ``check="counts"`` (non-negative integers), ``"finite"``.
+
+    An AnnData opened with ``backed="r"`` gives a :class:`~scmlm.io.BackedCounts` (CSR, CSC or dense on disk, read
+    once here and then gene block by gene block); the tools treat it as the matrix in memory and get the same fits.
+    """
+    if adata.isbacked:
+        matrix = BackedCounts.from_adata(adata, layer)
+        matrix.scan(check, layer)
+        return matrix
+    matrix = get_matrix(adata, layer)
+    if check == "counts":
+        check_counts(matrix, layer)
+    elif check == "finite":
+        check_finite(matrix, layer)
+    return matrix
 
 
 def cell_offset(
@@ -47,6 +75,8 @@ def cell_offset(
             from ..design import resolve_samples, tmm_offset
 
             samples = resolve_samples(samples, design, contrast, adata.obs, cluster)
+            if isinstance(matrix, BackedCounts):
+                return _backed_tmm(adata.obs, matrix, np.log(totals), samples, groups_key)
             return tmm_offset(adata.obs, matrix, np.log(totals), samples, groups_key)[0]
         return np.log(totals)
     check_obs_keys(adata, [offset], what="offset")
@@ -60,6 +90,17 @@ def cell_offset(
     if not np.all(np.isfinite(off)):
         raise InputError(f"offset column {offset!r} holds non-finite values; it is added on the link (log) scale.")
     return off
+
+
+def _backed_tmm(obs: pd.DataFrame, matrix: BackedCounts, log_total, samples, groups_key) -> np.ndarray:
+    """:func:`~scmlm.design.tmm_offset` of an on-disk matrix: the samples × genes sums read gene block by gene block
+    (sums of whole counts in float64, so the same numbers as in one pass over the matrix in memory)."""
+    from ..design import tmm_offset_from_sums, tmm_units
+    from ..engine import segment_group_sums
+
+    codes, units = tmm_units(obs, samples, groups_key)
+    sums = segment_group_sums(matrix, codes, len(units))
+    return tmm_offset_from_sums(log_total, codes, units, sums)[0]
 
 
 def gene_indices(adata: ad.AnnData, genes) -> np.ndarray:
@@ -97,6 +138,8 @@ def gene_columns(matrix, gene_idx: np.ndarray):
     builds one chunk's CSC block at a time (a whole-matrix CSC copy of a 400,000-cell atlas cost 1.5 GB and 4 s).
     Dense input (and other sparse formats) is stored as CSC, so that the fitting code sees one layout.
     """
+    if isinstance(matrix, BackedCounts):
+        return GeneColumns(matrix, np.asarray(gene_idx, dtype=np.int64))
     if sp.issparse(matrix) and matrix.format in ("csr", "csc") and np.unique(gene_idx).size == gene_idx.size:
         return GeneColumns(matrix, np.asarray(gene_idx, dtype=np.int64))
     all_genes = gene_idx.size == matrix.shape[1] and np.array_equal(gene_idx, np.arange(matrix.shape[1]))

@@ -14,25 +14,30 @@ from typing import Literal
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from .._errors import DesignError, InputError, _fmt_list
-from .._settings import settings
 from .._validate import (
     category_codes,
-    check_counts,
     check_not_empty,
     check_obs_keys,
     check_unique_names,
-    get_matrix,
     renamed_arguments,
 )
 from .._version import __version__
 from ..design import build_design, contrast_names, contrast_param
-from ..engine import gene_chunks, resolve_n_jobs, run_chunks
+from ..engine import parallel_chunks, resolve_n_jobs, run_chunks
 from ..models import GEE_DF_METHODS, GEE_FAMILIES, GEE_SMALL_SAMPLE, GEEResult, fit_gee, prepare_gee
 from ..results import DEResult, finalize_table
-from ._common import cell_groups, cell_offset, fit_groups, gene_indices
+from ._common import (
+    cell_groups,
+    cell_matrix,
+    cell_offset,
+    cell_rows,
+    check_backed_copy,
+    fit_groups,
+    gene_columns,
+    gene_indices,
+)
 
 _STAT_COLS = ("coef", "se", "stat", "df", "pvalue", "base_mean", "dispersion", "working_corr", "n_iter")
 
@@ -150,6 +155,7 @@ def gee_de(
     True
     """
     check_not_empty(adata, "gee_de", cells=True)
+    check_backed_copy(adata, copy, "gee_de")
     if family not in GEE_FAMILIES:
         raise InputError(f"family={family!r} is not known; use one of {_fmt_list(GEE_FAMILIES)}.")
     if not isinstance(cluster_key, str):
@@ -164,8 +170,7 @@ def gee_de(
     check_unique_names(adata)
     check_obs_keys(adata, [cluster_key], what="cluster_key", grouping=True)
     check_obs_keys(adata, [groups_key], what="groups_key", grouping=True)
-    matrix = get_matrix(adata, layer)
-    check_counts(matrix, layer)
+    matrix = cell_matrix(adata, layer, "counts")  # backed="r": read once here, then gene block by gene block
     off_all = cell_offset(
         adata, matrix, offset, layer, groups_key=groups_key, design=design, contrast=contrast, cluster=cluster_key
     )
@@ -279,12 +284,13 @@ def _fit_group(
             f"clusters leave {int(data.df)} donor degrees of freedom; GEE needs more {cluster_key!r} levels than "
             "donor-level coefficients."
         )
-    sub = matrix[rows] if len(rows) != matrix.shape[0] else matrix
-    sub = sub[:, gene_idx] if len(gene_idx) != matrix.shape[1] else sub
-    if sp.issparse(sub):
-        sub = sp.csc_matrix(sub)
-    chunks = gene_chunks(len(gene_idx), settings.chunk_size)
-    parts = run_chunks(functools.partial(fit_gee, data), sub, chunks, n_jobs=n_jobs, desc=f"GEE {group or ''}")
+    # a view of the selected genes and the group's cells: each chunk's CSC block is cut when it is fitted
+    sub = cell_rows(gene_columns(matrix, gene_idx), rows)
+    # threads: the numba kernel (nearly all the time) releases the GIL; each thread cuts its chunk from the counts
+    entries = None if getattr(sub, "nnz_per_gene", None) is None else sub.nnz_per_gene
+    chunks = parallel_chunks(len(gene_idx), n_jobs, entries)
+    fit = functools.partial(fit_gee, data)
+    parts = run_chunks(fit, sub, chunks, n_jobs=n_jobs, desc=f"GEE {group or ''}", backend="threads")
     res = GEEResult._make(np.concatenate([getattr(p, f) for p in parts]) for f in GEEResult._fields)
     outs = []
     for j, (name, _) in enumerate(cons):

@@ -21,7 +21,7 @@ import pandas as pd
 
 from .._errors import InputError, _fmt_list
 from .._settings import NOTE
-from .._validate import check_counts, check_not_empty, check_obs_keys, check_unique_names, get_matrix, renamed_arguments
+from .._validate import check_not_empty, check_obs_keys, check_unique_names, renamed_arguments
 from .._version import __version__
 from ..design import (
     MIN_RANDOM_LEVELS,
@@ -61,9 +61,10 @@ from ..models import (
 from ..results import DEResult, finalize_table, finish_moderation, parse_shard, shard_indices
 from ._common import (
     cell_groups,
+    cell_matrix,
     cell_offset,
     cell_rows,
-    check_finite,
+    check_backed_copy,
     fit_groups,
     gene_columns,
     gene_eligibility,
@@ -282,6 +283,7 @@ def glmm_de(
     '~ condition + (1|donor) + (1|donor:condition)'
     """
     check_not_empty(adata, "glmm_de", cells=True)
+    check_backed_copy(adata, copy, "glmm_de")
     opts = _Options(
         design=design, contrast=contrast, family=family, layer=layer, offset=offset, trials=trials,
         groups_key=groups_key, sample_key=sample_key, replication=replication, genes=genes,
@@ -376,11 +378,8 @@ def _plan(adata: ad.AnnData, o: _Options) -> _Run:
     check_obs_keys(adata, [o.trials])
     check_obs_keys(adata, [o.groups_key], what="groups_key", grouping=True)
     check_obs_keys(adata, [o.sample_key], what="sample_key", grouping=True)
-    matrix = get_matrix(adata, o.layer)
-    if o.family == "gaussian":
-        check_finite(matrix, o.layer)
-    else:
-        check_counts(matrix, o.layer)
+    # an AnnData opened with backed="r" is read here once (checks, cell totals) and then gene block by gene block
+    matrix = cell_matrix(adata, o.layer, "finite" if o.family == "gaussian" else "counts")
     trial_vec = None if o.trials is None else adata.obs[o.trials].to_numpy(dtype=float)
     full = build_design(adata.obs, o.design, check_rank=o.groups_key is None, factors=[o.sample_key, o.groups_key])
     specs = parse_contrasts(o.contrast)  # clear errors for a malformed list or dict before any fitting
@@ -573,7 +572,8 @@ def _fit_genes(model: _ChunkModel, sub, eligible: np.ndarray, n_jobs: int | None
     if not fit.size:
         return fits
     # chunks index the columns of sub directly: no copy of the fitted genes' counts
-    chunks = [fit[c] for c in parallel_chunks(fit.size, n_jobs)]
+    entries = None if getattr(sub, "nnz_per_gene", None) is None else sub.nnz_per_gene[fit]  # bounds chunk memory
+    chunks = [fit[c] for c in parallel_chunks(fit.size, n_jobs, entries)]
     # threads: the kernel releases the GIL; each thread cuts its chunk out of the shared counts
     results = run_chunks(functools.partial(_fit_chunk, model=model), sub, chunks, n_jobs=n_jobs, backend="threads")
     for g, (res, tests) in zip(chunks, results, strict=True):

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import DesignError, InputError, _fmt_list
-from .._validate import check_counts, check_not_empty, check_obs_keys, check_unique_names, get_matrix
+from .._validate import check_not_empty, check_obs_keys, check_unique_names
 from .._version import __version__
 from ..design import FittedDesign, build_design, resolve_offset, stored_formula
 from ..engine import parallel_chunks, run_chunks
@@ -17,9 +17,10 @@ from ..models import FAMILY_NAMES, STATUS, build_Z, fit_glmm, fit_unpooled, prep
 from ..results import DEResult
 from ._common import (
     cell_groups,
+    cell_matrix,
     cell_offset,
     cell_rows,
-    check_finite,
+    check_backed_copy,
     column_sums,
     gene_columns,
     gene_eligibility,
@@ -41,11 +42,7 @@ def _prepare(adata, design, family, layer, offset, groups_key, genes, samples=No
         raise InputError(f"family={family!r} is not known; use one of {_fmt_list(FAMILY_NAMES)}.")
     check_unique_names(adata)
     check_obs_keys(adata, [groups_key], what="groups_key", grouping=True)
-    matrix = get_matrix(adata, layer)
-    if family == "gaussian":
-        check_finite(matrix, layer)
-    else:
-        check_counts(matrix, layer)
+    matrix = cell_matrix(adata, layer, "finite" if family == "gaussian" else "counts")  # backed: read once here
     offset = resolve_offset(offset, family, design=design, obs=adata.obs, sample_key=samples)
     off = cell_offset(adata, matrix, offset, layer, samples=samples, groups_key=groups_key, design=design)
     gene_idx = gene_indices(adata, genes)
@@ -69,7 +66,8 @@ def _fit_genes(matrix, rows, gene_idx, d, off, family, estimation, n_jobs, min_c
     eligible, _, _ = gene_eligibility(sub, family, min_cells_expressing)
     fit = np.flatnonzero(eligible == "ok")
     gdesign = prepare_glmm(d.X, d.terms, None if off is None else off[rows], family=family)
-    chunks = [fit[c] for c in parallel_chunks(fit.size, n_jobs)] if fit.size else []
+    entries = None if getattr(sub, "nnz_per_gene", None) is None else sub.nnz_per_gene[fit]  # bounds chunk memory
+    chunks = [fit[c] for c in parallel_chunks(fit.size, n_jobs, entries)] if fit.size else []
     fit_chunk = functools.partial(_fit_chunk, gdesign=gdesign, estimation=estimation)
     # threads: the kernel releases the GIL; each thread cuts its chunk out of the shared counts
     results = run_chunks(fit_chunk, sub, chunks, n_jobs=n_jobs, backend="threads") if chunks else []
@@ -143,6 +141,7 @@ def variance_partition(
     True
     """
     check_not_empty(adata, "variance_partition", cells=True)
+    check_backed_copy(adata, copy, "variance_partition")
     if isinstance(design, FittedDesign):
         design = design.formula
     offset = resolve_offset(offset, family, design=design, obs=adata.obs)
