@@ -16,6 +16,7 @@ import importlib
 import os
 import pkgutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -107,8 +108,10 @@ def warmup(cache_dir: str | os.PathLike | None = None, *, verbose: bool = False)
             print(f"scmlm warmup: {name} ({time.perf_counter() - t:.1f} s)", file=sys.stderr, flush=True)
 
     # 60 cells a donor: some covariate patterns hold more than NDIRECT (32) cells, so the NB fit builds its V_p
-    # tables (``build_tables``, called from Python only for such patterns) as a user's first call does
-    a = datasets.simulate(n_donors=4, n_cells=60, n_genes=12, n_batches=2, frac_de=0.5, seed=0)
+    # tables (``build_tables``, called from Python only for such patterns) as a user's first call does. 6 donors in 3
+    # batches and 30 genes: the contrast is testable (with 2 batches, batch = donor % 2 is the condition) and enough
+    # genes are usable (models.moderate.MIN_GENES) for the moderation and its kernels (models/moderate_kernel.py) to run
+    a = datasets.simulate(n_donors=6, n_cells=60, n_genes=30, n_batches=3, frac_de=0.5, seed=0)
     a = a[np.asarray(a.X.sum(axis=1)).ravel() > 0].copy()
     a.X = sp.csr_matrix(a.X, dtype=np.float32)
     design = "~ condition + (1|donor) + (1|batch)"
@@ -131,6 +134,20 @@ def warmup(cache_dir: str | os.PathLike | None = None, *, verbose: bool = False)
 
     step("random_effects", random_effects)
     step("gee_de", lambda: tl.gee_de(a, "~ condition", contrast, min_cells_expressing=1, inplace=False, n_jobs=1))
+
+    def backed() -> None:  # an h5ad opened backed: gene blocks are read from the file (its float32 / int32 CSR)
+        import anndata
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "warmup.h5ad")
+            a.write_h5ad(path)
+            f = anndata.read_h5ad(path, backed="r")
+            try:
+                tl.glmm_de(f, design, contrast, **kw)
+            finally:
+                f.file.close()
+
+    step("glmm_de backed h5ad", backed)
     comp = datasets.simulate_composition(n_donors=4, n_cell_types=3, n_cells=(40, 80), seed=0)
     step("abundance_de", lambda: tl.abundance_de(comp, "~ condition", contrast, inplace=False, n_jobs=1))
     # aggregation keeps the stored dtypes (a cast would copy the whole matrix): every value dtype a count matrix is

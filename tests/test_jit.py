@@ -65,6 +65,12 @@ scmlm.tl.glmm_de(g, des, con, family="gaussian", offset=None, min_cells_expressi
 scmlm.tl.random_effects(a, genes=list(a.var_names[:3]))
 scmlm.tl.variance_partition(a, des, min_cells_expressing=5)
 scmlm.tl.gee_de(a, "~ condition", con, min_cells_expressing=5)
+import tempfile, anndata
+with tempfile.TemporaryDirectory() as tmp:
+    a.write_h5ad(tmp + "/a.h5ad")
+    f = anndata.read_h5ad(tmp + "/a.h5ad", backed="r")
+    scmlm.tl.glmm_de(f, des, con, min_cells_expressing=5, inplace=False)
+    f.file.close()
 pb = scmlm.pp.pseudobulk(a, "donor")
 scmlm.tl.pseudobulk_de(pb, "~ condition", con)
 scmlm.tl.pseudobulk_de(pb, "~ condition", con, method="voom")
@@ -190,7 +196,13 @@ def test_warmup_compiles_one_specialisation_per_kernel_and_later_calls_reuse_it(
     # segments (the file's dtypes)
     stored = {"_csr_group_sums", "_csr_count", "_csr_fill", "_csr_stats", "_csc_count", "_csc_fill"}
     stored |= {"_seg_count", "_seg_fill", "_seg_group_sums"}
-    assert max(v for k, v in per_kernel.items() if k not in stored) == 1, {k: v for k, v in per_kernel.items() if v > 1}
+    # edgeR's row-sum helpers are called only from other kernels, with whole and sliced arrays (one specialisation per
+    # array layout); they get signatures only in a process that compiles their callers (a cold cache), never from Python
+    inner = {"_rsum", "_rsum2"}
+    assert max(per_kernel[k] for k in inner) <= 2, {k: per_kernel[k] for k in inner}
+    assert max(v for k, v in per_kernel.items() if k not in stored | inner) == 1, {
+        k: v for k, v in per_kernel.items() if v > 1
+    }
     again = scmlm.warmup()
     assert again["compiled"] == 0
     assert again["signatures"] == first["signatures"]
