@@ -786,6 +786,25 @@ def shard_mem_mb(wildcards, attempt):
     return _mem("fit_glmm", max(2000, 1000 + 2.5 * size_mb / int(wildcards.n)), attempt)
 
 
+def _n_cells(path):
+    """Rows of an .h5ad's obs, read from its index alone."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        obs = f["obs"]
+        return int(obs[obs.attrs["_index"]].shape[0])
+
+
+def hierarchy_mem_mb(wildcards, input, attempt):
+    """The hierarchy job fits its genes on every cell: its memory grows with the cells, not with the input's size.
+
+    Measured (benchmarks/bench_workflow.py, 200 genes): 0.4 GB at 50,000 cells, 4.3 GB at 1,000,000 cells (~4 kB a
+    cell); 1000 MB + 6 kB a cell (x hierarchy_genes / 200) asks 7 GB at 1,000,000 cells, 4 GB at least.
+    """
+    per_cell = 0.006 * max(1.0, hierarchy_genes(wildcards.analysis) / 200)
+    return _mem("hierarchy", max(4000, 1000 + per_cell * _n_cells(input.data)), attempt)
+
+
 def runtime(rule_name, minutes):
     _STATIC.append((rule_name, "runtime", minutes))
 
