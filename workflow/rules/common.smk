@@ -777,9 +777,32 @@ def fixed_mem(rule_name, mb):
 
 
 def shard_mem_mb(wildcards, attempt):
-    """A GLMM shard job holds ~1/n of the input's counts (plus a column-major copy and the workers' data)."""
+    """A GLMM shard job holds ~1/n of the input's counts; its `threads` share them (no copy per worker).
+
+    Measured (benchmarks/bench_workflow.py, 1,000,000 cells x 20,000 genes, 13.7 GB input, 8 shards, 2 threads): peak
+    RSS 1.7x the shard's share of the input (2.8 GB); 1000 + 2.5x that share asks 5.1 GB.
+    """
     size_mb = _size_mb([config["input"]])
-    return _mem("fit_glmm", max(2000, 1000 + 5 * size_mb / int(wildcards.n)), attempt)
+    return _mem("fit_glmm", max(2000, 1000 + 2.5 * size_mb / int(wildcards.n)), attempt)
+
+
+def _n_cells(path):
+    """Rows of an .h5ad's obs, read from its index alone."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        obs = f["obs"]
+        return int(obs[obs.attrs["_index"]].shape[0])
+
+
+def hierarchy_mem_mb(wildcards, input, attempt):
+    """The hierarchy job fits its genes on every cell: its memory grows with the cells, not with the input's size.
+
+    Measured (benchmarks/bench_workflow.py, 200 genes): 0.4 GB at 50,000 cells, 4.3 GB at 1,000,000 cells (~4 kB a
+    cell); 1000 MB + 6 kB a cell (x hierarchy_genes / 200) asks 7 GB at 1,000,000 cells, 4 GB at least.
+    """
+    per_cell = 0.006 * max(1.0, hierarchy_genes(wildcards.analysis) / 200)
+    return _mem("hierarchy", max(4000, 1000 + per_cell * _n_cells(input.data)), attempt)
 
 
 def runtime(rule_name, minutes):

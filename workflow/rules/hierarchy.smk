@@ -24,7 +24,7 @@ rule hierarchy:
         "../envs/scmlm.yaml"
     threads: 1
     resources:
-        mem_mb=fixed_mem("hierarchy", 4000),
+        mem_mb=hierarchy_mem_mb,
         runtime=runtime("hierarchy", 60),
     params:
         args=hierarchy_args,
