@@ -126,8 +126,22 @@ def resolve_samples(
 def sample_labels(obs: pd.DataFrame, columns: Sequence[str]) -> tuple[np.ndarray, list[str]]:
     """Integer code of each cell's sample (the combination of ``columns``) and the sample labels (``a:b``)."""
     per_col = [category_codes(obs[col]) for col in columns]
-    stacked = np.column_stack([c for c, _ in per_col])
-    used, inverse = np.unique(stacked, axis=0, return_inverse=True)
+    stacked = np.column_stack([c for c, _ in per_col]).astype(np.int64)
+    radix = stacked.max(axis=0, initial=0) + 1
+    if stacked.size and stacked.min() >= 0 and float(np.prod(radix.astype(float))) < 2.0**62:
+        # one mixed-radix key per row: its sorted unique values are the rows in lexicographic order, as the unique
+        # rows of the stacked codes (np.unique over rows sorted 400k cells in 0.4 s)
+        key = np.zeros(stacked.shape[0], dtype=np.int64)
+        for k in range(stacked.shape[1]):
+            key = key * int(radix[k]) + stacked[:, k]
+        uniq, inverse = np.unique(key, return_inverse=True)
+        used = np.empty((uniq.size, stacked.shape[1]), dtype=np.int64)
+        rest = uniq.copy()
+        for k in range(stacked.shape[1] - 1, -1, -1):
+            used[:, k] = rest % int(radix[k])
+            rest //= int(radix[k])
+    else:
+        used, inverse = np.unique(stacked, axis=0, return_inverse=True)
     labels = [":".join(str(per_col[k][1][v]) for k, v in enumerate(row)) for row in used]
     return inverse.reshape(-1).astype(np.int64), labels
 

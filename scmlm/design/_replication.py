@@ -342,14 +342,25 @@ def within_parent(design: Design, L: np.ndarray) -> bool:
 
 
 def _pattern(X: np.ndarray, used: np.ndarray) -> np.ndarray:
-    """Code of each observation's values of the contrast's columns."""
+    """Code of each observation's values of the contrast's columns (numbered in order of first appearance)."""
     if not used.size:
         return np.zeros(X.shape[0], dtype=np.int64)
-    return np.asarray(pd.factorize(pd.MultiIndex.from_arrays([np.round(X[:, j], 10) for j in used]))[0])
+    codes = np.asarray(pd.factorize(np.round(X[:, used[0]], 10))[0], dtype=np.int64)
+    for j in used[1:]:
+        codes = _cross(codes, np.asarray(pd.factorize(np.round(X[:, j], 10))[0], dtype=np.int64))
+    return codes
 
 
 def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.asarray(pd.factorize(pd.MultiIndex.from_arrays([a, b]))[0])
+    """Code of each observation's pair ``(a, b)`` of codes, numbered in order of first appearance.
+
+    The same codes as factorising the pairs, through one integer key (a MultiIndex of 400k cells took 0.1-0.2 s a call).
+    """
+    a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    if a.size and (a.min() < 0 or b.min() < 0):
+        return np.asarray(pd.factorize(pd.MultiIndex.from_arrays([a, b]))[0])
+    key = a * (int(b.max(initial=0)) + 1) + b
+    return np.asarray(pd.factorize(key)[0], dtype=np.int64)
 
 
 def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
