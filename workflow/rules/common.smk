@@ -787,9 +787,12 @@ def shard_mem_mb(wildcards, attempt):
 
 
 def _n_cells(path):
-    """Rows of an .h5ad's obs, read from its index alone."""
+    """Rows of an .h5ad's obs, read from its index alone; 0 while the file does not exist yet (a dry run of a workflow
+    that creates its input), as `_size_mb` counts a missing file as 0."""
     import h5py
 
+    if not os.path.isfile(path):
+        return 0
     with h5py.File(path, "r") as f:
         obs = f["obs"]
         return int(obs[obs.attrs["_index"]].shape[0])
