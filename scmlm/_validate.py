@@ -96,6 +96,13 @@ def check_counts_values(values: np.ndarray, layer: str | None, *, block: int = 1
         )
 
 
+def check_finite_values(values: np.ndarray, layer: str | None) -> None:
+    """Raise if ``values`` (stored entries of a matrix fitted with the Gaussian family) hold NaN or inf."""
+    if not np.all(np.isfinite(values)):
+        where = _where(layer)
+        raise InputError(f"{where} has non-finite values (NaN or inf); the Gaussian family needs finite values.")
+
+
 def check_counts(matrix, layer: str | None) -> None:
     """Check an in-memory matrix (dense or sparse) for non-negative integer counts."""
     if sp.issparse(matrix):

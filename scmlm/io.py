@@ -367,16 +367,13 @@ class BackedCounts:
         count of bad entries it gives is that of the first row block holding one). The temporary file is written for
         a row-major (CSR or dense) matrix only. Later calls only check.
         """
-        from ._validate import check_counts_values
+        from ._validate import check_counts_values, check_finite_values
 
         def checked(values) -> None:
             if check == "counts":
                 check_counts_values(values, layer)
-            elif check == "finite" and not np.all(np.isfinite(values)):
-                where = "adata.X" if layer is None else f"layer {layer!r}"
-                raise InputError(
-                    f"{where} has non-finite values (NaN or inf); the Gaussian family needs finite values."
-                )
+            elif check == "finite":
+                check_finite_values(values, layer)
 
         if self._totals is not None:  # read before: only the values are checked, in blocks
             if check is not None and check not in self._checked:

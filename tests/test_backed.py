@@ -160,3 +160,17 @@ def test_random_effects_backed(sim, tmp_path):
     tables = [scmlm.tl.random_effects(a, key="glmm_de", genes=genes, inplace=False).table for a in (mem, backed)]
     assert len(tables[0]) > 0
     pd.testing.assert_frame_equal(tables[0], tables[1], check_exact=True)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc"])
+def test_gaussian_nan_is_refused_in_memory_and_backed_alike(sim, tmp_path, fmt):
+    """One check and one message for non-finite values, whether the values are in memory or read from the file."""
+    g = sim.copy()
+    g.X = sp.csr_matrix(np.log1p(g.X.toarray()))
+    g.X.data[3] = np.nan
+    backed = _write(g, tmp_path / f"nan_{fmt}.h5ad", fmt)
+    msg = r"^adata\.X has non-finite values \(NaN or inf\); the Gaussian family needs finite values\.$"
+    for a in (g, backed):
+        with pytest.raises(scmlm.InputError, match=msg):
+            scmlm.tl.glmm_de(a, "~ condition + (1|donor)", CONTRAST, family="gaussian", offset=None, inplace=False)
+    backed.file.close()

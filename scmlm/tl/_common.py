@@ -11,7 +11,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._errors import DesignError, InputError, _fmt_list
-from .._validate import category_codes, check_counts, check_obs_keys, get_matrix
+from .._validate import category_codes, check_counts, check_finite_values, check_obs_keys, get_matrix
 from ..engine import GeneColumns
 from ..io import BackedCounts
 
@@ -125,10 +125,7 @@ def gene_indices(adata: ad.AnnData, genes) -> np.ndarray:
 
 
 def check_finite(matrix, layer) -> None:
-    vals = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
-    if not np.all(np.isfinite(vals)):
-        where = "adata.X" if layer is None else f"layer {layer!r}"
-        raise InputError(f"{where} has non-finite values (NaN or inf); the Gaussian family needs finite values.")
+    check_finite_values(matrix.data if sp.issparse(matrix) else np.asarray(matrix), layer)
 
 
 def gene_columns(matrix, gene_idx: np.ndarray):
